@@ -1,0 +1,169 @@
+"""Per-replica tf.data input pipelines for every data source.
+
+    build_inputs(config, split, input_context, mode)
+
+is a pure function of (config, split) meant for
+`strategy.distribute_datasets_from_function`. Order (GUIDE §3): read encoded records ->
+shard by input context -> (cache) -> shuffle -> decode + crop/flip -> subtract mean ->
+batch (drop_remainder for training) -> prefetch.
+
+Sources (`config.data.source`):
+- 'embedded': the generated `zf_shapes` tfds dataset (pipelines/embedded.py), no download;
+- 'tfds': any tfds image-classification dataset by `config.data.name`, for example
+  `imagenet2012` prepared from `config.data.manual_dir`;
+- 'folder': class subfolders of JPEG/PNG files under `config.data.folder`.
+Images always arrive as encoded bytes so that decoding can be limited to the crop.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import tensorflow as tf
+
+from pipelines import folder as folder_lib
+from pipelines import preprocess
+
+SOURCES = ("embedded", "tfds", "folder")
+MODES = ("train", "ten_crop", "center")
+# Fraction of a folder's images held out as the 'validation' split when the folder has
+# no split subfolders (root/train/<class>, root/validation/<class>).
+FOLDER_VALIDATION_FRACTION = 0.1
+
+
+def _data_dir(data) -> str | None:
+    return data.data_dir or os.environ.get("ZF_TF_DATA_DIR") or None
+
+
+def _tfds_builder(data):
+    import tensorflow_datasets as tfds
+
+    if data.source == "embedded":
+        from pipelines import embedded
+
+        return embedded.builder(_data_dir(data), data.tfds_config)
+    builder = tfds.builder(data.name, data_dir=_data_dir(data))
+    if not builder.is_prepared():
+        download_config = tfds.download.DownloadConfig(manual_dir=data.manual_dir or None)
+        builder.download_and_prepare(download_config=download_config)
+    return builder
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_split(root: str, split: str):
+    """(paths, labels) of a folder split: root/<split>/<class> if present, else a
+    deterministic every-Nth hold-out of root/<class> as 'validation'."""
+    split_root = os.path.join(root, split)
+    if os.path.isdir(split_root):
+        index = folder_lib.index_folder(split_root)
+        return index.paths, index.labels
+    index = folder_lib.index_folder(root)
+    every = int(round(1 / FOLDER_VALIDATION_FRACTION))
+    held_out = [i % every == every - 1 for i in range(len(index.paths))]
+    keep = [h == (split != "train") for h in held_out]
+    return (
+        [p for p, k in zip(index.paths, keep) if k],
+        [y for y, k in zip(index.labels, keep) if k],
+    )
+
+
+def encoded_records(data, split: str, shuffle_files: bool = False) -> tf.data.Dataset:
+    """(encoded image bytes, int64 label) pairs of a split, undecoded.
+
+    Args:
+      data: the `config.data` ConfigDict.
+      split: split name ('train', 'validation', 'test', or a tfds split expression).
+      shuffle_files: let tfds interleave its files in random order (training).
+
+    Raises:
+      ValueError: unknown `data.source`.
+    """
+    if data.source == "folder":
+        paths, labels = _folder_split(data.folder, split)
+        ds = tf.data.Dataset.from_tensor_slices(
+            (tf.constant(paths, tf.string), tf.constant(labels, tf.int64))
+        )
+        return ds.map(lambda p, y: (tf.io.read_file(p), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if data.source in ("embedded", "tfds"):
+        import tensorflow_datasets as tfds
+
+        builder = _tfds_builder(data)
+        ds = builder.as_dataset(
+            split=split,
+            shuffle_files=shuffle_files,
+            decoders={data.image_key: tfds.decode.SkipDecoding()},
+        )
+        return ds.map(
+            lambda ex: (ex[data.image_key], tf.cast(ex[data.label_key], tf.int64)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    raise ValueError(f"data.source must be one of {', '.join(SOURCES)}; got {data.source!r}")
+
+
+def num_examples(data, split: str) -> int:
+    """Number of examples in a split (readable files for a folder)."""
+    if data.source == "folder":
+        return len(_folder_split(data.folder, split)[0])
+    return int(_tfds_builder(data).info.splits[split].num_examples)
+
+
+def build_inputs(
+    config,
+    split: str,
+    input_context: tf.distribute.InputContext | None = None,
+    mode: str = "train",
+) -> tf.data.Dataset:
+    """The input pipeline of one replica (or of all, without an input context).
+
+    Args:
+      config: the experiment ConfigDict (uses `config.data`, `config.train`, `config.seed`).
+      split: split to read.
+      input_context: from `strategy.distribute_datasets_from_function`; shards the data
+        by input pipeline and turns the global batch size into the per-replica one.
+      mode: 'train' (shuffled, repeated, one random crop of 10, drop_remainder),
+        'ten_crop' (all 10 crops per image: images are (B, 10, s, s, 3)) or 'center'
+        (the center crop only).
+
+    Returns:
+      A dataset of (images float32, labels int64) batches.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    data = config.data
+    training = mode == "train"
+    ds = encoded_records(data, split, shuffle_files=training)
+    if input_context and input_context.num_input_pipelines > 1:
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if data.cache:
+        ds = ds.cache()
+    batch_size = config.train.batch_size if training else config.train.eval_batch_size
+    if input_context:
+        batch_size = input_context.get_per_replica_batch_size(batch_size)
+    S, s, mean = data.resize_size, data.crop_size, tuple(data.mean)
+
+    if training:
+        seed = config.seed + (input_context.input_pipeline_id if input_context else 0)
+        ds = ds.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        # A seeded random stream picks the crop: reproducible for a given seed.
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed)))
+
+        def prepare(record, r):
+            encoded, label = record
+            return preprocess.train_crop(encoded, tf.cast(r % 10, tf.int32), S, s, mean), label
+
+    elif mode == "ten_crop":
+
+        def prepare(encoded, label):
+            return preprocess.ten_crops(encoded, S, s, mean), label
+
+    else:
+
+        def prepare(encoded, label):
+            return preprocess.center_crop(encoded, S, s, mean), label
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+    # Files that passed the folder check but still fail to decode are dropped, not fatal.
+    ds = ds.ignore_errors(log_warning=True)
+    ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

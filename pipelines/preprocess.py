@@ -1,0 +1,147 @@
+"""Robust decoding and the paper's 10-crop geometry (Sec. 3), as TF ops.
+
+Semantics (paper): resize the shorter side to S, take the center S x S, then one of 10
+sub-crops of size s: the 4 corners and the center, each with and without a horizontal
+flip. Crop index i in [0, 10): window `CORNERS[i % 5]`, flipped when i >= 5.
+
+Speed: training decodes only the window that the chosen sub-crop covers in the original
+image (`tf.io.decode_and_crop_jpeg`) and resizes only that window to s x s, instead of
+decoding and resizing the whole photograph. This equals resize-then-crop up to the
+interpolation at the window's border, and exactly when the shorter side already is S.
+Evaluation decodes the center square once, resizes it to S x S and slices all 10 crops.
+
+Every op here works eagerly and inside `tf.data.Dataset.map` (tests run both).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+NUM_CROPS = 10
+CENTER_CROP = 4  # index of the unflipped center crop
+CROP_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
+
+
+def crop_offsets(resize_size: int, crop_size: int) -> list[tuple[int, int]]:
+    """(y, x) offsets of the 5 sub-crops inside the S x S center square.
+
+    Args:
+      resize_size: S.
+      crop_size: s (<= S).
+
+    Returns:
+      [top_left, top_right, bottom_left, bottom_right, center] as (y, x) pairs.
+    """
+    if crop_size > resize_size:
+        raise ValueError(f"crop size {crop_size} is larger than resize size {resize_size}")
+    e = resize_size - crop_size
+    c = e // 2
+    return [(0, 0), (0, e), (e, 0), (e, e), (c, c)]
+
+
+def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
+    """Decodes JPEG/PNG/GIF/BMP bytes to uint8 RGB (grayscale and CMYK become RGB).
+
+    The format is sniffed from the bytes, not the file name, so PNG bytes in a '.JPEG'
+    file decode too.
+    """
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _window(height, width, resize_size: int, crop_size: int, crop_index):
+    """Window (y, x, size, size) in original pixels that crop `crop_index` covers."""
+    side = tf.minimum(height, width)
+    scale = tf.cast(side, tf.float32) / float(resize_size)
+    offsets = tf.constant(crop_offsets(resize_size, crop_size), tf.float32)
+    oy, ox = tf.unstack(offsets[crop_index % 5] * scale)
+    size = tf.maximum(1, tf.cast(tf.round(crop_size * scale), tf.int32))
+    y = (height - side) // 2 + tf.cast(tf.round(oy), tf.int32)
+    x = (width - side) // 2 + tf.cast(tf.round(ox), tf.int32)
+    # Rounding can push the window one pixel past the border.
+    y = tf.clip_by_value(y, 0, height - size)
+    x = tf.clip_by_value(x, 0, width - size)
+    return tf.stack([y, x, size, size])
+
+
+def _resize_to(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Resizes uint8 HxWx3 to float32 size x size; exact copy when already that size."""
+    shape = tf.shape(image)
+    same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
+    out = tf.cond(
+        same,
+        lambda: tf.cast(image, tf.float32),
+        lambda: tf.image.resize(image, (size, size), method="bilinear", antialias=True),
+    )
+    out.set_shape([size, size, 3])
+    return out
+
+
+def _decode_window(encoded: tf.Tensor, window_fn) -> tf.Tensor:
+    """Decodes only the window `window_fn(height, width)` -> [y, x, h, w] of an image."""
+
+    def jpeg():
+        shape = tf.io.extract_jpeg_shape(encoded)
+        window = window_fn(shape[0], shape[1])
+        return tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
+
+    def other():
+        image = decode_rgb(encoded)
+        shape = tf.shape(image)
+        y, x, h, w = tf.unstack(window_fn(shape[0], shape[1]))
+        return image[y : y + h, x : x + w]
+
+    image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def train_crop(encoded, crop_index, resize_size: int, crop_size: int, mean) -> tf.Tensor:
+    """One training crop: sub-crop `crop_index` (0..9) of the S-resized center square.
+
+    Args:
+      encoded: scalar string tensor of JPEG/PNG bytes.
+      crop_index: int32 scalar in [0, 10): window `crop_index % 5`, flipped if >= 5.
+      resize_size: S.
+      crop_size: s.
+      mean: per-channel mean (3 floats) to subtract.
+
+    Returns:
+      float32 (s, s, 3), mean subtracted.
+    """
+    crop_index = tf.convert_to_tensor(crop_index, tf.int32)
+    image = _decode_window(encoded, lambda h, w: _window(h, w, resize_size, crop_size, crop_index))
+    image = _resize_to(image, crop_size)
+    image = tf.cond(crop_index >= 5, lambda: tf.reverse(image, axis=[1]), lambda: image)
+    return image - tf.constant(mean, tf.float32)
+
+
+def center_square(encoded, resize_size: int) -> tf.Tensor:
+    """Decodes the center square of an image and resizes it to float32 (S, S, 3)."""
+
+    def window(h, w):
+        side = tf.minimum(h, w)
+        return tf.stack([(h - side) // 2, (w - side) // 2, side, side])
+
+    return _resize_to(_decode_window(encoded, window), resize_size)
+
+
+def ten_crops(encoded, resize_size: int, crop_size: int, mean) -> tf.Tensor:
+    """All 10 crops of an image for test-time averaging.
+
+    Returns:
+      float32 (10, s, s, 3), mean subtracted; index i as in `train_crop`.
+    """
+    square = center_square(encoded, resize_size)
+    offsets = crop_offsets(resize_size, crop_size)
+    crops = [square[y : y + crop_size, x : x + crop_size] for y, x in offsets]
+    crops += [tf.reverse(c, axis=[1]) for c in crops]
+    return tf.stack(crops) - tf.constant(mean, tf.float32)
+
+
+def center_crop(encoded, resize_size: int, crop_size: int, mean) -> tf.Tensor:
+    """The single unflipped center crop (index 4): float32 (s, s, 3), mean subtracted."""
+    square = center_square(encoded, resize_size)
+    y, x = crop_offsets(resize_size, crop_size)[CENTER_CROP]
+    return square[y : y + crop_size, x : x + crop_size] - tf.constant(mean, tf.float32)

@@ -1,0 +1,75 @@
+"""Image folders: odd but valid files decode, broken ones are skipped and counted."""
+
+import numpy as np
+import pytest
+from absl import logging
+
+from pipelines import folder, inputs
+from tests.conftest import load_config
+from tests.images import encode, make_messy_folder, random_rgb, write
+
+
+@pytest.fixture
+def messy(tmp_path):
+    root = str(tmp_path / "images")
+    return root, make_messy_folder(root)
+
+
+def test_index_counts_and_reasons(messy, caplog):
+    root, expected = messy
+    with caplog.at_level(logging.INFO):
+        logging.get_absl_logger().propagate = True
+        index = folder.index_folder(root)
+    assert index.class_names == ["cat", "dog"]
+    assert len(index.paths) == expected["readable"]
+    assert {k: len(v) for k, v in index.skipped.items()} == expected["skipped"]
+    assert index.num_skipped == 4
+    assert sorted(index.labels) == [0, 0, 0, 0, 1, 1, 1]
+    assert "7 readable, 4 skipped (1 corrupt, 1 empty, 2 truncated)" in caplog.text
+
+
+def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        folder.index_folder(str(tmp_path / "nope"))
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no images"):
+        folder.index_folder(str(tmp_path / "empty"))
+
+
+def folder_config(root, **train):
+    config = load_config()
+    config.data.source = "folder"
+    config.data.folder = root
+    config.data.cache = False
+    config.train.batch_size = 4
+    config.train.eval_batch_size = 4
+    return config
+
+
+def test_pipeline_over_messy_folder(messy):
+    root, expected = messy
+    # A file that passes the cheap check (JPEG header and end marker) but cannot decode.
+    write(f"{root}/dog/bad_middle.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 100 + b"\xff\xd9")
+    config = folder_config(root)
+    inputs._folder_split.cache_clear()
+    # All of a folder without split subfolders: train + validation partition the files.
+    n_train = inputs.num_examples(config.data, "train")
+    n_val = inputs.num_examples(config.data, "validation")
+    assert n_train + n_val == expected["readable"] + 1
+    seen = 0
+    for split in ("train", "validation"):
+        for images, _ in inputs.build_inputs(config, split, mode="ten_crop"):
+            assert images.shape[1:] == (10, 64, 64, 3)
+            assert np.isfinite(images.numpy()).all()
+            seen += images.shape[0]
+    assert seen == expected["readable"]  # the undecodable file was dropped, not fatal
+
+
+def test_split_subfolders_are_used(tmp_path):
+    for split, n in (("train", 3), ("validation", 2)):
+        for i in range(n):
+            write(f"{tmp_path}/{split}/a/{i}.png", encode(random_rgb(40, 40, i), "PNG"))
+    config = folder_config(str(tmp_path))
+    inputs._folder_split.cache_clear()
+    assert inputs.num_examples(config.data, "train") == 3
+    assert inputs.num_examples(config.data, "validation") == 2

@@ -1,0 +1,149 @@
+"""ZFNet architecture: every layer's shape, exact parameter counts, init, constraint."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from tests.conftest import load_config
+from zf_tf import model as model_lib
+
+PAPER_SHAPES = {
+    "conv1": (110, 110, 96),
+    "pool1": (55, 55, 96),
+    "norm1": (55, 55, 96),
+    "conv2": (26, 26, 256),
+    "pool2": (13, 13, 256),
+    "norm2": (13, 13, 256),
+    "conv3": (13, 13, 384),
+    "conv4": (13, 13, 384),
+    "conv5": (13, 13, 256),
+    "pool5": (6, 6, 256),
+    "fc6": (4096,),
+    "fc7": (4096,),
+    "logits": (1000,),
+}
+
+
+def paper_model_config(**overrides):
+    config = load_config().model
+    config.width = 1.0
+    config.input_size = 224
+    config.num_classes = 1000
+    config.kernel_init = "paper"
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    return config
+
+
+@pytest.fixture(scope="module")
+def paper_model():
+    return model_lib.build_model(paper_model_config())
+
+
+def test_paper_layer_shapes(paper_model):
+    for name, shape in PAPER_SHAPES.items():
+        assert tuple(paper_model.get_layer(name).output.shape[1:]) == shape, name
+
+
+def test_paper_parameter_count(paper_model):
+    def conv(k, cin, cout):
+        return k * k * cin * cout + cout
+
+    def dense(n_in, n_out):
+        return n_in * n_out + n_out
+
+    expected = (
+        conv(7, 3, 96)
+        + conv(5, 96, 256)
+        + conv(3, 256, 384)
+        + conv(3, 384, 384)
+        + conv(3, 384, 256)
+        + dense(6 * 6 * 256, 4096)
+        + dense(4096, 4096)
+        + dense(4096, 1000)
+    )
+    assert paper_model.count_params() == expected == 62_357_608
+
+
+def test_paper_init_and_dropout(paper_model):
+    w, b = paper_model.get_layer("fc7").get_weights()
+    assert abs(w.mean()) < 1e-4 and abs(w.std() - 0.01) < 1e-4
+    assert not b.any()
+    for name in ("drop6", "drop7"):
+        assert paper_model.get_layer(name).rate == 0.5
+    names = [layer.name for layer in paper_model.layers]
+    assert names.index("drop6") == names.index("fc6") + 1
+    assert names.index("drop7") == names.index("fc7") + 1
+    assert isinstance(paper_model.get_layer("norm1"), model_lib.LocalResponseNorm)
+
+
+def test_filter_rms_constraint():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(7, 7, 3, 2)).astype("float32")
+    rms = np.sqrt((w**2).mean(axis=(0, 1, 2)))
+    w[..., 0] *= 0.5 / rms[0]
+    w[..., 1] *= 0.05 / rms[1]
+    out = np.asarray(model_lib.FilterRMS(0.1)(w))
+    out_rms = np.sqrt((out**2).mean(axis=(0, 1, 2)))
+    np.testing.assert_allclose(out_rms[0], 0.1, rtol=1e-5)
+    np.testing.assert_array_equal(out[..., 1], w[..., 1])
+    # Direction is kept: the big filter is only rescaled.
+    np.testing.assert_allclose(out[..., 0], w[..., 0] * 0.1 / 0.5, rtol=1e-5)
+
+
+def test_constraint_applied_after_each_update():
+    config = load_config()
+    model = model_lib.build_model(config.model)
+    conv1 = model.get_layer("conv1")
+    kernel = conv1.get_weights()[0]
+    conv1.set_weights([kernel * 100.0, conv1.get_weights()[1]])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    x = np.random.default_rng(0).normal(size=(4, 64, 64, 3)).astype("float32")
+    model.train_on_batch(x, np.zeros((4, 10), "float32"))
+    for name in model_lib.CONV_LAYERS:
+        k = model.get_layer(name).get_weights()[0]
+        assert np.sqrt((k**2).mean(axis=(0, 1, 2))).max() <= 0.1 + 1e-6, name
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(width=0.25, input_size=96, num_classes=10),
+        dict(width=0.5, input_size=128, num_classes=7),
+        dict(layer1="alexnet"),
+    ],
+)
+def test_variants_keep_topology_and_names(overrides):
+    model = model_lib.build_model(paper_model_config(**overrides))
+    names = [layer.name for layer in model.layers]
+    for name in PAPER_SHAPES:
+        assert name in names
+    conv1 = model.get_layer("conv1")
+    assert conv1.kernel_size == ((11, 11) if overrides.get("layer1") == "alexnet" else (7, 7))
+    assert conv1.strides == ((4, 4) if overrides.get("layer1") == "alexnet" else (2, 2))
+    width = overrides.get("width", 1.0)
+    assert model.get_layer("conv5").filters == round(256 * width)
+    assert model.get_layer("logits").units == overrides.get("num_classes", 1000)
+
+
+def test_alexnet_layer1_shapes():
+    model = model_lib.build_model(paper_model_config(layer1="alexnet"))
+    assert tuple(model.get_layer("conv1").output.shape[1:]) == (55, 55, 96)
+
+
+def test_unknown_layer1_is_an_error():
+    with pytest.raises(ValueError, match="zfnet, alexnet"):
+        model_lib.build_model(paper_model_config(layer1="vgg"))
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    config = load_config()
+    model = model_lib.build_model(config.model)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype("float32")
+    np.testing.assert_allclose(model.predict(x, verbose=0), loaded.predict(x, verbose=0), rtol=1e-5)
+    assert isinstance(loaded.get_layer("conv1").kernel_constraint, model_lib.FilterRMS)

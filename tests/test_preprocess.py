@@ -1,0 +1,100 @@
+"""10-crop geometry, pixel-exact against numpy slicing, eagerly and inside Dataset.map."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipelines import preprocess
+from tests.images import encode, random_rgb
+
+S, s = 72, 64
+MEAN = (10.0, 20.0, 30.0)
+
+
+def numpy_crops(square):
+    """The paper's 10 crops of an S x S array by plain slicing."""
+    e, c = S - s, (S - s) // 2
+    windows = [(0, 0), (0, e), (e, 0), (e, e), (c, c)]
+    crops = [square[y : y + s, x : x + s] for y, x in windows]
+    return np.stack(crops + [c[:, ::-1] for c in crops]).astype(np.float32) - np.float32(MEAN)
+
+
+def run(fn, encoded, *args, in_map):
+    if not in_map:
+        return fn(tf.constant(encoded), *args).numpy()
+    ds = tf.data.Dataset.from_tensors(tf.constant(encoded)).map(lambda e: fn(e, *args))
+    return next(iter(ds)).numpy()
+
+
+def test_crop_offsets():
+    assert preprocess.crop_offsets(256, 224) == [(0, 0), (0, 32), (32, 0), (32, 32), (16, 16)]
+    with pytest.raises(ValueError):
+        preprocess.crop_offsets(64, 72)
+
+
+@pytest.mark.parametrize("in_map", [False, True])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("hw", [(S, 100), (90, S)])
+def test_crops_pixel_exact_when_short_side_is_S(in_map, fmt, hw):
+    array = random_rgb(*hw)
+    encoded = encode(array, fmt, quality=95) if fmt == "JPEG" else encode(array, fmt)
+    decoded = tf.io.decode_image(encoded, channels=3).numpy()  # JPEG is lossy: compare to it
+    h, w = hw
+    y0, x0 = (h - S) // 2, (w - S) // 2
+    expected = numpy_crops(decoded[y0 : y0 + S, x0 : x0 + S])
+
+    def check(got, want, what):
+        if fmt == "PNG":
+            np.testing.assert_array_equal(got, want, err_msg=what)
+        else:
+            # Decoding only a window of a JPEG upsamples chroma differently at the window's
+            # edge (libjpeg), so a few edge pixels differ by a few levels.
+            assert got.shape == want.shape and np.abs(got - want).mean() < 0.5, what
+
+    for i in range(10):
+        got = run(lambda e, i: preprocess.train_crop(e, i, S, s, MEAN), encoded, i, in_map=in_map)
+        check(got, expected[i], f"train crop {i}")
+    got = run(lambda e: preprocess.ten_crops(e, S, s, MEAN), encoded, in_map=in_map)
+    check(got, expected, "ten crops")
+    got = run(lambda e: preprocess.center_crop(e, S, s, MEAN), encoded, in_map=in_map)
+    check(got, expected[preprocess.CENTER_CROP], "center crop")
+
+
+@pytest.mark.parametrize("in_map", [False, True])
+def test_train_crop_of_large_image_matches_resize_then_slice(in_map):
+    array = random_rgb(2 * S, 3 * S, seed=3)  # shorter side 2S: every window halves
+    encoded = encode(array, "PNG")
+    resized = tf.image.resize(array, (S, 3 * S // 2), antialias=True).numpy()
+    x0 = (resized.shape[1] - S) // 2
+    expected = numpy_crops(resized[:, x0 : x0 + S])
+    for i in range(10):
+        got = run(lambda e, i: preprocess.train_crop(e, i, S, s, MEAN), encoded, i, in_map=in_map)
+        assert got.shape == (s, s, 3)
+        # Same windows; only interpolation at the window border differs.
+        assert np.abs(got - expected[i]).mean() < 2.0, i
+
+
+def test_small_images_are_upscaled():
+    encoded = encode(random_rgb(20, 30), "PNG")
+    assert preprocess.train_crop(encoded, 7, S, s, MEAN).shape == (s, s, 3)
+    assert preprocess.ten_crops(encoded, S, s, MEAN).shape == (10, s, s, 3)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA"])
+def test_odd_color_modes_decode_to_rgb(mode):
+    array = random_rgb(80, 80, seed=4)
+    fmt = "PNG" if mode == "RGBA" else "JPEG"
+    rgb = preprocess.decode_rgb(encode(array, fmt, mode=mode)).numpy()
+    assert rgb.shape == (80, 80, 3) and rgb.dtype == np.uint8
+    if mode == "L":
+        np.testing.assert_array_equal(rgb[..., 0], rgb[..., 1])
+    else:
+        # CMYK and RGBA keep the colors (JPEG within compression error).
+        assert np.abs(rgb.astype(float) - array).mean() < 8
+
+
+def test_png_bytes_in_jpeg_named_file_decode():
+    array = random_rgb(S, S, seed=5)
+    got = preprocess.center_crop(encode(array, "PNG"), S, s, (0, 0, 0)).numpy()
+    e = (S - s) // 2
+    np.testing.assert_array_equal(got, array[e : e + s, e : e + s])

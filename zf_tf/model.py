@@ -1,0 +1,160 @@
+"""ZFNet (Zeiler & Fergus 2014, Fig. 3) as a Keras 3 functional model.
+
+Layer names are part of the public API: analyses tap layers by name
+(``conv1``..``conv5``, ``pool1``, ``pool2``, ``pool5``, ``norm1``, ``norm2``, ``fc6``,
+``fc7``, ``logits``). Every variant (input size, width multiplier, number of classes,
+AlexNet-style layer 1) keeps the same topology and names.
+
+Padding is chosen so that the paper's sizes come out exactly at 224 px:
+conv1 pads 1 pixel and runs 'valid' (110), pool1 and pool2 use 'same' (55, 13),
+conv2 and pool5 are 'valid' (26, 6), conv3-5 are 'same' (13).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+# Paper sizes; scaled by `width` for the CPU variants.
+CONV_FILTERS = (96, 256, 384, 384, 256)
+FC_UNITS = (4096, 4096)
+CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+
+# Layer 1 geometry: (kernel, stride, zero padding) per style.
+LAYER1 = {"zfnet": (7, 2, 1), "alexnet": (11, 4, 2)}
+
+
+@keras.saving.register_keras_serializable(package="zf_tf")
+class FilterRMS(keras.constraints.Constraint):
+    """Rescales every conv filter whose RMS exceeds `max_rms` back to `max_rms` (paper Sec. 3).
+
+    A filter is one output channel of a (kh, kw, c_in, c_out) kernel; its RMS is taken over
+    (kh, kw, c_in). Filters at or below the radius are left untouched. Keras applies
+    constraints after every optimizer update.
+    """
+
+    def __init__(self, max_rms: float = 0.1):
+        self.max_rms = float(max_rms)
+
+    def __call__(self, w):
+        rms = keras.ops.sqrt(keras.ops.mean(keras.ops.square(w), axis=(0, 1, 2), keepdims=True))
+        scale = keras.ops.minimum(1.0, self.max_rms / keras.ops.maximum(rms, 1e-12))
+        return w * scale
+
+    def get_config(self):
+        return {"max_rms": self.max_rms}
+
+
+@keras.saving.register_keras_serializable(package="zf_tf")
+class LocalResponseNorm(keras.layers.Layer):
+    """Contrast normalization across feature maps (AlexNet's constants; GUIDE §1).
+
+    b = a / (bias + alpha * sum_{window of 2*depth_radius+1 maps} a^2) ** beta. TF, like the
+    AlexNet paper and unlike Caffe, does not divide alpha by the window size.
+    """
+
+    def __init__(self, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75, **kwargs):
+        super().__init__(**kwargs)
+        self.depth_radius = int(depth_radius)
+        self.bias = float(bias)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+
+    def call(self, x):
+        return tf.nn.local_response_normalization(
+            x, depth_radius=self.depth_radius, bias=self.bias, alpha=self.alpha, beta=self.beta
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            depth_radius=self.depth_radius, bias=self.bias, alpha=self.alpha, beta=self.beta
+        )
+        return config
+
+
+KERNEL_INITS = ("paper", "he_normal")
+
+
+def _kernel_initializer(name: str, stddev: float, seed):
+    if name == "paper":
+        return keras.initializers.RandomNormal(mean=0.0, stddev=stddev, seed=seed)
+    if name == "he_normal":
+        return keras.initializers.HeNormal(seed=seed)
+    raise ValueError(f"model.kernel_init must be one of {', '.join(KERNEL_INITS)}; got {name!r}")
+
+
+def scaled(units: int, width: float) -> int:
+    """Number of units of a layer after applying the width multiplier (at least 1)."""
+    return max(1, int(round(units * width)))
+
+
+def build_model(config) -> keras.Model:
+    """Builds ZFNet from a model config.
+
+    Args:
+      config: a ConfigDict (or anything with attributes) with fields `input_size`,
+        `num_classes`, `width`, `layer1` ('zfnet' | 'alexnet'), `conv_filters` (5 ints),
+        `fc_units` (2 ints), `dropout`, `kernel_init` ('paper' | 'he_normal'),
+        `init_stddev`, `max_filter_rms` (0 disables renormalization), `lrn` (dict of
+        LocalResponseNorm arguments) and `seed`.
+
+    Returns:
+      An uncompiled `keras.Model` named 'zfnet' mapping (B, s, s, 3) float images (mean
+      subtracted) to (B, num_classes) logits.
+    """
+    if config.layer1 not in LAYER1:
+        raise ValueError(f"model.layer1 must be one of {', '.join(LAYER1)}; got {config.layer1!r}")
+    seed = int(config.seed)
+    filters = [scaled(f, config.width) for f in config.conv_filters]
+    fc_units = [scaled(u, config.width) for u in config.fc_units]
+    constraint = FilterRMS(config.max_filter_rms) if config.max_filter_rms else None
+    lrn = dict(config.lrn)
+
+    def init(i):
+        # One distinct seed per layer so layers do not start from identical draws.
+        return _kernel_initializer(config.kernel_init, config.init_stddev, seed + i)
+
+    def conv(i, x, kernel, stride, padding):
+        return keras.layers.Conv2D(
+            filters[i],
+            kernel,
+            strides=stride,
+            padding=padding,
+            activation="relu",
+            kernel_initializer=init(i),
+            bias_initializer="zeros",
+            kernel_constraint=constraint,
+            name=CONV_LAYERS[i],
+        )(x)
+
+    k1, s1, p1 = LAYER1[config.layer1]
+    inputs = keras.Input((config.input_size, config.input_size, 3), name="image")
+    x = keras.layers.ZeroPadding2D(p1, name="conv1_pad")(inputs)
+    x = conv(0, x, k1, s1, "valid")
+    x = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool1")(x)
+    x = LocalResponseNorm(**lrn, name="norm1")(x)
+    x = conv(1, x, 5, 2, "valid")
+    x = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool2")(x)
+    x = LocalResponseNorm(**lrn, name="norm2")(x)
+    x = conv(2, x, 3, 1, "same")
+    x = conv(3, x, 3, 1, "same")
+    x = conv(4, x, 3, 1, "same")
+    x = keras.layers.MaxPooling2D(3, 2, padding="valid", name="pool5")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    for i, (name, units) in enumerate(zip(("fc6", "fc7"), fc_units)):
+        x = keras.layers.Dense(
+            units,
+            activation="relu",
+            kernel_initializer=init(5 + i),
+            bias_initializer="zeros",
+            name=name,
+        )(x)
+        x = keras.layers.Dropout(config.dropout, seed=seed + 10 + i, name=f"drop{6 + i}")(x)
+    logits = keras.layers.Dense(
+        config.num_classes,
+        kernel_initializer=init(7),
+        bias_initializer="zeros",
+        name="logits",
+    )(x)
+    return keras.Model(inputs, logits, name="zfnet")
