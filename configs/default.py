@@ -10,7 +10,9 @@ Differences from the paper (configs/zfnet_imagenet.py keeps the paper's values),
   1024-unit fc layers) so an epoch takes seconds on 2 cores; the topology and layer names
   are the paper's;
 - He-normal initialisation instead of N(0, 0.01): with few epochs and no batch norm, the
-  paper's initialisation learns very slowly in an 8-layer net (GUIDE §1, training recipe).
+  paper's initialisation learns very slowly in an 8-layer net (GUIDE §1, training recipe);
+  He-normal assumes unit-variance inputs, so the model scales the mean-subtracted pixels
+  by 1/64 first (`model.input_scale`; the paper's is 1).
 """
 
 import ml_collections
@@ -56,6 +58,7 @@ def get_config():
     config.model.dropout = 0.5
     config.model.kernel_init = "he_normal"  # 'paper' = N(0, init_stddev)
     config.model.init_stddev = 0.01
+    config.model.input_scale = 1 / 64  # paper: 1 (pixels minus mean, about +-128)
     config.model.max_filter_rms = 0.1  # 0 disables filter renormalization
     config.model.lrn = dict(depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75)
     config.model.seed = 0
@@ -68,4 +71,7 @@ def get_config():
     config.train.momentum = 0.9
     config.train.steps_per_epoch = 0  # 0 = one pass over the training split
     config.train.cpu_replicas = 2  # logical CPU devices for --strategy=mirrored without GPUs
+    config.train.lr_decay = 0.1  # ReduceLROnPlateau on validation loss: factor,
+    config.train.lr_patience = 2  # epochs without improvement,
+    config.train.min_lr = 1e-5  # and floor
     return config

@@ -21,6 +21,7 @@ import functools
 import os
 
 import tensorflow as tf
+from absl import logging
 
 from pipelines import folder as folder_lib
 from pipelines import preprocess
@@ -42,9 +43,11 @@ def _tfds_builder(data):
     if data.source == "embedded":
         from pipelines import embedded
 
-        return embedded.builder(_data_dir(data), data.tfds_config)
-    builder = tfds.builder(data.name, data_dir=_data_dir(data))
+        builder = embedded.builder(_data_dir(data), data.tfds_config)
+    else:
+        builder = tfds.builder(data.name, data_dir=_data_dir(data))
     if not builder.is_prepared():
+        logging.info("Preparing tfds dataset %s in %s", builder.info.full_name, builder.data_dir)
         download_config = tfds.download.DownloadConfig(manual_dir=data.manual_dir or None)
         builder.download_and_prepare(download_config=download_config)
     return builder

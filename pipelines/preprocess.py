@@ -117,14 +117,22 @@ def train_crop(encoded, crop_index, resize_size: int, crop_size: int, mean) -> t
     return image - tf.constant(mean, tf.float32)
 
 
+def _square_window(h, w):
+    side = tf.minimum(h, w)
+    return tf.stack([(h - side) // 2, (w - side) // 2, side, side])
+
+
 def center_square(encoded, resize_size: int) -> tf.Tensor:
     """Decodes the center square of an image and resizes it to float32 (S, S, 3)."""
+    return _resize_to(_decode_window(encoded, _square_window), resize_size)
 
-    def window(h, w):
-        side = tf.minimum(h, w)
-        return tf.stack([(h - side) // 2, (w - side) // 2, side, side])
 
-    return _resize_to(_decode_window(encoded, window), resize_size)
+def ten_crops_of_image(image: tf.Tensor, resize_size: int, crop_size: int, mean) -> tf.Tensor:
+    """`ten_crops` of an already decoded uint8 (H, W, 3) image."""
+    shape = tf.shape(image)
+    y, x, h, w = tf.unstack(_square_window(shape[0], shape[1]))
+    square = _resize_to(image[y : y + h, x : x + w], resize_size)
+    return _crops_of_square(square, resize_size, crop_size, mean)
 
 
 def ten_crops(encoded, resize_size: int, crop_size: int, mean) -> tf.Tensor:
@@ -133,7 +141,10 @@ def ten_crops(encoded, resize_size: int, crop_size: int, mean) -> tf.Tensor:
     Returns:
       float32 (10, s, s, 3), mean subtracted; index i as in `train_crop`.
     """
-    square = center_square(encoded, resize_size)
+    return _crops_of_square(center_square(encoded, resize_size), resize_size, crop_size, mean)
+
+
+def _crops_of_square(square, resize_size: int, crop_size: int, mean) -> tf.Tensor:
     offsets = crop_offsets(resize_size, crop_size)
     crops = [square[y : y + crop_size, x : x + crop_size] for y, x in offsets]
     crops += [tf.reverse(c, axis=[1]) for c in crops]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -23,9 +24,9 @@ def main_py(*args, cwd=ROOT):
 
 
 def error_lines(proc):
-    """stderr lines that are not TF/absl start-up noise."""
-    noise = ("WARNING: All log", "I0000", "E0000", "W0000")
-    return [line for line in proc.stderr.splitlines() if line and not line.startswith(noise)]
+    """stderr lines that are not TF/absl logging (e.g. 'I1127 00:22:46.4 ...')."""
+    log = re.compile(r"^([IWEF]\d{4} |WARNING: All log)")
+    return [line for line in proc.stderr.splitlines() if line and not log.match(line)]
 
 
 @pytest.mark.parametrize(

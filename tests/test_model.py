@@ -27,11 +27,7 @@ PAPER_SHAPES = {
 
 
 def paper_model_config(**overrides):
-    config = load_config().model
-    config.width = 1.0
-    config.input_size = 224
-    config.num_classes = 1000
-    config.kernel_init = "paper"
+    config = load_config("zfnet_imagenet").model
     for k, v in overrides.items():
         setattr(config, k, v)
     return config

@@ -4,7 +4,6 @@ strategies, the workdir's resolved config, and the mode dispatch table."""
 from __future__ import annotations
 
 import json
-import os
 import runpy
 import sys
 
@@ -157,17 +156,6 @@ def validate_config(config):
         )
 
 
-def write_config(config, workdir: str) -> str:
-    """Writes the resolved config as JSON into the workdir and returns its path."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
-
-
 def _summary(config, workdir, strategy, overwrite):
     """Prints the model's layers and one batch of the training pipeline."""
     from pipelines import inputs
@@ -183,10 +171,26 @@ def _summary(config, workdir, strategy, overwrite):
 def _train(config, workdir, strategy, overwrite):
     from zf_tf import train
 
-    train.train_and_evaluate(config, workdir, strategy)
+    train.train_and_evaluate(config, workdir, strategy, overwrite)
 
 
-MODES = {"train": _train, "summary": _summary}
+def _eval(config, workdir, strategy, overwrite):
+    from zf_tf import evaluate, workdirs
+
+    config = workdirs.load_config(workdir, config)
+    evaluate.evaluate(config, workdir, workdirs.load_model(workdir))
+
+
+def _export(config, workdir, strategy, overwrite):
+    from zf_tf import export, workdirs
+
+    config = workdirs.load_config(workdir, config)
+    path = export.export(workdirs.load_model(workdir), config, workdir)
+    print(f"SavedModel written to {path}")
+
+
+# Modes other than train read the config a workdir was trained with (config.json).
+MODES = {"train": _train, "eval": _eval, "export": _export, "summary": _summary}
 
 
 def run(mode: str, config, workdir: str, strategy_name: str, overwrite: bool = False):
@@ -197,7 +201,6 @@ def run(mode: str, config, workdir: str, strategy_name: str, overwrite: bool = F
         validate_config(config)
         strategy = make_strategy(strategy_name, config.train.cpu_replicas)
         logging.info("Strategy %s with %d replica(s)", strategy_name, strategy.num_replicas_in_sync)
-        write_config(config, workdir)
         MODES[mode](config, workdir, strategy, overwrite)
     except (UsageError, FileNotFoundError) as e:
         fail(str(e))

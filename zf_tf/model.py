@@ -96,7 +96,8 @@ def build_model(config) -> keras.Model:
       config: a ConfigDict (or anything with attributes) with fields `input_size`,
         `num_classes`, `width`, `layer1` ('zfnet' | 'alexnet'), `conv_filters` (5 ints),
         `fc_units` (2 ints), `dropout`, `kernel_init` ('paper' | 'he_normal'),
-        `init_stddev`, `max_filter_rms` (0 disables renormalization), `lrn` (dict of
+        `init_stddev`, `input_scale` (factor applied to the input
+        pixels, 1 in the paper), `max_filter_rms` (0 disables renormalization), `lrn` (dict of
         LocalResponseNorm arguments) and `seed`.
 
     Returns:
@@ -130,7 +131,10 @@ def build_model(config) -> keras.Model:
 
     k1, s1, p1 = LAYER1[config.layer1]
     inputs = keras.Input((config.input_size, config.input_size, 3), name="image")
-    x = keras.layers.ZeroPadding2D(p1, name="conv1_pad")(inputs)
+    # The paper feeds mean-subtracted pixels (about +-128) straight into conv1 (scale 1);
+    # a smaller scale lets variance-preserving inits (He) start at a sane loss.
+    x = keras.layers.Rescaling(float(config.input_scale), name="input_scale")(inputs)
+    x = keras.layers.ZeroPadding2D(p1, name="conv1_pad")(x)
     x = conv(0, x, k1, s1, "valid")
     x = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool1")(x)
     x = LocalResponseNorm(**lrn, name="norm1")(x)

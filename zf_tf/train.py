@@ -1,18 +1,35 @@
-"""Training with the paper's recipe (Sec. 3) under a tf.distribute strategy."""
+"""Training with the paper's recipe (Sec. 3) under any tf.distribute strategy.
+
+`train_and_evaluate` runs `model.fit` inside `strategy.scope()` on the per-replica
+pipeline, resumes from `workdir/backup` after a crash, keeps the last good checkpoint in
+`workdir/checkpoints`, logs TensorBoard scalars and images to `workdir/logs`, and ends with
+the 10-crop evaluation (`workdir/eval.json`) and a SavedModel export (`workdir/export`).
+With several workers only the chief writes the workdir; the others write to a temporary
+directory that they delete at the end.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
+import tempfile
 
 import keras
+import numpy as np
 from absl import logging
 
 from pipelines import inputs
+from zf_tf import UsageError, keras_fixes, summaries, workdirs
 from zf_tf import model as model_lib
 
 
 def compile_model(model: keras.Model, config) -> keras.Model:
-    """SGD with momentum on cross-entropy from logits; top-1 and top-5 accuracy."""
+    """SGD with momentum on cross-entropy from logits; top-1 and top-5 accuracy.
+
+    Keras scales the per-replica mean loss by the number of replicas, so the gradient
+    equals that of the global batch's mean loss whatever the replica count.
+    """
     model.compile(
         optimizer=keras.optimizers.SGD(
             learning_rate=config.train.learning_rate, momentum=config.train.momentum
@@ -27,38 +44,138 @@ def compile_model(model: keras.Model, config) -> keras.Model:
 
 
 def distributed_inputs(strategy, config, split: str, mode: str):
-    """The per-replica pipeline, distributed by the strategy."""
+    """The per-replica pipeline (`build_inputs`), distributed by the strategy."""
     return strategy.distribute_datasets_from_function(
         lambda ctx: inputs.build_inputs(config, split, ctx, mode)
     )
 
 
-def train_and_evaluate(config, workdir: str, strategy) -> keras.callbacks.History:
+def _finite(logs) -> bool:
+    return logs is not None and math.isfinite(float(logs.get("loss", 0.0)))
+
+
+class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that never backs up a diverged (NaN/inf loss) model.
+
+    The backup is kept after training (delete_checkpoint=False): rerunning a finished
+    command restores the final epoch and trains no more.
+    """
+
+    def __init__(self, backup_dir):
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if _finite(logs):
+            super().on_epoch_end(epoch, logs)
+
+
+class LastGoodCheckpoint(keras.callbacks.Callback):
+    """Saves the full model to `path` after every epoch whose loss is finite, atomically."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not _finite(logs):
+            logging.warning("Epoch %d diverged (loss %s): checkpoint not updated", epoch + 1, logs)
+            return
+        workdirs.save_model_atomic(self.model, self.path)
+
+
+def steps_per_epoch(config) -> int:
+    """Training steps per epoch: config value, or one pass over the split."""
+    if config.train.steps_per_epoch:
+        return int(config.train.steps_per_epoch)
+    n = inputs.num_examples(config.data, config.data.train_split)
+    if n < config.train.batch_size:
+        raise UsageError(
+            f"the training split has {n} images, fewer than one batch "
+            f"(config.train.batch_size={config.train.batch_size})"
+        )
+    return n // config.train.batch_size
+
+
+def weights_checksum(model: keras.Model) -> float:
+    """A scalar fingerprint of all weights (workers compare it to check they agree)."""
+    return float(sum(np.abs(w).astype(np.float64).sum() for w in model.get_weights()))
+
+
+def train_and_evaluate(config, workdir: str, strategy, overwrite: bool = False):
     """Trains ZFNet on config.data's training split, validating on its eval split.
 
     Args:
       config: experiment ConfigDict.
-      workdir: output folder (checkpoints, TensorBoard logs).
+      workdir: output folder; reused to resume the same config, refused for another one
+        unless `overwrite`.
       strategy: a tf.distribute strategy; the global batch is split across its replicas.
+      overwrite: start afresh in a workdir that holds another config's run.
 
     Returns:
-      The Keras History.
+      The Keras History of this invocation.
     """
-    steps = config.train.steps_per_epoch or (
-        inputs.num_examples(config.data, config.data.train_split) // config.train.batch_size
-    )
+    chief = workdirs.is_chief(strategy)
+    if chief:
+        workdirs.prepare_for_training(config, workdir, overwrite)
+    out = workdir if chief else tempfile.mkdtemp(prefix="zf_tf_worker_")
+    try:
+        return _train(config, workdir, out, strategy, chief)
+    finally:
+        if not chief:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _train(config, workdir, out, strategy, chief):
+    steps = steps_per_epoch(config)
     with strategy.scope():
         model = compile_model(model_lib.build_model(config.model), config)
+    keras_fixes.build_for_fit(model, strategy, config.data.crop_size)
+    keras_fixes.patch_multi_worker_reduce()
     train_ds = distributed_inputs(strategy, config, config.data.train_split, "train")
-    val_ds = distributed_inputs(strategy, config, config.data.eval_split, "center")
-    logging.info("Training %d epochs of %d steps in %s", config.train.epochs, steps, workdir)
+    # Validation gets the global-batch pipeline: Keras distributes it itself, which
+    # copes with a last partial batch (a per-replica dataset with uneven final batches
+    # fails in Keras 3.15's evaluate).
+    val_ds = inputs.build_inputs(config, config.data.eval_split, None, "center")
+    t = config.train
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.min_lr
+        ),
+        LastGoodCheckpoint(workdirs.checkpoint_path(out)),
+        keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
+        keras.callbacks.TensorBoard(os.path.join(out, "logs"), write_graph=False),
+        summaries.ImageSummaries(os.path.join(out, "logs", "images"), config),
+        # Last, so an epoch counts as done only once its checkpoint and logs are written.
+        # Backups are per worker: every worker restores the same epoch after a failure.
+        SafeBackupAndRestore(os.path.join(out, "backup")),
+    ]
+    logging.info(
+        "Training %d epochs x %d steps, global batch %d on %d replica(s), in %s",
+        t.epochs,
+        steps,
+        t.batch_size,
+        strategy.num_replicas_in_sync,
+        out,
+    )
     history = model.fit(
         train_ds,
-        epochs=config.train.epochs,
+        epochs=t.epochs,
         steps_per_epoch=steps,
         validation_data=val_ds,
-        callbacks=[keras.callbacks.TensorBoard(os.path.join(workdir, "logs"))],
-        verbose=1,
+        callbacks=callbacks,
+        verbose=1 if chief else 0,
     )
-    model.save(os.path.join(workdir, "model.keras"))
+    logging.info("Final weights checksum: %.10e", weights_checksum(model))
+    losses = history.history.get("loss", [])
+    if losses and not math.isfinite(losses[-1]):
+        raise UsageError(
+            f"training diverged (NaN loss); the last good checkpoint is kept in {workdir}"
+        )
+    from zf_tf import evaluate, export
+
+    # Every worker exports (saving distributed variables may need all of them); only the
+    # chief's `out` is the workdir.
+    evaluate.evaluate(config, out, model)
+    export.export(model, config, out)
     return history

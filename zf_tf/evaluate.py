@@ -1,0 +1,79 @@
+"""Top-1/top-5 error with 10-crop averaging and with the center crop alone (paper Table 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from pipelines import inputs, preprocess
+
+
+def ten_crop_probabilities(model, config, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax of every crop of every image of a split.
+
+    Returns:
+      (probabilities float32 (N, 10, C), labels int64 (N,)).
+    """
+    s = config.data.crop_size
+
+    @tf.function
+    def predict(crops):
+        logits = model(tf.reshape(crops, [-1, s, s, 3]), training=False)
+        return tf.reshape(tf.nn.softmax(logits), [tf.shape(crops)[0], preprocess.NUM_CROPS, -1])
+
+    probs, labels = [], []
+    for crops, y in inputs.build_inputs(config, split, mode="ten_crop"):
+        probs.append(predict(crops).numpy())
+        labels.append(y.numpy())
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def error_rates(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1 and top-5 error (%) of (N, C) class probabilities."""
+    top5 = np.argsort(-probs, axis=1)[:, :5]
+    return {
+        "top1_error": float(100 * np.mean(top5[:, 0] != labels)),
+        "top5_error": float(100 * np.mean(~(top5 == labels[:, None]).any(axis=1))),
+    }
+
+
+def table(results: dict) -> str:
+    """The results as a markdown table in the form of the paper's Table 2."""
+    split = results["split"]
+    lines = [
+        f"| Error % ({split}, {results['num_images']} images) | Top-1 | Top-5 |",
+        "|---|---|---|",
+    ]
+    for key, name in (
+        ("ten_crop", "1 convnet, 10 crops averaged"),
+        ("center_crop", "1 convnet, center crop"),
+    ):
+        r = results[key]
+        lines.append(f"| {name} | {r['top1_error']:.1f} | {r['top5_error']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(config, workdir: str, model, split: str | None = None) -> dict:
+    """Evaluates `model` on a split; writes eval.json and eval.md into the workdir.
+
+    Returns:
+      {'split', 'num_images', 'ten_crop': {...}, 'center_crop': {...}} with error rates.
+    """
+    split = split or config.data.eval_split
+    probs, labels = ten_crop_probabilities(model, config, split)
+    results = {
+        "split": split,
+        "num_images": int(len(labels)),
+        "ten_crop": error_rates(probs.mean(axis=1), labels),
+        "center_crop": error_rates(probs[:, preprocess.CENTER_CROP], labels),
+    }
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(workdir, "eval.md"), "w") as f:
+        f.write(table(results))
+    print(table(results))
+    return results

@@ -1,0 +1,80 @@
+"""SavedModel export: encoded image bytes or a uint8 batch in, class probabilities out.
+
+Signatures (see `saved_model_cli show --dir WORKDIR/export --all`):
+  serving_default(image_bytes: string[N])            JPEG/PNG/GIF/BMP bytes
+  serve_images(images: uint8[N, H, W, 3])            decoded RGB images of one size
+Both apply the evaluation preprocessing inside (shorter side to S, center S x S, the 10
+crops, mean subtraction) and return {'probabilities': float32[N, C] averaged over the
+10 crops, 'classes': int64[N]}.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import tensorflow as tf
+
+from pipelines import preprocess
+
+
+class Serving(tf.Module):
+    """The model plus its evaluation preprocessing, as a tf.Module to save."""
+
+    def __init__(self, model, resize_size: int, crop_size: int, mean):
+        super().__init__()
+        self.model = model
+        self.S, self.s, self.mean = int(resize_size), int(crop_size), tuple(mean)
+
+    def _predict(self, crops):
+        flat = tf.reshape(crops, [-1, self.s, self.s, 3])
+        probs = tf.nn.softmax(self.model(flat, training=False))
+        probs = tf.reduce_mean(tf.reshape(probs, [tf.shape(crops)[0], 10, -1]), axis=1)
+        return {"probabilities": probs, "classes": tf.argmax(probs, axis=1)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def from_bytes(self, image_bytes):
+        spec = tf.TensorSpec((10, self.s, self.s, 3), tf.float32)
+        crops = tf.map_fn(
+            lambda e: preprocess.ten_crops(e, self.S, self.s, self.mean),
+            image_bytes,
+            fn_output_signature=spec,
+        )
+        return self._predict(crops)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    def from_images(self, images):
+        spec = tf.TensorSpec((10, self.s, self.s, 3), tf.float32)
+        crops = tf.map_fn(
+            lambda im: preprocess.ten_crops_of_image(im, self.S, self.s, self.mean),
+            images,
+            fn_output_signature=spec,
+        )
+        return self._predict(crops)
+
+
+def export(model, config, workdir: str) -> str:
+    """Writes `workdir/export` atomically: a temporary dir, then a rename.
+
+    An interrupted export leaves at most a stale `.export-tmp` dir, never a broken
+    `export/`; the previous export is replaced only once the new one is complete.
+
+    Returns:
+      The export path.
+    """
+    final = os.path.join(workdir, "export")
+    tmp = os.path.join(workdir, ".export-tmp")
+    old = os.path.join(workdir, ".export-old")
+    for path in (tmp, old):
+        shutil.rmtree(path, ignore_errors=True)
+    module = Serving(model, config.data.resize_size, config.data.crop_size, config.data.mean)
+    tf.saved_model.save(
+        module,
+        tmp,
+        signatures={"serving_default": module.from_bytes, "serve_images": module.from_images},
+    )
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -1,0 +1,117 @@
+"""The workdir: its resolved config, checkpoints, and who may write it.
+
+Layout:
+  config.json               resolved config of the run (written by train)
+  checkpoints/model.keras   last good model (full Keras model, finite loss only)
+  backup/                   BackupAndRestore state for resuming after a crash
+  history.csv, logs/        per-epoch metrics; TensorBoard scalars and images
+  eval.json, eval.md        10-crop / center-crop evaluation (Table 2 form)
+  export/                   SavedModel for serving
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import keras
+import ml_collections
+
+from zf_tf import UsageError
+
+CONFIG_FILE = "config.json"
+TRAINING_STATE = ("backup", "checkpoints", "logs", "history.csv", "eval.json", "eval.md", "export")
+
+
+def checkpoint_path(workdir: str) -> str:
+    return os.path.join(workdir, "checkpoints", "model.keras")
+
+
+def is_chief(strategy) -> bool:
+    """True unless this process is a non-chief worker of a multi-worker cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def config_json(config) -> dict:
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _differences(a, b, prefix=""):
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _differences(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def prepare_for_training(config, workdir: str, overwrite: bool):
+    """Writes the resolved config; refuses a workdir trained with another config.
+
+    With `overwrite`, the previous run's state (backup, checkpoints, logs, eval, export)
+    is removed so that training starts afresh.
+
+    Raises:
+      UsageError: the workdir holds a run of a different config and not `overwrite`.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    new = config_json(config)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = _differences(old, new)
+        if diff and not overwrite:
+            raise UsageError(
+                f"{workdir} holds a run with a different config (differs in "
+                f"{', '.join(diff[:5])}{'...' if len(diff) > 5 else ''}); "
+                "use another --workdir, or --overwrite to start afresh"
+            )
+        if diff:
+            for name in TRAINING_STATE:
+                p = os.path.join(workdir, name)
+                shutil.rmtree(p) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(new, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def load_config(workdir: str, fallback=None):
+    """The config a workdir was trained with, or `fallback` if it has none."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return fallback
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def save_model_atomic(model: keras.Model, path: str):
+    """Saves a Keras model so that `path` is always either the old or the new file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path[: -len(".keras")] + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def load_model(workdir: str, compile: bool = False) -> keras.Model:
+    """The last good model of a workdir.
+
+    Raises:
+      UsageError: no checkpoint there.
+    """
+    path = checkpoint_path(workdir)
+    if not os.path.exists(path):
+        raise UsageError(f"no trained model in {workdir} ({path} missing): run --mode=train first")
+    from zf_tf import model as _  # noqa: F401 - registers the custom layers
+
+    return keras.models.load_model(path, compile=compile)
