@@ -17,6 +17,14 @@ cli.define_config_flag()
 flags.DEFINE_string("workdir", "workdir", "Where checkpoints, logs and figures go.")
 flags.DEFINE_enum("strategy", "default", cli.STRATEGIES, "tf.distribute strategy.")
 flags.DEFINE_bool("overwrite", False, "Allow replacing existing outputs in the workdir.")
+# deconv
+flags.DEFINE_enum("layer", "conv5", cli.CONV_LAYERS, "Layer to visualize (--mode=deconv).")
+flags.DEFINE_string("split", "", "Split to scan; default: the config's eval split.")
+flags.DEFINE_integer("top_k", 9, "Strongest activations kept per feature map.", lower_bound=1)
+flags.DEFINE_string("features", "", "Comma-separated feature maps to show, e.g. 0,5,17.")
+flags.DEFINE_integer("num_features", 16, "Seeded random feature maps to show (<= 0: all).")
+flags.DEFINE_string("image", "", "Project the strongest maps of this one image file instead.")
+flags.DEFINE_bool("untrained", False, "Use a freshly initialized model (no checkpoint needed).")
 
 FLAGS = flags.FLAGS
 
@@ -24,7 +32,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.run(FLAGS.mode, cli.resolved_config(FLAGS), FLAGS.workdir, FLAGS.strategy, FLAGS.overwrite)
+    cli.run(FLAGS.mode, cli.resolved_config(FLAGS), FLAGS.workdir, FLAGS.strategy, FLAGS)
 
 
 if __name__ == "__main__":

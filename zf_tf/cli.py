@@ -10,6 +10,7 @@ import sys
 from absl import flags, logging
 
 from zf_tf import UsageError
+from zf_tf.model import CONV_LAYERS  # noqa: E402,F401 - main.py's --layer choices
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
@@ -156,7 +157,7 @@ def validate_config(config):
         )
 
 
-def _summary(config, workdir, strategy, overwrite):
+def _summary(config, workdir, strategy, opts):
     """Prints the model's layers and one batch of the training pipeline."""
     from pipelines import inputs
     from zf_tf import model as model_lib
@@ -168,20 +169,20 @@ def _summary(config, workdir, strategy, overwrite):
     print(json.dumps({"batch": list(images.shape), "labels": labels.numpy()[:8].tolist()}))
 
 
-def _train(config, workdir, strategy, overwrite):
+def _train(config, workdir, strategy, opts):
     from zf_tf import train
 
-    train.train_and_evaluate(config, workdir, strategy, overwrite)
+    train.train_and_evaluate(config, workdir, strategy, opts.overwrite)
 
 
-def _eval(config, workdir, strategy, overwrite):
+def _eval(config, workdir, strategy, opts):
     from zf_tf import evaluate, workdirs
 
     config = workdirs.load_config(workdir, config)
     evaluate.evaluate(config, workdir, workdirs.load_model(workdir))
 
 
-def _export(config, workdir, strategy, overwrite):
+def _export(config, workdir, strategy, opts):
     from zf_tf import export, workdirs
 
     config = workdirs.load_config(workdir, config)
@@ -189,18 +190,56 @@ def _export(config, workdir, strategy, overwrite):
     print(f"SavedModel written to {path}")
 
 
+def _deconv(config, workdir, strategy, opts):
+    from zf_tf import model as model_lib
+    from zf_tf import visualize, workdirs
+
+    config = workdirs.load_config(workdir, config)
+    if opts.untrained:
+        model = model_lib.build_model(config.model)
+    else:
+        model = workdirs.load_model(workdir)
+    if opts.image:
+        visualize.image_panels(
+            config, workdir, model, opts.layer, opts.image, opts.num_features, opts.overwrite
+        )
+    else:
+        visualize.top_k_panels(
+            config,
+            workdir,
+            model,
+            opts.layer,
+            opts.split or config.data.eval_split,
+            opts.top_k,
+            opts.features,
+            opts.num_features,
+            opts.overwrite,
+        )
+
+
 # Modes other than train read the config a workdir was trained with (config.json).
-MODES = {"train": _train, "eval": _eval, "export": _export, "summary": _summary}
+MODES = {
+    "train": _train,
+    "eval": _eval,
+    "export": _export,
+    "deconv": _deconv,
+    "summary": _summary,
+}
 
 
-def run(mode: str, config, workdir: str, strategy_name: str, overwrite: bool = False):
-    """Runs one mode; usage errors become one line on stderr and exit status 1."""
+def run(mode: str, config, workdir: str, strategy_name: str, opts):
+    """Runs one mode; usage errors become one line on stderr and exit status 1.
+
+    Args:
+      opts: the mode flags (overwrite, layer, split, top_k, features, num_features,
+        image, untrained), e.g. absl's FLAGS.
+    """
     try:
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}: valid modes: {', '.join(MODES)}")
         validate_config(config)
         strategy = make_strategy(strategy_name, config.train.cpu_replicas)
         logging.info("Strategy %s with %d replica(s)", strategy_name, strategy.num_replicas_in_sync)
-        MODES[mode](config, workdir, strategy, overwrite)
+        MODES[mode](config, workdir, strategy, opts)
     except (UsageError, FileNotFoundError) as e:
         fail(str(e))

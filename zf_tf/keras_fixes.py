@@ -31,9 +31,7 @@ _original_reduce_per_replica = _tf_trainer.reduce_per_replica
 
 
 def _reduce_per_replica(values, strategy, reduction):
-    if reduction in ("auto", "mean") and _tf_trainer._collective_all_reduce_multi_worker(
-        strategy
-    ):
+    if reduction in ("auto", "mean") and _tf_trainer._collective_all_reduce_multi_worker(strategy):
 
         def reduce(v):
             if isinstance(v, tf.distribute.DistributedValues) or tf.is_tensor(v):
