@@ -119,15 +119,18 @@ def main():
         pipeline = inputs.build_inputs(config, "train", mode="train")
         bare = (
             tf.data.Dataset.from_tensor_slices(paths)
-            .map(lambda p: tf.io.decode_jpeg(tf.io.read_file(p), channels=3),
-                 num_parallel_calls=tf.data.AUTOTUNE)
+            .map(
+                lambda p: tf.io.decode_jpeg(tf.io.read_file(p), channels=3),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
             .prefetch(tf.data.AUTOTUNE)
         )
         import keras
 
         with contextlib.redirect_stdout(sys.stderr):  # "Found N files ..."
             keras_ds = keras.utils.image_dataset_from_directory(
-                train_root, image_size=(224, 224), batch_size=batch, shuffle=False)
+                train_root, image_size=(224, 224), batch_size=batch, shuffle=False
+            )
 
         per_batch = lambda e: int(e[0].shape[0])  # noqa: E731
         runs = {
@@ -139,9 +142,11 @@ def main():
         for r in range(repeats):
             for name, (ds, count_fn, steps) in runs.items():
                 seconds, cpu, images = timed_pass(ds, count_fn, steps)
-                log(f"pass {r} {name}: {images} images, {seconds:.2f} s, "
+                log(
+                    f"pass {r} {name}: {images} images, {seconds:.2f} s, "
                     f"{images / seconds:.1f}/s, {1000 * cpu / images:.2f} cpu-ms/image"
-                    + (" (warm-up)" if r == 0 else ""))
+                    + (" (warm-up)" if r == 0 else "")
+                )
                 if r > 0:
                     rates[name].append(images / seconds)
                     cpu_ms[name].append(1000 * cpu / images)
@@ -149,26 +154,34 @@ def main():
     rate = {k: statistics.median(v) for k, v in rates.items()}
     cpu = {k: round(statistics.median(v), 3) for k, v in cpu_ms.items()}
     ratio = rate["pipeline"] / rate["bare_decode"]
-    print(json.dumps({
-        "pipeline_images_per_s": round(rate["pipeline"], 1),
-        "bare_decode_images_per_s": round(rate["bare_decode"], 1),
-        "image_dataset_from_directory_images_per_s": round(rate["image_dataset_from_directory"], 1),
-        "pipeline_vs_bare_decode": round(ratio, 3),
-        "pipeline_vs_image_dataset_from_directory": round(
-            rate["pipeline"] / rate["image_dataset_from_directory"], 3),
-        "target_pipeline_vs_bare_decode": TARGET,
-        "meets_target": bool(ratio >= TARGET),
-        "cpu_ms_per_image": cpu,
-        "pipeline_vs_bare_decode_by_cpu": round(cpu["bare_decode"] / cpu["pipeline"], 3),
-        "num_images": n,
-        "timed_passes": repeats - 1,
-        "source": source,
-        "batch_size": batch,
-        "resize_size": 256,
-        "crop_size": 224,
-        "cpu_count": os.cpu_count(),
-        "tf_version": tf.__version__,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "pipeline_images_per_s": round(rate["pipeline"], 1),
+                "bare_decode_images_per_s": round(rate["bare_decode"], 1),
+                "image_dataset_from_directory_images_per_s": round(
+                    rate["image_dataset_from_directory"], 1
+                ),
+                "pipeline_vs_bare_decode": round(ratio, 3),
+                "pipeline_vs_image_dataset_from_directory": round(
+                    rate["pipeline"] / rate["image_dataset_from_directory"], 3
+                ),
+                "target_pipeline_vs_bare_decode": TARGET,
+                "meets_target": bool(ratio >= TARGET),
+                "cpu_ms_per_image": cpu,
+                "pipeline_vs_bare_decode_by_cpu": round(cpu["bare_decode"] / cpu["pipeline"], 3),
+                "num_images": n,
+                "timed_passes": repeats - 1,
+                "source": source,
+                "batch_size": batch,
+                "resize_size": 256,
+                "crop_size": 224,
+                "cpu_count": os.cpu_count(),
+                "tf_version": tf.__version__,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":
