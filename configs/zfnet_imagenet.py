@@ -29,6 +29,7 @@ def get_config():
     config.data.crop_size = 224
     config.data.shuffle_buffer = 16384
     config.data.cache = False  # 140 GB of JPEGs do not fit in memory
+    config.data.input_threads = 0  # decoding JPEGs needs every core it can get
 
     config.model.width = 1.0
     config.model.kernel_init = "paper"

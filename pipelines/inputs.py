@@ -4,8 +4,9 @@
 
 is a pure function of (config, split) meant for
 `strategy.distribute_datasets_from_function`. Order (GUIDE §3): read encoded records ->
-shard by input context -> (cache) -> shuffle -> decode + crop/flip -> subtract mean ->
-batch (drop_remainder for training) -> prefetch.
+shard by input context -> shuffle -> decode + crop/flip -> subtract mean -> batch
+(drop_remainder for training) -> prefetch. With `config.data.cache` (small datasets) each
+image is decoded once into its S x S center square, cached, and only sliced afterwards.
 
 Sources (`config.data.source`):
 - 'embedded': the generated `zf_shapes` tfds dataset (pipelines/embedded.py), no download;
@@ -138,12 +139,23 @@ def build_inputs(
     ds = encoded_records(data, split, shuffle_files=training)
     if input_context and input_context.num_input_pipelines > 1:
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    S, s, mean = data.resize_size, data.crop_size, tuple(data.mean)
     if data.cache:
-        ds = ds.cache()
+        # Small datasets: decode and resize each image once and keep its S x S center
+        # square (uint8) in memory; every epoch then only slices crops.
+        ds = ds.map(
+            lambda e, y: (preprocess.center_square_uint8(e, S), y),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        ds = ds.ignore_errors(log_warning=True).cache()
+        crop = lambda sq, i: preprocess.crop_of_square(sq, i, S, s, mean)
+        ten = lambda sq: preprocess.ten_crops_of_square(sq, S, s, mean)
+    else:
+        crop = lambda e, i: preprocess.train_crop(e, i, S, s, mean)
+        ten = lambda e: preprocess.ten_crops(e, S, s, mean)
     batch_size = config.train.batch_size if training else config.train.eval_batch_size
     if input_context:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
-    S, s, mean = data.resize_size, data.crop_size, tuple(data.mean)
 
     if training:
         seed = config.seed + (input_context.input_pipeline_id if input_context else 0)
@@ -152,21 +164,27 @@ def build_inputs(
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed)))
 
         def prepare(record, r):
-            encoded, label = record
-            return preprocess.train_crop(encoded, tf.cast(r % 10, tf.int32), S, s, mean), label
+            image, label = record
+            return crop(image, tf.cast(r % 10, tf.int32)), label
 
     elif mode == "ten_crop":
 
-        def prepare(encoded, label):
-            return preprocess.ten_crops(encoded, S, s, mean), label
+        def prepare(image, label):
+            return ten(image), label
 
     else:
 
-        def prepare(encoded, label):
-            return preprocess.center_crop(encoded, S, s, mean), label
+        def prepare(image, label):
+            return crop(image, preprocess.CENTER_CROP), label
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
     # Files that passed the folder check but still fail to decode are dropped, not fatal.
     ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # The model's ops already use every core; input ops that split themselves over threads
+    # too would oversubscribe the CPU (measured: a slower step on 2 cores).
+    options.threading.max_intra_op_parallelism = 1
+    if data.input_threads:
+        options.threading.private_threadpool_size = data.input_threads
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)

@@ -173,6 +173,28 @@ def _crops_of_square(square, resize_size: int, crop_size: int, mean) -> tf.Tenso
     return tf.stack(crops) - tf.constant(mean, tf.float32)
 
 
+def center_square_uint8(encoded, resize_size: int) -> tf.Tensor:
+    """`center_square` rounded to uint8: a compact form to cache in memory."""
+    square = tf.round(tf.clip_by_value(center_square(encoded, resize_size), 0.0, 255.0))
+    return tf.cast(square, tf.uint8)
+
+
+def crop_of_square(square, crop_index, resize_size: int, crop_size: int, mean) -> tf.Tensor:
+    """Crop `crop_index` (0..9, as in `train_crop`) of an S x S square: float32, mean subtracted."""
+    crop_index = tf.convert_to_tensor(crop_index, tf.int32)
+    offset = tf.constant(crop_offsets(resize_size, crop_size), tf.int32)[crop_index % 5]
+    crop = tf.cast(
+        tf.slice(square, [offset[0], offset[1], 0], [crop_size, crop_size, 3]), tf.float32
+    )
+    crop = tf.cond(crop_index >= 5, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
+    return crop - tf.constant(mean, tf.float32)
+
+
+def ten_crops_of_square(square, resize_size: int, crop_size: int, mean) -> tf.Tensor:
+    """All 10 crops of an S x S square: float32 (10, s, s, 3), mean subtracted."""
+    return _crops_of_square(tf.cast(square, tf.float32), resize_size, crop_size, mean)
+
+
 def center_crop(encoded, resize_size: int, crop_size: int, mean) -> tf.Tensor:
     """The single unflipped center crop (index 4): float32 (s, s, 3), mean subtracted."""
     square = center_square(encoded, resize_size)
