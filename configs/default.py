@@ -67,7 +67,7 @@ def get_config():
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 64  # global batch, split across replicas
     config.train.eval_batch_size = 64
-    config.train.epochs = 14
+    config.train.epochs = 12
     config.train.learning_rate = 0.01
     config.train.momentum = 0.9
     config.train.steps_per_epoch = 0  # 0 = one pass over the training split

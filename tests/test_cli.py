@@ -57,19 +57,17 @@ def test_unknown_data_source_is_one_line(tmp_path):
     assert len(lines) == 1 and "embedded, tfds, folder" in lines[0], lines
 
 
-def test_summary_writes_resolved_config(tiny_data_dir, tmp_path):
+def test_summary_resolves_config_overrides(tiny_data_dir, tmp_path):
     workdir = tmp_path / "w"
     proc = main_py(
         "--mode=summary",
         f"--workdir={workdir}",
         f"--config.data.data_dir={tiny_data_dir}",
         "--config.data.tfds_config=tiny",
-        "--config.data.crop_size=48",
+        "--config.data.crop_size=56",
         "--config.train.batch_size=4",
     )
     assert proc.returncode == 0, proc.stderr
-    config = json.loads((workdir / "config.json").read_text())
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
     # crop_size and the model's input size are one field reference.
-    assert config["data"]["crop_size"] == 48 and config["model"]["input_size"] == 48
-    batch = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert batch["batch"] == [4, 48, 48, 3]
+    assert summary["batch"] == [4, 56, 56, 3] and summary["model_input_size"] == 56

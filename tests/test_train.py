@@ -72,6 +72,9 @@ def test_artifacts(trained):
     ):
         assert (workdir / path).exists(), path
     assert "with 2 replica(s)" in proc.stderr
+    config = json.loads((workdir / "config.json").read_text())  # the resolved config
+    assert config["data"]["crop_size"] == config["model"]["input_size"] == 64
+    assert config["train"]["epochs"] == EPOCHS
     rows = (workdir / "history.csv").read_text().splitlines()
     header = rows[0].split(",")
     for key in ("loss", "top1", "top5", "val_loss", "val_top1", "val_top5", "learning_rate"):

@@ -166,7 +166,12 @@ def _summary(config, workdir, strategy, opts):
         model = model_lib.build_model(config.model)
     model.summary(print_fn=lambda line, **_: print(line))
     images, labels = next(iter(inputs.build_inputs(config, config.data.train_split)))
-    print(json.dumps({"batch": list(images.shape), "labels": labels.numpy()[:8].tolist()}))
+    summary = {
+        "batch": list(images.shape),
+        "labels": labels.numpy()[:8].tolist(),
+        "model_input_size": config.model.input_size,
+    }
+    print(json.dumps(summary))
 
 
 def _train(config, workdir, strategy, opts):
