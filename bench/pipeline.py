@@ -115,6 +115,7 @@ def main():
         config = runpy.run_path(os.path.join(ROOT, "configs", "default.py"))["get_config"]()
         config.data.source, config.data.folder, config.data.cache = "folder", tmp, False
         config.data.resize_size, config.data.crop_size = 256, 224
+        config.data.input_threads = 0  # all cores for the input pipeline alone (as on ImageNet)
         config.train.batch_size = batch
         pipeline = inputs.build_inputs(config, "train", mode="train")
         bare = (
