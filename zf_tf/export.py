@@ -26,7 +26,14 @@ class Serving(tf.Module):
         self.model = model
         self.S, self.s, self.mean = int(resize_size), int(crop_size), tuple(mean)
 
-    def _predict(self, crops):
+    def _predict(self, ten_crops_fn, items):
+        """Maps `ten_crops_fn` over the batch, then averages the softmax over the crops."""
+        spec = tf.TensorSpec((10, self.s, self.s, 3), tf.float32)
+        crops = tf.map_fn(
+            lambda item: ten_crops_fn(item, self.S, self.s, self.mean),
+            items,
+            fn_output_signature=spec,
+        )
         flat = tf.reshape(crops, [-1, self.s, self.s, 3])
         probs = tf.nn.softmax(self.model(flat, training=False))
         probs = tf.reduce_mean(tf.reshape(probs, [tf.shape(crops)[0], 10, -1]), axis=1)
@@ -34,23 +41,11 @@ class Serving(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def from_bytes(self, image_bytes):
-        spec = tf.TensorSpec((10, self.s, self.s, 3), tf.float32)
-        crops = tf.map_fn(
-            lambda e: preprocess.ten_crops(e, self.S, self.s, self.mean),
-            image_bytes,
-            fn_output_signature=spec,
-        )
-        return self._predict(crops)
+        return self._predict(preprocess.ten_crops, image_bytes)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
     def from_images(self, images):
-        spec = tf.TensorSpec((10, self.s, self.s, 3), tf.float32)
-        crops = tf.map_fn(
-            lambda im: preprocess.ten_crops_of_image(im, self.S, self.s, self.mean),
-            images,
-            fn_output_signature=spec,
-        )
-        return self._predict(crops)
+        return self._predict(preprocess.ten_crops_of_image, images)
 
 
 def export(model, config, workdir: str) -> str:
