@@ -58,6 +58,17 @@ def test_crops_pixel_exact_when_short_side_is_S(in_map, fmt, hw):
     check(got, expected, "ten crops")
     got = run(lambda e: preprocess.center_crop(e, S, s, MEAN), encoded, in_map=in_map)
     check(got, expected[preprocess.CENTER_CROP], "center crop")
+    # The cached path: decode once to a uint8 S x S square, then slice.
+    for i in range(10):
+        got = run(
+            lambda e, i: preprocess.crop_of_square(
+                preprocess.center_square_uint8(e, S), i, S, s, MEAN
+            ),
+            encoded,
+            i,
+            in_map=in_map,
+        )
+        check(got, expected[i], f"cached square crop {i}")
 
 
 @pytest.mark.parametrize("in_map", [False, True])
