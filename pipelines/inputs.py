@@ -174,7 +174,7 @@ def build_inputs(
 
     else:
 
-        def prepare(image, label):
+        def prepare(image, label):  # the same crop as preprocess.center_crop
             return crop(image, preprocess.CENTER_CROP), label
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)

@@ -197,6 +197,4 @@ def ten_crops_of_square(square, resize_size: int, crop_size: int, mean) -> tf.Te
 
 def center_crop(encoded, resize_size: int, crop_size: int, mean) -> tf.Tensor:
     """The single unflipped center crop (index 4): float32 (s, s, 3), mean subtracted."""
-    square = center_square(encoded, resize_size)
-    y, x = crop_offsets(resize_size, crop_size)[CENTER_CROP]
-    return square[y : y + crop_size, x : x + crop_size] - tf.constant(mean, tf.float32)
+    return train_crop(encoded, CENTER_CROP, resize_size, crop_size, mean)

@@ -10,7 +10,7 @@ import sys
 from absl import flags, logging
 
 from zf_tf import UsageError
-from zf_tf.model import CONV_LAYERS  # noqa: E402,F401 - main.py's --layer choices
+from zf_tf.model import CONV_LAYERS  # noqa: F401 - main.py's --layer choices
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 import tqdm
@@ -130,7 +131,7 @@ def top_k_panels(
     images = topk.gather_images(dataset(), best.image[:, chosen])
     order = sorted(images)
     slot = {i: n for n, i in enumerate(order)}
-    rows = [r for r in best.records(chosen)]
+    rows = best.records(chosen)
     result = deconv.project(
         dn,
         np.stack([images[i] for i in order]),
@@ -217,8 +218,6 @@ def image_panels(
     png = os.path.join(out_dir, f"image_{stem}.png")
     index_path = os.path.join(out_dir, f"image_{stem}.json")
     _check_free([png, index_path], overwrite)
-    import keras
-
     tap = keras.Model(model.inputs, model.get_layer(layer).output)
     act = tap(image[None], training=False).numpy()[0]
     strength = act.reshape(-1, act.shape[-1]).max(axis=0)

@@ -78,7 +78,10 @@ def prepare_for_training(config, workdir: str, overwrite: bool):
         if diff:
             for name in TRAINING_STATE:
                 p = os.path.join(workdir, name)
-                shutil.rmtree(p) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
+                if os.path.isdir(p):
+                    shutil.rmtree(p)
+                elif os.path.exists(p):
+                    os.remove(p)
     os.makedirs(workdir, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
