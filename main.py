@@ -25,6 +25,10 @@ flags.DEFINE_string("features", "", "Comma-separated feature maps to show, e.g. 
 flags.DEFINE_integer("num_features", 16, "Seeded random feature maps to show (<= 0: all).")
 flags.DEFINE_string("image", "", "Project the strongest maps of this one image file instead.")
 flags.DEFINE_bool("untrained", False, "Use a freshly initialized model (no checkpoint needed).")
+# analyses
+flags.DEFINE_integer("num_images", 0, "Images to analyse; 0: the config's analysis default.")
+flags.DEFINE_string("parts", "", "--mode=correspondence: JSON {image: {part: [y0,x0,y1,x1]}}.")
+flags.DEFINE_string("compare", "", "--mode=filters: workdir of the AlexNet-style layer-1 model.")
 
 FLAGS = flags.FLAGS
 

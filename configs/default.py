@@ -75,4 +75,40 @@ def get_config():
     config.train.lr_decay = 0.1  # ReduceLROnPlateau on validation loss: factor,
     config.train.lr_patience = 2  # epochs without improvement,
     config.train.min_lr = 1e-5  # and floor
+
+    # Analyses (--mode=occlusion, invariance, correspondence, evolution, filters,
+    # attribution). Not part of a run's identity: analysis modes read data/model/train from
+    # the workdir's config.json and this section from --config (and its overrides).
+    config.analysis = ml_collections.ConfigDict()
+    config.analysis.split = "validation"  # images the analyses use
+    config.analysis.batch_size = 128  # forward-pass batch of occluded / transformed copies
+
+    config.analysis.occlusion = ml_collections.ConfigDict()
+    config.analysis.occlusion.num_images = 8
+    config.analysis.occlusion.size = 0.25  # gray square side, fraction of the crop side
+    config.analysis.occlusion.stride = 0.0625  # its step, fraction of the crop side
+    config.analysis.occlusion.layer = "conv5"
+
+    config.analysis.invariance = ml_collections.ConfigDict()
+    config.analysis.invariance.num_images = 5
+    config.analysis.invariance.translations = (-0.25, -0.15, -0.05, 0.0, 0.05, 0.15, 0.25)
+    config.analysis.invariance.scales = (0.6, 0.8, 1.0, 1.2, 1.4, 1.6)  # of the crop side
+    config.analysis.invariance.rotations = tuple(range(0, 361, 30))  # degrees
+
+    config.analysis.correspondence = ml_collections.ConfigDict()
+    config.analysis.correspondence.num_images = 5
+    config.analysis.correspondence.label = 1  # embedded dataset: class of the 5 images
+    config.analysis.correspondence.random_draws = 10
+    config.analysis.correspondence.layers = ("conv5", "fc7")
+
+    config.analysis.evolution = ml_collections.ConfigDict()
+    config.analysis.evolution.epochs = (1, 2, 5, 10, 20, 30, 40, 64)  # clipped to the run
+    config.analysis.evolution.probe_images = 256  # fixed subset of the training split
+    config.analysis.evolution.features_per_layer = 4  # seeded feature maps per layer
+
+    config.analysis.attribution = ml_collections.ConfigDict()
+    config.analysis.attribution.num_images = 6  # shown in the figure
+    config.analysis.attribution.pointing_images = 200  # scored by the pointing game
+    config.analysis.attribution.smoothgrad_samples = 20
+    config.analysis.attribution.smoothgrad_noise = 0.2
     return config

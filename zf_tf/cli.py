@@ -3,6 +3,7 @@ strategies, the workdir's resolved config, and the mode dispatch table."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import runpy
 import sys
@@ -222,6 +223,23 @@ def _deconv(config, workdir, strategy, opts):
         )
 
 
+def _analysis(module_name: str):
+    """A mode that runs `module_name.run_mode(config, workdir, opts)` on a trained workdir:
+    data/model/train settings from its config.json, `analysis` from --config."""
+
+    def run(config, workdir, strategy, opts):
+        from zf_tf import workdirs
+
+        module = importlib.import_module(module_name)
+        module.run_mode(workdirs.load_config(workdir, config), workdir, opts)
+
+    run.__doc__ = f"--mode backed by {module_name}.run_mode."
+    return run
+
+
+# Analysis modes (paper Figs. 4-7, Table 1): mode name -> module with run_mode().
+ANALYSES = {}
+
 # Modes other than train read the config a workdir was trained with (config.json).
 MODES = {
     "train": _train,
@@ -229,6 +247,7 @@ MODES = {
     "export": _export,
     "deconv": _deconv,
     "summary": _summary,
+    **{name: _analysis(module) for name, module in ANALYSES.items()},
 }
 
 
@@ -237,7 +256,7 @@ def run(mode: str, config, workdir: str, strategy_name: str, opts):
 
     Args:
       opts: the mode flags (overwrite, layer, split, top_k, features, num_features,
-        image, untrained), e.g. absl's FLAGS.
+        image, untrained, num_images, parts, compare), e.g. absl's FLAGS.
     """
     try:
         if mode not in MODES:

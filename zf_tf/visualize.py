@@ -17,14 +17,7 @@ import tensorflow as tf
 import tqdm
 
 from pipelines import inputs, preprocess
-from zf_tf import UsageError, deconv, summaries, topk
-
-PANEL_COLUMNS = 4  # feature panels per row in the PNG
-
-
-def _display(images: np.ndarray, mean) -> np.ndarray:
-    """Model inputs (mean subtracted) back to [0, 1] RGB."""
-    return np.clip((images + np.asarray(mean, np.float32)) / 255.0, 0.0, 1.0)
+from zf_tf import UsageError, deconv, figures, summaries, topk
 
 
 def field_patch(image: np.ndarray, box, size: int, fill: float = 0.5) -> np.ndarray:
@@ -63,41 +56,6 @@ def select_features(num_maps: int, features: str, num_features: int, seed: int) 
     return sorted(rng.choice(num_maps, size=num_features, replace=False).tolist())
 
 
-def _panel_figure(panels, titles, path: str, suptitle: str):
-    """Saves panels (list of HxWx3 in [0,1]) in a grid with titles; returns the array."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(PANEL_COLUMNS, len(panels))
-    rows = -(-len(panels) // cols)
-    aspect = panels[0].shape[1] / panels[0].shape[0]
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * aspect * cols, 3.4 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, panel, title in zip(axes.ravel(), panels, titles):
-        ax.imshow(panel, interpolation="nearest")
-        ax.set_title(title, fontsize=8)
-    fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return summaries.figure_to_array(fig)
-
-
-def _check_free(paths, overwrite: bool):
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not overwrite:
-        raise UsageError(f"{existing[0]} exists; pass --overwrite to replace it")
-
-
-def _write_tensorboard(workdir: str, tag: str, image: np.ndarray):
-    writer = tf.summary.create_file_writer(os.path.join(workdir, "logs", "deconv"))
-    with writer.as_default(step=0):
-        tf.summary.image(tag, image[None].astype(np.uint8))
-    writer.flush()
-
-
 def top_k_panels(
     config,
     workdir: str,
@@ -118,7 +76,7 @@ def top_k_panels(
     out_dir = os.path.join(workdir, "deconv", layer)
     png = os.path.join(out_dir, f"top{k}_{split}.png")
     index_path = os.path.join(out_dir, f"top{k}_{split}.json")
-    _check_free([png, index_path], overwrite)
+    figures.check_free([png, index_path], overwrite)
     dn = deconv.build_deconvnet(model, layer)  # validates the layer name first
 
     def dataset():
@@ -153,7 +111,7 @@ def top_k_panels(
             r["box"] = [int(b) for b in box]
             p = summaries.stretch(result["projection"][n])
             proj.append(field_patch(p, box, side))
-            img = _display(images[r["image"]], config.data.mean)
+            img = figures.display(images[r["image"]], config.data.mean)
             patch.append(field_patch(img, box, side))
         while len(proj) < k:  # fewer images than k in a tiny split
             proj.append(np.full((side, side, 3), 0.5, np.float32))
@@ -165,7 +123,7 @@ def top_k_panels(
         panels.append(np.concatenate([left, gap, right], axis=1))
         titles.append(f"{layer} map {f}")
     os.makedirs(out_dir, exist_ok=True)
-    figure = _panel_figure(
+    figure = figures.panel_figure(
         panels, titles, png, f"{layer}: top {k} activations on {split} (projection | input patch)"
     )
     index = {
@@ -179,7 +137,7 @@ def top_k_panels(
     }
     with open(index_path, "w") as fh:
         json.dump(index, fh, indent=1)
-    _write_tensorboard(workdir, f"deconv/{layer}/top{k}_{split}", figure)
+    figures.write_tensorboard(workdir, "deconv", f"deconv/{layer}/top{k}_{split}", figure)
     print(f"Wrote {png} and {index_path}")
     return {"png": png, "json": index_path, "features": chosen, "num_images": int(total)}
 
@@ -217,7 +175,7 @@ def image_panels(
     out_dir = os.path.join(workdir, "deconv", layer)
     png = os.path.join(out_dir, f"image_{stem}.png")
     index_path = os.path.join(out_dir, f"image_{stem}.json")
-    _check_free([png, index_path], overwrite)
+    figures.check_free([png, index_path], overwrite)
     tap = keras.Model(model.inputs, model.get_layer(layer).output)
     act = tap(image[None], training=False).numpy()[0]
     strength = act.reshape(-1, act.shape[-1]).max(axis=0)
@@ -231,13 +189,13 @@ def image_panels(
         np.full(n, -1, np.int32),
         np.full(n, -1, np.int32),
     )
-    shown = [_display(image, config.data.mean)]
+    shown = [figures.display(image, config.data.mean)]
     titles = ["input (center crop)"]
     for i, f in enumerate(chosen):
         shown.append(summaries.stretch(result["projection"][i]))
         titles.append(f"{layer} map {f}: {result['activation'][i]:.3g}")
     os.makedirs(out_dir, exist_ok=True)
-    figure = _panel_figure(shown, titles, png, f"{os.path.basename(image_path)}: {layer}")
+    figure = figures.panel_figure(shown, titles, png, f"{os.path.basename(image_path)}: {layer}")
     rows = [
         {
             "feature": int(f),
@@ -249,6 +207,6 @@ def image_panels(
     ]
     with open(index_path, "w") as fh:
         json.dump({"image": image_path, "layer": layer, "strongest": rows}, fh, indent=1)
-    _write_tensorboard(workdir, f"deconv/{layer}/image_{stem}", figure)
+    figures.write_tensorboard(workdir, "deconv", f"deconv/{layer}/image_{stem}", figure)
     print(f"Wrote {png} and {index_path}")
     return {"png": png, "json": index_path, "features": chosen}

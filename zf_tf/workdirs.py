@@ -21,6 +21,9 @@ import ml_collections
 from zf_tf import UsageError
 
 CONFIG_FILE = "config.json"
+# Config sections that do not change what training produces: analysis modes take them
+# from the command line (--config and overrides), not from the workdir's config.json.
+COMMAND_LINE_SECTIONS = ("analysis",)
 TRAINING_STATE = ("backup", "checkpoints", "logs", "history.csv", "eval.json", "eval.md", "export")
 
 
@@ -41,6 +44,10 @@ def is_chief(strategy) -> bool:
 
 def config_json(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _run_identity(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in COMMAND_LINE_SECTIONS}
 
 
 def _differences(a, b, prefix=""):
@@ -68,7 +75,7 @@ def prepare_for_training(config, workdir: str, overwrite: bool):
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        diff = _differences(old, new)
+        diff = _differences(_run_identity(old), _run_identity(new))
         if diff and not overwrite:
             raise UsageError(
                 f"{workdir} holds a run with a different config (differs in "
@@ -90,12 +97,21 @@ def prepare_for_training(config, workdir: str, overwrite: bool):
 
 
 def load_config(workdir: str, fallback=None):
-    """The config a workdir was trained with, or `fallback` if it has none."""
+    """The config a workdir was trained with, or `fallback` if it has none.
+
+    The COMMAND_LINE_SECTIONS (analysis settings) always come from `fallback`, the
+    command line's config, so they can be changed without retraining.
+    """
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return fallback
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        config = _run_identity(json.load(f))
+    if fallback is not None:
+        for section in COMMAND_LINE_SECTIONS:
+            if section in fallback:
+                config[section] = config_json(fallback)[section]
+    return ml_collections.ConfigDict(config)
 
 
 def save_model_atomic(model: keras.Model, path: str):

@@ -1,0 +1,115 @@
+"""A handful of examples of a split as numpy arrays, for the analyses.
+
+The images are what the model sees at evaluation: the unflipped center crop of the
+S x S center square (`preprocess.ten_crops` index 4, the evaluation pipeline's geometry). Where the dataset has object annotations (the embedded
+`zf_shapes` dataset: `bbox` and `mask`), they come along mapped into crop pixels, so
+analyses can ask "is this on the object?" (occlusion, pointing game, correspondence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from pipelines import inputs, preprocess
+
+
+@dataclasses.dataclass
+class Examples:
+    """N examples; `boxes`/`masks` are None when the dataset has no annotations."""
+
+    images: np.ndarray  # float32 (N, s, s, 3): model input, mean subtracted
+    labels: np.ndarray  # int64 (N,)
+    indices: np.ndarray  # int64 (N,): position of each example in the split
+    boxes: np.ndarray | None = None  # int32 (N, 4): y0, x0, y1, x1 (exclusive) in crop pixels
+    masks: np.ndarray | None = None  # bool (N, s, s): object pixels in the crop
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def crop_geometry(height: int, width: int, resize_size: int, crop_size: int):
+    """(scale, dy, dx): original pixel (y, x) lands at crop pixel (y*scale - dy, x*scale - dx).
+
+    The center square of side min(h, w) is resized to S and the center s x s cropped.
+    """
+    side = min(height, width)
+    scale = resize_size / side
+    cy, cx = preprocess.crop_offsets(resize_size, crop_size)[preprocess.CENTER_CROP]
+    return scale, (height - side) // 2 * scale + cy, (width - side) // 2 * scale + cx
+
+
+def box_to_crop(bbox, height: int, width: int, resize_size: int, crop_size: int) -> np.ndarray:
+    """A normalized [ymin, xmin, ymax, xmax] box as integer crop pixels, clipped to the crop."""
+    scale, dy, dx = crop_geometry(height, width, resize_size, crop_size)
+    y0, x0, y1, x1 = np.asarray(bbox, np.float64) * [height, width, height, width]
+    box = np.array(
+        [
+            np.floor(y0 * scale - dy),
+            np.floor(x0 * scale - dx),
+            np.ceil(y1 * scale - dy),
+            np.ceil(x1 * scale - dx),
+        ]
+    )
+    return np.clip(box, 0, crop_size).astype(np.int32)
+
+
+def _mask_to_crop(mask: np.ndarray, resize_size: int, crop_size: int) -> np.ndarray:
+    h, w = mask.shape[:2]
+    side = min(h, w)
+    y, x = (h - side) // 2, (w - side) // 2
+    square = tf.image.resize(
+        tf.cast(mask[y : y + side, x : x + side], tf.float32), (resize_size, resize_size)
+    ).numpy()[..., 0]
+    cy, cx = preprocess.crop_offsets(resize_size, crop_size)[preprocess.CENTER_CROP]
+    return square[cy : cy + crop_size, cx : cx + crop_size] >= 0.5 * mask.max()
+
+
+def load_examples(config, split: str, num: int, label: int | None = None) -> Examples:
+    """The first `num` examples of a split (only those of class `label`, if given).
+
+    Args:
+      config: experiment ConfigDict (uses `config.data`).
+      split: split name.
+      num: how many; fewer if the split (or class) has fewer.
+      label: keep only this class.
+
+    Returns:
+      Examples, with boxes and masks for the embedded dataset.
+    """
+    data = config.data
+    S, s = data.resize_size, data.crop_size
+    annotated = data.source == "embedded"
+    if annotated:
+        from pipelines import embedded
+
+        ds = embedded.load(split, inputs._data_dir(data), data.tfds_config)
+        ds = ds.map(lambda ex: (ex["image"], ex["label"], ex["bbox"], ex["mask"]))
+    else:
+        ds = inputs.encoded_records(data, split).map(
+            lambda e, y: (preprocess.decode_rgb(e), y, tf.zeros(4), tf.zeros((1, 1, 1), tf.uint8))
+        )
+    ds = ds.enumerate()
+    if label is not None:
+        ds = ds.filter(lambda i, ex: tf.equal(tf.cast(ex[1], tf.int64), label))
+    images, labels, indices, boxes, masks = [], [], [], [], []
+    for i, (image, y, bbox, mask) in ds.take(num).as_numpy_iterator():
+        h, w = image.shape[:2]
+        images.append(preprocess.ten_crops_of_image(image, S, s, data.mean)[preprocess.CENTER_CROP])
+        labels.append(y)
+        indices.append(i)
+        if annotated:
+            boxes.append(box_to_crop(bbox, h, w, S, s))
+            masks.append(_mask_to_crop(mask, S, s))
+    n = len(labels)
+    return Examples(
+        images=np.stack([np.asarray(x) for x in images]).astype(np.float32)
+        if n
+        else np.zeros((0, s, s, 3), np.float32),
+        labels=np.asarray(labels, np.int64),
+        indices=np.asarray(indices, np.int64),
+        boxes=np.stack(boxes) if annotated and n else None,
+        masks=np.stack(masks) if annotated and n else None,
+    )
