@@ -129,6 +129,19 @@ def test_alexnet_layer1_shapes():
     assert tuple(model.get_layer("conv1").output.shape[1:]) == (55, 55, 96)
 
 
+def test_alexnet_layer1_at_cpu_scale_clips_pool5():
+    # 64 px with 11x11/4 leaves conv5 1x1: pool5's window is clipped to the map.
+    config = load_config()
+    config.model.layer1 = "alexnet"
+    model = model_lib.build_model(config.model)
+    shapes = {n: tuple(model.get_layer(n).output.shape[1:3]) for n in ("conv1", "conv5", "pool5")}
+    assert shapes == {"conv1": (15, 15), "conv5": (1, 1), "pool5": (1, 1)}
+    assert model.get_layer("pool5").pool_size == (1, 1)
+    # The default (zfnet) topology still pools 3x3 at 64 px.
+    default = model_lib.build_model(load_config().model)
+    assert default.get_layer("pool5").pool_size == (3, 3)
+
+
 def test_unknown_layer1_is_an_error():
     with pytest.raises(ValueError, match="zfnet, alexnet"):
         model_lib.build_model(paper_model_config(layer1="vgg"))

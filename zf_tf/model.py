@@ -144,7 +144,10 @@ def build_model(config) -> keras.Model:
     x = conv(2, x, 3, 1, "same")
     x = conv(3, x, 3, 1, "same")
     x = conv(4, x, 3, 1, "same")
-    x = keras.layers.MaxPooling2D(3, 2, padding="valid", name="pool5")(x)
+    # At the paper's sizes conv5 is 13x13 and pool5 a 3x3/2 window. Smaller inputs (the
+    # AlexNet-style layer 1 at CPU scale leaves conv5 1x1) clip the window to the map.
+    window = min(3, int(x.shape[1]), int(x.shape[2]))
+    x = keras.layers.MaxPooling2D(window, 2, padding="valid", name="pool5")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     for i, (name, units) in enumerate(zip(("fc6", "fc7"), fc_units)):
         x = keras.layers.Dense(
