@@ -12,7 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from zf_tf import UsageError, summaries
+from zf_tf import UsageError
 
 PANEL_COLUMNS = 4  # feature panels per row in panel_figure
 
@@ -62,8 +62,11 @@ def save_figure(fig, path: str, dpi: int = 100) -> np.ndarray:
     """Saves a matplotlib figure as PNG (atomically) and returns it as uint8 (H, W, 3)."""
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=dpi)
+    pyplot().close(fig)
     os.replace(tmp, path)
-    return summaries.figure_to_array(fig)
+    # Decode the file rather than rendering the figure a second time (seconds for big ones).
+    with open(path, "rb") as fh:
+        return tf.io.decode_png(fh.read(), channels=3).numpy()
 
 
 def save_npz(path: str, **arrays):

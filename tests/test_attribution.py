@@ -1,0 +1,267 @@
+"""--mode=attribution (zf_tf.attribution): every method's maps, the deconvnet and guided rules
+against oracles, saliency against a plain gradient, the pointing game, and the mode end to end."""
+
+import json
+import types
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from scipy.ndimage import zoom
+
+from tests.conftest import load_config
+from tests.test_train import events
+from zf_tf import attribution, cli, deconv, workdirs
+from zf_tf import model as model_lib
+
+
+def small_config():
+    config = load_config()
+    config.model.width = 0.125
+    return config
+
+
+def assert_close(actual, expected, rtol=1e-4):
+    scale = max(float(np.abs(expected).max()), 1e-30)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return small_config()
+
+
+@pytest.fixture(scope="module")
+def model(config):
+    return model_lib.build_model(config.model)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return (np.random.default_rng(0).normal(size=(2, 64, 64, 3)) * 50).astype(np.float32)
+
+
+def tape_gradient(model, images, classes):
+    x = tf.constant(images)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = model(x, training=False)
+        score = tf.gather(logits, tf.constant(classes, tf.int32), axis=1, batch_dims=1)
+    return tape.gradient(score, x).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Maps
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_method_gives_finite_maps(model, images, config):
+    settings = config.analysis
+    settings.attribution.smoothgrad_samples = 2
+    settings.occlusion.stride = 0.25  # 4 x 4 occluder positions: enough for shapes
+    maps = attribution.attribution_maps(model, images, [3, 7], attribution.METHODS, settings)
+    assert list(maps) == list(attribution.METHODS)
+    for method, m in maps.items():
+        assert m.shape == (2, 64, 64) and m.dtype == np.float32, method
+        assert np.isfinite(m).all(), method
+    for method in ("deconvnet", "guided_backprop", "saliency", "smoothgrad", "gradcam"):
+        assert (maps[method] >= 0).all(), method
+    assert maps["saliency"].max() > 0 and maps["deconvnet"].max() > 0
+    with pytest.raises(ValueError, match="valid methods: deconvnet"):
+        attribution.method_maps(model, images, [0, 0], "lime", settings)
+
+
+def test_saliency_is_max_abs_of_the_logit_gradient(model, images):
+    grads = tape_gradient(model, images, [1, 4])
+    expected = np.abs(grads).max(axis=-1)
+    assert_close(attribution.saliency_maps(model, images, [1, 4]), expected)
+    # The plain-gradient rule runs the same network (same forward values, same gradient).
+    assert_close(attribution.rule_gradients(model, images, [1, 4], "gradient"), grads)
+    x = tf.constant(images)
+    assert_close(deconv.rule_forward(model, x, "logits", "gradient").numpy(), model(x).numpy())
+    # SmoothGrad with the same seed is reproducible; with noise it differs from saliency.
+    a = attribution.saliency_maps(model, images, [1, 4], 3, 0.2, seed=5)
+    b = attribution.saliency_maps(model, images, [1, 4], 3, 0.2, seed=5)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, expected)
+
+
+@pytest.mark.parametrize("layer, unit", [("conv2", (3, 2, 1)), ("conv5", (5, 1, 2))])
+def test_deconvnet_rule_matches_the_deconvnet_oracle(model, images, layer, unit):
+    feature, y, x = unit
+    xt = tf.constant(images[:1])
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        fmap = deconv.rule_forward(model, xt, layer, "deconvnet")
+        act = fmap[0, y, x, feature]
+    grad = tape.gradient(act, xt).numpy()
+    oracle = deconv.gradient_projection(
+        model, layer, images, [0], feature, y, x, scale_by_activation=False
+    )
+    assert_close(grad, oracle)
+    # And the deconvnet itself (unpool / rectify / transposed filter) projects a * gradient.
+    projection = deconv.project(deconv.build_deconvnet(model, layer), images, [0], feature, y, x)
+    assert_close(projection["projection"], float(act) * grad)
+
+
+def tiny_dense_model(seed=0):
+    """input 4 -> dense 5 (relu) -> dense 3 (logits), with non-trivial weights."""
+    inputs = keras.Input((4,), name="image")
+    h = keras.layers.Dense(5, activation="relu", name="fc6")(inputs)
+    logits = keras.layers.Dense(3, name="logits")(h)
+    model = keras.Model(inputs, logits)
+    rng = np.random.default_rng(seed)
+    w1, b1 = rng.normal(size=(4, 5)), rng.normal(size=5) * 0.5
+    w2, b2 = rng.normal(size=(5, 3)), rng.normal(size=3)
+    model.set_weights([w.astype(np.float32) for w in (w1, b1, w2, b2)])
+    return model, w1, b1, w2
+
+
+def test_guided_and_deconvnet_rules_by_hand():
+    model, w1, b1, w2 = tiny_dense_model()
+    x = np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32)
+    classes = np.array([0, 1, 2, 0, 1, 2])
+    z = x.astype(np.float64) @ w1 + b1  # fc6 pre-activation
+    upstream = w2[:, classes].T  # d logit_c / d fc6 output, per example (6, 5)
+    assert ((z > 0) != (upstream > 0)).any() and (z < 0).any()  # the rules differ here
+    guided = (upstream * (z > 0) * (upstream > 0)) @ w1.T
+    deconvnet = np.maximum(upstream, 0) @ w1.T
+    plain = (upstream * (z > 0)) @ w1.T
+    assert_close(attribution.rule_gradients(model, x, classes, "guided"), guided)
+    assert_close(attribution.rule_gradients(model, x, classes, "deconvnet"), deconvnet)
+    assert_close(attribution.rule_gradients(model, x, classes, "gradient"), plain)
+    with pytest.raises(ValueError, match="valid rules: deconvnet, guided, gradient"):
+        deconv.rule_forward(model, tf.constant(x), "logits", "lrp")
+
+
+def test_gradcam_by_hand(model, images):
+    classes = [2, 6]
+    tap = keras.Model(model.inputs, [model.get_layer("conv5").output, model.output])
+    x = tf.constant(images)
+    with tf.GradientTape() as tape:
+        fmap, logits = tap(x)
+        score = tf.gather(logits, tf.constant(classes), axis=1, batch_dims=1)
+    grads = tape.gradient(score, fmap).numpy()
+    weights = grads.mean(axis=(1, 2), keepdims=True)
+    cam = np.maximum((fmap.numpy() * weights).sum(-1), 0)  # (2, 3, 3)
+    expected = zoom(cam, (1, 64 / cam.shape[1], 64 / cam.shape[2]), order=1)
+    assert_close(attribution.cam_maps(model, images, classes, "gradcam"), expected)
+
+
+def test_occlusion_against_brute_force(model, images, config):
+    # Squares of half the crop at stride half: four disjoint squares, each pixel under one.
+    classes = [1, 8]
+    got = attribution.occlusion_maps(model, images, classes, 0.5, 0.5)
+    probs = lambda x: tf.nn.softmax(model(x)).numpy()
+    clean = probs(images)
+    for n, c in enumerate(classes):
+        for y0 in (0, 32):
+            for x0 in (0, 32):
+                occluded = images[n : n + 1].copy()
+                occluded[:, y0 : y0 + 32, x0 : x0 + 32] = 0.0
+                drop = clean[n, c] - probs(occluded)[0, c]
+                block = got[n, y0 : y0 + 32, x0 : x0 + 32]
+                np.testing.assert_allclose(block, drop, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pointing game
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pointing_game_hand_made():
+    maps = np.zeros((4, 4, 4))
+    maps[0, 1, 2] = 5.0  # inside box 0 -> hit
+    maps[1] += 1.0  # constant: ties -> (0, 0), outside box 1 -> miss
+    maps[2, 3, 0] = maps[2, 2, 3] = 2.0  # tie: row-major first is (2, 3), inside box 2 -> hit
+    maps[3] = np.nan
+    maps[3, 3, 3] = -1.0  # NaN is lowest: the max is (3, 3), on box 3's exclusive end -> miss
+    boxes = np.array([[0, 0, 2, 3], [1, 1, 3, 3], [2, 3, 3, 4], [2, 2, 3, 3]])
+    np.testing.assert_array_equal(
+        attribution.pointing_points(maps), [[1, 2], [0, 0], [2, 3], [3, 3]]
+    )
+    game = attribution.pointing_game({"a": maps, "b": maps[[1, 1, 1, 1]]}, boxes, 4)
+    assert game["methods"]["a"] == {"hits": 2, "images": 4, "score": 0.5}
+    np.testing.assert_array_equal(game["hit"]["a"], [True, False, True, False])
+    # "b": every point (0, 0); only box 0 contains it.
+    assert game["methods"]["b"]["hits"] == 1
+    # Center pixel (2, 2): inside boxes 1 and 3 only.
+    assert game["center"] == {"hits": 2, "images": 4, "score": 0.5, "point": [2, 2]}
+    # Box areas 6, 4, 1, 1 of 16.
+    assert game["chance"]["score"] == pytest.approx((6 + 4 + 1 + 1) / 4 / 16)
+    table = attribution.pointing_table(game)
+    assert "| a | 2 | 4 | 0.500 |" in table
+    assert "| center pixel (baseline) | 2 | 4 | 0.500 |" in table
+    assert "| chance (mean box area) | - | 4 | 0.188 |" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# The mode
+# ---------------------------------------------------------------------------------------------
+
+
+def opts(**kw):
+    return types.SimpleNamespace(**{"overwrite": False, "split": "", "num_images": 0, **kw})
+
+
+def test_mode_end_to_end(tiny_config, tmp_path, capsys):
+    config = tiny_config
+    config.model.width = 0.125
+    att = config.analysis.attribution
+    att.num_images, att.pointing_images, att.smoothgrad_samples = 2, 4, 2
+    config.analysis.occlusion.stride = 0.125  # fewer occluder positions: faster
+    wd = str(tmp_path / "w")
+    workdirs.prepare_for_training(config, wd, False)
+    workdirs.save_model_atomic(model_lib.build_model(config.model), workdirs.checkpoint_path(wd))
+    cli.run("attribution", config, wd, "default", opts())
+    out = tmp_path / "w" / "attribution"
+
+    npz = np.load(out / "attribution.npz")
+    assert list(npz["methods"]) == list(attribution.METHODS)
+    for m in attribution.METHODS:
+        assert npz[m].shape == (2, 64, 64) and np.isfinite(npz[m]).all()
+    assert npz["images"].shape == (2, 64, 64, 3) and npz["boxes"].shape == (2, 4)
+    np.testing.assert_array_equal(npz["classes"], npz["labels"])  # target 'true'
+    png = Image.open(out / "attribution.png")
+    assert png.size[0] > 500 and png.size[1] > 150
+    game = json.loads((out / "pointing_game.json").read_text())
+    assert game["num_images"] == 4 and game["target"] == "true"
+    for m in attribution.METHODS:
+        r = game["methods"][m]
+        assert r["images"] == 4 and 0 <= r["hits"] <= 4 and r["score"] == r["hits"] / 4
+        assert len(game["images"]["points"][m]) == 4
+    assert 0 < game["chance"]["score"] < 1
+    for m in attribution.METHODS:  # the points of the shown images are their maps' maxima
+        points = attribution.pointing_points(npz[m])
+        np.testing.assert_array_equal(game["images"]["points"][m][:2], points)
+    table = (out / "pointing_game.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # no header
+    assert len(rows) == len(attribution.METHODS) + 2 and rows[-1].startswith("| chance")
+    assert "attribution/true_class" in events(tmp_path / "w" / "logs" / "attribution")
+
+    # Again without --overwrite: refused in one line, nothing replaced.
+    stamp = (out / "attribution.png").stat().st_mtime_ns
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run("attribution", config, wd, "default", opts())
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0]
+    assert (out / "attribution.png").stat().st_mtime_ns == stamp
+
+    # A bad method list: one line naming the valid methods.
+    att.methods = ("saliency", "lime")
+    with pytest.raises(SystemExit):
+        cli.run("attribution", config, wd, "default", opts(overwrite=True))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'lime'" in err[0] and "deconvnet, guided_backprop" in err[0]
+
+    # With --overwrite, the predicted class, one method: replaced.
+    att.methods, att.target = ("saliency",), "predicted"
+    cli.run("attribution", config, wd, "default", opts(overwrite=True, num_images=1))
+    npz = np.load(out / "attribution.npz")
+    assert list(npz["methods"]) == ["saliency"] and npz["saliency"].shape == (1, 64, 64)
+    game = json.loads((out / "pointing_game.json").read_text())
+    assert list(game["methods"]) == ["saliency"] and game["target"] == "predicted"

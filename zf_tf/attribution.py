@@ -1,0 +1,671 @@
+"""`--mode=attribution`: the deconvnet next to later attribution methods, and a pointing game.
+
+Zeiler & Fergus explain a class decision with two tools: deconvnet projections (Sec. 2.1) and
+occlusion (Sec. 4.2, Fig. 7). Later work added many more. This mode computes, for the same
+images and the same class (the true class by default, `config.analysis.attribution.target`
+= 'true' | 'predicted'), one (s, s) map per method:
+
+  deconvnet        d logit_c / d image where every ReLU back-propagates ReLU(upstream) and
+                   contrast normalization back-propagates as the identity (the deconvnet's
+                   way down, `deconv.rule_forward`), run through fc6/fc7 too
+  guided_backprop  d logit_c / d image where every ReLU back-propagates
+                   upstream * (forward input > 0) * (upstream > 0) (Springenberg et al.)
+  saliency         |d logit_c / d image| (Simonyan et al.; tf-keras-vis Saliency)
+  smoothgrad       saliency averaged over noisy copies (Smilkov et al.; tf-keras-vis)
+  gradcam          Grad-CAM on conv5 (Selvaraju et al.; tf-keras-vis)
+  gradcam++        Grad-CAM++ on conv5 (Chattopadhyay et al.; tf-keras-vis)
+  scorecam         Score-CAM on conv5: one forward pass per conv5 map (Wang et al.)
+  occlusion        p_c(image) - p_c(occluded image) under a sliding gray square (Fig. 7 (d)),
+                   each pixel the mean over the squares covering it (`zf_tf.occlusion`)
+
+Gradient maps (deconvnet, guided, saliency, smoothgrad) are reduced over RGB by the maximum
+absolute value per pixel, as tf-keras-vis does for saliency. The classifier's output already
+is logits, so the gradient methods differentiate the class logit (no softmax to remove);
+Score-CAM weighs its masked inputs by the softmax probability, as the library does.
+All maps are raw (not min-max normalized); the figure scales each map for display.
+
+Pointing game (Zhang et al. 2016, strict: no tolerance margin) on annotated data (the
+embedded dataset's boxes): a method's point is its map's maximum (argmax pixel, the first in
+row-major order on ties); a hit when the point lies inside the object's box. Baselines:
+chance = the mean box area fraction (the hit rate of a uniformly random point) and the
+crop's center pixel (s // 2, s // 2) as the point.
+
+Outputs in `WORKDIR/attribution/`: attribution.npz (maps of the shown images), attribution.png
+(rows images, columns methods, heat maps over the faded image, the point marked),
+pointing_game.md / pointing_game.json (annotated data only), and a TensorBoard image in
+`WORKDIR/logs/attribution`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import warnings
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from pipelines import examples as examples_lib
+from zf_tf import UsageError, deconv, figures, occlusion
+from zf_tf.model import CONV_LAYERS
+
+MODE = "attribution"
+METHODS = (
+    "deconvnet",
+    "guided_backprop",
+    "saliency",
+    "smoothgrad",
+    "gradcam",
+    "gradcam++",
+    "scorecam",
+    "occlusion",
+)
+TITLES = {
+    "deconvnet": "deconvnet",
+    "guided_backprop": "guided backprop",
+    "saliency": "saliency",
+    "smoothgrad": "SmoothGrad",
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "scorecam": "Score-CAM",
+    "occlusion": "occlusion",
+}
+CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
+TARGETS = ("true", "predicted")
+OUTPUTS = ("attribution.npz", "attribution.png", "pointing_game.md", "pointing_game.json")
+IMAGES_PER_BATCH = 16  # images per call of each method (the pointing game runs many)
+SCORECAM_BYTES = 256 << 20  # Score-CAM holds (maps x images) masked copies at once
+POINTING_DEFINITION = (
+    "a hit when the map's maximum (argmax pixel, first in row-major order on ties) lies inside "
+    "the object's bounding box (no tolerance margin); chance = mean box area / crop area; "
+    "center = the crop's center pixel (s // 2, s // 2) as the point"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Maps (arrays only)
+# ---------------------------------------------------------------------------------------------
+
+
+def max_abs_channels(grads) -> np.ndarray:
+    """(N, H, W, C) gradients -> (N, H, W) max over channels of |g| (tf-keras-vis' reduction)."""
+    return np.max(np.abs(np.asarray(grads, np.float32)), axis=-1)
+
+
+_RULE_FNS = weakref.WeakKeyDictionary()
+
+
+def rule_gradients(model: keras.Model, inputs, classes, rule: str) -> np.ndarray:
+    """d logits[n, classes[n]] / d inputs[n] through the model under a ReLU backward rule.
+
+    Args:
+      model: the classifier (logits output), or any model `deconv.rule_forward` can run.
+      inputs: (N, ...) float array of model inputs.
+      classes: (N,) the class whose logit each input explains.
+      rule: 'deconvnet', 'guided' or 'gradient' (`deconv.BACKWARD_RULES`).
+
+    Returns:
+      float32 array of the shape of `inputs`.
+    """
+    per_model = _RULE_FNS.setdefault(model, {})
+    fn = per_model.get(rule)
+    if fn is None:
+        shape = tuple(model.inputs[0].shape[1:])
+        top = model.layers[-1].name
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, *shape], tf.float32),
+                tf.TensorSpec([None], tf.int32),
+            ]
+        )
+        def fn(x, c):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                logits = deconv.rule_forward(model, x, top, rule)
+                score = tf.gather(logits, c, axis=1, batch_dims=1)
+            return tf.cast(tape.gradient(score, x), tf.float32)
+
+        per_model[rule] = fn
+    inputs = np.asarray(inputs, np.float32)
+    classes = np.asarray(classes, np.int32).reshape(-1)
+    return fn(tf.constant(inputs), tf.constant(classes)).numpy()
+
+
+@contextlib.contextmanager
+def _quiet_library():
+    """tf-keras-vis passes the input as a list, which Keras 3 warns about on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*structure of `inputs`")
+        yield
+
+
+_QUIET_MODELS = weakref.WeakKeyDictionary()
+
+
+def _quiet_predict(model: keras.Model) -> keras.Model:
+    """The same network (shared layers and weights) whose `predict` is silent.
+
+    Score-CAM calls `model.predict` without `verbose`, i.e. a progress bar (or a log line per
+    step) for every image batch. Kept per model so Keras traces its predict step once.
+    """
+    quiet = _QUIET_MODELS.get(model)
+    if quiet is None:
+        quiet = keras.Model(model.inputs, model.outputs, name=f"{model.name}_quiet")
+        quiet.predict = functools.partial(quiet.predict, verbose=0)
+        _QUIET_MODELS[model] = quiet
+    return quiet
+
+
+@contextlib.contextmanager
+def _numpy_seed(seed: int):
+    """tf-keras-vis draws SmoothGrad's noise from numpy's global generator: seed it for
+    reproducible maps and restore the caller's state afterwards."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def saliency_maps(
+    model: keras.Model,
+    images,
+    classes,
+    smooth_samples: int = 0,
+    smooth_noise: float = 0.2,
+    seed: int = 0,
+) -> np.ndarray:
+    """Saliency (smooth_samples = 0) or SmoothGrad maps with tf-keras-vis.
+
+    max over channels of |d logit_c / d image|; SmoothGrad averages |gradient| over
+    `smooth_samples` copies with Gaussian noise of std smooth_noise * (max - min) of each image.
+
+    Returns:
+      float32 (N, H, W), not normalized.
+    """
+    from tf_keras_vis.saliency import Saliency
+    from tf_keras_vis.utils.scores import CategoricalScore
+
+    score = CategoricalScore([int(c) for c in classes])
+    with _quiet_library(), _numpy_seed(seed):
+        maps = Saliency(model, clone=False)(
+            score,
+            np.asarray(images, np.float32),
+            smooth_samples=int(smooth_samples),
+            smooth_noise=float(smooth_noise),
+            normalize_map=False,
+        )
+    return np.asarray(maps, np.float32)
+
+
+def cam_maps(
+    model: keras.Model, images, classes, method: str, layer: str = "conv5", batch_size: int = 128
+) -> np.ndarray:
+    """Grad-CAM, Grad-CAM++ or Score-CAM maps on conv layer `layer` with tf-keras-vis.
+
+    The CAM (ReLU of the weighted sum of `layer`'s maps) is upsampled to the image size by the
+    library (linear spline zoom). Score-CAM runs `batch_size` masked images per forward pass.
+
+    Returns:
+      float32 (N, H, W), not normalized.
+    """
+    from tf_keras_vis.gradcam import Gradcam
+    from tf_keras_vis.gradcam_plus_plus import GradcamPlusPlus
+    from tf_keras_vis.scorecam import Scorecam
+    from tf_keras_vis.utils.scores import CategoricalScore
+
+    images = np.asarray(images, np.float32)
+    score = CategoricalScore([int(c) for c in classes])
+    with _quiet_library():
+        if method == "scorecam":
+            maps = Scorecam(_quiet_predict(model), clone=False)(
+                score, images, penultimate_layer=layer, batch_size=batch_size, normalize_cam=False
+            )
+        else:
+            cls = {"gradcam": Gradcam, "gradcam++": GradcamPlusPlus}[method]
+            maps = cls(model, clone=False)(
+                score, images, penultimate_layer=layer, normalize_cam=False
+            )
+    return np.asarray(maps, np.float32)
+
+
+_PROB_FNS = weakref.WeakKeyDictionary()
+
+
+def _probabilities_fn(model: keras.Model):
+    """x (B, H, W, 3) -> softmax probabilities (B, C) as numpy; one trace per model."""
+    fn = _PROB_FNS.get(model)
+    if fn is None:
+        shape = tuple(model.inputs[0].shape[1:])
+
+        @tf.function(input_signature=[tf.TensorSpec([None, *shape], tf.float32)])
+        def fn(x):
+            return tf.nn.softmax(tf.cast(model(x, training=False), tf.float32))
+
+        _PROB_FNS[model] = fn
+    return lambda x: fn(tf.convert_to_tensor(x, tf.float32)).numpy()
+
+
+def occlusion_maps(
+    model: keras.Model, images, classes, size: float, stride: float, batch_size: int = 128
+) -> np.ndarray:
+    """The drop in class probability under a sliding gray square, as pixel maps.
+
+    Args:
+      model, images, classes: as for the other methods.
+      size, stride: the square's side and step as fractions of the crop side
+        (`config.analysis.occlusion`).
+      batch_size: occluded copies per forward pass.
+
+    Returns:
+      float32 (N, H, W): p_c(image) - p_c(occluded), each pixel the mean over the squares
+      that cover it (`occlusion.pixel_map`).
+    """
+    images = np.asarray(images, np.float32)
+    crop = images.shape[1]
+    size_px, stride_px, ys, xs = occlusion.occluder_grid(crop, size, stride)
+    probs = _probabilities_fn(model)
+    clean = probs(tf.constant(images)) if len(images) else np.zeros((0, 1))
+    out = np.zeros(images.shape[:3], np.float32)
+    for n, (image, c) in enumerate(zip(images, classes)):
+        c = int(c)
+        occluded = occlusion.occluded_outputs(
+            lambda x, c=c: probs(x)[:, c], image, size_px, stride_px, batch_size, ys=ys, xs=xs
+        )
+        out[n] = occlusion.pixel_map(clean[n, c] - occluded, ys, xs, size_px, crop)
+    return out
+
+
+def method_maps(
+    model: keras.Model, images, classes, method: str, settings, seed: int = 0
+) -> np.ndarray:
+    """One method's maps (N, H, W) for images and the classes they explain.
+
+    Args:
+      model: the classifier (logits output).
+      images: (N, s, s, 3) model inputs.
+      classes: (N,) the class each image's map explains.
+      method: one of METHODS.
+      settings: `config.analysis` (uses attribution.smoothgrad_samples,
+        attribution.smoothgrad_noise, attribution.cam_layer, occlusion.size/stride,
+        batch_size).
+      seed: SmoothGrad's noise seed.
+
+    Returns:
+      float32 (N, s, s).
+    """
+    att = settings.attribution
+    if method == "deconvnet":
+        return max_abs_channels(rule_gradients(model, images, classes, "deconvnet"))
+    if method == "guided_backprop":
+        return max_abs_channels(rule_gradients(model, images, classes, "guided"))
+    if method == "saliency":
+        return saliency_maps(model, images, classes)
+    if method == "smoothgrad":
+        return saliency_maps(
+            model, images, classes, att.smoothgrad_samples, att.smoothgrad_noise, seed
+        )
+    if method in ("gradcam", "gradcam++"):
+        return cam_maps(model, images, classes, method, att.cam_layer)
+    if method == "scorecam":
+        # Score-CAM keeps (maps x images) masked copies in memory: bound that per call.
+        maps = int(model.get_layer(att.cam_layer).output.shape[-1])
+        per_call = max(1, SCORECAM_BYTES // max(1, maps * np.asarray(images[:1]).nbytes))
+        parts = [
+            cam_maps(
+                model,
+                images[i : i + per_call],
+                classes[i : i + per_call],
+                method,
+                att.cam_layer,
+                settings.batch_size,
+            )
+            for i in range(0, len(images), per_call)
+        ]
+        return np.concatenate(parts) if parts else np.zeros(np.shape(images)[:3], np.float32)
+    if method == "occlusion":
+        occ = settings.occlusion
+        return occlusion_maps(model, images, classes, occ.size, occ.stride, settings.batch_size)
+    raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+
+
+def attribution_maps(
+    model: keras.Model, images, classes, methods, settings, seed: int = 0, progress=None
+) -> dict[str, np.ndarray]:
+    """Every method's maps for the images, IMAGES_PER_BATCH images at a time.
+
+    Args:
+      model: the classifier (logits output).
+      images: (N, s, s, 3) model inputs.
+      classes: (N,) the class each image's maps explain.
+      methods: names from METHODS.
+      settings: `config.analysis` (see `method_maps`).
+      seed: SmoothGrad's noise seed for the first batch; seed + b for batch b.
+      progress: optional callable(number of images done in this step).
+
+    Returns:
+      {method: float32 (N, s, s)}.
+    """
+    images = np.asarray(images, np.float32)
+    classes = np.asarray(classes, np.int64)
+    parts = {m: [] for m in methods}
+    for b, start in enumerate(range(0, len(images), IMAGES_PER_BATCH)):
+        sl = slice(start, start + IMAGES_PER_BATCH)
+        for m in methods:
+            parts[m].append(method_maps(model, images[sl], classes[sl], m, settings, seed + b))
+        if progress:
+            progress(len(images[sl]))
+    empty = np.zeros(images.shape[:3], np.float32)
+    return {m: np.concatenate(p).astype(np.float32) if p else empty for m, p in parts.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pointing game
+# ---------------------------------------------------------------------------------------------
+
+
+def pointing_points(maps) -> np.ndarray:
+    """(N, H, W) maps -> (N, 2) int (y, x) of each map's maximum (first in row-major order on
+    ties; NaN counts as lowest)."""
+    maps = np.asarray(maps, np.float64)
+    flat = np.where(np.isnan(maps), -np.inf, maps).reshape(len(maps), -1)
+    idx = np.argmax(flat, axis=1)
+    return np.stack(np.unravel_index(idx, maps.shape[1:]), axis=1).astype(np.int32)
+
+
+def in_box(points, boxes) -> np.ndarray:
+    """(N,) bool: point (y, x) inside box (y0, x0, y1, x1), the ends exclusive."""
+    points, boxes = np.asarray(points), np.asarray(boxes)
+    y, x = points[:, 0], points[:, 1]
+    return (boxes[:, 0] <= y) & (y < boxes[:, 2]) & (boxes[:, 1] <= x) & (x < boxes[:, 3])
+
+
+def chance_level(boxes, crop_size: int) -> float:
+    """Mean box area fraction: the expected hit rate of a uniformly random pixel."""
+    boxes = np.asarray(boxes, np.float64)
+    area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    return float(np.mean(area / (crop_size * crop_size))) if len(boxes) else float("nan")
+
+
+def pointing_game(maps: dict, boxes, crop_size: int) -> dict:
+    """Scores each method's maps, plus the chance and center baselines.
+
+    Args:
+      maps: {method: (N, s, s)}.
+      boxes: (N, 4) int y0, x0, y1, x1 (exclusive) in crop pixels.
+      crop_size: s.
+
+    Returns:
+      {'methods': {method: {'hits', 'images', 'score'}}, 'chance': {'score'},
+       'center': {'hits', 'images', 'score', 'point'}, 'points': {method: (N, 2) int},
+       'hit': {method: (N,) bool}}.
+    """
+    boxes = np.asarray(boxes)
+    n = len(boxes)
+    result = {"methods": {}, "points": {}, "hit": {}}
+    for method, m in maps.items():
+        points = pointing_points(m)
+        hit = in_box(points, boxes)
+        result["points"][method], result["hit"][method] = points, hit
+        result["methods"][method] = {
+            "hits": int(hit.sum()),
+            "images": n,
+            "score": float(hit.mean()) if n else float("nan"),
+        }
+    center = np.full((n, 2), crop_size // 2, np.int32)
+    center_hit = in_box(center, boxes)
+    result["center"] = {
+        "hits": int(center_hit.sum()),
+        "images": n,
+        "score": float(center_hit.mean()) if n else float("nan"),
+        "point": [crop_size // 2, crop_size // 2],
+    }
+    result["chance"] = {"score": chance_level(boxes, crop_size)}
+    return result
+
+
+def pointing_table(game: dict) -> str:
+    """The pointing game as a markdown table (method, hits, images, score)."""
+    rows = [
+        [TITLES.get(m, m), r["hits"], r["images"], f"{r['score']:.3f}"]
+        for m, r in game["methods"].items()
+    ]
+    c = game["center"]
+    rows.append(["center pixel (baseline)", c["hits"], c["images"], f"{c['score']:.3f}"])
+    n = c["images"]
+    rows.append(["chance (mean box area)", "-", n, f"{game['chance']['score']:.3f}"])
+    return figures.markdown_table(["method", "hits", "images", "score"], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+
+def display_scale(m) -> np.ndarray:
+    """A map scaled to [0, 1] for display: divided by its 99.5th percentile, negatives (e.g.
+    occlusion raising the probability) and NaN shown as 0."""
+    m = np.nan_to_num(np.asarray(m, np.float64), nan=0.0)
+    top = np.percentile(m, 99.5)
+    if not top > 0:
+        top = m.max() if m.max() > 0 else 1.0
+    return np.clip(m / top, 0, 1)
+
+
+def render(arrays: dict, methods, path: str, mean, class_names=None, target: str = "true"):
+    """Rows images, columns input + methods: heat maps over the faded image, each map's
+    maximum marked (green: inside the box, white: outside; cyan without boxes).
+
+    Returns:
+      The figure as a uint8 (H, W, 3) array.
+    """
+    plt = figures.pyplot()
+    from matplotlib.patches import Rectangle
+    from matplotlib.patheffects import withStroke
+
+    n, s = arrays["images"].shape[:2]
+    cols = 1 + len(methods)
+    fig, axes = plt.subplots(n, cols, figsize=(1.45 * cols, 1.55 * n + 0.5), squeeze=False)
+    name = (lambda c: class_names[c]) if class_names else str
+    boxes = arrays.get("boxes")
+    for r in range(n):
+        image = figures.display(arrays["images"][r], mean)
+        faded = 0.35 + 0.4 * image.mean(-1)
+        c = int(arrays["classes"][r])
+        for j in range(cols):
+            ax = axes[r, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.imshow(image, interpolation="nearest")
+                label = f"{name(c)} p={arrays['probs'][r]:.2f}"
+                ax.set_ylabel(label, fontsize=7)
+            else:
+                m = methods[j - 1]
+                ax.imshow(faded, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                heat = display_scale(arrays[m][r])
+                ax.imshow(heat, cmap="jet", alpha=0.55 * heat + 0.15, vmin=0, vmax=1)
+                (y, x) = pointing_points(arrays[m][r : r + 1])[0]
+                color = "cyan"
+                if boxes is not None:
+                    color = "lime" if in_box([[y, x]], boxes[r : r + 1])[0] else "white"
+                ax.plot(
+                    [x],
+                    [y],
+                    marker="+",
+                    color=color,
+                    markersize=9,
+                    mew=2,
+                    path_effects=[withStroke(linewidth=3.5, foreground="black")],
+                )
+            if boxes is not None:
+                y0, x0, y1, x1 = boxes[r]
+                ax.add_patch(
+                    Rectangle(
+                        (x0 - 0.5, y0 - 0.5),
+                        x1 - x0,
+                        y1 - y0,
+                        fill=False,
+                        edgecolor="yellow",
+                        linewidth=0.8,
+                        linestyle="--",
+                    )
+                )
+            ax.set_xlim(-0.5, s - 0.5)
+            ax.set_ylim(s - 0.5, -0.5)
+            if r == 0:
+                ax.set_title("input" if j == 0 else TITLES.get(methods[j - 1]), fontsize=8)
+    fig.suptitle(
+        f"Attribution of the {target} class (+: map maximum, green inside the box, white outside;"
+        " dashed: object box)",
+        fontsize=9,
+    )
+    top = 1 - 0.2 / fig.get_figheight()  # room for the suptitle above the column titles
+    fig.tight_layout(pad=0.3, h_pad=0.2, w_pad=0.2, rect=(0, 0, 1, top))
+    return figures.save_figure(fig, path, dpi=90)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mode
+# ---------------------------------------------------------------------------------------------
+
+
+def _validate(config) -> tuple:
+    """The configured methods, after checking the attribution settings (UsageError)."""
+    att = config.analysis.attribution
+    methods = tuple(att.methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise UsageError(
+            f"config.analysis.attribution.methods: {bad[0] if bad else 'empty'!r} is not a "
+            f"method: choose from {', '.join(METHODS)}"
+        )
+    if att.target not in TARGETS:
+        raise UsageError(
+            f"config.analysis.attribution.target={att.target!r} is not valid: "
+            f"choose one of {', '.join(TARGETS)}"
+        )
+    if "smoothgrad" in methods and att.smoothgrad_samples < 1:
+        raise UsageError("config.analysis.attribution.smoothgrad_samples must be >= 1")
+    if "occlusion" in methods:
+        try:
+            occlusion.occluder_grid(config.data.crop_size, *_occluder(config))
+        except ValueError as e:
+            raise UsageError(f"config.analysis.occlusion: {e}") from None
+    return methods
+
+
+def _occluder(config):
+    return config.analysis.occlusion.size, config.analysis.occlusion.stride
+
+
+def run_mode(config, workdir: str, opts) -> dict:
+    """`--mode=attribution` on a trained workdir.
+
+    Args:
+      config: the workdir's config with `config.analysis` from the command line.
+      workdir: trained workdir; outputs go to WORKDIR/attribution/.
+      opts: flags: overwrite, split ('' = config.analysis.split), num_images (0 = config).
+
+    Returns:
+      {name: path} of the outputs written, plus 'pointing_game' (the JSON dict, or None
+      without annotations).
+
+    Raises:
+      UsageError: bad method list, target, CAM layer or occluder; unknown split; untrained
+        workdir; outputs exist without --overwrite.
+    """
+    from zf_tf import workdirs
+
+    att = config.analysis.attribution
+    split = opts.split or config.analysis.split
+    num = opts.num_images if opts.num_images and opts.num_images > 0 else att.num_images
+    methods = _validate(config)
+    occlusion._check_split(config, split)
+    paths = figures.outputs(workdir, MODE, OUTPUTS, opts.overwrite)
+    model = workdirs.load_model(workdir)
+    convs = [n for n in CONV_LAYERS if n in {layer.name for layer in model.layers}]
+    if set(methods) & set(CAM_METHODS) and att.cam_layer not in convs:
+        raise UsageError(
+            f"config.analysis.attribution.cam_layer={att.cam_layer!r} is not valid: "
+            f"choose one of {', '.join(convs)}"
+        )
+    annotated = config.data.source == "embedded"
+    total = max(num, att.pointing_images) if annotated else num
+    examples = examples_lib.load_examples(config, split, total)
+    if not len(examples):
+        raise UsageError(f"split {split!r} has no images")
+    probs = np.concatenate(
+        [
+            _probabilities_fn(model)(tf.constant(examples.images[i : i + 256]))
+            for i in range(0, len(examples), 256)
+        ]
+    )
+    classes = examples.labels if att.target == "true" else probs.argmax(axis=1)
+    with tqdm.tqdm(total=len(examples), desc="attribution", unit="img") as bar:
+        maps = attribution_maps(
+            model, examples.images, classes, methods, config.analysis, config.seed, bar.update
+        )
+
+    shown = slice(0, min(num, len(examples)))
+    arrays = {
+        "images": examples.images[shown],
+        "labels": examples.labels[shown],
+        "indices": examples.indices[shown],
+        "classes": np.asarray(classes[shown], np.int64),
+        "probs": probs[np.arange(len(examples)), classes][shown].astype(np.float32),
+        **{m: v[shown] for m, v in maps.items()},
+    }
+    if examples.boxes is not None:
+        arrays["boxes"] = examples.boxes[shown]
+    figures.save_npz(paths["attribution.npz"], methods=np.array(methods), **arrays)
+    names = occlusion.class_names(config)
+    figure = render(arrays, methods, paths["attribution.png"], config.data.mean, names, att.target)
+    figures.write_tensorboard(workdir, MODE, f"{MODE}/{att.target}_class", figure)
+    written = {k: paths[k] for k in ("attribution.npz", "attribution.png")}
+
+    summary = None
+    if examples.boxes is not None:
+        game = pointing_game(maps, examples.boxes, config.data.crop_size)
+        size_px, stride_px, _, _ = occlusion.occluder_grid(
+            config.data.crop_size, *_occluder(config)
+        )
+        summary = {
+            "definition": POINTING_DEFINITION,
+            "split": split,
+            "target": att.target,
+            "num_images": len(examples),
+            "cam_layer": att.cam_layer,
+            "occluder_px": size_px,
+            "occluder_stride_px": stride_px,
+            "smoothgrad": {"samples": att.smoothgrad_samples, "noise": att.smoothgrad_noise},
+            "methods": game["methods"],
+            "center": game["center"],
+            "chance": game["chance"],
+            "images": {
+                "index": examples.indices.tolist(),
+                "label": examples.labels.tolist(),
+                "class": np.asarray(classes).tolist(),
+                "box": examples.boxes.tolist(),
+                "points": {m: p.tolist() for m, p in game["points"].items()},
+            },
+        }
+        table = pointing_table(game)
+        header = (
+            f"Pointing game, {split} split, {len(examples)} images, {att.target} class.\n"
+            f"Definition: {POINTING_DEFINITION}.\n\n"
+        )
+        figures.save_text(paths["pointing_game.md"], header + table)
+        figures.save_text(paths["pointing_game.json"], json.dumps(summary, indent=1))
+        written.update({k: paths[k] for k in ("pointing_game.md", "pointing_game.json")})
+        print(table)
+    else:
+        print("No object boxes in this dataset: pointing game skipped.")
+    print(f"Wrote {', '.join(written.values())}")
+    return {**written, "pointing_game": summary}

@@ -1,0 +1,563 @@
+"""`--mode=correspondence`: does the model treat the same object part alike across images?
+(Zeiler & Fergus 2014, Sec. 4.2, Table 1.)
+
+N images of one class (paper: 5 dogs). In each image the same named part (paper: left eye,
+right eye, nose) is occluded with gray, i.e. 0 in the mean-subtracted model input, and so
+are random regions of the same size. For a layer l (paper: 5 and 7) and image i,
+eps_i = x_i - x~_i is the change of the flattened feature vector the occlusion causes. The
+paper's score is Delta_l = sum_{i != j} H(sign(eps_i), sign(eps_j)), H the Hamming
+distance. Lower = the occlusion changes the features in the same direction in every
+image = more consistent.
+
+Precisely, as computed here (and reported in correspondence.md / .json):
+- sign() is three-valued (-1, 0, +1): ReLU features are often 0 with and without the
+  occlusion, and such positions agree. |eps| <= SIGN_RTOL * max|x_i| counts as 0, so that
+  float rounding (batch-size-dependent kernels differ by ~1e-7) never counts as a sign.
+- h_ij = H(sign(eps_i), sign(eps_j)) / D, D the feature vector length: the fraction of
+  positions whose signs differ; Delta_l / (N (N-1) D) is the mean of h_ij over ordered pairs.
+- An occluded part: mean and (population) standard deviation of h_ij over the N (N-1)
+  ordered pairs i != j (each unordered pair counted twice, which changes neither).
+- Random: `random_draws` seeded draws; in each, every image gets one region whose height and
+  width are the mean of that image's part boxes (rounded), its center uniform inside the
+  image's annotated region (the object box for the embedded dataset, the bounding box of
+  all its parts for --parts), shifted to lie inside the crop. Per draw the mean of h_ij over
+  the pairs; reported: mean and standard deviation of that across draws.
+The paper's values, at layer 5: about 0.07 for eyes and nose, 0.1 for random regions.
+
+Parts come from `--parts=FILE.json`, `{image_path: {part_name: [y0, x0, y1, x1]}}`, boxes
+in the original photo's pixels (end exclusive), paths relative to the JSON's folder; each
+photo is used as the model's center crop (`load_photo`) and its boxes mapped with
+`pipelines.examples.crop_geometry`. Without --parts on the embedded dataset, the first N
+images of class `config.analysis.correspondence.label` are used with the four corner
+quarters of their ground-truth object box as parts (`embedded_subjects`).
+
+Outputs in `WORKDIR/correspondence/`: correspondence.md (Table 1 form), correspondence.json
+and correspondence.png (the images with their part boxes); the figure also goes to
+TensorBoard (`WORKDIR/logs/correspondence`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from pipelines import examples, preprocess
+from zf_tf import UsageError, figures
+
+SIGN_RTOL = 1e-5
+QUARTERS = ("top_left", "top_right", "bottom_left", "bottom_right")
+OUTPUTS = ("correspondence.md", "correspondence.json", "correspondence.png")
+
+
+@dataclasses.dataclass
+class Subjects:
+    """The images of a correspondence experiment and their part boxes, in crop pixels."""
+
+    images: np.ndarray  # float32 (N, s, s, 3) model inputs (mean subtracted)
+    names: list[str]  # (N,) image names for tables and figures
+    parts: tuple[str, ...]  # (P,) part names
+    boxes: np.ndarray  # int32 (N, P, 4) y0, x0, y1, x1 (end exclusive) in crop pixels
+    regions: np.ndarray  # int32 (N, 4) where random regions are centered
+
+
+# ----------------------------------------------------------------------------------------
+# Parts: from a JSON file, or from the embedded dataset's object boxes.
+# ----------------------------------------------------------------------------------------
+
+
+def _box(value, where: str) -> list[float]:
+    ok = (
+        isinstance(value, list)
+        and len(value) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+    if not ok or not (value[0] < value[2] and value[1] < value[3]):
+        raise UsageError(
+            f"{where}: a box must be [y0, x0, y1, x1] with y0 < y1, x0 < x1; got {value}"
+        )
+    return [float(v) for v in value]
+
+
+def load_parts(path: str) -> tuple[list[tuple[str, dict[str, list[float]]]], tuple[str, ...]]:
+    """Reads and checks a parts JSON file (without opening the images).
+
+    Args:
+      path: `{image_path: {part_name: [y0, x0, y1, x1]}}`; relative image paths are taken
+        from the JSON file's folder.
+
+    Returns:
+      ([(absolute image path, {part: box})] in file order, part names in the first image's
+      order).
+
+    Raises:
+      UsageError: missing or unreadable file, bad JSON or layout, fewer than 2 images, or an
+        image lacking a part that another image names.
+    """
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except OSError as e:
+        raise UsageError(f"cannot read --parts file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--parts file {path} is not valid JSON: {e}") from None
+    layout = "expected {image_path: {part_name: [y0, x0, y1, x1]}}"
+    if not isinstance(data, dict) or not data:
+        raise UsageError(f"--parts file {path}: {layout}")
+    folder = os.path.dirname(os.path.abspath(path))
+    items = []
+    for image, boxes in data.items():
+        if not isinstance(boxes, dict) or not boxes:
+            raise UsageError(f"--parts file {path}, image {image}: {layout}")
+        parsed = {
+            name: _box(box, f"--parts file {path}, image {image}, part {name}")
+            for name, box in boxes.items()
+        }
+        items.append((os.path.join(folder, image), parsed))
+    if len(items) < 2:
+        raise UsageError(f"--parts file {path} names 1 image; at least 2 are needed")
+    names = tuple(items[0][1])
+    every = [*names, *sorted(set().union(*(set(b) for _, b in items)) - set(names))]
+    for image, (_, boxes) in zip(data, items):
+        missing = [n for n in every if n not in boxes]
+        if missing:
+            raise UsageError(
+                f"--parts file {path}: image {image} has no part {missing[0]!r} "
+                "(every image must name the same parts)"
+            )
+    return items, names
+
+
+def pixel_box_to_crop(box, height: int, width: int, resize_size: int, crop_size: int):
+    """A box in original pixels [y0, x0, y1, x1) as crop pixels of the center crop.
+
+    The crop is `preprocess.ten_crops_of_image(...)[CENTER_CROP]` (what `load_photo`
+    returns): original pixel edge u lands at u * scale - offset (`examples.crop_geometry`).
+    The crop box is rounded outwards, so it covers the part, and clipped to the crop.
+
+    Returns:
+      int32 (4,) y0, x0, y1, x1 (end exclusive), possibly empty if the part lies outside.
+    """
+    scale, dy, dx = examples.crop_geometry(height, width, resize_size, crop_size)
+    y0, x0, y1, x1 = (float(v) for v in box)
+    out = np.array(
+        [
+            np.floor(y0 * scale - dy),
+            np.floor(x0 * scale - dx),
+            np.ceil(y1 * scale - dy),
+            np.ceil(x1 * scale - dx),
+        ]
+    )
+    return np.clip(out, 0, crop_size).astype(np.int32)
+
+
+def load_photo(path: str, config) -> tuple[np.ndarray, tuple[int, int]]:
+    """A photo as the model's center crop, the geometry `pixel_box_to_crop` assumes.
+
+    Returns:
+      (float32 (s, s, 3) mean-subtracted crop, (height, width) of the original).
+
+    Raises:
+      UsageError: the file cannot be read or decoded.
+    """
+    d = config.data
+    try:
+        image = preprocess.decode_rgb(tf.io.read_file(path))
+        crop = preprocess.ten_crops_of_image(image, d.resize_size, d.crop_size, d.mean)
+        return crop[preprocess.CENTER_CROP].numpy(), tuple(int(v) for v in image.shape[:2])
+    except (tf.errors.OpError, ValueError) as e:
+        message = getattr(e, "message", str(e)).splitlines()[0]
+        raise UsageError(f"cannot read image {path}: {message}") from None
+
+
+def json_subjects(config, path: str, num: int = 0) -> Subjects:
+    """The images and parts of a --parts JSON file (the first `num` images if num > 0).
+
+    Raises:
+      UsageError: as `load_parts`, an unreadable image, a box outside its image, or a part
+        that falls completely outside the model's center crop.
+    """
+    items, names = load_parts(path)
+    items = items[: num if num > 0 else None]
+    if len(items) < 2:
+        raise UsageError(f"--num_images={num}: at least 2 images are needed")
+    S, s = config.data.resize_size, config.data.crop_size
+    images, boxes, regions = [], [], []
+    for image_path, image_parts in items:
+        crop, (h, w) = load_photo(image_path, config)
+        row = []
+        for name in names:
+            y0, x0, y1, x1 = image_parts[name]
+            if y0 < 0 or x0 < 0 or y1 > h or x1 > w:
+                raise UsageError(
+                    f"--parts: box {name} {[y0, x0, y1, x1]} of {image_path} lies outside the "
+                    f"{h}x{w} image (need 0 <= y0 < y1 <= {h}, 0 <= x0 < x1 <= {w})"
+                )
+            box = pixel_box_to_crop(image_parts[name], h, w, S, s)
+            if box[2] <= box[0] or box[3] <= box[1]:
+                raise UsageError(
+                    f"--parts: part {name} of {image_path} lies outside the model's center crop"
+                )
+            row.append(box)
+        row = np.stack(row)
+        images.append(crop)
+        boxes.append(row)
+        regions.append([*row[:, :2].min(axis=0), *row[:, 2:].max(axis=0)])
+    return Subjects(
+        images=np.stack(images).astype(np.float32),
+        names=[os.path.basename(p) for p, _ in items],
+        parts=names,
+        boxes=np.stack(boxes).astype(np.int32),
+        regions=np.asarray(regions, np.int32),
+    )
+
+
+def quarter_boxes(box) -> np.ndarray:
+    """The four corner quarters (QUARTERS order) of a box, all of the same size.
+
+    Each is floor(h/2) x floor(w/2), anchored at its corner of the box (for odd sizes the
+    middle row/column belongs to no quarter).
+
+    Returns:
+      int32 (4, 4) y0, x0, y1, x1.
+    """
+    y0, x0, y1, x1 = (int(v) for v in box)
+    hh, hw = (y1 - y0) // 2, (x1 - x0) // 2
+    return np.array(
+        [
+            [y0, x0, y0 + hh, x0 + hw],
+            [y0, x1 - hw, y0 + hh, x1],
+            [y1 - hh, x0, y1, x0 + hw],
+            [y1 - hh, x1 - hw, y1, x1],
+        ],
+        np.int32,
+    )
+
+
+# Candidates read per wanted image when looking for objects that lie wholly inside the crop.
+CANDIDATES_PER_IMAGE = 8
+
+
+def embedded_subjects(config, split: str, num: int, label: int) -> Subjects:
+    """`num` images of class `label` with their object box's quarters as parts.
+
+    The first images (in split order) whose object lies wholly inside the crop are taken,
+    since a quarter of a box clipped by the crop border is not the same part of the object;
+    images with clipped objects fill up only if there are too few of those.
+
+    Raises:
+      UsageError: fewer than 2 such images, or an object box under 2 pixels on a side.
+    """
+    ex = examples.load_examples(config, split, num * CANDIDATES_PER_IMAGE, label=label)
+    if len(ex) < 2:
+        raise UsageError(
+            f"split {split!r} has {len(ex)} images of class {label}; at least 2 are needed"
+        )
+    from pipelines import embedded
+
+    s = config.data.crop_size
+    inside = (ex.boxes[:, :2] > 0).all(axis=1) & (ex.boxes[:, 2:] < s).all(axis=1)
+    keep = np.sort(np.concatenate([np.flatnonzero(inside), np.flatnonzero(~inside)])[:num])
+    ex = examples.Examples(ex.images[keep], ex.labels[keep], ex.indices[keep], ex.boxes[keep])
+    boxes = np.stack([quarter_boxes(b) for b in ex.boxes])
+    if np.any(boxes[..., 2] <= boxes[..., 0]) or np.any(boxes[..., 3] <= boxes[..., 1]):
+        raise UsageError("an object box is too small to split into quarters")
+    name = embedded.CLASS_NAMES[label] if label < len(embedded.CLASS_NAMES) else str(label)
+    return Subjects(
+        images=ex.images,
+        names=[f"{split} #{i} ({name})" for i in ex.indices],
+        parts=QUARTERS,
+        boxes=boxes,
+        regions=ex.boxes.astype(np.int32),
+    )
+
+
+def random_boxes(subjects: Subjects, draws: int, seed: int, crop_size: int) -> np.ndarray:
+    """Seeded random regions: per draw and image, a box of the image's mean part size whose
+    center is uniform in the image's region, shifted inside the crop.
+
+    Returns:
+      int32 (draws, N, 4) y0, x0, y1, x1.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = np.rint((subjects.boxes[..., 2:] - subjects.boxes[..., :2]).mean(axis=1))
+    sizes = np.clip(sizes.astype(np.int64), 1, crop_size)  # (N, 2) h, w
+    out = np.zeros((draws, len(sizes), 4), np.int32)
+    for d in range(draws):
+        for n, ((h, w), (ry0, rx0, ry1, rx1)) in enumerate(zip(sizes, subjects.regions)):
+            cy = rng.integers(ry0, max(ry1, ry0 + 1))
+            cx = rng.integers(rx0, max(rx1, rx0 + 1))
+            y0 = int(np.clip(cy - h // 2, 0, crop_size - h))
+            x0 = int(np.clip(cx - w // 2, 0, crop_size - w))
+            out[d, n] = [y0, x0, y0 + h, x0 + w]
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Compute.
+# ----------------------------------------------------------------------------------------
+
+
+def occlude(image: np.ndarray, boxes) -> np.ndarray:
+    """Copies of `image`, one per box, with that box set to 0 (gray after the mean).
+
+    Returns:
+      float32 (len(boxes), s, s, 3).
+    """
+    out = np.repeat(np.asarray(image, np.float32)[None], len(boxes), axis=0)
+    for k, (y0, x0, y1, x1) in enumerate(boxes):
+        out[k, y0:y1, x0:x1] = 0.0
+    return out
+
+
+def signs(eps: np.ndarray, scale) -> np.ndarray:
+    """Three-valued sign of eps, with |eps| <= SIGN_RTOL * scale counted as 0.
+
+    Args:
+      eps: (N, D) feature changes.
+      scale: (N,) or scalar, e.g. max |x_i| of each original feature vector.
+    """
+    eps = np.asarray(eps, np.float64)
+    tol = SIGN_RTOL * np.reshape(np.asarray(scale, np.float64), (-1,) + (1,) * (eps.ndim - 1))
+    return np.where(np.abs(eps) <= tol, 0, np.sign(eps)).astype(np.int8)
+
+
+def pair_hamming(sign: np.ndarray) -> np.ndarray:
+    """Normalized Hamming distances between the signs of all ordered pairs i != j.
+
+    Args:
+      sign: (N, D) values in {-1, 0, 1}.
+
+    Returns:
+      float64 (N (N-1),) fraction of the D positions where sign_i != sign_j, pairs in the
+      order (0,1), (0,2), ..., (1,0), (1,2), ...
+    """
+    n = len(sign)
+    return np.array(
+        [np.mean(sign[i] != sign[j]) for i in range(n) for j in range(n) if i != j], np.float64
+    )
+
+
+def delta(sign: np.ndarray) -> tuple[float, float]:
+    """The paper's Delta for one occluded part, normalized: mean and standard deviation of
+    `pair_hamming(sign)` (mean = Delta_l / (N (N-1) D))."""
+    values = pair_hamming(sign)
+    return float(values.mean()), float(values.std())
+
+
+def _tap(model, layers):
+    names = [layer.name for layer in model.layers]
+    bad = [name for name in layers if name not in names]
+    if bad:
+        raise UsageError(
+            f"config.analysis.correspondence.layers: no layer {bad[0]!r}; valid layers: "
+            + ", ".join(n for n in names if n.startswith(("conv", "pool", "norm", "fc")))
+        )
+    # model.input (one tensor) so calling it with an array matches its input structure.
+    return keras.Model(model.input, [model.get_layer(name).output for name in layers])
+
+
+def measure(model, subjects: Subjects, random: np.ndarray, layers, batch_size: int = 128):
+    """Occludes every part and random region and scores sign consistency per layer.
+
+    Args:
+      model: the classifier.
+      subjects: images and part boxes.
+      random: int (R, N, 4) random boxes (`random_boxes`).
+      layers: layer names, e.g. ('conv5', 'fc7').
+      batch_size: forward-pass batch (an image, its occluded copies; chunked).
+
+    Returns:
+      {layer: {'parts': {part: float64 (N(N-1),) pair_hamming}, 'random': float64 (R,)
+      mean pair_hamming per draw}}.
+    """
+    tap = _tap(model, layers)
+    n, num_parts = subjects.boxes.shape[:2]
+    eps = {layer: [] for layer in layers}  # per layer: (N, P + R, D)
+    scale = {layer: [] for layer in layers}
+    for i in tqdm.tqdm(range(n), desc="correspondence", unit="img"):
+        boxes = np.concatenate([subjects.boxes[i], random[:, i]])
+        batch = np.concatenate([subjects.images[i][None], occlude(subjects.images[i], boxes)])
+        outs = {layer: [] for layer in layers}
+        for start in range(0, len(batch), batch_size):
+            chunk = tap(batch[start : start + batch_size], training=False)
+            chunk = chunk if isinstance(chunk, (list, tuple)) else [chunk]
+            for layer, o in zip(layers, chunk):
+                outs[layer].append(np.asarray(o, np.float64).reshape(len(o), -1))
+        for layer in layers:
+            f = np.concatenate(outs[layer])
+            eps[layer].append(f[0] - f[1:])
+            scale[layer].append(np.abs(f[0]).max())
+    result = {}
+    for layer in layers:
+        e = np.stack(eps[layer])  # (N, P + R, D)
+        s = np.asarray(scale[layer])
+        result[layer] = {
+            "parts": {
+                part: pair_hamming(signs(e[:, p], s)) for p, part in enumerate(subjects.parts)
+            },
+            "random": np.array(
+                [pair_hamming(signs(e[:, num_parts + r], s)).mean() for r in range(len(random))],
+                np.float64,
+            ),
+        }
+    return result
+
+
+def summarize(result: dict) -> dict:
+    """{layer: {location: (mean, std)}}: parts over pairs, 'random' over draws."""
+    out = {}
+    for layer, r in result.items():
+        out[layer] = {p: (float(v.mean()), float(v.std())) for p, v in r["parts"].items()}
+        out[layer]["random"] = (float(r["random"].mean()), float(r["random"].std()))
+    return out
+
+
+def table(summary: dict) -> str:
+    """A Table 1-style markdown table: rows = occluded location, columns = layers."""
+    layers = list(summary)
+    header = ["occluded location", *(f"Delta {layer} (mean ± std)" for layer in layers)]
+    rows = [
+        [loc, *(f"{summary[layer][loc][0]:.4f} ± {summary[layer][loc][1]:.4f}" for layer in layers)]
+        for loc in summary[layers[0]]
+    ]
+    return figures.markdown_table(header, rows)
+
+
+# ----------------------------------------------------------------------------------------
+# Render and run.
+# ----------------------------------------------------------------------------------------
+
+
+def plot(subjects: Subjects, random: np.ndarray, mean, path: str, title: str) -> np.ndarray:
+    """The images with their part boxes (colored) and draw 0's random box (dashed white)."""
+    plt = figures.pyplot()
+    from matplotlib.patches import Rectangle
+
+    n = len(subjects.images)
+    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 3.0), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for i, ax in enumerate(axes[0]):
+        ax.imshow(figures.display(subjects.images[i], mean), interpolation="nearest")
+        ax.axis("off")
+        ax.set_title(subjects.names[i], fontsize=7)
+        boxes = [*subjects.boxes[i], random[0, i]] if len(random) else list(subjects.boxes[i])
+        labels = [*subjects.parts, "random (draw 0)"]
+        for k, (y0, x0, y1, x1) in enumerate(boxes):
+            is_random = k == len(subjects.parts)
+            corner, h, w = (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0
+            if is_random:  # black dashes on white: visible on any background
+                ax.add_patch(Rectangle(corner, w, h, fill=False, lw=1.6, ec="white"))
+            ax.add_patch(
+                Rectangle(
+                    corner,
+                    w,
+                    h,
+                    fill=False,
+                    lw=1.2,
+                    ls="--" if is_random else "-",
+                    ec="black" if is_random else colors[k % len(colors)],
+                    label=labels[k] if i == 0 else None,
+                )
+            )
+    fig.legend(loc="lower center", ncol=len(subjects.parts) + 1, fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    image = figures.save_figure(fig, path)
+    plt.close(fig)
+    return image
+
+
+def subjects_for(config, opts) -> Subjects:
+    """The experiment's images and parts: --parts JSON, else the embedded dataset's class.
+
+    Raises:
+      UsageError: no --parts on a dataset without object boxes, or bad --parts.
+    """
+    c = config.analysis.correspondence
+    num = opts.num_images or c.num_images
+    if num < 2:
+        raise UsageError(f"--num_images={num}: correspondence compares pairs, use at least 2")
+    if opts.parts:
+        return json_subjects(config, opts.parts, opts.num_images)
+    if config.data.source != "embedded":
+        raise UsageError(
+            "--mode=correspondence on a dataset without object boxes needs "
+            "--parts=FILE.json ({image_path: {part_name: [y0, x0, y1, x1]}})"
+        )
+    if not 0 <= c.label < config.data.num_classes:
+        raise UsageError(
+            f"config.analysis.correspondence.label={c.label} is not a class: "
+            f"choose 0..{config.data.num_classes - 1}"
+        )
+    return embedded_subjects(config, opts.split or config.analysis.split, num, int(c.label))
+
+
+def run_mode(config, workdir: str, opts):
+    """--mode=correspondence on a trained workdir (see the module docstring).
+
+    Args:
+      config: the workdir's config with `analysis` from the command line.
+      workdir: the trained workdir.
+      opts: flags; uses opts.parts, opts.split, opts.num_images (0: config default; with
+        --parts: all images of the file), opts.overwrite.
+
+    Returns:
+      {'summary': summarize()'s dict, 'paths': {name: path}}.
+    """
+    from zf_tf import workdirs
+
+    c = config.analysis.correspondence
+    paths = figures.outputs(workdir, "correspondence", OUTPUTS, opts.overwrite)
+    subjects = subjects_for(config, opts)  # bad --parts fail before the model loads
+    model = workdirs.load_model(workdir)
+    layers = tuple(c.layers)
+    random = random_boxes(subjects, int(c.random_draws), int(config.seed), config.data.crop_size)
+    result = measure(model, subjects, random, layers, config.analysis.batch_size)
+    summary = summarize(result)
+    n = len(subjects.images)
+    text = (
+        f"# Correspondence (paper Table 1): {n} images, parts {', '.join(subjects.parts)}\n\n"
+        "Mean normalized Hamming distance between the feature sign changes of two images "
+        f"(ordered pairs i != j; random: {len(random)} draws, mean ± std across draws). "
+        "Lower = more consistent.\n\n" + table(summary)
+    )
+    figures.save_text(paths["correspondence.md"], text)
+    record = {
+        "images": subjects.names,
+        "parts": list(subjects.parts),
+        "layers": list(layers),
+        "boxes": subjects.boxes.tolist(),
+        "random_boxes": random.tolist(),
+        "summary": {
+            layer: {loc: {"mean": m, "std": s} for loc, (m, s) in locs.items()}
+            for layer, locs in summary.items()
+        },
+        "pair_hamming": {
+            layer: {p: v.tolist() for p, v in r["parts"].items()} for layer, r in result.items()
+        },
+        "random_per_draw": {layer: r["random"].tolist() for layer, r in result.items()},
+        "definition": (
+            "h_ij = fraction of positions where sign(eps_i) != sign(eps_j), eps = features of "
+            "original minus occluded, sign three-valued with |eps| <= "
+            f"{SIGN_RTOL} * max|x_i| as 0; parts: mean/std of h_ij over ordered pairs; "
+            "random: mean over pairs per draw, then mean/std over draws"
+        ),
+    }
+    figures.save_text(paths["correspondence.json"], json.dumps(record, indent=1) + "\n")
+    figure = plot(
+        subjects,
+        random,
+        config.data.mean,
+        paths["correspondence.png"],
+        f"Correspondence: occluded parts ({', '.join(subjects.parts)}) and a random region",
+    )
+    figures.write_tensorboard(workdir, "correspondence", "correspondence/parts", figure)
+    print(text)
+    print(f"Wrote {', '.join(paths.values())}")
+    return {"summary": summary, "paths": paths}

@@ -1,0 +1,336 @@
+"""`--mode=invariance`: how features and the prediction change under image transformations
+(Zeiler & Fergus 2014, Fig. 5).
+
+A few images are vertically translated, scaled about their center and rotated about their
+center by the amounts in `config.analysis.invariance`. For every image and amount we measure
+the Euclidean distance between the feature vectors of the original and of the transformed
+image at layer 1 (conv1's output, flattened) and layer 7 (fc7's output), and the softmax
+probability of the true class.
+
+Transforms act on the model input (the mean-subtracted center crop), bilinearly, with the
+area uncovered by the transform filled with 0 (the mean, i.e. gray). Conventions, in pixel
+index coordinates (pixel centers at integers, the image center at ((s-1)/2, (s-1)/2)):
+- translation t: the content moves DOWN by t * s pixels (t < 0: up);
+- scale f: zoom about the center; f > 1 enlarges the content, f < 1 shrinks it;
+- rotation a degrees: COUNTERCLOCKWISE as displayed (y down), so 90 degrees equals
+  `np.rot90(image)` exactly.
+
+Outputs in `WORKDIR/invariance/`: invariance.csv (one row per image, transform and amount),
+invariance.npz (the same arrays), invariance.png (3x3 plots like Fig. 5) and
+invariance_examples.png (the transformed copies of the first image); both figures also go
+to TensorBoard (`WORKDIR/logs/invariance`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from zf_tf import UsageError, figures
+
+TRANSFORMS = ("translation", "scale", "rotation")
+IDENTITY = {"translation": 0.0, "scale": 1.0, "rotation": 0.0}
+AXIS_LABELS = {
+    "translation": "vertical shift (fraction of the crop side, + = down)",
+    "scale": "scale factor (zoom about the center)",
+    "rotation": "rotation (degrees, counterclockwise)",
+}
+CSV_HEADER = ("image", "label", "transform", "amount", "dist_layer1", "dist_layer7", "p_true")
+
+
+def transform_matrix(kind: str, amount: float, size: int) -> np.ndarray:
+    """The projective map from output to input pixel coordinates of one transform.
+
+    Args:
+      kind: one of TRANSFORMS.
+      amount: shift as a fraction of `size`, zoom factor, or degrees (see module docstring).
+      size: image side s in pixels (square images).
+
+    Returns:
+      float64 (8,) [a0, a1, a2, b0, b1, b2, 0, 0]: output pixel (y, x) samples the input at
+      x_in = a0 x + a1 y + a2, y_in = b0 x + b1 y + b2 (`ImageProjectiveTransformV3`).
+    """
+    c = (size - 1) / 2.0
+    if kind == "translation":
+        return np.array([1, 0, 0, 0, 1, -amount * size, 0, 0], np.float64)
+    if kind == "scale":
+        if amount <= 0:
+            raise UsageError(f"scale factors must be positive; got {amount}")
+        inv = 1.0 / amount
+        return np.array([inv, 0, c - inv * c, 0, inv, c - inv * c, 0, 0], np.float64)
+    if kind == "rotation":
+        a = np.deg2rad(amount)
+        # Snap cos/sin of multiples of 90 degrees so such rotations stay exact pixel moves.
+        cos, sin = np.round(np.cos(a), 12), np.round(np.sin(a), 12)
+        # input = R(a) (output - center) + center, with R(a) = [[cos, -sin], [sin, cos]] in (x, y).
+        return np.array(
+            [cos, -sin, c - cos * c + sin * c, sin, cos, c - sin * c - cos * c, 0, 0], np.float64
+        )
+    raise UsageError(f"unknown transform {kind!r}: valid transforms: {', '.join(TRANSFORMS)}")
+
+
+def apply_transforms(images, matrices) -> np.ndarray:
+    """Applies one projective transform per image, bilinearly, filling with 0, as one TF op.
+
+    Args:
+      images: float32 (N, H, W, C).
+      matrices: (N, 8) from `transform_matrix`.
+
+    Returns:
+      float32 (N, H, W, C).
+    """
+    images = tf.convert_to_tensor(images, tf.float32)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=tf.convert_to_tensor(matrices, tf.float32),
+        output_shape=tf.shape(images)[1:3],
+        fill_value=tf.constant(0.0),
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    ).numpy()
+
+
+def sweeps(config) -> dict[str, tuple[float, ...]]:
+    """{transform: amounts} from `config.analysis.invariance`."""
+    c = config.analysis.invariance
+    return {
+        "translation": tuple(float(a) for a in c.translations),
+        "scale": tuple(float(a) for a in c.scales),
+        "rotation": tuple(float(a) for a in c.rotations),
+    }
+
+
+def transformed_copies(image: np.ndarray, sweep: dict) -> tuple[np.ndarray, list]:
+    """All transformed copies of one image, in one batched op.
+
+    Returns:
+      (copies float32 (A, s, s, 3), [(transform, amount)] of length A), in `sweep` order.
+    """
+    keys = [(kind, a) for kind in sweep for a in sweep[kind]]
+    size = image.shape[0]
+    matrices = np.stack([transform_matrix(kind, a, size) for kind, a in keys])
+    return apply_transforms(np.repeat(image[None], len(keys), axis=0), matrices), keys
+
+
+def feature_layers(model) -> tuple[str, str, str]:
+    """(layer-1 name, layer-7 name, note): fc7, or the last fc layer if the model has no fc7."""
+    names = [layer.name for layer in model.layers]
+    if "conv1" not in names:
+        raise UsageError("the model has no conv1 layer")
+    if "fc7" in names:
+        return "conv1", "fc7", ""
+    fcs = [n for n in names if n.startswith("fc")]
+    if not fcs:
+        raise UsageError("the model has neither fc7 nor any other fc layer for layer 7")
+    return "conv1", fcs[-1], f"the model has no fc7: 'layer 7' is {fcs[-1]}, its last fc layer"
+
+
+def tap_model(model) -> keras.Model:
+    """keras.Model(model.input, [conv1, fc7 (or last fc), logits]); call it in inference
+    mode (training=False: no dropout)."""
+    l1, l7, _ = feature_layers(model)
+    outs = [model.get_layer(l1).output, model.get_layer(l7).output, model.output]
+    # model.input (one tensor, not a list) so calling it with an array matches its structure.
+    return keras.Model(model.input, outs)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def measure(model, images: np.ndarray, labels: np.ndarray, sweep: dict, batch_size: int = 128):
+    """Feature distances and true-class probability of every transformed copy.
+
+    Args:
+      model: the classifier (logits output, layers named as in zf_tf.model).
+      images: float32 (N, s, s, 3) model inputs.
+      labels: (N,) true classes.
+      sweep: {transform: amounts}, as `sweeps(config)`.
+      batch_size: forward-pass batch (the original and all its copies, chunked).
+
+    Returns:
+      dict with, per transform `k`: `k/amounts` (A_k,), `k/dist_layer1`, `k/dist_layer7`,
+      `k/p_true` (N, A_k) float64; `norm_layer1`, `norm_layer7` (N,): the originals'
+      feature norms (to read distances relative to them); `layer1`, `layer7` (layer
+      names) and `note` ('' or which layer stands in for fc7).
+    """
+    l1, l7, note = feature_layers(model)
+    tap = tap_model(model)
+    rows = {key: [] for key in ("dist_layer1", "dist_layer7", "p_true")}
+    norms = {"norm_layer1": [], "norm_layer7": []}
+    for image, label in tqdm.tqdm(
+        list(zip(images, labels)), desc="invariance", unit="img", disable=len(images) < 2
+    ):
+        copies, keys = transformed_copies(image, sweep)
+        batch = np.concatenate([image[None], copies])
+        outs = [[], [], []]
+        for start in range(0, len(batch), batch_size):
+            chunk = tap(batch[start : start + batch_size], training=False)
+            for o, c in zip(outs, chunk):
+                o.append(np.asarray(c, np.float64).reshape(len(c), -1))
+        f1, f7, logits = (np.concatenate(o) for o in outs)
+        rows["dist_layer1"].append(np.linalg.norm(f1[1:] - f1[0], axis=1))
+        rows["dist_layer7"].append(np.linalg.norm(f7[1:] - f7[0], axis=1))
+        rows["p_true"].append(_softmax(logits[1:])[:, int(label)])
+        norms["norm_layer1"].append(np.linalg.norm(f1[0]))
+        norms["norm_layer7"].append(np.linalg.norm(f7[0]))
+    result = {"layer1": l1, "layer7": l7, "note": note}
+    result.update({key: np.asarray(v, np.float64) for key, v in norms.items()})
+    start = 0
+    for kind, amounts in sweep.items():
+        stop = start + len(amounts)
+        result[f"{kind}/amounts"] = np.asarray(amounts, np.float64)
+        for key, per_image in rows.items():
+            result[f"{kind}/{key}"] = np.stack(per_image)[:, start:stop]
+        start = stop
+    return result
+
+
+def csv_text(result: dict, labels, indices, class_names) -> str:
+    """invariance.csv: one row per image, transform and amount (header CSV_HEADER)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    for kind in TRANSFORMS:
+        if f"{kind}/amounts" not in result:
+            continue
+        for n, (label, index) in enumerate(zip(labels, indices)):
+            for a, amount in enumerate(result[f"{kind}/amounts"]):
+                writer.writerow(
+                    [
+                        int(index),
+                        class_names[int(label)],
+                        kind,
+                        f"{amount:g}",
+                        f"{result[f'{kind}/dist_layer1'][n, a]:.6g}",
+                        f"{result[f'{kind}/dist_layer7'][n, a]:.6g}",
+                        f"{result[f'{kind}/p_true'][n, a]:.6g}",
+                    ]
+                )
+    return buf.getvalue()
+
+
+def class_names(config) -> list[str]:
+    """Names of the classes: the embedded dataset's shape names, else 'class <i>'."""
+    if config.data.source == "embedded":
+        from pipelines import embedded
+
+        return list(embedded.CLASS_NAMES)
+    return [f"class {i}" for i in range(int(config.data.num_classes))]
+
+
+def plot(result: dict, legend: list[str], path: str, title: str) -> np.ndarray:
+    """The 3x3 grid of Fig. 5 (rows: transforms; columns: layer-1 distance, layer-7
+    distance, P(true class)), one line per image. Returns the PNG as uint8 (H, W, 3)."""
+    plt = figures.pyplot()
+    columns = (
+        ("dist_layer1", f"layer 1 ({result['layer1']}) distance"),
+        ("dist_layer7", f"layer 7 ({result['layer7']}) distance"),
+        ("p_true", "P(true class)"),
+    )
+    fig, axes = plt.subplots(3, 3, figsize=(11, 9), squeeze=False)
+    for r, kind in enumerate(TRANSFORMS):
+        amounts = result[f"{kind}/amounts"]
+        for c, (key, name) in enumerate(columns):
+            ax = axes[r, c]
+            for n, values in enumerate(result[f"{kind}/{key}"]):
+                ax.plot(amounts, values, marker="o", markersize=3, label=legend[n])
+            ax.set_xlabel(AXIS_LABELS[kind], fontsize=8)
+            ax.set_ylabel(name, fontsize=8)
+            ax.tick_params(labelsize=7)
+            if key == "p_true":
+                ax.set_ylim(-0.03, 1.03)
+            if kind == "rotation":
+                ax.set_xticks(amounts[:: max(1, len(amounts) // 7)])
+            ax.grid(alpha=0.3)
+    axes[0, 2].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    image = figures.save_figure(fig, path, dpi=90)  # keeps the PNG small enough for docs
+    plt.close(fig)
+    return image
+
+
+def example_strip(image: np.ndarray, sweep: dict, mean, path: str, title: str) -> np.ndarray:
+    """The transformed copies of one image, one row per transform, as a PNG."""
+    plt = figures.pyplot()
+    width = max(len(a) for a in sweep.values())
+    fig, axes = plt.subplots(
+        len(sweep), width, figsize=(1.0 * width, 1.2 * len(sweep) + 0.4), squeeze=False
+    )
+    for ax in axes.ravel():
+        ax.axis("off")
+    for r, (kind, amounts) in enumerate(sweep.items()):
+        copies, _ = transformed_copies(image, {kind: amounts})
+        for c, (copy, amount) in enumerate(zip(copies, amounts)):
+            axes[r, c].imshow(figures.display(copy, mean), interpolation="nearest")
+            axes[r, c].set_title(f"{kind[:5]} {amount:g}", fontsize=6)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    out = figures.save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+OUTPUTS = ("invariance.csv", "invariance.npz", "invariance.png", "invariance_examples.png")
+
+
+def run_mode(config, workdir: str, opts):
+    """--mode=invariance on a trained workdir (see the module docstring for the outputs).
+
+    Args:
+      config: the workdir's config with `analysis` from the command line.
+      workdir: the trained workdir.
+      opts: flags; uses opts.split, opts.num_images (0: config default), opts.overwrite.
+
+    Returns:
+      {'result': measure()'s dict, 'paths': {name: path}}.
+    """
+    from pipelines import examples
+    from zf_tf import workdirs
+
+    paths = figures.outputs(workdir, "invariance", OUTPUTS, opts.overwrite)
+    model = workdirs.load_model(workdir)
+    split = opts.split or config.analysis.split
+    num = opts.num_images or config.analysis.invariance.num_images
+    ex = examples.load_examples(config, split, num)
+    if len(ex) == 0:
+        raise UsageError(f"split {split!r} has no images")
+    sweep = sweeps(config)
+    result = measure(model, ex.images, ex.labels, sweep, config.analysis.batch_size)
+    names = class_names(config)
+    if result["note"]:
+        print(f"Note: {result['note']}")
+    figures.save_text(paths["invariance.csv"], csv_text(result, ex.labels, ex.indices, names))
+    arrays = {k.replace("/", "_"): v for k, v in result.items() if isinstance(v, np.ndarray)}
+    figures.save_npz(
+        paths["invariance.npz"],
+        labels=ex.labels,
+        indices=ex.indices,
+        layers=np.array([result["layer1"], result["layer7"]]),
+        note=np.array(result["note"]),
+        **arrays,
+    )
+    legend = [f"{split} #{i}: {names[int(y)]}" for i, y in zip(ex.indices, ex.labels)]
+    title = f"Invariance on {len(ex)} {split} images (paper Fig. 5)"
+    if result["note"]:
+        title += f"\n{result['note']}"
+    grid = plot(result, legend, paths["invariance.png"], title)
+    strip = example_strip(
+        ex.images[0],
+        sweep,
+        config.data.mean,
+        paths["invariance_examples.png"],
+        f"transformed copies of {legend[0]} (gray = 0 fill)",
+    )
+    figures.write_tensorboard(workdir, "invariance", "invariance/curves", grid)
+    figures.write_tensorboard(workdir, "invariance", "invariance/examples", strip)
+    print(f"Wrote {', '.join(paths.values())}")
+    return {"result": result, "paths": paths}
