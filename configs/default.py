@@ -42,6 +42,9 @@ def get_config():
     config.data.image_key = "image"
     config.data.label_key = "label"
     config.data.num_classes = num_classes
+    # Original label ids to keep, relabelled 0..k-1 in this order (k must equal
+    # num_classes); () = all. configs/pretrain_shapes.py pretrains on 5 of the 10 shapes.
+    config.data.classes = ()
     config.data.resize_size = 72  # S: shorter side resized to S, then center S x S
     config.data.crop_size = crop_size  # s: one of the 10 s x s sub-crops
     config.data.mean = IMAGENET_MEAN
@@ -56,6 +59,7 @@ def get_config():
     config.model.layer1 = "zfnet"  # 'zfnet' (7x7/2) or 'alexnet' (11x11/4; Fig. 6, Table 3)
     config.model.conv_filters = (96, 256, 384, 384, 256)
     config.model.fc_units = (4096, 4096)
+    config.model.remove = ()  # Table 3 ablations: any of conv3, conv4, fc6, fc7 left out
     config.model.dropout = 0.5
     config.model.kernel_init = "he_normal"  # 'paper' = N(0, init_stddev)
     config.model.init_stddev = 0.01
@@ -97,7 +101,9 @@ def get_config():
 
     config.analysis.correspondence = ml_collections.ConfigDict()
     config.analysis.correspondence.num_images = 5
-    config.analysis.correspondence.label = 1  # embedded dataset: class of the 5 images
+    # Embedded dataset: class of the 5 images. Circles: shapes are drawn at random angles,
+    # and only for a circle is each quarter of the object box the same part in every image.
+    config.analysis.correspondence.label = 0
     config.analysis.correspondence.random_draws = 10
     config.analysis.correspondence.layers = ("conv5", "fc7")
 
@@ -106,9 +112,67 @@ def get_config():
     config.analysis.evolution.probe_images = 256  # fixed subset of the training split
     config.analysis.evolution.features_per_layer = 4  # seeded feature maps per layer
 
+    config.analysis.filters = ml_collections.ConfigDict()  # --mode=filters (Fig. 6)
+    config.analysis.filters.rms_threshold = 0.01  # dead: RMS < this x the largest conv1 RMS
+    config.analysis.filters.active_epsilon = 1e-6  # dead: max conv1 activation <= this
+    config.analysis.filters.layer2_features = 16  # seeded conv2 maps projected
+
     config.analysis.attribution = ml_collections.ConfigDict()
     config.analysis.attribution.num_images = 6  # shown in the figure
     config.analysis.attribution.pointing_images = 200  # scored by the pointing game
     config.analysis.attribution.smoothgrad_samples = 20
     config.analysis.attribution.smoothgrad_noise = 0.2
+    config.analysis.attribution.target = "true"  # class explained: 'true' or 'predicted'
+    config.analysis.attribution.methods = (  # figure columns after the input (attribution.py)
+        "deconvnet",
+        "guided_backprop",
+        "saliency",
+        "smoothgrad",
+        "gradcam",
+        "gradcam++",
+        "scorecam",
+        "occlusion",
+    )
+    config.analysis.attribution.cam_layer = "conv5"  # Grad-CAM, Grad-CAM++, Score-CAM
+
+    # --mode=ablate (paper Table 3): every variant trains with this same budget in
+    # WORKDIR/ablate/<variant>/. Not part of a run's identity (COMMAND_LINE_SECTIONS): each
+    # variant's own config.json records the budget it was trained with.
+    config.ablate = ml_collections.ConfigDict()
+    config.ablate.variants = "all"  # or a comma list, e.g. "baseline,no_fc7" (zf_tf/ablate.py)
+    config.ablate.epochs = 3  # train.epochs of every variant
+    config.ablate.steps_per_epoch = 0  # train.steps_per_epoch of every variant; 0 = full pass
+    config.ablate.train_error_images = 2000  # training images scored for train error; 0 = all
+
+    # Transfer (--mode=transfer; paper Sec. 5.2, Tables 4-6, Fig. 9): the workdir's trained
+    # layers 1-7 fixed, a new softmax on a target dataset. Like `analysis`, read from
+    # --config, not from the workdir. No target here: configs/transfer_*.py set one.
+    config.transfer = ml_collections.ConfigDict()
+    config.transfer.name = ""  # outputs in WORKDIR/transfer/<name>/; '' = no target
+    config.transfer.feature_layer = "fc7"  # any layer of the source model, e.g. pool5, fc6
+    config.transfer.per_class = (1, 5, 10, 15, 30, 60)  # training images per class; 0 = all
+    config.transfer.draws = 3  # seeded draws of the training images per N
+    config.transfer.seed = 0
+    config.transfer.test_per_class = 0  # seeded cap on test images per class; 0 = all
+    config.transfer.batch_size = 64  # feature extraction and scratch evaluation batch
+    config.transfer.data = ml_collections.ConfigDict()  # the target; geometry: the source's
+    config.transfer.data.source = "embedded"  # 'embedded', 'tfds' or 'folder'
+    config.transfer.data.name = "zf_shapes"
+    config.transfer.data.tfds_config = "default"
+    config.transfer.data.data_dir = ""
+    config.transfer.data.manual_dir = ""
+    config.transfer.data.folder = ""
+    config.transfer.data.train_split = "train"  # folders: 'train+validation' = every file
+    config.transfer.data.test_split = "validation"  # '' = held out of train_split
+    config.transfer.data.image_key = "image"
+    config.transfer.data.label_key = "label"  # 'a/b' for nested tfds features
+    config.transfer.data.classes = ()  # as config.data.classes
+    config.transfer.data.multi_label = False  # per-class sigmoids, mean AP (PASCAL VOC)
+    config.transfer.softmax = ml_collections.ConfigDict()  # on cached features
+    config.transfer.softmax.steps = 300  # full-batch Adam steps from zero weights
+    config.transfer.softmax.learning_rate = 0.01
+    config.transfer.softmax.weight_decay = 1e-4
+    config.transfer.scratch = ml_collections.ConfigDict()  # the same net, from scratch
+    config.transfer.scratch.epochs = 30  # over the N-per-class images; 0 = skip
+    config.transfer.scratch.batch_size = 64
     return config

@@ -1,9 +1,11 @@
 """A handful of examples of a split as numpy arrays, for the analyses.
 
-The images are what the model sees at evaluation: the unflipped center crop of the
-S x S center square (`preprocess.ten_crops` index 4, the evaluation pipeline's geometry). Where the dataset has object annotations (the embedded
-`zf_shapes` dataset: `bbox` and `mask`), they come along mapped into crop pixels, so
-analyses can ask "is this on the object?" (occlusion, pointing game, correspondence).
+The images are what the model sees at evaluation: the unflipped center crop of the S x S
+center square (`preprocess.ten_crops` index 4, the evaluation pipeline's geometry). Where
+the dataset has object annotations (the embedded `zf_shapes` dataset: `bbox` and `mask`),
+they come along mapped into crop pixels, so analyses can ask "is this on the object?"
+(occlusion, pointing game, correspondence). Labels are the model's: with `data.classes`
+only those classes, relabelled 0..k-1.
 """
 
 from __future__ import annotations
@@ -74,10 +76,11 @@ def load_examples(config, split: str, num: int, label: int | None = None) -> Exa
       config: experiment ConfigDict (uses `config.data`).
       split: split name.
       num: how many; fewer if the split (or class) has fewer.
-      label: keep only this class.
+      label: keep only this class (a model label: with `data.classes`, 0..k-1).
 
     Returns:
-      Examples, with boxes and masks for the embedded dataset.
+      Examples, with boxes and masks for the embedded dataset; `indices` count the
+      examples of the selected classes.
     """
     data = config.data
     S, s = data.resize_size, data.crop_size
@@ -87,6 +90,13 @@ def load_examples(config, split: str, num: int, label: int | None = None) -> Exa
 
         ds = embedded.load(split, inputs._data_dir(data), data.tfds_config)
         ds = ds.map(lambda ex: (ex["image"], ex["label"], ex["bbox"], ex["mask"]))
+        classes = inputs.selected_classes(data)
+        if classes:  # the model's labels: only these classes, relabelled 0..k-1
+            wanted = tf.constant(classes, tf.int64)
+            ds = ds.filter(lambda im, y, b, m: tf.reduce_any(tf.equal(wanted, y)))
+            ds = ds.map(
+                lambda im, y, b, m: (im, tf.argmax(tf.cast(tf.equal(wanted, y), tf.int32)), b, m)
+            )
     else:
         ds = inputs.encoded_records(data, split).map(
             lambda e, y: (preprocess.decode_rgb(e), y, tf.zeros(4), tf.zeros((1, 1, 1), tf.uint8))

@@ -14,6 +14,9 @@ Sources (`config.data.source`):
   `imagenet2012` prepared from `config.data.manual_dir`;
 - 'folder': class subfolders of JPEG/PNG files under `config.data.folder`.
 Images always arrive as encoded bytes so that decoding can be limited to the crop.
+`config.data.classes` (original label ids; empty = all) keeps only those classes and
+relabels them 0..k-1 in the listed order, e.g. to pretrain on some classes and transfer
+to the others (`configs/pretrain_shapes.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -72,6 +76,22 @@ def _folder_split(root: str, split: str):
     )
 
 
+def selected_classes(data) -> tuple[int, ...]:
+    """`data.classes` as a tuple of original label ids; () = every class (also for
+    configs written before the option existed)."""
+    return tuple(int(c) for c in (data.get("classes") or ()))
+
+
+def _select_classes(ds: tf.data.Dataset, classes) -> tf.data.Dataset:
+    """Keeps (encoded, label) pairs whose label is in `classes`, relabelled by position."""
+    wanted = tf.constant(classes, tf.int64)
+    ds = ds.filter(lambda e, y: tf.reduce_any(tf.equal(wanted, y)))
+    return ds.map(
+        lambda e, y: (e, tf.argmax(tf.cast(tf.equal(wanted, y), tf.int32), output_type=tf.int64)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
 def encoded_records(data, split: str, shuffle_files: bool = False) -> tf.data.Dataset:
     """(encoded image bytes, int64 label) pairs of a split, undecoded.
 
@@ -80,11 +100,19 @@ def encoded_records(data, split: str, shuffle_files: bool = False) -> tf.data.Da
       split: split name ('train', 'validation', 'test', or a tfds split expression).
       shuffle_files: let tfds interleave its files in random order (training).
 
+    Returns:
+      The pairs in split order; with `data.classes`, only those classes, relabelled 0..k-1.
+
     Raises:
       ValueError: unknown `data.source`.
     """
+    classes = selected_classes(data)
     if data.source == "folder":
         paths, labels = _folder_split(data.folder, split)
+        if classes:
+            keep = [i for i, y in enumerate(labels) if y in classes]
+            paths = [paths[i] for i in keep]
+            labels = [classes.index(labels[i]) for i in keep]
         ds = tf.data.Dataset.from_tensor_slices(
             (tf.constant(paths, tf.string), tf.constant(labels, tf.int64))
         )
@@ -98,17 +126,72 @@ def encoded_records(data, split: str, shuffle_files: bool = False) -> tf.data.Da
             shuffle_files=shuffle_files,
             decoders={data.image_key: tfds.decode.SkipDecoding()},
         )
-        return ds.map(
+        ds = ds.map(
             lambda ex: (ex[data.image_key], tf.cast(ex[data.label_key], tf.int64)),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
+        return _select_classes(ds, classes) if classes else ds
     raise ValueError(f"data.source must be one of {', '.join(SOURCES)}; got {data.source!r}")
 
 
+def class_names(data) -> list[str]:
+    """Names of the model's classes, in label order (after `data.classes`).
+
+    The embedded dataset's shape names, a tfds dataset's label names, a folder's class
+    subfolders; 'class <i>' where no name is known.
+    """
+    names: list[str] = []
+    try:
+        if data.source == "embedded":
+            from pipelines import embedded
+
+            names = list(embedded.CLASS_NAMES)
+        elif data.source == "folder":
+            root = data.folder
+            if os.path.isdir(os.path.join(root, data.train_split)):
+                root = os.path.join(root, data.train_split)
+            names = sorted(
+                d
+                for d in os.listdir(root)
+                if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
+            )
+        else:
+            names = list(_tfds_builder(data).info.features[data.label_key].names)
+    except Exception:  # noqa: BLE001 - names are decoration; fall back to numbers
+        names = []
+    ids = selected_classes(data) or range(int(data.num_classes))
+    return [names[i] if i < len(names) else f"class {i}" for i in ids]
+
+
+_CLASS_COUNTS: dict[tuple, tuple[int, ...]] = {}
+
+
+def _tfds_class_counts(data, split: str) -> tuple[int, ...]:
+    """Examples per label of a tfds split: one pass over its labels (images not decoded),
+    remembered per dataset and split."""
+    key = (data.source, data.name, data.tfds_config, _data_dir(data), split, data.label_key)
+    if key not in _CLASS_COUNTS:
+        import tensorflow_datasets as tfds
+
+        ds = _tfds_builder(data).as_dataset(
+            split=split, decoders={data.image_key: tfds.decode.SkipDecoding()}
+        )
+        labels = list(ds.map(lambda ex: ex[data.label_key]).batch(4096).as_numpy_iterator())
+        labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
+        _CLASS_COUNTS[key] = tuple(np.bincount(labels).tolist())
+    return _CLASS_COUNTS[key]
+
+
 def num_examples(data, split: str) -> int:
-    """Number of examples in a split (readable files for a folder)."""
+    """Number of examples in a split (readable files for a folder); with `data.classes`,
+    of those classes only."""
+    classes = selected_classes(data)
     if data.source == "folder":
-        return len(_folder_split(data.folder, split)[0])
+        labels = _folder_split(data.folder, split)[1]
+        return sum(y in classes for y in labels) if classes else len(labels)
+    if classes:
+        counts = _tfds_class_counts(data, split)
+        return sum(counts[c] for c in classes if c < len(counts))
     return int(_tfds_builder(data).info.splits[split].num_examples)
 
 

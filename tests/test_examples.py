@@ -58,3 +58,17 @@ def test_examples_without_annotations(tmp_path, tiny_config):
     encoded = tf.io.read_file(str(tmp_path / "a" / "0.png"))
     expected = preprocess.ten_crops(encoded, 72, 64, tiny_config.data.mean)[4]
     np.testing.assert_allclose(ex.images[0], expected.numpy(), atol=1e-3)
+
+
+def test_examples_and_class_names_follow_data_classes(tiny_config):
+    all_classes = examples.load_examples(tiny_config, "validation", 50)
+    tiny_config.data.classes = (7, 2)
+    tiny_config.data.num_classes = 2
+    ex = examples.load_examples(tiny_config, "validation", 50)
+    # Only classes 7 and 2, relabelled 0 and 1 in that order, in split order.
+    kept = np.isin(all_classes.labels, [7, 2])
+    np.testing.assert_array_equal(ex.labels, (all_classes.labels[kept] == 2).astype(int))
+    np.testing.assert_array_equal(ex.images, all_classes.images[kept])
+    assert inputs.class_names(tiny_config.data) == ["crescent", "triangle"]
+    one = examples.load_examples(tiny_config, "validation", 50, label=1)
+    assert (one.labels == 1).all() and len(one) == kept.sum() - (ex.labels == 0).sum()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines import inputs
 from tests.test_train import events
 from zf_tf import UsageError, invariance, workdirs
 from zf_tf import model as model_lib
@@ -187,7 +188,7 @@ def test_mode_end_to_end_and_refuses_to_overwrite(tiny_config, tmp_path):
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == invariance.CSV_HEADER
     assert amounts == 9 and len(rows) == 2 * amounts
-    assert {r["label"] for r in rows} <= set(invariance.class_names(config))
+    assert {r["label"] for r in rows} <= set(inputs.class_names(config.data))
     identity = [r for r in rows if float(r["amount"]) == invariance.IDENTITY[r["transform"]]]
     assert len(identity) == 2 * 3 and all(float(r["dist_layer1"]) == 0 for r in identity)
     npz = np.load(paths["invariance.npz"])

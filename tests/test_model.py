@@ -3,6 +3,7 @@
 import os
 
 import keras
+import ml_collections
 import numpy as np
 import pytest
 
@@ -156,3 +157,72 @@ def test_save_and_load_roundtrip(tmp_path):
     x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype("float32")
     np.testing.assert_allclose(model.predict(x, verbose=0), loaded.predict(x, verbose=0), rtol=1e-5)
     assert isinstance(loaded.get_layer("conv1").kernel_constraint, model_lib.FilterRMS)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer removal (paper Table 3 ablations: config.model.remove)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "remove",
+    [("conv3", "conv4"), ("fc7",), ("fc6", "fc7"), ("conv3", "conv4", "fc6", "fc7")],
+)
+def test_removed_layers_are_absent_and_the_others_keep_names_and_shapes(remove):
+    config = load_config().model
+    full = model_lib.build_model(config)
+    config.remove = remove
+    model = model_lib.build_model(config)
+    names = [layer.name for layer in model.layers]
+    dropped = set(remove) | {f"drop{n[2]}" for n in remove if n.startswith("fc")}
+    assert dropped.isdisjoint(names)
+    kept = [layer.name for layer in full.layers if layer.name not in dropped]
+    assert names == kept  # same order, no placeholders
+    for name in kept:
+        expected = tuple(full.get_layer(name).output.shape[1:])
+        assert tuple(model.get_layer(name).output.shape[1:]) == expected, name
+
+
+def test_removing_conv3_conv4_feeds_conv5_from_norm2():
+    model = model_lib.build_model(paper_model_config(remove=("conv3", "conv4")))
+    conv5 = model.get_layer("conv5")
+    assert conv5.input.shape[1:] == (13, 13, 256)  # norm2's maps, not conv4's 384
+    assert conv5.kernel.shape == (3, 3, 256, 256)
+    assert tuple(model.get_layer("pool5").output.shape[1:]) == (6, 6, 256)
+
+
+def test_unknown_removed_layer_is_an_error():
+    with pytest.raises(ValueError, match="'conv2'.*conv3, conv4, fc6, fc7"):
+        model_lib.build_model(paper_model_config(remove=("conv2",)))
+
+
+def test_config_without_remove_field_builds_the_full_model():
+    # config.json of workdirs trained before `remove` existed has no such field.
+    config = load_config().model.to_dict()
+    del config["remove"]
+    model = model_lib.build_model(ml_collections.ConfigDict(config))
+    assert model.count_params() == model_lib.build_model(load_config().model).count_params()
+
+
+def test_deconv_conv5_on_a_model_without_conv3_conv4():
+    from zf_tf import deconv
+
+    config = load_config().model
+    config.width, config.remove = 0.125, ("conv3", "conv4")
+    model = model_lib.build_model(config)
+    images = (np.random.default_rng(3).normal(size=(2, 64, 64, 3)) * 50).astype("float32")
+    chain = [layer.name for layer in deconv._chain(model, "conv5")]
+    assert chain[-4:] == ["conv2", "pool2", "norm2", "conv5"]
+    with pytest.raises(ValueError, match="valid layers: conv1, conv2, conv5"):
+        deconv.build_deconvnet(model, "conv3")
+    index = np.array([0, 1], np.int32)
+    maps = keras.Model(model.input, model.get_layer("conv5").output)(images).numpy()
+    feature = maps.reshape(2, -1, maps.shape[-1]).max(1).argmax(1).astype("int32")  # live maps
+    out = deconv.project(deconv.build_deconvnet(model, "conv5"), images, index, feature)
+    expected = deconv.gradient_projection(model, "conv5", images, index, feature)
+    assert out["projection"].shape == (2, 64, 64, 3)
+    assert np.all(out["activation"] > 0)
+    for m in range(2):
+        scale = np.abs(expected[m]).max()
+        assert scale > 0
+        np.testing.assert_allclose(out["projection"][m], expected[m], rtol=0, atol=1e-4 * scale)

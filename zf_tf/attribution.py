@@ -50,6 +50,7 @@ import tensorflow as tf
 import tqdm
 
 from pipelines import examples as examples_lib
+from pipelines import inputs
 from zf_tf import UsageError, deconv, figures, occlusion
 from zf_tf.model import CONV_LAYERS
 
@@ -625,7 +626,7 @@ def run_mode(config, workdir: str, opts) -> dict:
     if examples.boxes is not None:
         arrays["boxes"] = examples.boxes[shown]
     figures.save_npz(paths["attribution.npz"], methods=np.array(methods), **arrays)
-    names = occlusion.class_names(config)
+    names = inputs.class_names(config.data)
     figure = render(arrays, methods, paths["attribution.png"], config.data.mean, names, att.target)
     figures.write_tensorboard(workdir, MODE, f"{MODE}/{att.target}_class", figure)
     written = {k: paths[k] for k in ("attribution.npz", "attribution.png")}

@@ -36,8 +36,10 @@ def _config_path(argv) -> str:
 
 def _explain_override(argv) -> str | None:
     """Names the first `--config.a.b=...` whose key is not in the config, and the valid keys."""
+    # `--config=file.py:arg` passes `arg` to get_config (ml_collections' config_flags).
+    path, *arg = _config_path(argv).split(":", 1)
     try:
-        config = runpy.run_path(_config_path(argv))["get_config"]()
+        config = runpy.run_path(path)["get_config"](*arg)
     except Exception:  # noqa: BLE001 - the caller reports the original error instead
         return None
     for arg in argv:
@@ -88,6 +90,9 @@ def parse_flags(flag_values, argv):
     try:
         return flag_values(argv)
     except flags.Error as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        if "Traceback" in str(e):  # get_config raised: absl quotes the traceback, error last
+            fail(_explain_override(argv) or f"bad --config {_config_path(argv)}: {lines[-1]}")
         fail(str(e))
     except Exception as e:  # noqa: BLE001 - config files and overrides raise many types
         _config_error(argv, e)
@@ -149,8 +154,18 @@ def validate_config(config):
     choose("config.data.source", config.data.source, inputs.SOURCES)
     choose("config.model.layer1", config.model.layer1, tuple(model_lib.LAYER1))
     choose("config.model.kernel_init", config.model.kernel_init, model_lib.KERNEL_INITS)
+    for name in config.model.get("remove", ()):
+        choose("config.model.remove entry", name, model_lib.REMOVABLE)
     if config.data.source == "folder" and not config.data.folder:
         raise UsageError("config.data.source='folder' needs config.data.folder=/path/to/images")
+    classes = inputs.selected_classes(config.data)
+    if classes and (len(set(classes)) != len(classes) or min(classes) < 0):
+        raise UsageError(f"config.data.classes={classes} must be distinct label ids >= 0")
+    if classes and len(classes) != config.data.num_classes:
+        raise UsageError(
+            f"config.data.classes keeps {len(classes)} classes but config.data.num_classes="
+            f"{config.data.num_classes}: set --config.data.num_classes={len(classes)}"
+        )
     if config.data.crop_size > config.data.resize_size:
         raise UsageError(
             f"config.data.crop_size ({config.data.crop_size}) must not exceed "
@@ -223,6 +238,14 @@ def _deconv(config, workdir, strategy, opts):
         )
 
 
+def _ablate(config, workdir, strategy, opts):
+    """Paper Table 3: trains every variant of config.ablate in WORKDIR/ablate/<variant>/
+    (the command line's config is the base; the workdir's own run is not read or touched)."""
+    from zf_tf import ablate
+
+    ablate.run(config, workdir, strategy, opts.overwrite)
+
+
 def _analysis(module_name: str):
     """A mode that runs `module_name.run_mode(config, workdir, opts)` on a trained workdir:
     data/model/train settings from its config.json, `analysis` from --config."""
@@ -238,7 +261,14 @@ def _analysis(module_name: str):
 
 
 # Analysis modes (paper Figs. 4-7, Table 1): mode name -> module with run_mode().
-ANALYSES = {}
+ANALYSES = {
+    "occlusion": "zf_tf.occlusion",
+    "invariance": "zf_tf.invariance",
+    "correspondence": "zf_tf.correspondence",
+    "evolution": "zf_tf.evolution",
+    "filters": "zf_tf.filters",
+    "attribution": "zf_tf.attribution",
+}
 
 # Modes other than train read the config a workdir was trained with (config.json).
 MODES = {
@@ -247,7 +277,10 @@ MODES = {
     "export": _export,
     "deconv": _deconv,
     "summary": _summary,
+    "ablate": _ablate,
     **{name: _analysis(module) for name, module in ANALYSES.items()},
+    # Tables 4-6, Fig. 9: the workdir's model is the source, --config's `transfer` the target.
+    "transfer": _analysis("zf_tf.transfer"),
 }
 
 

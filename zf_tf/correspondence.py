@@ -47,7 +47,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from pipelines import examples, preprocess
+from pipelines import examples, inputs, preprocess
 from zf_tf import UsageError, figures
 
 SIGN_RTOL = 1e-5
@@ -258,7 +258,6 @@ def embedded_subjects(config, split: str, num: int, label: int) -> Subjects:
         raise UsageError(
             f"split {split!r} has {len(ex)} images of class {label}; at least 2 are needed"
         )
-    from pipelines import embedded
 
     s = config.data.crop_size
     inside = (ex.boxes[:, :2] > 0).all(axis=1) & (ex.boxes[:, 2:] < s).all(axis=1)
@@ -267,7 +266,8 @@ def embedded_subjects(config, split: str, num: int, label: int) -> Subjects:
     boxes = np.stack([quarter_boxes(b) for b in ex.boxes])
     if np.any(boxes[..., 2] <= boxes[..., 0]) or np.any(boxes[..., 3] <= boxes[..., 1]):
         raise UsageError("an object box is too small to split into quarters")
-    name = embedded.CLASS_NAMES[label] if label < len(embedded.CLASS_NAMES) else str(label)
+    names = inputs.class_names(config.data)
+    name = names[label] if label < len(names) else str(label)
     return Subjects(
         images=ex.images,
         names=[f"{split} #{i} ({name})" for i in ex.indices],

@@ -26,6 +26,8 @@ The same numbers are a gradient: the projection of activation a equals a * d a /
 every ReLU's backward is ReLU of the incoming gradient (the "deconvnet rule", not guided
 backprop), max pools back-propagate normally and LRN back-propagates as the identity.
 `gradient_projection` computes that with `tf.GradientTape`; tests use it as the oracle.
+`rule_forward` generalizes it to any layer (fc6, fc7, logits included) and other backward
+rules (guided backpropagation, the plain gradient), for the attribution methods.
 
 `receptive_field` / `receptive_field_size` give the input patch a conv unit can see.
 
@@ -51,6 +53,8 @@ __all__ = [
     "build_deconvnet",
     "project",
     "gradient_projection",
+    "rule_forward",
+    "BACKWARD_RULES",
     "receptive_field",
     "receptive_field_size",
 ]
@@ -400,7 +404,7 @@ def _check_conv(conv):
 
 
 def _has_relu(conv) -> bool:
-    """Whether the conv's fused activation is ReLU (rectified on the way down) or linear."""
+    """Whether a conv's (or dense layer's) fused activation is ReLU or linear."""
     name = getattr(conv.activation, "__name__", "")
     if name == "relu":
         return True
@@ -409,12 +413,24 @@ def _has_relu(conv) -> bool:
     raise NotImplementedError(f"{conv.name}: activation {name!r} not supported (relu or linear)")
 
 
-def _chain(model: keras.Model, layer_name: str) -> list:
-    """The classifier's layers from its input up to and including conv `layer_name`."""
+def _chain(model: keras.Model, layer_name: str, through_dense: bool = False) -> list:
+    """The classifier's layers from its input up to and including `layer_name`.
+
+    Only conv layers can be `layer_name` (and only layers with a deconvnet inverse occur),
+    unless `through_dense`: then any layer can end the chain and Flatten, Dense and Dropout
+    may occur too (gradient rules only; they have no deconvnet inverse).
+    """
     names = [layer.name for layer in model.layers]
-    if layer_name not in CONV_LAYERS or layer_name not in names:
-        valid = ", ".join(n for n in CONV_LAYERS if n in names)
-        raise ValueError(f"unknown layer {layer_name!r}; valid layers: {valid}")
+    inner = (keras.layers.ZeroPadding2D, keras.layers.Rescaling, LocalResponseNorm)
+    if through_dense:
+        inner += (keras.layers.Flatten, keras.layers.Dropout)
+        valid_names = [
+            layer.name for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)
+        ]
+    else:
+        valid_names = [n for n in CONV_LAYERS if n in names]
+    if layer_name not in valid_names:
+        raise ValueError(f"unknown layer {layer_name!r}; valid layers: {', '.join(valid_names)}")
     chain = []
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
@@ -422,12 +438,12 @@ def _chain(model: keras.Model, layer_name: str) -> list:
         if isinstance(layer, keras.layers.Conv2D):
             _check_conv(layer)
             _has_relu(layer)
+        elif through_dense and isinstance(layer, keras.layers.Dense):
+            _has_relu(layer)
         elif isinstance(layer, keras.layers.MaxPooling2D):
             if layer.data_format != "channels_last":
                 raise NotImplementedError(f"{layer.name}: only channels_last pools are supported")
-        elif not isinstance(
-            layer, (keras.layers.ZeroPadding2D, keras.layers.Rescaling, LocalResponseNorm)
-        ):
+        elif not isinstance(layer, inner):
             raise NotImplementedError(
                 f"layer {layer.name!r} ({type(layer).__name__}) has no deconvnet inverse"
             )
@@ -729,19 +745,83 @@ def _identity_backward(layer, x):
     return f(x)
 
 
-def _deconv_rule_forward(chain, x):
-    """Forward through `chain` with deconvnet-rule gradients (see `gradient_projection`)."""
+@tf.custom_gradient
+def _guided_relu(x):
+    """ReLU whose backward pass keeps the incoming gradient only where both it and the forward
+    input are positive (guided backpropagation, Springenberg et al. 2015)."""
+
+    def grad(upstream):
+        keep = tf.logical_and(x > 0, upstream > 0)
+        return upstream * tf.cast(keep, upstream.dtype)
+
+    return tf.nn.relu(x), grad
+
+
+# Backward rule name -> (ReLU with that backward pass, contrast normalization back-propagates
+# as the identity). The deconvnet does not invert contrast normalization, so its rule skips
+# it; guided backprop and the plain gradient differentiate through it.
+_RULES = {
+    "deconvnet": (_deconv_relu, True),
+    "guided": (_guided_relu, False),
+    "gradient": (tf.nn.relu, False),
+}
+BACKWARD_RULES = tuple(_RULES)
+
+
+def _rule_forward(chain, x, rule: str = "deconvnet"):
+    """Forward through `chain` with each ReLU's backward pass replaced by `rule`'s.
+
+    Convs and dense layers run without their fused activation, followed by the rule's ReLU;
+    dropout is skipped (inference).
+    """
+    relu, lrn_identity = _RULES[rule]
     for layer in chain:
-        if isinstance(layer, keras.layers.Conv2D):
-            z = layer.convolution_op(x, layer.kernel)
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            kernel = tf.cast(layer.kernel, x.dtype)
+            if isinstance(layer, keras.layers.Conv2D):
+                z = layer.convolution_op(x, kernel)
+            else:
+                z = tf.matmul(x, kernel)
             if layer.use_bias:
                 z = tf.nn.bias_add(z, tf.cast(layer.bias, z.dtype))
-            x = _deconv_relu(z) if _has_relu(layer) else z
-        elif isinstance(layer, LocalResponseNorm):
+            x = relu(z) if _has_relu(layer) else z
+        elif isinstance(layer, keras.layers.Dropout):
+            continue
+        elif isinstance(layer, LocalResponseNorm) and lrn_identity:
             x = _identity_backward(layer, x)
         else:
             x = layer(x)
     return x
+
+
+def rule_forward(model: keras.Model, images, layer_name: str = "logits", rule: str = "deconvnet"):
+    """The output of `layer_name`, computed so that its gradient follows a backward rule.
+
+    Runs the classifier's own layers (shared weights) from the input up to `layer_name` (any
+    layer: conv, pool, fc6, fc7, logits, ...) at inference (dropout off). Forward values equal
+    the model's; only the backward pass changes, so d output / d images under a
+    `tf.GradientTape` is:
+      'deconvnet': every ReLU back-propagates ReLU(upstream), contrast normalization as the
+        identity, max pools normally (the deconvnet of `build_deconvnet`, Zeiler & Fergus);
+      'guided': every ReLU back-propagates upstream * (forward input > 0) * (upstream > 0)
+        (guided backpropagation), everything else its true gradient;
+      'gradient': the true gradient.
+
+    Args:
+      model: the classifier (`zf_tf.model.build_model`).
+      images: (N, H, W, 3) float tensor (watched by the caller's tape).
+      layer_name: the last layer to run.
+      rule: one of BACKWARD_RULES.
+
+    Returns:
+      The layer's output tensor, e.g. (N, num_classes) logits.
+
+    Raises:
+      ValueError: unknown layer or rule.
+    """
+    if rule not in _RULES:
+        raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(BACKWARD_RULES)}")
+    return _rule_forward(_chain(model, layer_name, through_dense=True), images, rule)
 
 
 _GRADIENT_FNS = weakref.WeakKeyDictionary()
@@ -761,7 +841,7 @@ def _gradient_fn(model, layer_name):
         def fn(images, feature, y, x, seed_with_activation):
             with tf.GradientTape() as tape:
                 tape.watch(images)
-                fmap = _deconv_rule_forward(chain, images)
+                fmap = _rule_forward(chain, images, "deconvnet")
                 index = tf.range(tf.shape(images)[0])
                 act, _, _ = _select(fmap, index, feature, y, x)
             seed = tf.where(seed_with_activation > 0, tf.stop_gradient(act), tf.ones_like(act))

@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
+from pipelines import inputs
 from zf_tf import UsageError, figures
 
 TRANSFORMS = ("translation", "scale", "rotation")
@@ -217,15 +218,6 @@ def csv_text(result: dict, labels, indices, class_names) -> str:
     return buf.getvalue()
 
 
-def class_names(config) -> list[str]:
-    """Names of the classes: the embedded dataset's shape names, else 'class <i>'."""
-    if config.data.source == "embedded":
-        from pipelines import embedded
-
-        return list(embedded.CLASS_NAMES)
-    return [f"class {i}" for i in range(int(config.data.num_classes))]
-
-
 def plot(result: dict, legend: list[str], path: str, title: str) -> np.ndarray:
     """The 3x3 grid of Fig. 5 (rows: transforms; columns: layer-1 distance, layer-7
     distance, P(true class)), one line per image. Returns the PNG as uint8 (H, W, 3)."""
@@ -305,7 +297,7 @@ def run_mode(config, workdir: str, opts):
         raise UsageError(f"split {split!r} has no images")
     sweep = sweeps(config)
     result = measure(model, ex.images, ex.labels, sweep, config.analysis.batch_size)
-    names = class_names(config)
+    names = inputs.class_names(config.data)
     if result["note"]:
         print(f"Note: {result['note']}")
     figures.save_text(paths["invariance.csv"], csv_text(result, ex.labels, ex.indices, names))

@@ -3,7 +3,8 @@
 Layer names are part of the public API: analyses tap layers by name
 (``conv1``..``conv5``, ``pool1``, ``pool2``, ``pool5``, ``norm1``, ``norm2``, ``fc6``,
 ``fc7``, ``logits``). Every variant (input size, width multiplier, number of classes,
-AlexNet-style layer 1) keeps the same topology and names.
+AlexNet-style layer 1) keeps the same topology and names; the Table 3 ablations
+(`remove`) leave layers out and keep the other layers' names.
 
 Padding is chosen so that the paper's sizes come out exactly at 224 px:
 conv1 pads 1 pixel and runs 'valid' (110), pool1 and pool2 use 'same' (55, 13),
@@ -19,6 +20,8 @@ import tensorflow as tf
 CONV_FILTERS = (96, 256, 384, 384, 256)
 FC_UNITS = (4096, 4096)
 CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+# Layers an ablation may remove (paper Table 3); `drop6`/`drop7` go with fc6/fc7.
+REMOVABLE = ("conv3", "conv4", "fc6", "fc7")
 
 # Layer 1 geometry: (kernel, stride, zero padding) per style.
 LAYER1 = {"zfnet": (7, 2, 1), "alexnet": (11, 4, 2)}
@@ -98,7 +101,10 @@ def build_model(config) -> keras.Model:
         `fc_units` (2 ints), `dropout`, `kernel_init` ('paper' | 'he_normal'),
         `init_stddev`, `input_scale` (factor applied to the input
         pixels, 1 in the paper), `max_filter_rms` (0 disables renormalization), `lrn` (dict of
-        LocalResponseNorm arguments) and `seed`.
+        LocalResponseNorm arguments), `seed`, and optionally `remove`: names from REMOVABLE
+        of layers left out (Table 3 ablations; absent = none). A removed layer is simply
+        absent; the next layer takes the previous one's output, so e.g. conv5 reads norm2
+        when conv3 and conv4 are removed.
 
     Returns:
       An uncompiled `keras.Model` named 'zfnet' mapping (B, s, s, 3) float images (mean
@@ -106,6 +112,13 @@ def build_model(config) -> keras.Model:
     """
     if config.layer1 not in LAYER1:
         raise ValueError(f"model.layer1 must be one of {', '.join(LAYER1)}; got {config.layer1!r}")
+    # Configs written before `remove` existed (older workdirs' config.json) lack the field.
+    remove = tuple(getattr(config, "remove", None) or ())
+    unknown = [name for name in remove if name not in REMOVABLE]
+    if unknown:
+        raise ValueError(
+            f"model.remove: unknown layer {unknown[0]!r}; removable layers: {', '.join(REMOVABLE)}"
+        )
     seed = int(config.seed)
     filters = [scaled(f, config.width) for f in config.conv_filters]
     fc_units = [scaled(u, config.width) for u in config.fc_units]
@@ -141,15 +154,17 @@ def build_model(config) -> keras.Model:
     x = conv(1, x, 5, 2, "valid")
     x = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool2")(x)
     x = LocalResponseNorm(**lrn, name="norm2")(x)
-    x = conv(2, x, 3, 1, "same")
-    x = conv(3, x, 3, 1, "same")
-    x = conv(4, x, 3, 1, "same")
+    for i in (2, 3, 4):
+        if CONV_LAYERS[i] not in remove:
+            x = conv(i, x, 3, 1, "same")
     # At the paper's sizes conv5 is 13x13 and pool5 a 3x3/2 window. Smaller inputs (the
     # AlexNet-style layer 1 at CPU scale leaves conv5 1x1) clip the window to the map.
     window = min(3, int(x.shape[1]), int(x.shape[2]))
     x = keras.layers.MaxPooling2D(window, 2, padding="valid", name="pool5")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     for i, (name, units) in enumerate(zip(("fc6", "fc7"), fc_units)):
+        if name in remove:
+            continue
         x = keras.layers.Dense(
             units,
             activation="relu",

@@ -652,21 +652,6 @@ def render(arrays: dict, path: str, mean, class_names=None, rows: int = FIGURE_R
 # ---------------------------------------------------------------------------------------------
 
 
-def class_names(config) -> list[str] | None:
-    """The dataset's class names when known (the embedded dataset's, or tfds label names)."""
-    if config.data.source == "embedded":
-        from pipelines import embedded
-
-        return list(embedded.CLASS_NAMES)
-    if config.data.source == "tfds":
-        try:
-            feature = inputs._tfds_builder(config.data).info.features[config.data.label_key]
-            return list(feature.names)
-        except Exception:  # noqa: BLE001 - names are decoration; fall back to indices
-            return None
-    return None
-
-
 def _check_split(config, split: str) -> int:
     try:
         return inputs.num_examples(config.data, split)
@@ -730,7 +715,7 @@ def run_mode(config, workdir: str, opts) -> dict:
             progress=bar.update,
             scan_progress=scan_bar.update,
         )
-    names = class_names(config)
+    names = inputs.class_names(config.data)
     summary = summarize(arrays, cfg.layer, split, names)
     figures.save_npz(paths["occlusion.npz"], **arrays)
     figures.save_text(paths["occlusion.json"], json.dumps(summary, indent=1))

@@ -41,7 +41,8 @@ def filter_grid(kernel: np.ndarray, zoom: int = 4) -> np.ndarray:
 def filter_rms(model: keras.Model) -> dict[str, np.ndarray]:
     """Per-filter RMS of every conv layer's kernel (what renormalization caps)."""
     out = {}
-    for name in model_lib.CONV_LAYERS:
+    present = {layer.name for layer in model.layers}  # ablations (Table 3) remove some
+    for name in (n for n in model_lib.CONV_LAYERS if n in present):
         k = model.get_layer(name).get_weights()[0]
         out[name] = np.sqrt((k.astype(np.float64) ** 2).mean(axis=(0, 1, 2)))
     return out

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from pipelines import inputs
-from zf_tf import UsageError, keras_fixes, summaries, workdirs
+from zf_tf import UsageError, evolution, keras_fixes, summaries, workdirs
 from zf_tf import model as model_lib
 
 
@@ -146,6 +146,7 @@ def _train(config, workdir, out, strategy, chief):
         keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
         keras.callbacks.TensorBoard(os.path.join(out, "logs"), write_graph=False),
         summaries.ImageSummaries(os.path.join(out, "logs", "images"), config),
+        evolution.FeatureEvolution(out, config),  # Fig. 4 snapshots: out/evolution/
         # Last, so an epoch counts as done only once its checkpoint and logs are written.
         # Backups are per worker: every worker restores the same epoch after a failure.
         SafeBackupAndRestore(os.path.join(out, "backup")),

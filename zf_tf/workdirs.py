@@ -7,6 +7,10 @@ Layout:
   history.csv, logs/        per-epoch metrics; TensorBoard scalars and images
   eval.json, eval.md        10-crop / center-crop evaluation (Table 2 form)
   export/                   SavedModel for serving
+  evolution/                feature-evolution snapshots epoch_XXX.npz (Fig. 4), written
+                            during training; --mode=evolution adds evolution.png
+  transfer/                 --mode=transfer: cache/<key>.npz features of target images,
+                            <target>/<layer>.{json,md,png} results (Tables 4-6, Fig. 9)
 """
 
 from __future__ import annotations
@@ -23,8 +27,17 @@ from zf_tf import UsageError
 CONFIG_FILE = "config.json"
 # Config sections that do not change what training produces: analysis modes take them
 # from the command line (--config and overrides), not from the workdir's config.json.
-COMMAND_LINE_SECTIONS = ("analysis",)
-TRAINING_STATE = ("backup", "checkpoints", "logs", "history.csv", "eval.json", "eval.md", "export")
+COMMAND_LINE_SECTIONS = ("analysis", "ablate", "transfer")
+TRAINING_STATE = (
+    "backup",
+    "checkpoints",
+    "logs",
+    "history.csv",
+    "eval.json",
+    "eval.md",
+    "export",
+    "evolution",
+)
 
 
 def checkpoint_path(workdir: str) -> str:
@@ -56,9 +69,22 @@ def _differences(a, b, prefix=""):
     for k in keys:
         if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
             out += _differences(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
+        elif a.get(k) != b.get(k) and not (a.get(k, []) == [] == b.get(k, [])):
+            # A list field added later with an empty default (model.remove) is the same
+            # run as a config.json written before it existed.
             out.append(f"{prefix}{k}")
     return out
+
+
+def run_differences(workdir: str, config) -> list[str]:
+    """Dotted config keys in which `workdir`'s run (config.json) differs from `config`,
+    ignoring the COMMAND_LINE_SECTIONS; [] if the workdir holds no run yet."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        old = json.load(f)
+    return _differences(_run_identity(old), _run_identity(config_json(config)))
 
 
 def prepare_for_training(config, workdir: str, overwrite: bool):

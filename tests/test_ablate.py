@@ -1,0 +1,250 @@
+"""Architecture ablations (paper Table 3): the variants' exact parameter counts and layers,
+configs/ablations.py, and --mode=ablate end to end (table, reuse, refusing mixed budgets)."""
+
+import json
+import os
+
+import keras
+import pytest
+
+from tests.conftest import load_config
+from tests.test_cli import error_lines, main_py
+from zf_tf import UsageError, ablate, train
+from zf_tf import model as model_lib
+
+
+def conv(k, cin, cout):
+    return k * k * cin * cout + cout
+
+
+def dense(n_in, n_out):
+    return n_in * n_out + n_out
+
+
+# At the paper's size (224 px, width 1, 1000 classes): conv1 7x7x3 -> 96, conv2 5x5 -> 256,
+# conv3-5 3x3; pool5 is 6x6, so fc6 reads 6*6*(conv5 maps) inputs.
+CONV12 = conv(7, 3, 96) + conv(5, 96, 256)
+PAPER_PARAMS = {
+    "baseline": CONV12
+    + conv(3, 256, 384)
+    + conv(3, 384, 384)
+    + conv(3, 384, 256)
+    + dense(6 * 6 * 256, 4096)
+    + dense(4096, 4096)
+    + dense(4096, 1000),
+    # fc6 feeds the logits directly.
+    "no_fc7": CONV12
+    + conv(3, 256, 384)
+    + conv(3, 384, 384)
+    + conv(3, 384, 256)
+    + dense(6 * 6 * 256, 4096)
+    + dense(4096, 1000),
+    # conv5 reads conv2's 256 normalized maps.
+    "no_conv3_conv4": CONV12
+    + conv(3, 256, 256)
+    + dense(6 * 6 * 256, 4096)
+    + dense(4096, 4096)
+    + dense(4096, 1000),
+    "fc_8192": CONV12
+    + conv(3, 256, 384)
+    + conv(3, 384, 384)
+    + conv(3, 384, 256)
+    + dense(6 * 6 * 256, 8192)
+    + dense(8192, 8192)
+    + dense(8192, 1000),
+    "conv_512_1024_512": CONV12
+    + conv(3, 256, 512)
+    + conv(3, 512, 1024)
+    + conv(3, 1024, 512)
+    + dense(6 * 6 * 512, 4096)
+    + dense(4096, 4096)
+    + dense(4096, 1000),
+    "no_conv3_conv4_fc6_fc7": CONV12 + conv(3, 256, 256) + dense(6 * 6 * 256, 1000),
+}
+PAPER_TOTALS = {
+    "baseline": 62_357_608,
+    "no_fc7": 45_576_296,
+    "no_conv3_conv4": 59_850_088,
+    "fc_8192": 154_542_184,
+    "conv_512_1024_512": 107_627_624,
+    "no_conv3_conv4_fc6_fc7": 10_435_944,
+}
+
+
+@pytest.fixture
+def zero_init(monkeypatch):
+    """Zero kernels: counting parameters of 100M+ weight models without the slow random
+    draws (the count does not depend on the values)."""
+    monkeypatch.setattr(model_lib, "_kernel_initializer", lambda *a: keras.initializers.Zeros())
+
+
+@pytest.mark.parametrize("variant", list(PAPER_PARAMS))
+def test_paper_size_parameter_counts(variant, zero_init):
+    config = ablate.set_variant(load_config("zfnet_imagenet"), variant)
+    model = model_lib.build_model(config.model)
+    assert model.count_params() == PAPER_PARAMS[variant] == PAPER_TOTALS[variant]
+    keras.utils.clear_session()
+
+
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "drop6", "fc7", "drop7", "logits")
+ABSENT = {
+    "no_conv3_conv4": {"conv3", "conv4"},
+    "no_fc7": {"fc7", "drop7"},
+    "no_fc6_fc7": {"fc6", "drop6", "fc7", "drop7"},
+    "no_conv3_conv4_fc6_fc7": {"conv3", "conv4", "fc6", "drop6", "fc7", "drop7"},
+}
+
+
+def test_every_variant_layers_and_widths():
+    assert list(ablate.VARIANTS) == [
+        "baseline",
+        "no_conv3_conv4",
+        "no_fc7",
+        "no_fc6_fc7",
+        "no_conv3_conv4_fc6_fc7",
+        "fc_2048",
+        "fc_8192",
+        "conv_512_1024_512",
+        "conv_512_1024_512_fc_8192",
+        "alexnet_layer1",
+    ]
+    base = load_config()  # width 0.25: unit counts scale like every other layer
+    for variant in ablate.VARIANTS:
+        config = ablate.variant_config(base, variant)
+        model = model_lib.build_model(config.model)
+        names = {layer.name for layer in model.layers}
+        absent = ABSENT.get(variant, set())
+        assert names.isdisjoint(absent), variant
+        assert set(LAYERS) - absent <= names, variant
+        units = {n: model.get_layer(n).units for n in ("fc6", "fc7") if n in names}
+        maps = {n: model.get_layer(n).filters for n in ("conv3", "conv4", "conv5") if n in names}
+        fc = {"fc_2048": 512, "fc_8192": 2048, "conv_512_1024_512_fc_8192": 2048}.get(variant, 1024)
+        assert set(units.values()) <= {fc}, variant
+        wide = "conv_512" in variant
+        assert maps.get("conv5") == (128 if wide else 64), variant
+        if wide:
+            assert (maps["conv3"], maps["conv4"]) == (128, 256)
+        assert model.get_layer("conv1").kernel_size == (
+            (11, 11) if "alexnet" in variant else (7, 7)
+        )
+        # The budget is the ablation's, the rest the base config's.
+        assert config.train.epochs == base.ablate.epochs
+        assert config.train.learning_rate == base.train.learning_rate
+    keras.utils.clear_session()
+
+
+def test_config_file_variants():
+    config = load_config("ablations")  # default argument: the Fig. 3 model
+    assert config.model.to_dict() == load_config().model.to_dict()
+    import runpy
+
+    get_config = runpy.run_path(os.path.join("configs", "ablations.py"))["get_config"]
+    no_fc7 = get_config("no_fc7")
+    assert tuple(no_fc7.model.remove) == ("fc7",)
+    no_fc7.model.remove = ()
+    assert no_fc7.to_dict() == load_config().to_dict()
+    with pytest.raises(ValueError, match="valid variants: baseline, no_conv3_conv4"):
+        get_config("no_fc9")
+    with pytest.raises(UsageError, match="unknown variant 'bogus': valid variants: all, base"):
+        ablate.requested_variants("baseline,bogus")
+    assert ablate.requested_variants("no_fc7, baseline,no_fc7") == ["no_fc7", "baseline"]
+    assert ablate.requested_variants("all") == list(ablate.VARIANTS)
+
+
+def test_unknown_variant_and_removed_layer_are_one_line_through_main(tmp_path):
+    proc = main_py("--mode=ablate", "--config=configs/ablations.py:bogus", f"--workdir={tmp_path}")
+    lines = error_lines(proc)
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "unknown ablation variant 'bogus': valid variants: baseline, no_conv3_conv4" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture
+def ablation_config(tiny_config, monkeypatch):
+    config = tiny_config
+    config.model.width = 0.125
+    config.ablate.variants = "no_fc7,no_conv3_conv4"
+    config.ablate.epochs = 1
+    config.ablate.steps_per_epoch = 2
+    config.ablate.train_error_images = 16
+    # Training's feature-evolution snapshots (Fig. 4, tested in test_evolution.py) would be
+    # a third of this test's time; the ablation does not read them.
+    if hasattr(train, "evolution"):
+        monkeypatch.setattr(
+            train.evolution, "FeatureEvolution", lambda *args: keras.callbacks.Callback()
+        )
+    return config
+
+
+def test_ablate_mode_end_to_end_and_reuse(ablation_config, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    workdir = str(tmp_path / "w")
+    strategy = tf.distribute.get_strategy()
+    rows = ablate.run(ablation_config, workdir, strategy)
+    out = os.path.join(workdir, "ablate")
+    assert os.listdir(workdir) == ["ablate"]  # the parent workdir's own run is untouched
+    assert [r["variant"] for r in rows] == ["no_fc7", "no_conv3_conv4"]
+
+    table = json.load(open(os.path.join(out, "table.json")))
+    assert table["variants"] == ["no_fc7", "no_conv3_conv4"]
+    assert table["budget"]["epochs"] == 1 and table["budget"]["steps_per_epoch"] == 2
+    for row in table["rows"]:
+        vdir = os.path.join(out, row["variant"])
+        model = keras.models.load_model(os.path.join(vdir, "checkpoints", "model.keras"))
+        assert row["parameters"] == model.count_params()
+        names = {layer.name for layer in model.layers}
+        assert names.isdisjoint(ABSENT[row["variant"]])
+        ev = json.load(open(os.path.join(vdir, "eval.json")))
+        assert row["val_top1_error"] == ev["ten_crop"]["top1_error"]
+        for key in ("train_top1_error", "train_top5_error", "val_top5_error"):
+            assert 0 <= row[key] <= 100
+            # 16 training images and 50 validation images: multiples of 1/16 and 1/50.
+        assert (row["train_top1_error"] * 16 / 100) == pytest.approx(
+            round(row["train_top1_error"] * 16 / 100)
+        )
+        assert row["wall_s"] > 0 and row["epochs_trained"] == 1
+        cfg = json.load(open(os.path.join(vdir, "config.json")))
+        assert cfg["train"]["epochs"] == 1 and cfg["train"]["steps_per_epoch"] == 2
+    md = open(os.path.join(out, "table.md")).read().splitlines()
+    header = [c.strip() for c in md[2].strip("|").split("|")]
+    assert header == list(ablate.COLUMNS)
+    assert [line.split("|")[1].strip() for line in md[4:]] == ["no_fc7", "no_conv3_conv4"]
+    assert open(os.path.join(out, "errors.png"), "rb").read(4) == b"\x89PNG"
+
+    # Rerun: the finished variants are reused, nothing retrains.
+    ckpt = os.path.join(out, "no_fc7", "checkpoints", "model.keras")
+    mtime = os.path.getmtime(ckpt)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished variant was retrained")
+
+    monkeypatch.setattr(train, "train_and_evaluate", no_training)
+    assert ablate.run(ablation_config, workdir, strategy) == rows
+    assert os.path.getmtime(ckpt) == mtime
+
+    # Another budget is refused before any training, naming what differs.
+    ablation_config.ablate.epochs = 2
+    with pytest.raises(UsageError, match="table.json holds .*differs in .*epochs"):
+        ablate.run(ablation_config, workdir, strategy)
+    # ...and so is a variant workdir of another budget, even without a table.
+    os.remove(os.path.join(out, "table.json"))
+    with pytest.raises(UsageError, match="no_fc7 was trained with another config .*train.epochs"):
+        ablate.run(ablation_config, workdir, strategy)
+    assert os.path.getmtime(ckpt) == mtime
+
+
+def test_run_identity_of_workdirs_trained_before_model_remove_existed(tmp_path):
+    from zf_tf import workdirs
+
+    config = load_config()
+    old = workdirs.config_json(config)
+    del old["model"]["remove"]  # config.json written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert workdirs.run_differences(str(tmp_path), config) == []
+    config.model.remove = ("fc7",)
+    assert workdirs.run_differences(str(tmp_path), config) == ["model.remove"]
+    config.model.remove = ()
+    config.ablate.epochs = 9  # a command-line section: not part of the run
+    assert workdirs.run_differences(str(tmp_path), config) == []

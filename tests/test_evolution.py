@@ -1,0 +1,188 @@
+"""Feature evolution (paper Fig. 4): the training callback under MirroredStrategy, its
+snapshots against the deconvnet and a brute-force maximum, and --mode=evolution's grid."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import examples
+from tests.conftest import ROOT
+from tests.test_train import events
+from zf_tf import UsageError, deconv, evolution, workdirs
+from zf_tf.model import CONV_LAYERS
+
+PROBE, PER_LAYER, WIDTH = 12, 2, 0.125
+
+# Trains 2 epochs x 2 steps with 2 mirrored CPU replicas and the callback (evolution epochs
+# (1, 5): snapshots at 1 and 2), then saves the final model. A subprocess, since logical
+# devices must be configured before any TF op runs.
+SCRIPT = """
+import json, runpy, sys
+sys.path.insert(0, {root!r})
+from zf_tf import cli
+strategy = cli.make_strategy("mirrored", 2)
+from zf_tf import evolution, keras_fixes, train, workdirs
+from zf_tf import model as model_lib
+config = runpy.run_path({config!r})["get_config"]()
+config.update_from_flattened_dict({overrides!r})
+with strategy.scope():
+    model = train.compile_model(model_lib.build_model(config.model), config)
+keras_fixes.build_for_fit(model, strategy, config.data.crop_size)
+ds = train.distributed_inputs(strategy, config, "train", "train")
+callback = evolution.FeatureEvolution({workdir!r}, config)
+model.fit(ds, epochs=2, steps_per_epoch=2, callbacks=[callback], verbose=0)
+workdirs.save_model_atomic(model, workdirs.checkpoint_path({workdir!r}))
+print(json.dumps({{"replicas": strategy.num_replicas_in_sync, "seconds": callback.seconds}}))
+"""
+
+
+def overrides(data_dir):
+    return {
+        "data.data_dir": data_dir,
+        "data.tfds_config": "tiny",
+        "data.shuffle_buffer": 64,
+        "model.width": WIDTH,
+        "train.batch_size": 8,
+        "train.eval_batch_size": 8,
+        "train.epochs": 2,
+        "train.steps_per_epoch": 2,
+        "analysis.evolution.epochs": (1, 5),
+        "analysis.evolution.probe_images": PROBE,
+        "analysis.evolution.features_per_layer": PER_LAYER,
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data_dir, tmp_path_factory):
+    """(workdir, config, stdout record) of a 2-epoch mirrored run with the callback."""
+    workdir = str(tmp_path_factory.mktemp("evo") / "w")
+    script = SCRIPT.format(
+        root=ROOT,
+        config=os.path.join(ROOT, "configs", "default.py"),
+        overrides=overrides(tiny_data_dir),
+        workdir=workdir,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from tests.conftest import load_config
+
+    config = load_config()
+    config.update_from_flattened_dict(overrides(tiny_data_dir))
+    return workdir, config, json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_snapshot_epochs_clipped_to_the_run():
+    paper = (1, 2, 5, 10, 20, 30, 40, 64)
+    assert evolution.snapshot_epochs(paper, 12) == [1, 2, 5, 10, 12]
+    assert evolution.snapshot_epochs(paper, 64) == list(paper)
+    assert evolution.snapshot_epochs(paper, 70) == [*paper, 70]
+    assert evolution.snapshot_epochs((5, 1, 5), 2) == [1, 2]
+    assert evolution.snapshot_epochs((), 3) == [3]
+    assert evolution.snapshot_epochs(paper, 0) == []
+
+
+def test_strongest_matches_brute_force():
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(5, 4, 3, 6)).astype(np.float32)
+    maps[3, 2, 1, 4] = 9.0  # a clear winner for map 4
+    best = evolution.strongest(maps, [4, 1])
+    assert (best["image"][0], best["y"][0], best["x"][0]) == (3, 2, 1)
+    for n, f in enumerate([4, 1]):
+        i, y, x = np.unravel_index(np.argmax(maps[..., f]), maps.shape[:3])
+        assert (best["image"][n], best["y"][n], best["x"][n]) == (i, y, x)
+        assert best["activation"][n] == maps[..., f].max()
+
+
+def test_callback_snapshots_under_mirrored_strategy(trained):
+    workdir, config, record = trained
+    assert record["replicas"] == 2
+    assert len(record["seconds"]) == 2  # epochs 1 and 2 (5 > the run's 2 epochs)
+    assert sorted(os.listdir(os.path.join(workdir, "evolution"))) == [
+        "epoch_001.npz",
+        "epoch_002.npz",
+    ]
+    model = workdirs.load_model(workdir)
+    probe = examples.load_examples(config, "train", PROBE).images
+    taps = keras.Model(model.inputs[0], [model.get_layer(n).output for n in CONV_LAYERS])
+    maps = dict(zip(CONV_LAYERS, (m.numpy() for m in taps(probe, training=False))))
+    first = np.load(os.path.join(workdir, "evolution", "epoch_001.npz"))
+    snap = np.load(os.path.join(workdir, "evolution", "epoch_002.npz"))  # the final weights
+    assert int(snap["epoch"]) == 2 and list(snap["layers"]) == list(CONV_LAYERS)
+    for layer in CONV_LAYERS:
+        n = PER_LAYER
+        features = snap[f"{layer}_features"]
+        assert features.shape == (n,) and len(set(features)) == n
+        np.testing.assert_array_equal(features, first[f"{layer}_features"])  # same maps
+        for name in ("activation", "image", "y", "x"):
+            assert snap[f"{layer}_{name}"].shape == (n,), name
+        assert snap[f"{layer}_projection"].shape == (n, 64, 64, 3)
+        assert snap[f"{layer}_box"].shape == (n, 4)
+        # Brute force: the strongest activation of each map over the probe images.
+        for j, f in enumerate(features):
+            m = maps[layer][..., f]
+            np.testing.assert_allclose(snap[f"{layer}_activation"][j], m.max(), rtol=1e-5)
+            i, y, x = (snap[f"{layer}_{k}"][j] for k in ("image", "y", "x"))
+            np.testing.assert_allclose(m[i, y, x], m.max(), rtol=1e-5)
+            box = deconv.receptive_field(model, layer, int(y), int(x))
+            assert tuple(snap[f"{layer}_box"][j]) == box
+        assert int(snap[f"{layer}_field"]) == deconv.receptive_field_size(model, layer)
+        if layer == "conv5":  # the projection is the deconvnet's (one layer: test time)
+            expected = deconv.project(
+                deconv.build_deconvnet(model, layer),
+                probe,
+                snap[f"{layer}_image"],
+                features,
+                snap[f"{layer}_y"],
+                snap[f"{layer}_x"],
+            )
+            scale = np.abs(expected["projection"]).max()
+            np.testing.assert_allclose(
+                snap[f"{layer}_projection"], expected["projection"], atol=1e-5 * scale
+            )
+    tb = events(os.path.join(workdir, "logs", "evolution"))
+    assert sorted(s for s, _ in tb["evolution/conv3"]) == [1, 2]
+
+
+def opts(**kw):
+    return types.SimpleNamespace(**{"overwrite": False, "split": "", "num_images": 0, **kw})
+
+
+def test_mode_builds_the_grid(trained):
+    workdir, config, _ = trained
+    snapshots = evolution.load_snapshots(workdir)
+    cells, labels, epochs = evolution.evolution_grid(snapshots)
+    rows = len(CONV_LAYERS) * PER_LAYER
+    assert epochs == [1, 2]
+    assert cells.shape == (rows, 2, 64, 64, 3)  # conv5's field covers the 64 px crop
+    assert labels[0].startswith("conv1 map ") and labels[-1].startswith("conv5 map ")
+    assert 0.0 <= cells.min() and cells.max() <= 1.0
+    out = evolution.run_mode(config, workdir, opts())
+    assert out["rows"] == labels and out["epochs"] == [1, 2]
+    png = np.asarray(Image.open(out["png"]))
+    assert png.ndim == 3 and png.shape[0] > png.shape[1] > 100  # tall: 10 rows, 2 columns
+    tb = events(os.path.join(workdir, "logs", "evolution"))
+    grid = tb["evolution/cells"][-1][1]
+    pad = evolution.CELL_PAD
+    assert grid.shape == (rows * (64 + pad) - pad, 2 * (64 + pad) - pad, 3)
+    with pytest.raises(UsageError, match="--overwrite"):
+        evolution.run_mode(config, workdir, opts())
+
+
+def test_mode_without_snapshots_says_to_train(tmp_path, tiny_config):
+    with pytest.raises(UsageError, match="train a new run with this version first"):
+        evolution.run_mode(tiny_config, str(tmp_path), opts())
+    assert not (tmp_path / "evolution").exists()

@@ -1,0 +1,385 @@
+"""--mode=transfer (paper Sec. 5.2, Tables 4-6, Fig. 9): tables, sampling, mean AP, the
+feature cache, the class-subset pipeline option, end to end on the tiny embedded dataset
+and on an image folder, and one-line errors."""
+
+import json
+import logging as std_logging
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import logging
+
+from pipelines import inputs
+from tests.conftest import load_config
+from tests.images import encode, random_rgb, write
+from zf_tf import UsageError, cli, transfer, workdirs
+from zf_tf import model as model_lib
+
+# ------------------------------------------------------------------------------ tables
+
+
+def test_results_table_exact():
+    results = {
+        "metric_name": "mean per-class accuracy",
+        "draws": 3,
+        "feature_layer": "fc7",
+        "per_class": [15, 30, 0],
+        "transfer": {
+            "15": {"mean": 83.81, "std": 0.54},
+            "30": {"mean": 86.5, "std": 0.5},
+            "0": {"mean": 90.0, "std": 0.0},
+        },
+        "scratch": {
+            "15": {"mean": 22.8, "std": 1.46},
+            "30": {"mean": 46.5, "std": 1.7},
+            "0": {"mean": 50.04, "std": 0.06},
+        },
+    }
+    assert transfer.results_table(results) == (
+        "| mean per-class accuracy % (mean ± std over 3 draws) "
+        "| 15/class | 30/class | all/class |\n"
+        "|---|---|---|---|\n"
+        "| Pretrained ZFNet features (fc7) + new softmax | 83.8 ± 0.5 | 86.5 ± 0.5 | 90.0 ± 0.0 |\n"
+        "| Same architecture trained from scratch | 22.8 ± 1.5 | 46.5 ± 1.7 | 50.0 ± 0.1 |\n"
+    )
+    results["scratch"] = {}  # scratch.epochs = 0: the transfer row only
+    assert transfer.results_table(results).count("\n") == 3
+
+
+def test_ap_table_exact():
+    table = transfer.ap_table(["aero", "bike"], [80.0, float("nan")], [10.04, 20.0])
+    assert table == (
+        "| AP % | aero | bike | mean |\n"
+        "|---|---|---|---|\n"
+        "| Pretrained features | 80.0 | - | 80.0 |\n"
+        "| From scratch | 10.0 | 20.0 | 15.0 |\n"
+    )
+
+
+def test_label_feature_of_the_paper_targets(tmp_path):
+    import tensorflow_datasets as tfds
+
+    # Builder info only: nothing is downloaded or written.
+    voc = tfds.builder("voc/2012", data_dir=str(tmp_path)).info.features
+    for key in ("objects/label", "labels"):
+        names = transfer.label_feature(voc, key).names
+        assert len(names) == 20 and names[:2] == ["aeroplane", "bicycle"]
+    caltech = tfds.builder("caltech101", data_dir=str(tmp_path)).info.features
+    assert transfer.label_feature(caltech, "label").num_classes == 102
+    with pytest.raises(UsageError, match="not a class label"):
+        transfer.label_feature(caltech, "image")
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def test_sampling_exact_n_disjoint_seeded():
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(np.arange(4), [10, 12, 7, 9]))
+    orders = transfer.class_orders(labels, 4, seed=3, draw=0)
+    for n in (1, 3, 5):
+        train = transfer.sample_per_class(orders, n)
+        assert np.bincount(labels[train], minlength=4).tolist() == [n] * 4
+        assert np.array_equal(train, np.sort(train))
+    small, large = (transfer.sample_per_class(orders, n) for n in (3, 5))
+    assert set(small) <= set(large)  # nested: smaller N are subsets
+    test = transfer.held_out(labels, orders, 5, 0, seed=3, draw=0)
+    assert not set(test) & set(large)
+    assert np.bincount(labels[test], minlength=4).tolist() == [5, 7, 2, 4]
+    capped = transfer.held_out(labels, orders, 5, 3, seed=3, draw=0)
+    assert set(capped) <= set(test)
+    assert np.bincount(labels[capped], minlength=4).tolist() == [3, 3, 2, 3]
+    # Seeded: the same draw repeats exactly, another draw differs.
+    again = transfer.class_orders(labels, 4, seed=3, draw=0)
+    assert np.array_equal(transfer.sample_per_class(again, 3), small)
+    other = transfer.class_orders(labels, 4, seed=3, draw=1)
+    assert not np.array_equal(transfer.sample_per_class(other, 3), small)
+    with pytest.raises(UsageError, match=r"has 7 training images.*<= 6"):
+        transfer.check_counts(labels, ["a", "b", "c", "d"], [1, 7], held_out_test=True)
+    transfer.check_counts(labels, ["a", "b", "c", "d"], [1, 7], held_out_test=False)
+
+
+def test_multi_label_sampling_gives_every_class_n_positives():
+    labels = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 1], [0, 1, 1]])
+    orders = transfer.class_orders(labels, 3, seed=0, draw=0)
+    train = transfer.sample_per_class(orders, 2)
+    assert (labels[train].sum(axis=0) >= 2).all()
+    assert len(train) <= 6 and len(set(train)) == len(train)
+    test = transfer.held_out(labels, orders, 1, 5, seed=0, draw=0)  # cap: single-label only
+    assert not set(test) & set(transfer.sample_per_class(orders, 1))
+
+
+# -------------------------------------------------------------------------- metrics
+
+
+def test_average_precision_hand_computed():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    # Ranked hits 1,0,1,0,1: precision 1, 1/2, 2/3, 2/4, 3/5; the monotone envelope at the
+    # three positives is 1, 2/3, 3/5, so AP = (1 + 2/3 + 3/5) / 3.
+    assert transfer.average_precision(scores, [1, 0, 1, 0, 1]) == pytest.approx(
+        (1 + 2 / 3 + 3 / 5) / 3
+    )
+    # Hits 0,1,0,1,1: precision 0, 1/2, 1/3, 1/2, 3/5. The envelope lifts every positive to
+    # 3/5 (plain averaged precision would be (1/2 + 1/2 + 3/5) / 3).
+    assert transfer.average_precision(scores, [0, 1, 0, 1, 1]) == pytest.approx(0.6)
+    # Input order does not matter, only the ranking.
+    perm = [3, 0, 4, 2, 1]
+    assert transfer.average_precision(scores[perm], np.array([1, 0, 1, 0, 1])[perm]) == (
+        pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    )
+    assert np.isnan(transfer.average_precision(scores, [0, 0, 0, 0, 0]))
+    # mean AP: classes without a positive test image are left out.
+    two = np.stack([scores, scores[::-1], scores], axis=1)
+    labels = np.array([[1, 0, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0], [1, 1, 0]])
+    result = transfer.evaluate_scores(two, labels, multi_label=True)
+    assert result["per_class"][0] == pytest.approx(100 * (1 + 2 / 3 + 3 / 5) / 3)
+    assert result["per_class"][1] == pytest.approx(100.0)  # its only positive ranks first
+    assert np.isnan(result["per_class"][2])
+    assert result["metric"] == pytest.approx((result["per_class"][0] + 100) / 2)
+
+
+def test_mean_per_class_accuracy():
+    scores = np.eye(3)[[0, 0, 1, 2, 2, 0]]
+    labels = np.array([0, 0, 0, 2, 2, 1])
+    result = transfer.evaluate_scores(scores, labels, multi_label=False)
+    assert result["per_class"] == pytest.approx([100 * 2 / 3, 0.0, 100.0])
+    assert result["metric"] == pytest.approx((200 / 3 + 100) / 3)
+    assert result["accuracy"] == pytest.approx(100 * 4 / 6)
+
+
+def test_multi_hot_eager_and_in_dataset_map():
+    assert transfer.multi_hot([2, 0, 2], 4).numpy().tolist() == [1, 0, 1, 0]
+    assert transfer.multi_hot(tf.zeros([0], tf.int64), 3).numpy().tolist() == [0, 0, 0]
+    assert transfer.multi_hot(1, 3).numpy().tolist() == [0, 1, 0]
+    ds = tf.data.Dataset.from_tensor_slices(tf.ragged.constant([[1, 1], [], [0, 2]]))
+    got = [v.tolist() for v in ds.map(lambda y: transfer.multi_hot(y, 3)).as_numpy_iterator()]
+    assert got == [[0, 1, 0], [0, 0, 0], [1, 0, 1]]
+
+
+def test_softmax_learns_separable_features():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 4)
+    x = (np.eye(3)[y] * 5 + rng.normal(size=(12, 3))).astype(np.float32)
+    classify = transfer.train_softmax(x, y, 3, multi_label=False, steps=200)
+    assert (classify(x).argmax(1) == y).all()
+    again = transfer.train_softmax(x, y, 3, multi_label=False, steps=200)
+    assert np.array_equal(classify(x), again(x))  # zero init, full batch: deterministic
+
+
+# ------------------------------------------------------------------- class subset
+
+
+def test_class_subset_pipeline(tiny_config, tmp_path):
+    data = tiny_config.data
+    everything = [int(y) for _, y in inputs.encoded_records(data, "validation")]
+    data.classes = (7, 2, 5)
+    data.num_classes = 3
+    kept = [int(y) for _, y in inputs.encoded_records(data, "validation")]
+    assert kept == [(7, 2, 5).index(y) for y in everything if y in (7, 2, 5)]
+    assert inputs.num_examples(data, "validation") == len(kept) == 15
+    cli.validate_config(tiny_config)
+    data.num_classes = 4
+    with pytest.raises(UsageError, match="num_classes=3"):
+        cli.validate_config(tiny_config)
+    # Folders: the same remapping, from the file list.
+    for name in ("a", "b", "c"):
+        for i in range(2):
+            write(f"{tmp_path}/train/{name}/{i}.png", encode(random_rgb(20, 20, i), "PNG"))
+    folder = load_config().data
+    folder.source, folder.folder, folder.classes = "folder", str(tmp_path), (2, 0)
+    assert [int(y) for _, y in inputs.encoded_records(folder, "train")] == [1, 1, 0, 0]
+    assert inputs.num_examples(folder, "train") == 4
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def source(tiny_data_dir, tmp_path_factory):
+    """An untrained small source model in a workdir of configs/pretrain_shapes.py."""
+    config = load_config("pretrain_shapes")
+    config.data.data_dir = tiny_data_dir
+    config.data.tfds_config = "tiny"
+    config.model.width = 0.125
+    # 32 px crops of 36 px squares (model input too): the tracing and steps cost less.
+    config.data.crop_size, config.data.resize_size = 32, 36
+    workdir = str(tmp_path_factory.mktemp("source") / "w")
+    workdirs.prepare_for_training(config, workdir, False)
+    workdirs.save_model_atomic(
+        model_lib.build_model(config.model), workdirs.checkpoint_path(workdir)
+    )
+    return workdir
+
+
+def shapes_config(tiny_data_dir, workdir, **transfer_settings):
+    """configs/transfer_shapes.py on the tiny dataset, as --mode=transfer resolves it."""
+    command_line = load_config("transfer_shapes")
+    t = command_line.transfer
+    t.data.data_dir = tiny_data_dir
+    t.data.tfds_config = "tiny"
+    t.per_class, t.draws, t.scratch.epochs, t.softmax.steps = (1, 2), 2, 1, 50
+    t.scratch.batch_size = 8
+    for key, value in transfer_settings.items():
+        t[key] = value
+    return workdirs.load_config(workdir, command_line)
+
+
+def test_features_are_cached_and_match_the_model(source, tiny_data_dir, monkeypatch, caplog):
+    config = shapes_config(tiny_data_dir, source)
+    target = transfer.resolve_target(config)
+    assert target.class_names == ["ring", "semicircle", "crescent", "arrow", "letter_l"]
+    model = workdirs.load_model(source)
+    first, path, hit = transfer.cached_features(source, model, "fc7", target, "validation", 16)
+    assert not hit and path.endswith(".npz")
+    assert first["features"].shape == (25, 512)  # fc7: 4096 x width 0.125
+    assert np.bincount(first["labels"]).tolist() == [5] * 5
+    assert np.array_equal(first["indices"], np.arange(25))
+    # The features are the model's fc7 on the evaluation pipeline's center crops.
+    eval_config = load_config()
+    eval_config.data = target.data
+    eval_config.data.cache = True
+    eval_config.train.eval_batch_size = 25
+    images, labels = next(iter(inputs.build_inputs(eval_config, "validation", mode="center")))
+    tap = transfer.keras.Model(model.inputs, model.get_layer("fc7").output)
+    np.testing.assert_allclose(first["features"], tap(images, training=False), atol=1e-5)
+    assert np.array_equal(first["labels"], labels.numpy())
+    # Second time: read back, the model is never run.
+    monkeypatch.setattr(transfer, "extract_features", lambda *a: pytest.fail("recomputed"))
+    with caplog.at_level(std_logging.INFO):
+        logging.get_absl_logger().propagate = True
+        again, path2, hit = transfer.cached_features(source, model, "fc7", target, "validation", 16)
+    assert hit and path2 == path and "Feature cache hit" in caplog.text
+    assert np.array_equal(again["features"], first["features"])
+    # Another layer or split is another key.
+    checkpoint = workdirs.checkpoint_path(source)
+    keys = {
+        transfer.cache_key(checkpoint, layer, target.data, split)
+        for layer in ("fc7", "pool5")
+        for split in ("train", "validation")
+    }
+    assert len(keys) == 4
+
+
+def test_end_to_end_tiny(source, tiny_data_dir):
+    config = shapes_config(tiny_data_dir, source)
+    results = transfer.run_mode(config, source, types.SimpleNamespace(overwrite=False))
+    out = f"{source}/transfer/shapes"
+    saved = json.loads(open(f"{out}/fc7.json").read())
+    assert saved["per_class"] == [1, 2] and saved["num_test_images"] == 25
+    for key in ("transfer", "scratch"):
+        for n in ("1", "2"):
+            values = saved[key][n]["values"]
+            assert len(values) == 2 and all(0 <= v <= 100 for v in values)
+            assert saved[key][n]["mean"] == pytest.approx(np.mean(values))
+            assert saved[key][n]["std"] == pytest.approx(np.std(values))
+    assert saved["cache"]["train"]["hit"] is False
+    assert results["transfer"]["1"]["mean"] == saved["transfer"]["1"]["mean"]
+    md = open(f"{out}/fc7.md").read()
+    assert transfer.results_table(saved) in md
+    png = tf.io.decode_png(open(f"{out}/fc7.png", "rb").read()).numpy()
+    assert png.ndim == 3 and png.shape[0] > 100
+    with pytest.raises(UsageError, match="exists; pass --overwrite"):
+        transfer.run_mode(config, source, types.SimpleNamespace(overwrite=False))
+    # A second run reuses the features and, seeded, repeats the transfer numbers.
+    config = shapes_config(tiny_data_dir, source, draws=1)
+    config.transfer.scratch.epochs = 0
+    again = transfer.run_mode(config, source, types.SimpleNamespace(overwrite=True))
+    assert again["cache"]["train"]["hit"] and again["cache"]["test"]["hit"]
+    assert again["transfer"]["2"]["values"] == saved["transfer"]["2"]["values"][:1]
+    assert again["scratch"] == {}
+
+
+def test_multi_label_end_to_end(source, tiny_data_dir):
+    # The embedded labels as one-element label sets: the VOC code path (multi-hot labels,
+    # per-class sigmoids, mean AP, Table 6-style AP table) on data that is here.
+    config = shapes_config(tiny_data_dir, source, name="shapes_multi", per_class=(2,), draws=1)
+    config.transfer.data.multi_label = True
+    config.transfer.data.classes = ()
+    results = transfer.run(config, source, workdirs.load_model(source))
+    assert results["metric_name"] == "mean AP" and results["num_test_images"] == 50
+    assert len(results["per_class_ap"]["transfer"]) == 10
+    assert len(results["per_class_ap"]["scratch"]) == 10
+    assert 0 <= results["transfer"]["2"]["mean"] <= 100
+    md = open(f"{source}/transfer/shapes_multi/fc7.md").read()
+    assert "| AP % | circle | square |" in md
+
+
+def test_source_overlap_is_a_warning(source, tiny_data_dir, caplog):
+    config = shapes_config(tiny_data_dir, source)
+    target = transfer.resolve_target(config)
+    with caplog.at_level(std_logging.WARNING):
+        logging.get_absl_logger().propagate = True
+        transfer._source_overlap_warning(config, target)  # source 0-4, target 5-9
+        assert "measures no transfer" not in caplog.text
+        config.data.classes, config.data.num_classes = [], 10  # like the default workdir
+        transfer._source_overlap_warning(config, target)
+    assert "measures no transfer" in caplog.text
+
+
+def test_image_folder_target(source, tmp_path):
+    # 3 classes of 6 images each, the class in the color: flat folder, test held out.
+    colors = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+    for name, color in colors.items():
+        for i in range(6):
+            image = (random_rgb(48, 56, i) // 4 + np.array(color, np.uint8) // 4 * 3).astype(
+                np.uint8
+            )
+            write(f"{tmp_path}/{name}/{i}.jpg", encode(image, "JPEG"))
+    config = load_config("transfer_caltech256")
+    t = config.transfer
+    t.name, t.data.folder, t.data.classes = "colors", str(tmp_path), ()
+    # From scratch is covered by the other end-to-end tests; here it would only add time.
+    t.per_class, t.draws, t.test_per_class, t.scratch.epochs, t.softmax.steps = (2,), 1, 0, 0, 50
+    results = transfer.run(
+        workdirs.load_config(source, config), source, workdirs.load_model(source)
+    )
+    assert results["class_names"] == ["blue", "green", "red"]
+    assert results["num_train_images"] == 18 and results["held_out_test"]
+    assert results["num_test_images"] == 12  # 6 - 2 per class, never a training image
+    assert results["transfer"]["2"]["values"][0] > 100 / 3  # color is the class here
+
+
+# ----------------------------------------------------------------------- bad input
+
+
+def test_configs_load_and_validate():
+    for name in ("transfer_shapes", "transfer_caltech101", "transfer_voc2012"):
+        config = load_config(name)
+        transfer.check_config(config)
+        assert "python main.py --mode=transfer" in open(f"configs/{name}.py").read()
+    voc = load_config("transfer_voc2012").transfer
+    assert voc.data.multi_label and voc.data.name == "voc/2012"
+    caltech256 = load_config("transfer_caltech256")
+    with pytest.raises(UsageError, match="config.transfer.data.folder="):
+        transfer.check_config(caltech256)
+    caltech256.transfer.data.folder = "/data/256_ObjectCategories"
+    transfer.check_config(caltech256)
+    assert len(caltech256.transfer.data.classes) == 256
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (dict(feature_layer="fc9"), "choose one of input_scale, conv1_pad, conv1"),
+        (dict(per_class=(1, 30)), "'ring' has 20 training images, fewer than N=30"),
+        (dict(per_class=(0, -1)), "distinct images-per-class counts >= 1"),
+        (dict(name=""), "configs/transfer_shapes.py, configs/transfer_caltech101.py"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(source, tiny_data_dir, change, expected, capsys):
+    config = shapes_config(tiny_data_dir, source, **change)
+    opts = types.SimpleNamespace(overwrite=True)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run("transfer", config, source, "default", opts)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error:") and expected in err, err
+
+
+def test_missing_transfer_section(source):
+    config = workdirs.load_config(source, None)  # a config file without the section
+    assert "transfer" not in config
+    with pytest.raises(UsageError, match="transfer section: configs/transfer_shapes.py"):
+        transfer.run_mode(config, source, types.SimpleNamespace(overwrite=False))

@@ -1,0 +1,419 @@
+"""Architecture ablations (paper Table 3) and `--mode=ablate`.
+
+Each variant is the command line's config with a few model fields changed (VARIANTS); unit
+counts are the paper's and scale with `config.model.width` like every other layer. The mode
+trains every requested variant with one budget (`config.ablate.epochs` and
+`.steps_per_epoch`; data, seed and learning rate from the base config) in its own workdir
+`WORKDIR/ablate/<variant>/` through `train.train_and_evaluate`, so an interrupted variant
+resumes, and a finished one (its `ablate.json` written) is reused without retraining. Then it
+writes the Table 3-style table:
+
+  WORKDIR/ablate/table.md, table.json   rows: variants; columns: parameters, train and
+                                        validation top-1/top-5 error, wall time
+  WORKDIR/ablate/errors.png             the top-1 errors as bars (also TensorBoard:
+                                        WORKDIR/ablate/logs/table)
+
+Train error: the final model (checkpoints/model.keras) on the training split's center crops
+(no dropout, no flips). Validation error: the 10-crop error of the variant's eval.json (as
+the paper's Table 2/3). The last epoch's fit metrics (dropout on, random crops) are also
+kept in table.json ("fit_top1_error").
+
+Nothing is written outside WORKDIR/ablate/: the parent workdir's own run is untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+from zf_tf import UsageError
+
+MODE = "ablate"
+RESULT_FILE = "ablate.json"  # in a variant's workdir once it is finished and scored
+
+# name -> (the paper's Table 3 row, model config fields changed). Unit counts are the paper's.
+VARIANTS = {
+    "baseline": ("Our model (Fig. 3)", {}),
+    "no_conv3_conv4": ("Removed layers 3,4", {"remove": ("conv3", "conv4")}),
+    "no_fc7": ("Removed layer 7", {"remove": ("fc7",)}),
+    "no_fc6_fc7": ("Removed layers 6,7", {"remove": ("fc6", "fc7")}),
+    "no_conv3_conv4_fc6_fc7": (
+        "Removed layers 3,4,6,7",
+        {"remove": ("conv3", "conv4", "fc6", "fc7")},
+    ),
+    "fc_2048": ("Layers 6,7: 2048 units", {"fc_units": (2048, 2048)}),
+    "fc_8192": ("Layers 6,7: 8192 units", {"fc_units": (8192, 8192)}),
+    "conv_512_1024_512": (
+        "Layers 3,4,5: 512,1024,512 maps",
+        {"conv_filters": (96, 256, 512, 1024, 512)},
+    ),
+    "conv_512_1024_512_fc_8192": (
+        "Layers 3,4,5: 512,1024,512 maps and layers 6,7: 8192 units",
+        {"conv_filters": (96, 256, 512, 1024, 512), "fc_units": (8192, 8192)},
+    ),
+    "alexnet_layer1": ("Layer 1: 11x11 filters, stride 4 (AlexNet, Fig. 6)", {"layer1": "alexnet"}),
+}
+
+COLUMNS = (
+    "Variant",
+    "Table 3 row",
+    "Parameters",
+    "Train top-1 %",
+    "Train top-5 %",
+    "Val top-1 %",
+    "Val top-5 %",
+    "Wall time s",
+)
+
+
+def set_variant(config, variant: str):
+    """Sets the model fields of the ablation `variant` in `config` (in place).
+
+    Args:
+      config: an experiment ConfigDict.
+      variant: a key of VARIANTS.
+
+    Returns:
+      `config`.
+
+    Raises:
+      ValueError: unknown variant, naming the valid ones.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"unknown ablation variant {variant!r}: valid variants: {', '.join(VARIANTS)}"
+        )
+    for key, value in VARIANTS[variant][1].items():
+        setattr(config.model, key, copy.deepcopy(value))
+    return config
+
+
+def requested_variants(spec: str) -> list[str]:
+    """Variant names from `config.ablate.variants`: 'all' or a comma list (order kept).
+
+    Raises:
+      UsageError: an unknown name, naming the valid ones.
+    """
+    if spec.strip() in ("", "all"):
+        return list(VARIANTS)
+    names = []
+    for name in (n.strip() for n in spec.split(",")):
+        if not name:
+            continue
+        if name not in VARIANTS:
+            raise UsageError(
+                f"config.ablate.variants: unknown variant {name!r}: valid variants: all, "
+                + ", ".join(VARIANTS)
+            )
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def variant_config(base, variant: str):
+    """The config a variant trains with: `base`'s data, seed and optimizer, the ablation
+    budget (config.ablate.epochs, .steps_per_epoch) and the variant's model."""
+    config = set_variant(base.copy_and_resolve_references(), variant)
+    config.train.epochs = int(base.ablate.epochs)
+    config.train.steps_per_epoch = int(base.ablate.steps_per_epoch)
+    return config
+
+
+def budget(base) -> dict:
+    """What every variant shares (stored in table.json so tables never mix budgets)."""
+    from zf_tf import train, workdirs
+
+    config = variant_config(base, "baseline")
+    identity = workdirs.config_json(config)
+    return {
+        "epochs": config.train.epochs,
+        "steps_per_epoch": train.steps_per_epoch(config),
+        "batch_size": config.train.batch_size,
+        "learning_rate": config.train.learning_rate,
+        "seed": config.seed,
+        "train_error_images": int(base.ablate.train_error_images),
+        # Everything but the model (which the variants change) and the command-line sections.
+        "config": {k: v for k, v in identity.items() if k not in ("model", "analysis", MODE)},
+    }
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _differences(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_reuse(base, out_dir: str, variants: list[str], overwrite: bool) -> dict:
+    """Refuses, before any training, to mix budgets or configs.
+
+    A variant workdir trained with another config (budget included) is refused unless
+    `overwrite` (then it is retrained afresh); so is an existing table.json of another
+    budget or variant list (then it is replaced).
+
+    Returns:
+      {variant: 'reuse' | 'train' | 'retrain'}.
+
+    Raises:
+      UsageError: naming the workdir and the differing config keys.
+    """
+    from zf_tf import workdirs
+
+    table = os.path.join(out_dir, "table.json")
+    if os.path.exists(table) and not overwrite:
+        old = _read_json(table)
+        diff = _differences(old.get("budget", {}), budget(base))
+        if old.get("variants") != variants:
+            diff.append("variants")
+        if diff:
+            raise UsageError(
+                f"{table} holds an ablation with another budget or variant list (differs in "
+                f"{', '.join(diff[:5])}); use another --workdir, or --overwrite to replace it"
+            )
+    plan = {}
+    for variant in variants:
+        vdir = os.path.join(out_dir, variant)
+        diff = workdirs.run_differences(vdir, variant_config(base, variant))
+        if diff and not overwrite:
+            raise UsageError(
+                f"{vdir} was trained with another config (differs in "
+                f"{', '.join(diff[:5])}{'...' if len(diff) > 5 else ''}); use another "
+                "--workdir, or --overwrite to retrain it"
+            )
+        if diff:
+            plan[variant] = "retrain"
+        elif os.path.exists(os.path.join(vdir, RESULT_FILE)):
+            plan[variant] = "reuse"
+        else:
+            plan[variant] = "train"
+    return plan
+
+
+def parameter_count(config) -> int:
+    """Trainable + non-trainable parameters of the model `config.model` builds."""
+    import keras
+
+    from zf_tf import model as model_lib
+
+    count = model_lib.build_model(config.model).count_params()
+    keras.utils.clear_session()
+    return int(count)
+
+
+def train_error(model, config, num_images: int = 0) -> dict[str, float]:
+    """Top-1/top-5 error (%) of `model` on the training split's center crops.
+
+    Args:
+      num_images: score only the first this many images of the split (0 = all).
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from pipelines import inputs
+    from zf_tf import evaluate
+
+    ds = inputs.build_inputs(config, config.data.train_split, None, "center")
+    if num_images:
+        ds = ds.unbatch().take(num_images).batch(config.train.eval_batch_size)
+
+    @tf.function
+    def predict(x):
+        return model(x, training=False)
+
+    logits, labels = [], []
+    for x, y in ds:
+        logits.append(predict(x).numpy())
+        labels.append(y.numpy())
+    # Softmax keeps the order of the logits, so the top-k (and the errors) are the same.
+    return evaluate.error_rates(np.concatenate(logits), np.concatenate(labels))
+
+
+def _last_fit_metrics(workdir: str) -> dict:
+    import csv
+
+    with open(os.path.join(workdir, "history.csv")) as f:
+        rows = list(csv.DictReader(f))
+    last = rows[-1]
+    return {
+        "epochs_trained": len(rows),
+        "fit_top1_error": 100 * (1 - float(last["top1"])),
+        "fit_top5_error": 100 * (1 - float(last["top5"])),
+    }
+
+
+def train_variant(base, variant: str, vdir: str, strategy, retrain: bool) -> dict:
+    """Trains (or resumes) one variant and scores it; writes `vdir/ablate.json`.
+
+    Returns:
+      The variant's table row as a dict.
+    """
+    import keras
+
+    from zf_tf import figures, train, workdirs
+
+    config = variant_config(base, variant)
+    resumed = os.path.isdir(os.path.join(vdir, "backup")) and not retrain
+    result_path = os.path.join(vdir, RESULT_FILE)
+    if os.path.exists(result_path):
+        os.remove(result_path)  # stale: this variant is being retrained
+    start = time.time()
+    train.train_and_evaluate(config, vdir, strategy, overwrite=retrain)
+    if not workdirs.is_chief(strategy):
+        return {}
+    keras.utils.clear_session()
+    model = workdirs.load_model(vdir)
+    errors = train_error(model, config, int(base.ablate.train_error_images))
+    ev = _read_json(os.path.join(vdir, "eval.json"))
+    row = {
+        "variant": variant,
+        "description": VARIANTS[variant][0],
+        "parameters": int(model.count_params()),
+        "train_top1_error": errors["top1_error"],
+        "train_top5_error": errors["top5_error"],
+        "val_top1_error": ev["ten_crop"]["top1_error"],
+        "val_top5_error": ev["ten_crop"]["top5_error"],
+        "val_center_top1_error": ev["center_crop"]["top1_error"],
+        "val_center_top5_error": ev["center_crop"]["top5_error"],
+        "wall_s": round(time.time() - start, 1),
+        "resumed": resumed,
+        **_last_fit_metrics(vdir),
+    }
+    del model
+    keras.utils.clear_session()
+    figures.save_text(result_path, json.dumps(row, indent=2))
+    return row
+
+
+def table_markdown(rows: list[dict], info: dict) -> str:
+    """The Table 3-style markdown table (errors in %) with a budget line."""
+    from zf_tf import figures
+
+    body = [
+        [
+            r["variant"],
+            r["description"],
+            f"{r['parameters']:,}",
+            f"{r['train_top1_error']:.1f}",
+            f"{r['train_top5_error']:.1f}",
+            f"{r['val_top1_error']:.1f}",
+            f"{r['val_top5_error']:.1f}",
+            f"{r['wall_s']:.0f}",
+        ]
+        for r in rows
+    ]
+    b = info["budget"]
+    caption = (
+        f"Error % on {info['dataset']}: {b['epochs']} epochs x {b['steps_per_epoch']} steps of "
+        f"batch {b['batch_size']}, learning rate {b['learning_rate']}, seed {b['seed']} for "
+        "every variant. Train: final model, center crops of the training split. Val: 10 crops "
+        "averaged. Wall time: the training run that finished the variant, with its "
+        "evaluation.\n\n"
+    )
+    return caption + figures.markdown_table(COLUMNS, body)
+
+
+def render(rows: list[dict], path: str):
+    """Horizontal bars of train and validation top-1 error per variant; returns the PNG
+    as a uint8 array."""
+    import numpy as np
+
+    from zf_tf import figures
+
+    plt = figures.pyplot()
+    names = [r["variant"] for r in rows][::-1]
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(names) + 1.4))
+    ax.barh(y + 0.2, [r["train_top1_error"] for r in rows][::-1], 0.4, label="train top-1")
+    ax.barh(y - 0.2, [r["val_top1_error"] for r in rows][::-1], 0.4, label="val top-1 (10 crops)")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlabel("error %")
+    ax.set_xlim(0, 100)  # the legend sits right of the bars: no error reaches 100%
+    ax.set_title("Architecture ablations (paper Table 3), same budget", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    image = figures.save_figure(fig, path)
+    plt.close(fig)
+    return image
+
+
+def run(base, workdir: str, strategy, overwrite: bool = False) -> list[dict]:
+    """`--mode=ablate`: trains the requested variants and writes the table.
+
+    Args:
+      base: the command line's config; its `ablate` section picks variants and budget.
+      workdir: the parent workdir; everything goes under `workdir/ablate/`.
+      strategy: tf.distribute strategy every variant trains under.
+      overwrite: retrain variants trained with another config and replace a table of
+        another budget or variant list.
+
+    Returns:
+      The table rows (dicts), in the order of the requested variants.
+
+    Raises:
+      UsageError: unknown variant, a bad model field, or an existing ablation of another
+        budget/config without `overwrite`.
+    """
+    from absl import logging
+
+    from zf_tf import figures, workdirs
+
+    variants = requested_variants(base.ablate.variants)
+    out_dir = os.path.join(workdir, MODE)
+    # Every variant must build (bad model fields fail now, not after hours of training).
+    params = {}
+    for variant in variants:
+        try:
+            params[variant] = parameter_count(variant_config(base, variant))
+        except ValueError as e:
+            raise UsageError(f"ablation variant {variant}: {str(e).splitlines()[0]}") from None
+    plan = check_reuse(base, out_dir, variants, overwrite)
+    info = {
+        "dataset": f"{base.data.name} ({base.data.source}, {base.data.tfds_config})"
+        if base.data.source == "embedded"
+        else f"{base.data.name or base.data.folder} ({base.data.source})",
+        "budget": budget(base),
+        "variants": variants,
+    }
+    logging.info(
+        "Ablation of %d variant(s) in %s: %s",
+        len(variants),
+        out_dir,
+        ", ".join(f"{v} ({plan[v]})" for v in variants),
+    )
+    rows = []
+    for n, variant in enumerate(variants, 1):
+        vdir = os.path.join(out_dir, variant)
+        if plan[variant] == "reuse":
+            logging.info("Ablation variant %d of %d: %s done, reused", n, len(variants), variant)
+            rows.append(_read_json(os.path.join(vdir, RESULT_FILE)))
+            continue
+        logging.info(
+            "Ablation variant %d of %d: training %s (%s parameters)",
+            n,
+            len(variants),
+            variant,
+            f"{params[variant]:,}",
+        )
+        rows.append(train_variant(base, variant, vdir, strategy, plan[variant] == "retrain"))
+    if not workdirs.is_chief(strategy):
+        return rows
+    os.makedirs(out_dir, exist_ok=True)
+    table = json.dumps({**info, "rows": rows}, indent=2)
+    figures.save_text(os.path.join(out_dir, "table.json"), table)
+    text = table_markdown(rows, info)
+    figures.save_text(os.path.join(out_dir, "table.md"), text)
+    image = render(rows, os.path.join(out_dir, "errors.png"))
+    figures.write_tensorboard(out_dir, "table", "ablate/top1_error", image)
+    print(text)
+    return rows
