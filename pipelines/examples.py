@@ -43,11 +43,12 @@ def crop_geometry(height: int, width: int, resize_size: int, crop_size: int):
     return scale, (height - side) // 2 * scale + cy, (width - side) // 2 * scale + cx
 
 
-def box_to_crop(bbox, height: int, width: int, resize_size: int, crop_size: int) -> np.ndarray:
-    """A normalized [ymin, xmin, ymax, xmax] box as integer crop pixels, clipped to the crop."""
+def pixel_box_to_crop(box, height: int, width: int, resize_size: int, crop_size: int):
+    """A box [y0, x0, y1, x1) in original pixels as int32 crop pixels of the center crop,
+    rounded outwards (so it covers the region) and clipped to the crop."""
     scale, dy, dx = crop_geometry(height, width, resize_size, crop_size)
-    y0, x0, y1, x1 = np.asarray(bbox, np.float64) * [height, width, height, width]
-    box = np.array(
+    y0, x0, y1, x1 = (float(v) for v in box)
+    out = np.array(
         [
             np.floor(y0 * scale - dy),
             np.floor(x0 * scale - dx),
@@ -55,7 +56,13 @@ def box_to_crop(bbox, height: int, width: int, resize_size: int, crop_size: int)
             np.ceil(x1 * scale - dx),
         ]
     )
-    return np.clip(box, 0, crop_size).astype(np.int32)
+    return np.clip(out, 0, crop_size).astype(np.int32)
+
+
+def box_to_crop(bbox, height: int, width: int, resize_size: int, crop_size: int) -> np.ndarray:
+    """A normalized [ymin, xmin, ymax, xmax] box as integer crop pixels, clipped to the crop."""
+    pixels = np.asarray(bbox, np.float64) * [height, width, height, width]
+    return pixel_box_to_crop(pixels, height, width, resize_size, crop_size)
 
 
 def _mask_to_crop(mask: np.ndarray, resize_size: int, crop_size: int) -> np.ndarray:

@@ -35,7 +35,10 @@ def error_lines(proc):
         (["--mode=bogus"], "train"),
         (["--strategy=bogus"], "default|mirrored|multi_worker|tpu"),
         (["--config.data.bogus=1"], "unknown config key 'data.bogus'"),
-        (["--config.nope.x=1"], "valid keys of the config: ablate, analysis, data, model, seed, train, transfer"),
+        (
+            ["--config.nope.x=1"],
+            "valid keys of the config: ablate, analysis, data, model, seed, train, transfer",
+        ),
         (["--config=configs/missing.py"], "configs/missing.py"),
         (["stray"], "unexpected arguments: stray"),
     ],

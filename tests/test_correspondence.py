@@ -36,7 +36,7 @@ def test_signs_are_three_valued_and_ignore_rounding():
 
 def test_pixel_box_to_crop_by_hand():
     # 144 x 200: center square x from 28, scale 72/144 = 0.5, center crop offset 4.
-    to_crop = correspondence.pixel_box_to_crop
+    to_crop = examples.pixel_box_to_crop
     np.testing.assert_array_equal(to_crop([40, 60, 80, 100], 144, 200, 72, 64), [16, 12, 36, 32])
     # Fractional edges round outwards; the box is clipped to the crop.
     np.testing.assert_array_equal(to_crop([41, 61, 81, 101], 144, 200, 72, 64), [16, 12, 37, 33])
@@ -55,7 +55,7 @@ def test_mapped_box_covers_the_part_in_the_loaded_crop(tiny_config, tmp_path, sh
     crop, size = correspondence.load_photo(path, tiny_config)
     assert crop.shape == (64, 64, 3) and size == shape
     bright = (crop + np.asarray(tiny_config.data.mean)).mean(axis=-1) > 127.5
-    y0, x0, y1, x1 = correspondence.pixel_box_to_crop(box, h, w, 72, 64)
+    y0, x0, y1, x1 = examples.pixel_box_to_crop(box, h, w, 72, 64)
     assert bright[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1].all()  # inside, off the blurred edge
     outside = np.ones_like(bright)
     outside[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1] = False
@@ -116,7 +116,7 @@ def test_json_subjects_read_relative_paths_and_map_boxes(tiny_config, tmp_path):
     path = write_parts(tmp_path, GOOD)
     subjects = correspondence.json_subjects(tiny_config, path)
     assert subjects.names == ["img0.png", "img1.png"] and subjects.parts == ("eye", "nose")
-    expected = correspondence.pixel_box_to_crop(GOOD["img1.png"]["eye"], 100, 100, 72, 64)
+    expected = examples.pixel_box_to_crop(GOOD["img1.png"]["eye"], 100, 100, 72, 64)
     np.testing.assert_array_equal(subjects.boxes[1, 0], expected)
     np.testing.assert_array_equal(
         subjects.regions[0], [*subjects.boxes[0, :, :2].min(0), *subjects.boxes[0, :, 2:].max(0)]

@@ -20,7 +20,7 @@ from zf_tf.model import CONV_LAYERS
 
 PROBE, PER_LAYER, WIDTH = 12, 2, 0.125
 
-# Trains 2 epochs x 2 steps with 2 mirrored CPU replicas and the callback (evolution epochs
+# Trains 2 epochs x 1 step with 2 mirrored CPU replicas and the callback (evolution epochs
 # (1, 5): snapshots at 1 and 2), then saves the final model. A subprocess, since logical
 # devices must be configured before any TF op runs.
 SCRIPT = """
@@ -37,7 +37,7 @@ with strategy.scope():
 keras_fixes.build_for_fit(model, strategy, config.data.crop_size)
 ds = train.distributed_inputs(strategy, config, "train", "train")
 callback = evolution.FeatureEvolution({workdir!r}, config)
-model.fit(ds, epochs=2, steps_per_epoch=2, callbacks=[callback], verbose=0)
+model.fit(ds, epochs=2, steps_per_epoch=1, callbacks=[callback], verbose=0)
 workdirs.save_model_atomic(model, workdirs.checkpoint_path({workdir!r}))
 print(json.dumps({{"replicas": strategy.num_replicas_in_sync, "seconds": callback.seconds}}))
 """
@@ -52,7 +52,7 @@ def overrides(data_dir):
         "train.batch_size": 8,
         "train.eval_batch_size": 8,
         "train.epochs": 2,
-        "train.steps_per_epoch": 2,
+        "train.steps_per_epoch": 1,
         "analysis.evolution.epochs": (1, 5),
         "analysis.evolution.probe_images": PROBE,
         "analysis.evolution.features_per_layer": PER_LAYER,
@@ -180,6 +180,13 @@ def test_mode_builds_the_grid(trained):
     assert grid.shape == (rows * (64 + pad) - pad, 2 * (64 + pad) - pad, 3)
     with pytest.raises(UsageError, match="--overwrite"):
         evolution.run_mode(config, workdir, opts())
+
+
+def test_no_snapshot_of_a_diverged_epoch(tmp_path, tiny_config):
+    callback = evolution.FeatureEvolution(str(tmp_path), tiny_config)
+    assert callback.epochs == [1, 2, 5, 10, 12]  # the paper's list, clipped to 12 epochs
+    callback.on_epoch_end(0, {"loss": float("nan")})  # returns before touching a model
+    assert not (tmp_path / "evolution").exists()
 
 
 def test_mode_without_snapshots_says_to_train(tmp_path, tiny_config):

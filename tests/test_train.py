@@ -32,6 +32,7 @@ def tiny_args(data_dir, workdir, *extra):
         "--config.train.batch_size=16",
         "--config.train.eval_batch_size=16",
         f"--config.train.epochs={EPOCHS}",
+        "--config.analysis.evolution.probe_images=16",  # keep the Fig. 4 snapshots cheap
         *extra,
     ]
 
@@ -69,6 +70,9 @@ def test_artifacts(trained):
         "history.csv",
         "export/saved_model.pb",
         "backup/training_metadata.json",
+        # Feature-evolution snapshots: epoch 1 of the paper's list and the final epoch.
+        "evolution/epoch_001.npz",
+        f"evolution/epoch_{EPOCHS:03d}.npz",
     ):
         assert (workdir / path).exists(), path
     assert "with 2 replica(s)" in proc.stderr

@@ -133,31 +133,8 @@ def load_parts(path: str) -> tuple[list[tuple[str, dict[str, list[float]]]], tup
     return items, names
 
 
-def pixel_box_to_crop(box, height: int, width: int, resize_size: int, crop_size: int):
-    """A box in original pixels [y0, x0, y1, x1) as crop pixels of the center crop.
-
-    The crop is `preprocess.ten_crops_of_image(...)[CENTER_CROP]` (what `load_photo`
-    returns): original pixel edge u lands at u * scale - offset (`examples.crop_geometry`).
-    The crop box is rounded outwards, so it covers the part, and clipped to the crop.
-
-    Returns:
-      int32 (4,) y0, x0, y1, x1 (end exclusive), possibly empty if the part lies outside.
-    """
-    scale, dy, dx = examples.crop_geometry(height, width, resize_size, crop_size)
-    y0, x0, y1, x1 = (float(v) for v in box)
-    out = np.array(
-        [
-            np.floor(y0 * scale - dy),
-            np.floor(x0 * scale - dx),
-            np.ceil(y1 * scale - dy),
-            np.ceil(x1 * scale - dx),
-        ]
-    )
-    return np.clip(out, 0, crop_size).astype(np.int32)
-
-
 def load_photo(path: str, config) -> tuple[np.ndarray, tuple[int, int]]:
-    """A photo as the model's center crop, the geometry `pixel_box_to_crop` assumes.
+    """A photo as the model's center crop, the geometry `examples.pixel_box_to_crop` assumes.
 
     Returns:
       (float32 (s, s, 3) mean-subtracted crop, (height, width) of the original).
@@ -198,7 +175,7 @@ def json_subjects(config, path: str, num: int = 0) -> Subjects:
                     f"--parts: box {name} {[y0, x0, y1, x1]} of {image_path} lies outside the "
                     f"{h}x{w} image (need 0 <= y0 < y1 <= {h}, 0 <= x0 < x1 <= {w})"
                 )
-            box = pixel_box_to_crop(image_parts[name], h, w, S, s)
+            box = examples.pixel_box_to_crop(image_parts[name], h, w, S, s)
             if box[2] <= box[0] or box[3] <= box[1]:
                 raise UsageError(
                     f"--parts: part {name} of {image_path} lies outside the model's center crop"

@@ -22,6 +22,7 @@ contrast-stretched on its own: `WORKDIR/evolution/evolution.png` and a TensorBoa
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 import time
@@ -44,15 +45,6 @@ DEFAULTS = {"epochs": (1, 2, 5, 10, 20, 30, 40, 64), "probe_images": 256, "featu
 # side in input pixels, unclipped).
 FIELDS = ("features", "activation", "image", "y", "x", "projection", "box", "field")
 CELL_PAD = 2  # pixels between grid cells in the TensorBoard / array grid
-
-
-def settings(config) -> dict:
-    """The run's evolution settings: `config.analysis.evolution`, else DEFAULTS."""
-    section = config.get("analysis", {}).get(MODE) if hasattr(config, "get") else None
-    out = dict(DEFAULTS)
-    if section is not None:
-        out.update({k: section[k] for k in DEFAULTS if k in section})
-    return out
 
 
 def snapshot_epochs(epochs, num_epochs: int) -> list[int]:
@@ -198,7 +190,7 @@ class FeatureEvolution(keras.callbacks.Callback):
         super().__init__()
         self.workdir = workdir
         self.config = config
-        s = settings(config)
+        s = figures.analysis_settings(config, MODE, DEFAULTS)
         self.epochs = snapshot_epochs(s["epochs"], int(config.train.epochs))
         self.probe_images = int(s["probe_images"])
         self.per_layer = int(s["features_per_layer"])
@@ -221,6 +213,10 @@ class FeatureEvolution(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         step = epoch + 1
         if step not in self.epochs:
+            return
+        if logs is not None and not math.isfinite(float(logs.get("loss", 0.0))):
+            # A diverged model's projections are NaN: nothing worth keeping.
+            logging.warning("Epoch %d diverged: no feature-evolution snapshot", step)
             return
         if self.snapshotter is None:
             self._setup()

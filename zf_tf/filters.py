@@ -38,15 +38,6 @@ COMPARE_DEFAULT = os.path.join("ablate", "alexnet_layer1")  # where --mode=ablat
 DEFAULTS = {"rms_threshold": 0.01, "active_epsilon": 1e-6, "layer2_features": 16}
 
 
-def settings(config) -> dict:
-    """`config.analysis.filters`, else DEFAULTS."""
-    section = config.get("analysis", {}).get(MODE) if hasattr(config, "get") else None
-    out = dict(DEFAULTS)
-    if section is not None:
-        out.update({k: section[k] for k in DEFAULTS if k in section})
-    return out
-
-
 def layer1_geometry(model: keras.Model) -> dict:
     """conv1's kernel size, stride and number of filters."""
     conv1 = model.get_layer("conv1")
@@ -282,7 +273,7 @@ def run_mode(config, workdir: str, opts) -> dict:
     other = workdirs.load_model(compare)
     other_config = workdirs.load_config(compare, config)
     split = getattr(opts, "split", "") or config.data.eval_split
-    s = settings(config)
+    s = figures.analysis_settings(config, MODE, DEFAULTS)
     features = conv2_features(model, int(s["layer2_features"]), int(config.seed))
     if max(features) >= int(other.get_layer("conv2").output.shape[-1]):
         features = conv2_features(other, int(s["layer2_features"]), int(config.seed))
