@@ -38,3 +38,21 @@ def tiny_config(tiny_data_dir):
     config.train.batch_size = 8
     config.train.eval_batch_size = 8
     return config
+
+
+@pytest.fixture
+def absl_caplog(caplog):
+    """caplog that also receives absl logging at INFO, whatever verbosity earlier code set
+    (absl's logger is not `logging.getLogger('absl')`, so caplog.at_level cannot reach it)."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    logger = absl_logging.get_absl_logger()
+    old = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = True
+    with caplog.at_level(logging.INFO):
+        yield caplog
+    logger.setLevel(old[0])
+    logger.propagate = old[1]

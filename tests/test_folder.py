@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from absl import logging
 
 from pipelines import folder, inputs
 from tests.conftest import load_config
@@ -15,17 +14,15 @@ def messy(tmp_path):
     return root, make_messy_folder(root)
 
 
-def test_index_counts_and_reasons(messy, caplog):
+def test_index_counts_and_reasons(messy, absl_caplog):
     root, expected = messy
-    with caplog.at_level(logging.INFO):
-        logging.get_absl_logger().propagate = True
-        index = folder.index_folder(root)
+    index = folder.index_folder(root)
     assert index.class_names == ["cat", "dog"]
     assert len(index.paths) == expected["readable"]
     assert {k: len(v) for k, v in index.skipped.items()} == expected["skipped"]
     assert index.num_skipped == 4
     assert sorted(index.labels) == [0, 0, 0, 0, 1, 1, 1]
-    assert "7 readable, 4 skipped (1 corrupt, 1 empty, 2 truncated)" in caplog.text
+    assert "7 readable, 4 skipped (1 corrupt, 1 empty, 2 truncated)" in absl_caplog.text
 
 
 def test_missing_or_empty_folder_is_a_clear_error(tmp_path):

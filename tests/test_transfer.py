@@ -3,13 +3,11 @@ feature cache, the class-subset pipeline option, end to end on the tiny embedded
 and on an image folder, and one-line errors."""
 
 import json
-import logging as std_logging
 import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import logging
 
 from pipelines import inputs
 from tests.conftest import load_config
@@ -226,7 +224,7 @@ def shapes_config(tiny_data_dir, workdir, **transfer_settings):
     return workdirs.load_config(workdir, command_line)
 
 
-def test_features_are_cached_and_match_the_model(source, tiny_data_dir, monkeypatch, caplog):
+def test_features_are_cached_and_match_the_model(source, tiny_data_dir, monkeypatch, absl_caplog):
     config = shapes_config(tiny_data_dir, source)
     target = transfer.resolve_target(config)
     assert target.class_names == ["ring", "semicircle", "crescent", "arrow", "letter_l"]
@@ -247,10 +245,8 @@ def test_features_are_cached_and_match_the_model(source, tiny_data_dir, monkeypa
     assert np.array_equal(first["labels"], labels.numpy())
     # Second time: read back, the model is never run.
     monkeypatch.setattr(transfer, "extract_features", lambda *a: pytest.fail("recomputed"))
-    with caplog.at_level(std_logging.INFO):
-        logging.get_absl_logger().propagate = True
-        again, path2, hit = transfer.cached_features(source, model, "fc7", target, "validation", 16)
-    assert hit and path2 == path and "Feature cache hit" in caplog.text
+    again, path2, hit = transfer.cached_features(source, model, "fc7", target, "validation", 16)
+    assert hit and path2 == path and "Feature cache hit" in absl_caplog.text
     assert np.array_equal(again["features"], first["features"])
     # Another layer or split is another key.
     checkpoint = workdirs.checkpoint_path(source)
@@ -306,16 +302,14 @@ def test_multi_label_end_to_end(source, tiny_data_dir):
     assert "| AP % | circle | square |" in md
 
 
-def test_source_overlap_is_a_warning(source, tiny_data_dir, caplog):
+def test_source_overlap_is_a_warning(source, tiny_data_dir, absl_caplog):
     config = shapes_config(tiny_data_dir, source)
     target = transfer.resolve_target(config)
-    with caplog.at_level(std_logging.WARNING):
-        logging.get_absl_logger().propagate = True
-        transfer._source_overlap_warning(config, target)  # source 0-4, target 5-9
-        assert "measures no transfer" not in caplog.text
-        config.data.classes, config.data.num_classes = [], 10  # like the default workdir
-        transfer._source_overlap_warning(config, target)
-    assert "measures no transfer" in caplog.text
+    transfer._source_overlap_warning(config, target)  # source 0-4, target 5-9
+    assert "measures no transfer" not in absl_caplog.text
+    config.data.classes, config.data.num_classes = [], 10  # like the default workdir
+    transfer._source_overlap_warning(config, target)
+    assert "measures no transfer" in absl_caplog.text
 
 
 def test_image_folder_target(source, tmp_path):
