@@ -108,7 +108,8 @@ def get_config():
     config.analysis.correspondence.layers = ("conv5", "fc7")
 
     config.analysis.evolution = ml_collections.ConfigDict()
-    config.analysis.evolution.epochs = (1, 2, 5, 10, 20, 30, 40, 64)  # clipped to the run
+    # Clipped to the run, plus its last epoch; () switches the training-time snapshots off.
+    config.analysis.evolution.epochs = (1, 2, 5, 10, 20, 30, 40, 64)
     config.analysis.evolution.probe_images = 256  # fixed subset of the training split
     config.analysis.evolution.features_per_layer = 4  # seeded feature maps per layer
 

@@ -9,7 +9,7 @@ Run:  python main.py --mode=train --config=configs/pretrain_shapes.py --workdir=
 Outputs: workdir_pretrain/transfer/shapes/fc7.{json,md,png}; features cached in
 workdir_pretrain/transfer/cache/ (a second run reuses them). Test images: the 500
 validation images of the 5 target classes (chance: 20%). Should reach (measured,
-docs/sections/transfer.md): fc7 features + softmax 40.5 ± 6.8% mean per-class accuracy
+docs/analyses.md): fc7 features + softmax 40.5 ± 6.8% mean per-class accuracy
 with 1 image per class, 52.3 ± 1.2% with 10 and 58.8 ± 1.9% with 60; the same net from
 scratch (30 epochs over the N images) 19.4 ± 0.8%, 21.1 ± 0.9% and 29.8 ± 1.7%. Any
 layer: --config.transfer.feature_layer=pool5 (or fc6, conv5, ...).

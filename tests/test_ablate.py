@@ -143,6 +143,12 @@ def test_config_file_variants():
     assert tuple(no_fc7.model.remove) == ("fc7",)
     no_fc7.model.remove = ()
     assert no_fc7.to_dict() == load_config().to_dict()
+    # A variant is the same network whatever architecture the base config has.
+    base = get_config("conv_512_1024_512_fc_8192")
+    base.model.layer1, base.model.remove = "alexnet", ("fc7",)
+    assert ablate.variant_config(base, "baseline").model.to_dict() == load_config().model.to_dict()
+    no_fc7.model.remove = ("fc7",)
+    assert ablate.variant_config(base, "no_fc7").model.to_dict() == no_fc7.model.to_dict()
     with pytest.raises(ValueError, match="valid variants: baseline, no_conv3_conv4"):
         get_config("no_fc9")
     with pytest.raises(UsageError, match="unknown variant 'bogus': valid variants: all, base"):
@@ -151,7 +157,7 @@ def test_config_file_variants():
     assert ablate.requested_variants("all") == list(ablate.VARIANTS)
 
 
-def test_unknown_variant_and_removed_layer_are_one_line_through_main(tmp_path):
+def test_unknown_variant_is_one_line_through_main(tmp_path):
     proc = main_py("--mode=ablate", "--config=configs/ablations.py:bogus", f"--workdir={tmp_path}")
     lines = error_lines(proc)
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
@@ -168,12 +174,16 @@ def ablation_config(tiny_config, monkeypatch):
     config.ablate.epochs = 1
     config.ablate.steps_per_epoch = 2
     config.ablate.train_error_images = 16
-    # Training's feature-evolution snapshots (Fig. 4, tested in test_evolution.py) would be
-    # a third of this test's time; the ablation does not read them.
+    # Training's feature-evolution snapshots (Fig. 4, tested in test_evolution.py) and its
+    # SavedModel export (test_train.py) would be half of this test's time; the ablation
+    # reads neither.
     if hasattr(train, "evolution"):
         monkeypatch.setattr(
             train.evolution, "FeatureEvolution", lambda *args: keras.callbacks.Callback()
         )
+    from zf_tf import export
+
+    monkeypatch.setattr(export, "export", lambda *args: None)
     return config
 
 

@@ -184,11 +184,13 @@ def test_removed_layers_are_absent_and_the_others_keep_names_and_shapes(remove):
 
 
 def test_removing_conv3_conv4_feeds_conv5_from_norm2():
-    model = model_lib.build_model(paper_model_config(remove=("conv3", "conv4")))
+    config = load_config().model  # 64 px, width 0.25: conv2 64 maps, conv4 96, conv5 64
+    config.remove = ("conv3", "conv4")
+    model = model_lib.build_model(config)
     conv5 = model.get_layer("conv5")
-    assert conv5.input.shape[1:] == (13, 13, 256)  # norm2's maps, not conv4's 384
-    assert conv5.kernel.shape == (3, 3, 256, 256)
-    assert tuple(model.get_layer("pool5").output.shape[1:]) == (6, 6, 256)
+    assert conv5.input is model.get_layer("norm2").output
+    assert conv5.kernel.shape == (3, 3, 64, 64)  # norm2's 64 maps in, not conv4's 96
+    assert tuple(model.get_layer("pool5").output.shape[1:]) == (1, 1, 64)
 
 
 def test_unknown_removed_layer_is_an_error():

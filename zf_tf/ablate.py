@@ -1,12 +1,13 @@
 """Architecture ablations (paper Table 3) and `--mode=ablate`.
 
-Each variant is the command line's config with a few model fields changed (VARIANTS); unit
-counts are the paper's and scale with `config.model.width` like every other layer. The mode
-trains every requested variant with one budget (`config.ablate.epochs` and
+Each variant is the command line's config with its architecture fields (FIG3: layer1,
+conv_filters, fc_units, remove) set to the Fig. 3 model plus the variant's changes
+(VARIANTS); unit counts are the paper's and scale with `config.model.width` like every other
+layer. The mode trains every requested variant with one budget (`config.ablate.epochs` and
 `.steps_per_epoch`; data, seed and learning rate from the base config) in its own workdir
 `WORKDIR/ablate/<variant>/` through `train.train_and_evaluate`, so an interrupted variant
-resumes, and a finished one (its `ablate.json` written) is reused without retraining. Then it
-writes the Table 3-style table:
+resumes, and a finished one (its `ablate.json` written) is reused without retraining. Then
+it writes the Table 3-style table:
 
   WORKDIR/ablate/table.md, table.json   rows: variants; columns: parameters, train and
                                         validation top-1/top-5 error, wall time
@@ -35,7 +36,17 @@ from zf_tf import UsageError
 MODE = "ablate"
 RESULT_FILE = "ablate.json"  # in a variant's workdir once it is finished and scored
 
-# name -> (the paper's Table 3 row, model config fields changed). Unit counts are the paper's.
+# The Fig. 3 architecture. A variant sets all of these fields (its changes on top), so it is
+# the same network whatever architecture the base config has; width, input size, init, data
+# and training come from the base config.
+FIG3 = {
+    "layer1": "zfnet",
+    "conv_filters": (96, 256, 384, 384, 256),
+    "fc_units": (4096, 4096),
+    "remove": (),
+}
+
+# name -> (the paper's Table 3 row, changes to FIG3). Unit counts are the paper's.
 VARIANTS = {
     "baseline": ("Our model (Fig. 3)", {}),
     "no_conv3_conv4": ("Removed layers 3,4", {"remove": ("conv3", "conv4")}),
@@ -72,7 +83,7 @@ COLUMNS = (
 
 
 def set_variant(config, variant: str):
-    """Sets the model fields of the ablation `variant` in `config` (in place).
+    """Sets the architecture fields (FIG3's keys) of the ablation `variant` in `config`.
 
     Args:
       config: an experiment ConfigDict.
@@ -88,7 +99,7 @@ def set_variant(config, variant: str):
         raise ValueError(
             f"unknown ablation variant {variant!r}: valid variants: {', '.join(VARIANTS)}"
         )
-    for key, value in VARIANTS[variant][1].items():
+    for key, value in {**FIG3, **VARIANTS[variant][1]}.items():
         setattr(config.model, key, copy.deepcopy(value))
     return config
 
@@ -147,7 +158,9 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     for k in sorted(set(a) | set(b)):
         if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
             out += _differences(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
+        elif a.get(k) != b.get(k) and not (a.get(k, []) == [] == b.get(k, [])):
+            # As workdirs' run identity: a list field added later with an empty default
+            # (e.g. model.remove) is the same setting as its absence in an older file.
             out.append(f"{prefix}{k}")
     return out
 

@@ -56,9 +56,10 @@ def snapshot_epochs(epochs, num_epochs: int) -> list[int]:
 
     Returns:
       Sorted unique epochs of `epochs` within [1, num_epochs], plus `num_epochs` itself so
-      the last column is always the finished model.
+      the last column is always the finished model; [] when `epochs` is empty (snapshots
+      switched off).
     """
-    if num_epochs < 1:
+    if num_epochs < 1 or not len(epochs):
         return []
     chosen = {int(e) for e in epochs if 1 <= int(e) <= num_epochs}
     return sorted(chosen | {int(num_epochs)})
