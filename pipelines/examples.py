@@ -88,8 +88,12 @@ def load_examples(config, split: str, num: int, label: int | None = None) -> Exa
     Returns:
       Examples, with boxes and masks for the embedded dataset; `indices` count the
       examples of the selected classes.
+
+    Raises:
+      UsageError: no such split (naming the valid ones).
     """
     data = config.data
+    inputs.check_split(data, split)
     S, s = data.resize_size, data.crop_size
     annotated = data.source == "embedded"
     if annotated:

@@ -195,6 +195,25 @@ def num_examples(data, split: str) -> int:
     return int(_tfds_builder(data).info.splits[split].num_examples)
 
 
+def check_split(data, split: str) -> int:
+    """The number of examples of `split`; a one-line UsageError naming the valid splits
+    when the data has no such split."""
+    from zf_tf import UsageError
+
+    try:
+        return num_examples(data, split)
+    except (KeyError, ValueError, tf.errors.OpError) as e:
+        if data.source == "folder":
+            choices = "train, validation"
+        else:
+            try:
+                choices = ", ".join(_tfds_builder(data).info.splits)
+            except Exception:  # noqa: BLE001 - then the original error says what is wrong
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise UsageError(f"split {split!r}: {first}") from None
+        raise UsageError(f"unknown split {split!r}: valid splits: {choices}") from None
+
+
 def build_inputs(
     config,
     split: str,

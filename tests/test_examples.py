@@ -72,3 +72,10 @@ def test_examples_and_class_names_follow_data_classes(tiny_config):
     assert inputs.class_names(tiny_config.data) == ["crescent", "triangle"]
     one = examples.load_examples(tiny_config, "validation", 50, label=1)
     assert (one.labels == 1).all() and len(one) == kept.sum() - (ex.labels == 0).sum()
+
+
+def test_unknown_split_is_a_usage_error(tiny_config):
+    from zf_tf import UsageError
+
+    with pytest.raises(UsageError, match="unknown split 'bogus': valid splits: .*validation"):
+        examples.load_examples(tiny_config, "bogus", 2)

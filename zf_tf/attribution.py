@@ -588,7 +588,7 @@ def run_mode(config, workdir: str, opts) -> dict:
     split = opts.split or config.analysis.split
     num = opts.num_images if opts.num_images and opts.num_images > 0 else att.num_images
     methods = _validate(config)
-    occlusion._check_split(config, split)
+    inputs.check_split(config.data, split)
     paths = figures.outputs(workdir, MODE, OUTPUTS, opts.overwrite)
     model = workdirs.load_model(workdir)
     convs = [n for n in CONV_LAYERS if n in {layer.name for layer in model.layers}]

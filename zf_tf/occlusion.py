@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import keras
 import numpy as np
@@ -638,30 +637,12 @@ def render(arrays: dict, path: str, mean, class_names=None, rows: int = FIGURE_R
     )
     height = fig.get_figheight()
     fig.subplots_adjust(left=0.01, right=0.93, top=1 - 0.7 / height, bottom=0.1 / height)
-    # Rendered once (figures.save_figure renders twice: file, then array): this figure is
-    # large enough for the second pass to cost seconds.
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return tf.io.decode_png(tf.io.read_file(path), channels=3).numpy()
+    return figures.save_figure(fig, path, dpi=dpi)
 
 
 # ---------------------------------------------------------------------------------------------
 # The mode
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_split(config, split: str) -> int:
-    try:
-        return inputs.num_examples(config.data, split)
-    except (KeyError, ValueError, tf.errors.OpError) as e:
-        try:
-            choices = ", ".join(inputs._tfds_builder(config.data).info.splits)
-        except Exception:  # noqa: BLE001
-            choices = "train, validation"
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"unknown split {split!r} ({first}): valid splits: {choices}") from None
 
 
 def run_mode(config, workdir: str, opts) -> dict:
@@ -693,7 +674,7 @@ def run_mode(config, workdir: str, opts) -> dict:
         raise UsageError(f"config.analysis.occlusion: {e}") from None
     split = opts.split or config.analysis.split
     num = opts.num_images if opts.num_images and opts.num_images > 0 else cfg.num_images
-    total = _check_split(config, split)
+    total = inputs.check_split(config.data, split)
     paths = figures.outputs(workdir, MODE, OUTPUTS, opts.overwrite)
     model = workdirs.load_model(workdir)
     examples = examples_lib.load_examples(config, split, num)
