@@ -1,6 +1,6 @@
 """zf-tf command line: `python main.py --mode=MODE [--config=FILE] [--workdir=DIR] ...`.
 
-A thin entry point: absl flags, then a dispatch into zf_tf. Usage errors (an unknown mode,
+A thin entry point: absl flags, then `zf_tf.cli.main`. Usage errors (an unknown mode,
 strategy or config key, a bad file) print one line naming the valid choices and exit 1.
 """
 
@@ -10,10 +10,13 @@ from absl import app, flags
 
 from zf_tf import cli
 
-MODES = tuple(cli.MODES)
-
-flags.DEFINE_enum("mode", "train", MODES, "What to run.")
-cli.define_config_flag()
+flags.DEFINE_enum("mode", "train", tuple(cli.MODES), "What to run.")
+flags.DEFINE_string(
+    "config",
+    cli.DEFAULT_CONFIG,
+    "Experiment config file (a get_config() module), FILE or FILE:ARG; override fields with "
+    "--config.a.b=value.",
+)
 flags.DEFINE_string("workdir", "workdir", "Where checkpoints, logs and figures go.")
 flags.DEFINE_enum("strategy", "default", cli.STRATEGIES, "tf.distribute strategy.")
 flags.DEFINE_bool("overwrite", False, "Allow replacing existing outputs in the workdir.")
@@ -34,9 +37,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.run(FLAGS.mode, cli.resolved_config(FLAGS), FLAGS.workdir, FLAGS.strategy, FLAGS)
+    cli.main(FLAGS, argv[1:])
 
 
 if __name__ == "__main__":

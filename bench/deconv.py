@@ -44,8 +44,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from zf_tf import deconv  # noqa: E402
-from zf_tf import model as model_lib  # noqa: E402
+from zf_tf.core import deconv  # noqa: E402
+from zf_tf.core import model as model_lib  # noqa: E402
 
 TARGETS = {"batched_vs_loop": 4.0, "batched_vs_gradient": 1.5}
 

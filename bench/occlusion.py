@@ -29,8 +29,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tests.conftest import load_config  # noqa: E402
-from zf_tf import model as model_lib  # noqa: E402
-from zf_tf import occlusion, workdirs  # noqa: E402
+from zf_tf.analyses import occlusion  # noqa: E402
+from zf_tf.core import model as model_lib  # noqa: E402
+from zf_tf.training import workdirs  # noqa: E402
 
 
 def main():

@@ -24,8 +24,8 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tests.conftest import load_config  # noqa: E402
-from zf_tf import model as model_lib  # noqa: E402
-from zf_tf import topk  # noqa: E402
+from zf_tf.core import model as model_lib  # noqa: E402
+from zf_tf.core import topk  # noqa: E402
 
 
 def stream(n: int, size: int, batch: int) -> tf.data.Dataset:

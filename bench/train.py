@@ -33,8 +33,9 @@ import numpy as np  # noqa: E402
 
 from pipelines import inputs  # noqa: E402
 from tests.conftest import load_config  # noqa: E402
-from zf_tf import cli, train  # noqa: E402
-from zf_tf import model as model_lib  # noqa: E402
+from zf_tf.training import strategies  # noqa: E402
+from zf_tf.core import model as model_lib  # noqa: E402
+from zf_tf.training import train  # noqa: E402
 
 
 def forward_flops(model: keras.Model) -> float:
@@ -118,7 +119,7 @@ def main():
         return inputs.build_inputs(config, "train", ctx, "train")
 
     default = tf.distribute.get_strategy()
-    mirrored = cli.make_strategy("mirrored")
+    mirrored = strategies.make_strategy("mirrored")
     matmul = matmul_flops_per_s()
     print("measuring default / mirrored / pipeline ...", file=sys.stderr)
     rates = {"default": [], "mirrored": [], "pipeline": []}

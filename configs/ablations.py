@@ -1,7 +1,7 @@
 """Architecture ablations of the paper's Table 3, one variant per config.
 
 The variant is the config file's argument (default `baseline`, the Fig. 3 model); the
-variants and their model fields are zf_tf/ablate.py's VARIANTS:
+variants and their model fields are VARIANTS below (data; `--mode=ablate` reads them):
   baseline, no_conv3_conv4, no_fc7, no_fc6_fc7, no_conv3_conv4_fc6_fc7, fc_2048, fc_8192,
   conv_512_1024_512, conv_512_1024_512_fc_8192, alexnet_layer1.
 Everything else is configs/default.py (embedded dataset, CPU-sized; unit counts scale with
@@ -26,17 +26,65 @@ conv3/conv4 or fc6/fc7 alone costs a few points, and removing both costs a lot.
 An unknown variant is an error naming the valid ones.
 """
 
-import os
-import sys
+import copy
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(0, os.path.dirname(_HERE))  # the repo root, for zf_tf.ablate
+from configs import default
 
-import default  # noqa: E402
+# The Fig. 3 architecture. A variant sets all of these fields (its changes on top), so it is
+# the same network whatever architecture the base config has; width, input size, init, data
+# and training come from the base config.
+FIG3 = {
+    "layer1": "zfnet",
+    "conv_filters": (96, 256, 384, 384, 256),
+    "fc_units": (4096, 4096),
+    "remove": (),
+}
 
-from zf_tf import ablate  # noqa: E402
+# name -> (the paper's Table 3 row, changes to FIG3). Unit counts are the paper's.
+VARIANTS = {
+    "baseline": ("Our model (Fig. 3)", {}),
+    "no_conv3_conv4": ("Removed layers 3,4", {"remove": ("conv3", "conv4")}),
+    "no_fc7": ("Removed layer 7", {"remove": ("fc7",)}),
+    "no_fc6_fc7": ("Removed layers 6,7", {"remove": ("fc6", "fc7")}),
+    "no_conv3_conv4_fc6_fc7": (
+        "Removed layers 3,4,6,7",
+        {"remove": ("conv3", "conv4", "fc6", "fc7")},
+    ),
+    "fc_2048": ("Layers 6,7: 2048 units", {"fc_units": (2048, 2048)}),
+    "fc_8192": ("Layers 6,7: 8192 units", {"fc_units": (8192, 8192)}),
+    "conv_512_1024_512": (
+        "Layers 3,4,5: 512,1024,512 maps",
+        {"conv_filters": (96, 256, 512, 1024, 512)},
+    ),
+    "conv_512_1024_512_fc_8192": (
+        "Layers 3,4,5: 512,1024,512 maps and layers 6,7: 8192 units",
+        {"conv_filters": (96, 256, 512, 1024, 512), "fc_units": (8192, 8192)},
+    ),
+    "alexnet_layer1": ("Layer 1: 11x11 filters, stride 4 (AlexNet, Fig. 6)", {"layer1": "alexnet"}),
+}
+
+
+def set_variant(config, variant: str):
+    """Sets the architecture fields (FIG3's keys) of the ablation `variant` in `config`.
+
+    Args:
+      config: an experiment ConfigDict.
+      variant: a key of VARIANTS.
+
+    Returns:
+      `config`.
+
+    Raises:
+      ValueError: unknown variant, naming the valid ones.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"unknown ablation variant {variant!r}: valid variants: {', '.join(VARIANTS)}"
+        )
+    for key, value in {**FIG3, **VARIANTS[variant][1]}.items():
+        setattr(config.model, key, copy.deepcopy(value))
+    return config
 
 
 def get_config(variant: str = "baseline"):
-    return ablate.set_variant(default.get_config(), variant)
+    return set_variant(default.get_config(), variant)

@@ -79,6 +79,10 @@ def get_config():
     config.train.lr_decay = 0.1  # ReduceLROnPlateau on validation loss: factor,
     config.train.lr_patience = 2  # epochs without improvement,
     config.train.min_lr = 1e-5  # and floor
+    # Optional training callbacks (zf_tf/training/callbacks.py OPTIONAL); checkpoints, resume,
+    # CSV and TensorBoard scalars are always on. Not part of a run's identity: they log, they
+    # do not change the weights.
+    config.train.callbacks = ("image_summaries", "feature_evolution")
 
     # Analyses (--mode=occlusion, invariance, correspondence, evolution, filters,
     # attribution). Not part of a run's identity: analysis modes read data/model/train from

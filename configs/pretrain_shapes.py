@@ -12,12 +12,7 @@ default run's 2250) take about 5 minutes of CPU time on 2 cores (measured: 5.4 C
 top-1 on the 5 source classes (measured: 0.6% top-1 error, 10 crops and center crop).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import default  # noqa: E402
+from configs import default
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 

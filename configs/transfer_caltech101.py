@@ -15,12 +15,7 @@ Should reach (paper Table 4): 83.8 ± 0.5% at 15/class and 86.5 ± 0.5% at 30/cl
 network trained from scratch reaches 22.8 ± 1.5% and 46.5 ± 1.7% there.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import default  # noqa: E402
+from configs import default
 
 
 def get_config():

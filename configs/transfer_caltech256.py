@@ -16,12 +16,7 @@ at 15/class, 70.6 ± 0.2% at 30, 72.7 ± 0.4% at 45 and 74.2 ± 0.3% at 60/class
 the network trained from scratch (38.8 ± 1.4% at 60/class), as plotted in Fig. 9.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import default  # noqa: E402
+from configs import default
 
 
 def get_config():

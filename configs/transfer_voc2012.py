@@ -13,12 +13,7 @@ as in Table 6; smaller N draw at least N images of every class. Should reach (pa
 6, test set): 79.0% mean AP with the full training set.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import default  # noqa: E402
+from configs import default
 
 
 def get_config():

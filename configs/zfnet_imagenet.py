@@ -12,12 +12,7 @@ biases, mean-subtracted pixels at scale 1, SGD lr 0.01 with momentum 0.9 and bat
 dropout 0.5, filter RMS radius 0.1, learning rate annealed on plateaus.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import default  # noqa: E402
+from configs import default
 
 
 def get_config():

@@ -90,7 +90,7 @@ def load_examples(config, split: str, num: int, label: int | None = None) -> Exa
       examples of the selected classes.
 
     Raises:
-      UsageError: no such split (naming the valid ones).
+      DataError: no such split (naming the valid ones).
     """
     data = config.data
     inputs.check_split(data, split)

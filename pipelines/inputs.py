@@ -28,8 +28,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from pipelines import DataError, preprocess
 from pipelines import folder as folder_lib
-from pipelines import preprocess
 
 SOURCES = ("embedded", "tfds", "folder")
 MODES = ("train", "ten_crop", "center")
@@ -196,9 +196,8 @@ def num_examples(data, split: str) -> int:
 
 
 def check_split(data, split: str) -> int:
-    """The number of examples of `split`; a one-line UsageError naming the valid splits
+    """The number of examples of `split`; a one-line DataError naming the valid splits
     when the data has no such split."""
-    from zf_tf import UsageError
 
     try:
         return num_examples(data, split)
@@ -210,8 +209,8 @@ def check_split(data, split: str) -> int:
                 choices = ", ".join(_tfds_builder(data).info.splits)
             except Exception:  # noqa: BLE001 - then the original error says what is wrong
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise UsageError(f"split {split!r}: {first}") from None
-        raise UsageError(f"unknown split {split!r}: valid splits: {choices}") from None
+                raise DataError(f"split {split!r}: {first}") from None
+        raise DataError(f"unknown split {split!r}: valid splits: {choices}") from None
 
 
 def build_inputs(

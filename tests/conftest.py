@@ -1,7 +1,8 @@
-"""Shared fixtures: quiet TF, the repo on sys.path, the default config, tiny datasets."""
+"""Shared fixtures and helpers: quiet TF, the repo on sys.path, configs, the tiny-config
+factory, tiny datasets, workdirs holding a model, and the in-process analysis runner."""
 
+import importlib
 import os
-import runpy
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -13,9 +14,48 @@ import pytest  # noqa: E402
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 
 
-def load_config(name="default"):
-    """A fresh copy of configs/<name>.py's get_config()."""
-    return runpy.run_path(os.path.join(ROOT, "configs", f"{name}.py"))["get_config"]()
+def load_config(name="default", *args):
+    """A fresh copy of configs/<name>.py's get_config(*args)."""
+    return importlib.import_module(f"configs.{name}").get_config(*args)
+
+
+def tiny(config, data_dir, width=None, batch_size=8, **fields):
+    """`config` shrunk for tests: the tiny embedded dataset, small batches and shuffle
+    buffer; optionally a narrower model; `fields` are dotted overrides ("train.epochs")."""
+    config.data.data_dir = data_dir
+    config.data.tfds_config = "tiny"
+    config.data.shuffle_buffer = 64
+    config.train.batch_size = batch_size
+    config.train.eval_batch_size = batch_size
+    if width is not None:
+        config.model.width = width
+    for key, value in fields.items():
+        node = config
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+def workdir_with_model(config, model, path) -> str:
+    """A workdir holding `config` (config.json) and `model` as its checkpoint, as a
+    finished training run leaves them; returns its path."""
+    from zf_tf.training import workdirs
+
+    path = str(path)
+    workdirs.prepare_for_training(config, path, False)
+    workdirs.save_model_atomic(model, workdirs.checkpoint_path(path))
+    return path
+
+
+def run_analysis(name, config, workdir, **request):
+    """Runs analysis mode `name` in-process as the command line does (analyses.base.run)
+    with a Request of `request`'s fields; returns the Result."""
+    from zf_tf import analyses
+    from zf_tf.analyses import base
+
+    return base.run(analyses.get(name), config, base.Request(workdir=str(workdir), **request))
 
 
 @pytest.fixture(scope="session")
@@ -31,13 +71,7 @@ def tiny_data_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_config(tiny_data_dir):
     """The default config on the tiny embedded dataset with small batches."""
-    config = load_config()
-    config.data.data_dir = tiny_data_dir
-    config.data.tfds_config = "tiny"
-    config.data.shuffle_buffer = 64
-    config.train.batch_size = 8
-    config.train.eval_batch_size = 8
-    return config
+    return tiny(load_config(), tiny_data_dir)
 
 
 @pytest.fixture

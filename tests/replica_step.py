@@ -16,8 +16,8 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.conftest import load_config  # noqa: E402
-from zf_tf import model as model_lib  # noqa: E402
-from zf_tf import train  # noqa: E402
+from zf_tf.core import model as model_lib  # noqa: E402
+from zf_tf.training import train  # noqa: E402
 
 B = 4
 config = load_config()

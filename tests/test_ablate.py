@@ -7,10 +7,13 @@ import os
 import keras
 import pytest
 
+from configs import ablations
 from tests.conftest import load_config
 from tests.test_cli import error_lines, main_py
-from zf_tf import UsageError, ablate, train
-from zf_tf import model as model_lib
+from zf_tf.core import model as model_lib
+from zf_tf.core.errors import UsageError
+from zf_tf.experiments import ablate
+from zf_tf.training import train
 
 
 def conv(k, cin, cout):
@@ -80,7 +83,7 @@ def zero_init(monkeypatch):
 
 @pytest.mark.parametrize("variant", list(PAPER_PARAMS))
 def test_paper_size_parameter_counts(variant, zero_init):
-    config = ablate.set_variant(load_config("zfnet_imagenet"), variant)
+    config = ablations.set_variant(load_config("zfnet_imagenet"), variant)
     model = model_lib.build_model(config.model)
     assert model.count_params() == PAPER_PARAMS[variant] == PAPER_TOTALS[variant]
     keras.utils.clear_session()
@@ -96,7 +99,7 @@ ABSENT = {
 
 
 def test_every_variant_layers_and_widths():
-    assert list(ablate.VARIANTS) == [
+    assert list(ablations.VARIANTS) == [
         "baseline",
         "no_conv3_conv4",
         "no_fc7",
@@ -109,7 +112,7 @@ def test_every_variant_layers_and_widths():
         "alexnet_layer1",
     ]
     base = load_config()  # width 0.25: unit counts scale like every other layer
-    for variant in ablate.VARIANTS:
+    for variant in ablations.VARIANTS:
         config = ablate.variant_config(base, variant)
         model = model_lib.build_model(config.model)
         names = {layer.name for layer in model.layers}
@@ -154,7 +157,7 @@ def test_config_file_variants():
     with pytest.raises(UsageError, match="unknown variant 'bogus': valid variants: all, base"):
         ablate.requested_variants("baseline,bogus")
     assert ablate.requested_variants("no_fc7, baseline,no_fc7") == ["no_fc7", "baseline"]
-    assert ablate.requested_variants("all") == list(ablate.VARIANTS)
+    assert ablate.requested_variants("all") == list(ablations.VARIANTS)
 
 
 def test_unknown_variant_is_one_line_through_main(tmp_path):
@@ -181,7 +184,7 @@ def ablation_config(tiny_config, monkeypatch):
         monkeypatch.setattr(
             train.evolution, "FeatureEvolution", lambda *args: keras.callbacks.Callback()
         )
-    from zf_tf import export
+    from zf_tf.training import export
 
     monkeypatch.setattr(export, "export", lambda *args: None)
     return config
@@ -246,7 +249,7 @@ def test_ablate_mode_end_to_end_and_reuse(ablation_config, tmp_path, monkeypatch
 
 
 def test_run_identity_of_workdirs_trained_before_model_remove_existed(tmp_path):
-    from zf_tf import workdirs
+    from zf_tf.training import workdirs
 
     config = load_config()
     old = workdirs.config_json(config)

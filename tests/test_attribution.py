@@ -13,8 +13,11 @@ from scipy.ndimage import zoom
 
 from tests.conftest import load_config
 from tests.test_train import events
-from zf_tf import attribution, cli, deconv, workdirs
-from zf_tf import model as model_lib
+from zf_tf import cli
+from zf_tf.analyses import attribution
+from zf_tf.core import deconv
+from zf_tf.core import model as model_lib
+from zf_tf.training import workdirs
 
 
 def small_config():

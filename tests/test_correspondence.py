@@ -14,7 +14,9 @@ from tests.images import encode, random_rgb, write
 from tests.test_cli import error_lines, main_py
 from tests.test_invariance import small_model, tiny_workdir
 from tests.test_train import events
-from zf_tf import UsageError, correspondence, workdirs
+from zf_tf.analyses import correspondence
+from zf_tf.core.errors import UsageError
+from zf_tf.training import workdirs
 
 
 def test_delta_of_three_hand_made_sign_vectors():

@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import load_config
-from zf_tf import deconv
-from zf_tf import model as model_lib
+from zf_tf.core import deconv
+from zf_tf.core import model as model_lib
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 

@@ -15,8 +15,11 @@ from PIL import Image
 from pipelines import examples
 from tests.conftest import ROOT
 from tests.test_train import events
-from zf_tf import UsageError, deconv, evolution, workdirs
-from zf_tf.model import CONV_LAYERS
+from zf_tf.analyses import evolution
+from zf_tf.core import deconv
+from zf_tf.core.errors import UsageError
+from zf_tf.core.model import CONV_LAYERS
+from zf_tf.training import callbacks, workdirs
 
 PROBE, PER_LAYER, WIDTH = 12, 2, 0.125
 
@@ -26,17 +29,20 @@ PROBE, PER_LAYER, WIDTH = 12, 2, 0.125
 SCRIPT = """
 import json, runpy, sys
 sys.path.insert(0, {root!r})
-from zf_tf import cli
-strategy = cli.make_strategy("mirrored", 2)
-from zf_tf import evolution, keras_fixes, train, workdirs
-from zf_tf import model as model_lib
+from zf_tf.training import strategies
+strategy = strategies.make_strategy("mirrored", 2)
+from zf_tf.training import callbacks
+from zf_tf.training import keras_fixes
+from zf_tf.training import train
+from zf_tf.training import workdirs
+from zf_tf.core import model as model_lib
 config = runpy.run_path({config!r})["get_config"]()
 config.update_from_flattened_dict({overrides!r})
 with strategy.scope():
     model = train.compile_model(model_lib.build_model(config.model), config)
 keras_fixes.build_for_fit(model, strategy, config.data.crop_size)
 ds = train.distributed_inputs(strategy, config, "train", "train")
-callback = evolution.FeatureEvolution({workdir!r}, config)
+callback = callbacks.FeatureEvolution({workdir!r}, config)
 model.fit(ds, epochs=2, steps_per_epoch=1, callbacks=[callback], verbose=0)
 workdirs.save_model_atomic(model, workdirs.checkpoint_path({workdir!r}))
 print(json.dumps({{"replicas": strategy.num_replicas_in_sync, "seconds": callback.seconds}}))
@@ -87,19 +93,19 @@ def trained(tiny_data_dir, tmp_path_factory):
 
 def test_snapshot_epochs_clipped_to_the_run():
     paper = (1, 2, 5, 10, 20, 30, 40, 64)
-    assert evolution.snapshot_epochs(paper, 12) == [1, 2, 5, 10, 12]
-    assert evolution.snapshot_epochs(paper, 64) == list(paper)
-    assert evolution.snapshot_epochs(paper, 70) == [*paper, 70]
-    assert evolution.snapshot_epochs((5, 1, 5), 2) == [1, 2]
-    assert evolution.snapshot_epochs((), 3) == []  # switched off
-    assert evolution.snapshot_epochs(paper, 0) == []
+    assert callbacks.snapshot_epochs(paper, 12) == [1, 2, 5, 10, 12]
+    assert callbacks.snapshot_epochs(paper, 64) == list(paper)
+    assert callbacks.snapshot_epochs(paper, 70) == [*paper, 70]
+    assert callbacks.snapshot_epochs((5, 1, 5), 2) == [1, 2]
+    assert callbacks.snapshot_epochs((), 3) == []  # switched off
+    assert callbacks.snapshot_epochs(paper, 0) == []
 
 
 def test_strongest_matches_brute_force():
     rng = np.random.default_rng(0)
     maps = rng.normal(size=(5, 4, 3, 6)).astype(np.float32)
     maps[3, 2, 1, 4] = 9.0  # a clear winner for map 4
-    best = evolution.strongest(maps, [4, 1])
+    best = callbacks.strongest(maps, [4, 1])
     assert (best["image"][0], best["y"][0], best["x"][0]) == (3, 2, 1)
     for n, f in enumerate([4, 1]):
         i, y, x = np.unravel_index(np.argmax(maps[..., f]), maps.shape[:3])
@@ -176,14 +182,14 @@ def test_mode_builds_the_grid(trained):
     assert png.ndim == 3 and png.shape[0] > png.shape[1] > 100  # tall: 10 rows, 2 columns
     tb = events(os.path.join(workdir, "logs", "evolution"))
     grid = tb["evolution/cells"][-1][1]
-    pad = evolution.CELL_PAD
+    pad = callbacks.CELL_PAD
     assert grid.shape == (rows * (64 + pad) - pad, 2 * (64 + pad) - pad, 3)
     with pytest.raises(UsageError, match="--overwrite"):
         evolution.run_mode(config, workdir, opts())
 
 
 def test_no_snapshot_of_a_diverged_epoch(tmp_path, tiny_config):
-    callback = evolution.FeatureEvolution(str(tmp_path), tiny_config)
+    callback = callbacks.FeatureEvolution(str(tmp_path), tiny_config)
     assert callback.epochs == [1, 2, 5, 10, 12]  # the paper's list, clipped to 12 epochs
     callback.on_epoch_end(0, {"loss": float("nan")})  # returns before touching a model
     assert not (tmp_path / "evolution").exists()

@@ -75,7 +75,7 @@ def test_examples_and_class_names_follow_data_classes(tiny_config):
 
 
 def test_unknown_split_is_a_usage_error(tiny_config):
-    from zf_tf import UsageError
+    from zf_tf.core.errors import UsageError
 
     with pytest.raises(UsageError, match="unknown split 'bogus': valid splits: .*validation"):
         examples.load_examples(tiny_config, "bogus", 2)

@@ -11,8 +11,10 @@ import tensorflow as tf
 from PIL import Image
 
 from tests.test_train import events
-from zf_tf import UsageError, filters, workdirs
-from zf_tf import model as model_lib
+from zf_tf.analyses import filters
+from zf_tf.core import model as model_lib
+from zf_tf.core.errors import UsageError
+from zf_tf.training import workdirs
 
 
 def small_model(config, layer1="zfnet"):

@@ -11,8 +11,10 @@ from PIL import Image
 
 from pipelines import inputs
 from tests.test_train import events
-from zf_tf import UsageError, invariance, workdirs
-from zf_tf import model as model_lib
+from zf_tf.analyses import invariance
+from zf_tf.core import model as model_lib
+from zf_tf.core.errors import UsageError
+from zf_tf.training import workdirs
 
 
 def random_images(n, size, seed=0):

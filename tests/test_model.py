@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import load_config
-from zf_tf import model as model_lib
+from zf_tf.core import model as model_lib
 
 PAPER_SHAPES = {
     "conv1": (110, 110, 96),
@@ -207,7 +207,7 @@ def test_config_without_remove_field_builds_the_full_model():
 
 
 def test_deconv_conv5_on_a_model_without_conv3_conv4():
-    from zf_tf import deconv
+    from zf_tf.core import deconv
 
     config = load_config().model
     config.width, config.remove = 0.125, ("conv3", "conv4")

@@ -2,18 +2,21 @@
 brute-force loop, pixel maps, the on-object test, the analysis arrays, and the mode."""
 
 import json
-import types
 
 import keras
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines import DataError
 from pipelines import examples as examples_lib
-from tests.conftest import load_config
+from tests.conftest import load_config, run_analysis, workdir_with_model
 from tests.test_train import events
-from zf_tf import UsageError, cli, deconv, occlusion, workdirs
-from zf_tf import model as model_lib
+from zf_tf import cli
+from zf_tf.analyses import occlusion
+from zf_tf.core import deconv
+from zf_tf.core import model as model_lib
+from zf_tf.core.errors import UsageError
 
 
 def test_grid_geometry():
@@ -218,18 +221,11 @@ def test_analysis_arrays(small):
         )
 
 
-def _opts(**kw):
-    base = dict(overwrite=False, split="", num_images=0, layer="conv5")
-    return types.SimpleNamespace(**{**base, **kw})
-
-
 def test_mode_end_to_end(small, tmp_path):
     config, model, _ = small
     assert "occlusion" in cli.MODES
-    wd = str(tmp_path / "wd")
-    workdirs.prepare_for_training(config, wd, False)
-    workdirs.save_model_atomic(model, workdirs.checkpoint_path(wd))
-    out = occlusion.run_mode(config, wd, _opts())
+    wd = workdir_with_model(config, model, tmp_path / "wd")
+    out = run_analysis("occlusion", config, wd).paths
     with np.load(out["occlusion.npz"]) as z:
         assert z["prob_map"].shape == (2, 7, 7) and z["images"].shape == (2, 64, 64, 3)
         probs = z["clean_probs"]
@@ -246,8 +242,8 @@ def test_mode_end_to_end(small, tmp_path):
     assert any(tag.startswith("occlusion/") for tag in events(tmp_path / "wd" / "logs"))
     # Refuses to overwrite; --overwrite replaces.
     with pytest.raises(UsageError, match="--overwrite"):
-        occlusion.run_mode(config, wd, _opts(num_images=1))
-    out = occlusion.run_mode(config, wd, _opts(num_images=1, overwrite=True))
+        run_analysis("occlusion", config, wd, num_images=1)
+    out = run_analysis("occlusion", config, wd, num_images=1, overwrite=True).paths
     assert json.loads(open(out["occlusion.json"]).read())["num_images"] == 1
 
 
@@ -256,10 +252,10 @@ def test_bad_input_is_a_usage_error(small, tmp_path):
     bad = config.copy_and_resolve_references()
     bad.analysis.occlusion.layer = "fc6"
     with pytest.raises(UsageError, match="conv1, conv2, conv3, conv4, conv5"):
-        occlusion.run_mode(bad, str(tmp_path), _opts())
-    with pytest.raises(UsageError, match="valid splits"):
-        occlusion.run_mode(config, str(tmp_path), _opts(split="nope"))
+        run_analysis("occlusion", bad, tmp_path)
+    with pytest.raises(DataError, match="valid splits"):
+        run_analysis("occlusion", config, tmp_path, split="nope")
     bad = config.copy_and_resolve_references()
     bad.analysis.occlusion.size = 0.0
     with pytest.raises(UsageError, match="occlusion"):
-        occlusion.run_mode(bad, str(tmp_path), _opts())
+        run_analysis("occlusion", bad, tmp_path)

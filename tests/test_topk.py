@@ -5,8 +5,8 @@ import numpy as np
 import tensorflow as tf
 
 from tests.conftest import load_config
-from zf_tf import model as model_lib
-from zf_tf import topk
+from zf_tf.core import model as model_lib
+from zf_tf.core import topk
 
 
 def test_scan_matches_brute_force():

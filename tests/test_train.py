@@ -18,7 +18,7 @@ import tensorflow as tf
 from pipelines import inputs, preprocess
 from tests.conftest import ROOT
 from tests.test_cli import error_lines, main_py
-from zf_tf import train, workdirs
+from zf_tf.training import train, workdirs
 
 EPOCHS = 2
 
@@ -158,7 +158,7 @@ print(json.dumps([b["probabilities"].numpy().tolist(), u["probabilities"].numpy(
 
 def test_export_is_atomic(trained, tiny_config, monkeypatch):
     workdir, _ = trained
-    from zf_tf import export
+    from zf_tf.training import export
 
     model = workdirs.load_model(str(workdir))
     stamp = (workdir / "export" / "saved_model.pb").stat().st_mtime_ns

@@ -12,8 +12,11 @@ import tensorflow as tf
 from pipelines import inputs
 from tests.conftest import load_config
 from tests.images import encode, random_rgb, write
-from zf_tf import UsageError, cli, transfer, workdirs
-from zf_tf import model as model_lib
+from zf_tf import cli
+from zf_tf.core import model as model_lib
+from zf_tf.core.errors import UsageError
+from zf_tf.experiments import transfer
+from zf_tf.training import workdirs
 
 # ------------------------------------------------------------------------------ tables
 

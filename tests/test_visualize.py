@@ -9,7 +9,9 @@ from PIL import Image
 from tests.images import encode, random_rgb, write
 from tests.test_cli import error_lines, main_py
 from tests.test_train import events
-from zf_tf import UsageError, visualize
+from zf_tf import outputs
+from zf_tf.analyses import deconv as visualize
+from zf_tf.core.errors import UsageError
 
 
 def deconv_args(data_dir, workdir, *extra):
@@ -85,9 +87,9 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_field_patch_keeps_geometry():
     image = np.arange(10 * 10, dtype=np.float32).reshape(10, 10, 1)
-    inside = visualize.field_patch(image, (2, 3, 6, 7), 4)
+    inside = outputs.field_patch(image, (2, 3, 6, 7), 4)
     np.testing.assert_array_equal(inside, image[2:6, 3:7])
-    top_left = visualize.field_patch(image, (0, 0, 2, 3), 4, fill=-1)
+    top_left = outputs.field_patch(image, (0, 0, 2, 3), 4, fill=-1)
     np.testing.assert_array_equal(top_left[2:, 1:], image[:2, :3])
     assert (top_left[:2] == -1).all() and (top_left[:, :1] == -1).all()
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from tests.conftest import load_config
-from zf_tf import UsageError, workdirs
+from zf_tf.core.errors import UsageError
+from zf_tf.training import workdirs
 
 
 def test_analysis_section_comes_from_the_command_line(tmp_path):

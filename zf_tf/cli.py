@@ -1,19 +1,31 @@
-"""Glue between main.py's flags and the library: flag parsing with one-line errors,
-strategies, the workdir's resolved config, and the mode dispatch table."""
+"""The command line: flags -> typed settings -> one dispatch; library errors -> one line.
+
+`main.py` defines the absl flags and calls `parse_flags` and `main`. absl parses the flags
+it knows; what is left of the command line is the config's overrides (`--config.a.b=v`),
+which `apply_overrides` sets on the config loaded from `--config=FILE[:ARG]`
+(`load_config`). A library error (`UsageError`, `pipelines.DataError`, a missing file)
+becomes `error: <message>` on stderr and exit status 1; anything else is a bug and keeps
+its traceback.
+"""
 
 from __future__ import annotations
 
-import importlib
+import ast
+import importlib.util
 import json
-import runpy
+import os
 import sys
 
 from absl import flags, logging
 
-from zf_tf import UsageError
-from zf_tf.model import CONV_LAYERS  # noqa: F401 - main.py's --layer choices
+from pipelines import DataError
+from zf_tf.analyses import base as analyses_base
+from zf_tf.core.errors import UsageError
+from zf_tf.core.model import CONV_LAYERS  # noqa: F401 - main.py's --layer choices
+from zf_tf.training.strategies import STRATEGIES, make_strategy  # noqa: F401 - main.py
 
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+DEFAULT_CONFIG = "configs/default.py"
+OVERRIDE_PREFIX = "--config."
 
 
 def fail(message: str):
@@ -22,120 +34,162 @@ def fail(message: str):
     sys.exit(1)
 
 
-DEFAULT_CONFIG = "configs/default.py"
+# ---------------------------------------------------------------------------------------------
+# Configs: loading a get_config() file and applying --config.a.b=v overrides
+# ---------------------------------------------------------------------------------------------
 
 
-def _config_path(argv) -> str:
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return DEFAULT_CONFIG
+def load_config(spec: str):
+    """Loads `FILE[:ARG]`: the ConfigDict of FILE's `get_config()` (or `get_config(ARG)`).
 
+    A relative FILE is tried against the working directory, then the repository root (so
+    `--config=configs/x.py` works from anywhere).
 
-def _explain_override(argv) -> str | None:
-    """Names the first `--config.a.b=...` whose key is not in the config, and the valid keys."""
-    # `--config=file.py:arg` passes `arg` to get_config (ml_collections' config_flags).
-    path, *arg = _config_path(argv).split(":", 1)
+    Raises:
+      UsageError: no such file, or the file fails to load or build its config.
+    """
+    path, *arg = spec.split(":", 1)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [path] if os.path.isabs(path) else [path, os.path.join(root, path)]
+    found = next((p for p in candidates if os.path.isfile(p)), None)
+    if found is None:
+        raise UsageError(f"bad --config {spec}: no such file {path!r}")
+    if root not in sys.path:  # configs import each other as the `configs` package
+        sys.path.insert(0, root)
+    module_spec = importlib.util.spec_from_file_location("zf_tf_config", found)
+    module = importlib.util.module_from_spec(module_spec)
     try:
-        config = runpy.run_path(path)["get_config"](*arg)
-    except Exception:  # noqa: BLE001 - the caller reports the original error instead
-        return None
-    for arg in argv:
-        if not arg.startswith("--config."):
-            continue
-        key = arg[len("--config.") :].split("=", 1)[0]
+        module_spec.loader.exec_module(module)
+        get_config = module.get_config
+    except Exception as e:  # noqa: BLE001 - a config file can raise anything
+        raise UsageError(f"bad --config {spec}: {_first_line(e)}") from None
+    try:
+        return get_config(*arg)
+    except Exception as e:  # noqa: BLE001 - get_config's own errors (e.g. a bad variant)
+        raise UsageError(f"bad --config {spec}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().strip("'\"")
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _parse_value(key: str, text: str, current):
+    """`text` parsed as the type of the field's current value."""
+
+    def literal(t):
+        try:
+            return ast.literal_eval(t)
+        except (ValueError, SyntaxError):
+            return t
+
+    try:
+        if isinstance(current, bool):
+            lowered = text.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError("expected true or false")
+            return lowered in ("true", "1", "yes")
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, str):
+            return text
+        if isinstance(current, (tuple, list)):
+            value = literal(text)
+            if isinstance(value, str):  # a,b,c without quotes or brackets
+                value = tuple(literal(v.strip()) for v in text.split(",") if v.strip())
+            if not isinstance(value, (tuple, list)):
+                value = (value,)
+            return type(current)(value)
+        return literal(text)  # None and other types: a Python literal, else the string
+    except ValueError as e:
+        kind = type(current).__name__
+        raise UsageError(f"--config.{key}={text}: not a valid {kind} ({e})") from None
+
+
+def apply_overrides(config, overrides: list[tuple[str, str]]):
+    """Sets each (dotted key, text value) on `config`, parsing by the field's type.
+
+    Fields that share a FieldReference (data.crop_size and model.input_size) change
+    together. New keys are refused.
+
+    Raises:
+      UsageError: an unknown key (naming the valid keys where it fails), a section given a
+        value, or a value that does not parse as the field's type.
+    """
+    for key, text in overrides:
         node, walked = config, []
-        for part in key.split("."):
+        parts = key.split(".")
+        for part in parts[:-1]:
             if not hasattr(node, "keys") or part not in node:
-                where = ".".join(walked) or "the config"
-                choices = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
-                return f"unknown config key {key!r}: valid keys of {where}: {choices}"
+                break
             node = node[part]
             walked.append(part)
-    return None
+        last = parts[len(walked)]
+        if len(walked) < len(parts) - 1 or not hasattr(node, "keys") or last not in node:
+            where = ".".join(walked) or "the config"
+            choices = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+            raise UsageError(f"unknown config key {key!r}: valid keys of {where}: {choices}")
+        current = node[last]
+        if hasattr(current, "keys"):
+            raise UsageError(
+                f"--config.{key} is a section: set one of its keys, e.g. --config.{key}."
+                f"{sorted(current.keys())[0]}=..."
+            )
+        node[last] = _parse_value(key, text, current)
 
 
-def _config_error(argv, error: Exception):
-    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-    fail(_explain_override(argv) or f"bad --config {_config_path(argv)}: {first_line}")
+def split_arguments(args: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Separates what absl left unparsed into config overrides and anything else.
 
-
-def resolved_config(flag_values, name: str = "config"):
-    """The config flag's value; the config file is loaded lazily, so errors surface here."""
-    try:
-        config = getattr(flag_values, name)
-        config.keys()  # a failed load yields a placeholder that raises on any attribute
-        return config
-    except Exception as e:  # noqa: BLE001
-        _config_error(sys.argv, e)
-
-
-def define_config_flag(name: str = "config", default: str = DEFAULT_CONFIG):
-    """DEFINE_config_file, which already applies `--config.x=...` overrides from sys.argv;
-    a bad override becomes one line naming the valid keys."""
-    from ml_collections import config_flags
-
-    try:
-        return config_flags.DEFINE_config_file(
-            name, default, "Experiment config file (a get_config() module).", lock_config=True
-        )
-    except Exception as e:  # noqa: BLE001 - config files and overrides raise many types
-        _config_error(sys.argv, e)
+    Returns:
+      ([(dotted key, text value)], [other arguments]).
+    """
+    overrides, other = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith(OVERRIDE_PREFIX):
+            key, eq, value = arg[len(OVERRIDE_PREFIX) :].partition("=")
+            if not eq:  # --config.a.b VALUE
+                if i + 1 >= len(args):
+                    raise UsageError(f"{arg} needs a value: {arg}=VALUE")
+                i += 1
+                value = args[i]
+            overrides.append((key, value))
+        else:
+            other.append(arg)
+        i += 1
+    return overrides, other
 
 
 def parse_flags(flag_values, argv):
-    """Parses argv like absl, but turns every flag or config error into one line + exit 1."""
+    """absl's parse of the flags it knows, a bad value becoming one line; the rest of the
+    command line (config overrides, stray words) is returned for `main`."""
     try:
-        return flag_values(argv)
+        return flag_values(argv, known_only=True)
     except flags.Error as e:
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        if "Traceback" in str(e):  # get_config raised: absl quotes the traceback, error last
-            fail(_explain_override(argv) or f"bad --config {_config_path(argv)}: {lines[-1]}")
         fail(str(e))
-    except Exception as e:  # noqa: BLE001 - config files and overrides raise many types
-        _config_error(argv, e)
 
 
-def make_strategy(name: str, cpu_replicas: int = 2):
-    """Creates a tf.distribute strategy by name; must run before any other TF op.
-
-    Args:
-      name: one of STRATEGIES.
-      cpu_replicas: for 'mirrored' on a machine without GPUs, the CPU is split into this
-        many logical devices so that MirroredStrategy really runs that many replicas.
+def resolved_config(spec: str, args: list[str]):
+    """The config of `spec` with the overrides among `args` applied, then locked.
 
     Raises:
-      UsageError: unknown name, or no TPU reachable for 'tpu'.
+      UsageError: a bad config file or override, or an argument that is neither a known
+        flag nor an override.
     """
-    import tensorflow as tf
-
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        if tf.config.list_physical_devices("GPU"):
-            return tf.distribute.MirroredStrategy()
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        if tf.config.get_logical_device_configuration(cpu) is None and cpu_replicas > 1:
-            tf.config.set_logical_device_configuration(
-                cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas
-            )
-        devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices)
-    if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "tpu":
-        try:
-            resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-            tf.config.experimental_connect_to_cluster(resolver)
-            tf.tpu.experimental.initialize_tpu_system(resolver)
-        except (ValueError, RuntimeError, tf.errors.OpError) as e:
-            raise UsageError(
-                f"--strategy=tpu: no TPU reachable ({str(e).splitlines()[0]})"
-            ) from None
-        return tf.distribute.TPUStrategy(resolver)
-    raise UsageError(f"unknown strategy {name!r}: valid strategies: {', '.join(STRATEGIES)}")
+    overrides, other = split_arguments(args)
+    unknown_flags = [a for a in other if a.startswith("-")]
+    if unknown_flags:
+        raise UsageError(f"unknown flag {unknown_flags[0]}: see --helpfull for the flags")
+    if other:
+        raise UsageError(f"unexpected arguments: {' '.join(other)}")
+    config = load_config(spec)
+    apply_overrides(config, overrides)
+    config.lock()
+    return config
 
 
 def validate_config(config):
@@ -145,7 +199,8 @@ def validate_config(config):
       UsageError: naming the field and its valid choices.
     """
     from pipelines import inputs
-    from zf_tf import model as model_lib
+    from zf_tf.core import model as model_lib
+    from zf_tf.training import callbacks
 
     def choose(key, value, choices):
         if value not in choices:
@@ -171,12 +226,18 @@ def validate_config(config):
             f"config.data.crop_size ({config.data.crop_size}) must not exceed "
             f"config.data.resize_size ({config.data.resize_size})"
         )
+    callbacks.check_names(config.train.get("callbacks", ()))
 
 
-def _summary(config, workdir, strategy, opts):
+# ---------------------------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------------------------
+
+
+def _summary(config, request, strategy):
     """Prints the model's layers and one batch of the training pipeline."""
     from pipelines import inputs
-    from zf_tf import model as model_lib
+    from zf_tf.core import model as model_lib
 
     with strategy.scope():
         model = model_lib.build_model(config.model)
@@ -190,113 +251,119 @@ def _summary(config, workdir, strategy, opts):
     print(json.dumps(summary))
 
 
-def _train(config, workdir, strategy, opts):
-    from zf_tf import train
+def _train(config, request, strategy):
+    from zf_tf.training import train
 
-    train.train_and_evaluate(config, workdir, strategy, opts.overwrite)
-
-
-def _eval(config, workdir, strategy, opts):
-    from zf_tf import evaluate, workdirs
-
-    config = workdirs.load_config(workdir, config)
-    evaluate.evaluate(config, workdir, workdirs.load_model(workdir))
+    train.train_and_evaluate(config, request.workdir, strategy, request.overwrite)
 
 
-def _export(config, workdir, strategy, opts):
-    from zf_tf import export, workdirs
+def _eval(config, request, strategy):
+    from zf_tf.training import evaluate, workdirs
 
-    config = workdirs.load_config(workdir, config)
-    path = export.export(workdirs.load_model(workdir), config, workdir)
+    config = workdirs.load_config(request.workdir, config)
+    evaluate.evaluate(config, request.workdir, workdirs.load_model(request.workdir))
+
+
+def _export(config, request, strategy):
+    from zf_tf.training import export, workdirs
+
+    config = workdirs.load_config(request.workdir, config)
+    path = export.export(workdirs.load_model(request.workdir), config, request.workdir)
     print(f"SavedModel written to {path}")
 
 
-def _deconv(config, workdir, strategy, opts):
-    from zf_tf import model as model_lib
-    from zf_tf import visualize, workdirs
-
-    config = workdirs.load_config(workdir, config)
-    if opts.untrained:
-        model = model_lib.build_model(config.model)
-    else:
-        model = workdirs.load_model(workdir)
-    if opts.image:
-        visualize.image_panels(
-            config, workdir, model, opts.layer, opts.image, opts.num_features, opts.overwrite
-        )
-    else:
-        visualize.top_k_panels(
-            config,
-            workdir,
-            model,
-            opts.layer,
-            opts.split or config.data.eval_split,
-            opts.top_k,
-            opts.features,
-            opts.num_features,
-            opts.overwrite,
-        )
-
-
-def _ablate(config, workdir, strategy, opts):
+def _ablate(config, request, strategy):
     """Paper Table 3: trains every variant of config.ablate in WORKDIR/ablate/<variant>/
     (the command line's config is the base; the workdir's own run is not read or touched)."""
-    from zf_tf import ablate
+    from zf_tf.experiments import ablate
 
-    ablate.run(config, workdir, strategy, opts.overwrite)
-
-
-def _analysis(module_name: str):
-    """A mode that runs `module_name.run_mode(config, workdir, opts)` on a trained workdir:
-    data/model/train settings from its config.json, `analysis` from --config."""
-
-    def run(config, workdir, strategy, opts):
-        from zf_tf import workdirs
-
-        module = importlib.import_module(module_name)
-        module.run_mode(workdirs.load_config(workdir, config), workdir, opts)
-
-    run.__doc__ = f"--mode backed by {module_name}.run_mode."
-    return run
+    ablate.run(config, request.workdir, strategy, request.overwrite)
 
 
-# Analysis modes (paper Figs. 4-7, Table 1): mode name -> module with run_mode().
-ANALYSES = {
-    "occlusion": "zf_tf.occlusion",
-    "invariance": "zf_tf.invariance",
-    "correspondence": "zf_tf.correspondence",
-    "evolution": "zf_tf.evolution",
-    "filters": "zf_tf.filters",
-    "attribution": "zf_tf.attribution",
-}
+def _transfer(config, request, strategy):
+    """Tables 4-6, Fig. 9: the workdir's model is the source, --config's `transfer` the
+    target."""
+    from zf_tf.experiments import transfer
+    from zf_tf.training import workdirs
 
-# Modes other than train read the config a workdir was trained with (config.json).
+    transfer.run_mode(
+        workdirs.load_config(request.workdir, config), request.workdir, request.overwrite
+    )
+
+
+def _analysis(name: str):
+    """The mode of analysis `name`: `analyses.base.run` on the workdir's config (data,
+    model, train from its config.json; `analysis` from the command line)."""
+
+    def run_analysis(config, request, strategy):
+        from zf_tf import analyses
+        from zf_tf.training import workdirs
+
+        analyses_base.run(
+            analyses.get(name), workdirs.load_config(request.workdir, config), request
+        )
+
+    run_analysis.__doc__ = f"--mode={name}: zf_tf.analyses.REGISTRY[{name!r}]."
+    return run_analysis
+
+
+def _analysis_modes() -> dict:
+    from zf_tf import analyses
+
+    return {name: _analysis(name) for name in analyses.REGISTRY}
+
+
+# mode -> function(config, request, strategy). Modes other than train and ablate read the
+# config a workdir was trained with (config.json).
 MODES = {
     "train": _train,
     "eval": _eval,
     "export": _export,
-    "deconv": _deconv,
     "summary": _summary,
     "ablate": _ablate,
-    **{name: _analysis(module) for name, module in ANALYSES.items()},
-    # Tables 4-6, Fig. 9: the workdir's model is the source, --config's `transfer` the target.
-    "transfer": _analysis("zf_tf.transfer"),
+    "transfer": _transfer,
+    **_analysis_modes(),
 }
 
 
-def run(mode: str, config, workdir: str, strategy_name: str, opts):
-    """Runs one mode; usage errors become one line on stderr and exit status 1.
+def request_from_flags(flag_values) -> analyses_base.Request:
+    """The typed request of main.py's mode flags."""
+    f = flag_values
+    return analyses_base.Request(
+        workdir=f.workdir,
+        split=f.split,
+        num_images=f.num_images,
+        overwrite=f.overwrite,
+        layer=f.layer,
+        top_k=f.top_k,
+        features=f.features,
+        num_features=f.num_features,
+        image=f.image,
+        untrained=f.untrained,
+        parts=f.parts,
+        compare=f.compare,
+    )
 
-    Args:
-      opts: the mode flags (overwrite, layer, split, top_k, features, num_features,
-        image, untrained, num_images, parts, compare), e.g. absl's FLAGS.
+
+def run(mode: str, config, request: analyses_base.Request, strategy_name: str = "default"):
+    """Runs one mode with a resolved config and a typed request.
+
+    Raises:
+      UsageError, DataError: bad input (main() turns them into one line).
     """
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}: valid modes: {', '.join(MODES)}")
+    validate_config(config)
+    strategy = make_strategy(strategy_name, config.train.cpu_replicas)
+    logging.info("Strategy %s with %d replica(s)", strategy_name, strategy.num_replicas_in_sync)
+    MODES[mode](config, request, strategy)
+
+
+def main(flag_values, args: list[str]):
+    """main.py's body: resolves the config from `--config` and `args` (what absl left),
+    runs the mode; usage errors become one line on stderr and exit status 1."""
     try:
-        if mode not in MODES:
-            raise UsageError(f"unknown mode {mode!r}: valid modes: {', '.join(MODES)}")
-        validate_config(config)
-        strategy = make_strategy(strategy_name, config.train.cpu_replicas)
-        logging.info("Strategy %s with %d replica(s)", strategy_name, strategy.num_replicas_in_sync)
-        MODES[mode](config, workdir, strategy, opts)
-    except (UsageError, FileNotFoundError) as e:
+        config = resolved_config(flag_values.config, args)
+        run(flag_values.mode, config, request_from_flags(flag_values), flag_values.strategy)
+    except (UsageError, DataError, FileNotFoundError) as e:
         fail(str(e))

@@ -48,7 +48,8 @@ import tensorflow as tf
 import tqdm
 
 from pipelines import examples, inputs, preprocess
-from zf_tf import UsageError, figures
+from zf_tf import outputs
+from zf_tf.core.errors import UsageError
 
 SIGN_RTOL = 1e-5
 QUARTERS = ("top_left", "top_right", "bottom_left", "bottom_right")
@@ -403,7 +404,7 @@ def table(summary: dict) -> str:
         [loc, *(f"{summary[layer][loc][0]:.4f} ± {summary[layer][loc][1]:.4f}" for layer in layers)]
         for loc in summary[layers[0]]
     ]
-    return figures.markdown_table(header, rows)
+    return outputs.markdown_table(header, rows)
 
 
 # ----------------------------------------------------------------------------------------
@@ -413,14 +414,14 @@ def table(summary: dict) -> str:
 
 def plot(subjects: Subjects, random: np.ndarray, mean, path: str, title: str) -> np.ndarray:
     """The images with their part boxes (colored) and draw 0's random box (dashed white)."""
-    plt = figures.pyplot()
+    plt = outputs.pyplot()
     from matplotlib.patches import Rectangle
 
     n = len(subjects.images)
     fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 3.0), squeeze=False)
     colors = plt.get_cmap("tab10").colors
     for i, ax in enumerate(axes[0]):
-        ax.imshow(figures.display(subjects.images[i], mean), interpolation="nearest")
+        ax.imshow(outputs.display(subjects.images[i], mean), interpolation="nearest")
         ax.axis("off")
         ax.set_title(subjects.names[i], fontsize=7)
         boxes = [*subjects.boxes[i], random[0, i]] if len(random) else list(subjects.boxes[i])
@@ -445,7 +446,7 @@ def plot(subjects: Subjects, random: np.ndarray, mean, path: str, title: str) ->
     fig.legend(loc="lower center", ncol=len(subjects.parts) + 1, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    image = figures.save_figure(fig, path)
+    image = outputs.save_figure(fig, path)
     plt.close(fig)
     return image
 
@@ -487,10 +488,10 @@ def run_mode(config, workdir: str, opts):
     Returns:
       {'summary': summarize()'s dict, 'paths': {name: path}}.
     """
-    from zf_tf import workdirs
+    from zf_tf.training import workdirs
 
     c = config.analysis.correspondence
-    paths = figures.outputs(workdir, "correspondence", OUTPUTS, opts.overwrite)
+    paths = outputs.reserve(workdir, "correspondence", OUTPUTS, opts.overwrite)
     subjects = subjects_for(config, opts)  # bad --parts fail before the model loads
     model = workdirs.load_model(workdir)
     layers = tuple(c.layers)
@@ -504,7 +505,7 @@ def run_mode(config, workdir: str, opts):
         f"(ordered pairs i != j; random: {len(random)} draws, mean ± std across draws). "
         "Lower = more consistent.\n\n" + table(summary)
     )
-    figures.save_text(paths["correspondence.md"], text)
+    outputs.save_text(paths["correspondence.md"], text)
     record = {
         "images": subjects.names,
         "parts": list(subjects.parts),
@@ -526,7 +527,7 @@ def run_mode(config, workdir: str, opts):
             "random: mean over pairs per draw, then mean/std over draws"
         ),
     }
-    figures.save_text(paths["correspondence.json"], json.dumps(record, indent=1) + "\n")
+    outputs.save_text(paths["correspondence.json"], json.dumps(record, indent=1) + "\n")
     figure = plot(
         subjects,
         random,
@@ -534,7 +535,7 @@ def run_mode(config, workdir: str, opts):
         paths["correspondence.png"],
         f"Correspondence: occluded parts ({', '.join(subjects.parts)}) and a random region",
     )
-    figures.write_tensorboard(workdir, "correspondence", "correspondence/parts", figure)
+    outputs.write_tensorboard(workdir, "correspondence", "correspondence/parts", figure)
     print(text)
     print(f"Wrote {', '.join(paths.values())}")
     return {"summary": summary, "paths": paths}

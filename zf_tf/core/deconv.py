@@ -44,7 +44,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from zf_tf.model import CONV_LAYERS, LocalResponseNorm
+from zf_tf.core.model import CONV_LAYERS, LocalResponseNorm
 
 __all__ = [
     "SwitchMaxPool",

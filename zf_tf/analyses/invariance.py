@@ -32,7 +32,8 @@ import tensorflow as tf
 import tqdm
 
 from pipelines import inputs
-from zf_tf import UsageError, figures
+from zf_tf import outputs
+from zf_tf.core.errors import UsageError
 
 TRANSFORMS = ("translation", "scale", "rotation")
 IDENTITY = {"translation": 0.0, "scale": 1.0, "rotation": 0.0}
@@ -221,7 +222,7 @@ def csv_text(result: dict, labels, indices, class_names) -> str:
 def plot(result: dict, legend: list[str], path: str, title: str) -> np.ndarray:
     """The 3x3 grid of Fig. 5 (rows: transforms; columns: layer-1 distance, layer-7
     distance, P(true class)), one line per image. Returns the PNG as uint8 (H, W, 3)."""
-    plt = figures.pyplot()
+    plt = outputs.pyplot()
     columns = (
         ("dist_layer1", f"layer 1 ({result['layer1']}) distance"),
         ("dist_layer7", f"layer 7 ({result['layer7']}) distance"),
@@ -245,14 +246,14 @@ def plot(result: dict, legend: list[str], path: str, title: str) -> np.ndarray:
     axes[0, 2].legend(fontsize=7, loc="lower left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    image = figures.save_figure(fig, path, dpi=90)  # keeps the PNG small enough for docs
+    image = outputs.save_figure(fig, path, dpi=90)  # keeps the PNG small enough for docs
     plt.close(fig)
     return image
 
 
 def example_strip(image: np.ndarray, sweep: dict, mean, path: str, title: str) -> np.ndarray:
     """The transformed copies of one image, one row per transform, as a PNG."""
-    plt = figures.pyplot()
+    plt = outputs.pyplot()
     width = max(len(a) for a in sweep.values())
     fig, axes = plt.subplots(
         len(sweep), width, figsize=(1.0 * width, 1.2 * len(sweep) + 0.4), squeeze=False
@@ -262,11 +263,11 @@ def example_strip(image: np.ndarray, sweep: dict, mean, path: str, title: str) -
     for r, (kind, amounts) in enumerate(sweep.items()):
         copies, _ = transformed_copies(image, {kind: amounts})
         for c, (copy, amount) in enumerate(zip(copies, amounts)):
-            axes[r, c].imshow(figures.display(copy, mean), interpolation="nearest")
+            axes[r, c].imshow(outputs.display(copy, mean), interpolation="nearest")
             axes[r, c].set_title(f"{kind[:5]} {amount:g}", fontsize=6)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    out = figures.save_figure(fig, path)
+    out = outputs.save_figure(fig, path)
     plt.close(fig)
     return out
 
@@ -286,9 +287,9 @@ def run_mode(config, workdir: str, opts):
       {'result': measure()'s dict, 'paths': {name: path}}.
     """
     from pipelines import examples
-    from zf_tf import workdirs
+    from zf_tf.training import workdirs
 
-    paths = figures.outputs(workdir, "invariance", OUTPUTS, opts.overwrite)
+    paths = outputs.reserve(workdir, "invariance", OUTPUTS, opts.overwrite)
     model = workdirs.load_model(workdir)
     split = opts.split or config.analysis.split
     num = opts.num_images or config.analysis.invariance.num_images
@@ -300,9 +301,9 @@ def run_mode(config, workdir: str, opts):
     names = inputs.class_names(config.data)
     if result["note"]:
         print(f"Note: {result['note']}")
-    figures.save_text(paths["invariance.csv"], csv_text(result, ex.labels, ex.indices, names))
+    outputs.save_text(paths["invariance.csv"], csv_text(result, ex.labels, ex.indices, names))
     arrays = {k.replace("/", "_"): v for k, v in result.items() if isinstance(v, np.ndarray)}
-    figures.save_npz(
+    outputs.save_npz(
         paths["invariance.npz"],
         labels=ex.labels,
         indices=ex.indices,
@@ -322,7 +323,7 @@ def run_mode(config, workdir: str, opts):
         paths["invariance_examples.png"],
         f"transformed copies of {legend[0]} (gray = 0 fill)",
     )
-    figures.write_tensorboard(workdir, "invariance", "invariance/curves", grid)
-    figures.write_tensorboard(workdir, "invariance", "invariance/examples", strip)
+    outputs.write_tensorboard(workdir, "invariance", "invariance/curves", grid)
+    outputs.write_tensorboard(workdir, "invariance", "invariance/examples", strip)
     print(f"Wrote {', '.join(paths.values())}")
     return {"result": result, "paths": paths}

@@ -53,7 +53,9 @@ import tqdm
 from absl import logging
 
 from pipelines import inputs, preprocess
-from zf_tf import UsageError, figures, workdirs
+from zf_tf import outputs
+from zf_tf.core.errors import UsageError
+from zf_tf.training import workdirs
 
 MODE = "transfer"
 CONFIGS = (
@@ -616,7 +618,7 @@ class ScratchTrainer:
     """
 
     def __init__(self, source_config, target: Target):
-        from zf_tf import model as model_lib
+        from zf_tf.core import model as model_lib
 
         self._build = model_lib.build_model
         self.target = target
@@ -734,7 +736,7 @@ def results_table(results: dict) -> str:
     ):
         if results.get(key):
             rows.append([name] + [_cell(**_ms(results[key][str(n)])) for n in results["per_class"]])
-    return figures.markdown_table(header, rows)
+    return outputs.markdown_table(header, rows)
 
 
 def _ms(entry: dict) -> dict:
@@ -756,13 +758,13 @@ def ap_table(class_names, transfer_ap, scratch_ap=None) -> str:
     rows = [row("Pretrained features", transfer_ap)]
     if scratch_ap is not None:
         rows.append(row("From scratch", scratch_ap))
-    return figures.markdown_table(header, rows)
+    return outputs.markdown_table(header, rows)
 
 
 def plot(results: dict, path: str) -> np.ndarray:
     """Fig. 9-style plot: the metric against training images per class, transfer and from
     scratch, with one-standard-deviation error bars. Returns the PNG as uint8 (H, W, 3)."""
-    plt = figures.pyplot()
+    plt = outputs.pyplot()
     per_class = results["per_class"]
     all_x = results.get("all_per_class", max(per_class) * 2)
     xs = [all_x if n == 0 else n for n in per_class]
@@ -785,7 +787,7 @@ def plot(results: dict, path: str) -> np.ndarray:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    image = figures.save_figure(fig, path)
+    image = outputs.save_figure(fig, path)
     plt.close(fig)
     return image
 
@@ -827,7 +829,7 @@ def run(config, workdir: str, model: keras.Model, overwrite: bool = False) -> di
     layer = t.feature_layer
     check_feature_layer(model, layer)
     _source_overlap_warning(config, target)
-    paths = figures.outputs(
+    paths = outputs.reserve(
         workdir,
         os.path.join(MODE, t.name),
         [f"{layer}.{e}" for e in ("json", "md", "png")],
@@ -950,11 +952,11 @@ def run(config, workdir: str, model: keras.Model, overwrite: bool = False) -> di
             results["per_class_ap"]["transfer"],
             results["per_class_ap"]["scratch"],
         )
-    figures.save_text(paths[f"{layer}.md"], text)
+    outputs.save_text(paths[f"{layer}.md"], text)
     image = plot(results, paths[f"{layer}.png"])
-    figures.write_tensorboard(workdir, MODE, f"{t.name}/{layer}", image)
+    outputs.write_tensorboard(workdir, MODE, f"{t.name}/{layer}", image)
     results["paths"] = paths
-    figures.save_text(paths[f"{layer}.json"], json.dumps(_json_safe(results), indent=2) + "\n")
+    outputs.save_text(paths[f"{layer}.json"], json.dumps(_json_safe(results), indent=2) + "\n")
     logging.info("Transfer results in %s", os.path.dirname(paths[f"{layer}.md"]))
     print(text)
     return results

@@ -51,8 +51,11 @@ import tqdm
 
 from pipelines import examples as examples_lib
 from pipelines import inputs
-from zf_tf import UsageError, deconv, figures, occlusion
-from zf_tf.model import CONV_LAYERS
+from zf_tf import outputs
+from zf_tf.analyses import occlusion
+from zf_tf.core import deconv
+from zf_tf.core.errors import UsageError
+from zf_tf.core.model import CONV_LAYERS
 
 MODE = "attribution"
 METHODS = (
@@ -441,7 +444,7 @@ def pointing_table(game: dict) -> str:
     rows.append(["center pixel (baseline)", c["hits"], c["images"], f"{c['score']:.3f}"])
     n = c["images"]
     rows.append(["chance (mean box area)", "-", n, f"{game['chance']['score']:.3f}"])
-    return figures.markdown_table(["method", "hits", "images", "score"], rows)
+    return outputs.markdown_table(["method", "hits", "images", "score"], rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +469,7 @@ def render(arrays: dict, methods, path: str, mean, class_names=None, target: str
     Returns:
       The figure as a uint8 (H, W, 3) array.
     """
-    plt = figures.pyplot()
+    plt = outputs.pyplot()
     from matplotlib.patches import Rectangle
     from matplotlib.patheffects import withStroke
 
@@ -476,7 +479,7 @@ def render(arrays: dict, methods, path: str, mean, class_names=None, target: str
     name = (lambda c: class_names[c]) if class_names else str
     boxes = arrays.get("boxes")
     for r in range(n):
-        image = figures.display(arrays["images"][r], mean)
+        image = outputs.display(arrays["images"][r], mean)
         faded = 0.35 + 0.4 * image.mean(-1)
         c = int(arrays["classes"][r])
         for j in range(cols):
@@ -529,7 +532,7 @@ def render(arrays: dict, methods, path: str, mean, class_names=None, target: str
     )
     top = 1 - 0.2 / fig.get_figheight()  # room for the suptitle above the column titles
     fig.tight_layout(pad=0.3, h_pad=0.2, w_pad=0.2, rect=(0, 0, 1, top))
-    return figures.save_figure(fig, path, dpi=90)
+    return outputs.save_figure(fig, path, dpi=90)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,14 +585,14 @@ def run_mode(config, workdir: str, opts) -> dict:
       UsageError: bad method list, target, CAM layer or occluder; unknown split; untrained
         workdir; outputs exist without --overwrite.
     """
-    from zf_tf import workdirs
+    from zf_tf.training import workdirs
 
     att = config.analysis.attribution
     split = opts.split or config.analysis.split
     num = opts.num_images if opts.num_images and opts.num_images > 0 else att.num_images
     methods = _validate(config)
     inputs.check_split(config.data, split)
-    paths = figures.outputs(workdir, MODE, OUTPUTS, opts.overwrite)
+    paths = outputs.reserve(workdir, MODE, OUTPUTS, opts.overwrite)
     model = workdirs.load_model(workdir)
     convs = [n for n in CONV_LAYERS if n in {layer.name for layer in model.layers}]
     if set(methods) & set(CAM_METHODS) and att.cam_layer not in convs:
@@ -625,10 +628,10 @@ def run_mode(config, workdir: str, opts) -> dict:
     }
     if examples.boxes is not None:
         arrays["boxes"] = examples.boxes[shown]
-    figures.save_npz(paths["attribution.npz"], methods=np.array(methods), **arrays)
+    outputs.save_npz(paths["attribution.npz"], methods=np.array(methods), **arrays)
     names = inputs.class_names(config.data)
     figure = render(arrays, methods, paths["attribution.png"], config.data.mean, names, att.target)
-    figures.write_tensorboard(workdir, MODE, f"{MODE}/{att.target}_class", figure)
+    outputs.write_tensorboard(workdir, MODE, f"{MODE}/{att.target}_class", figure)
     written = {k: paths[k] for k in ("attribution.npz", "attribution.png")}
 
     summary = None
@@ -662,8 +665,8 @@ def run_mode(config, workdir: str, opts) -> dict:
             f"Pointing game, {split} split, {len(examples)} images, {att.target} class.\n"
             f"Definition: {POINTING_DEFINITION}.\n\n"
         )
-        figures.save_text(paths["pointing_game.md"], header + table)
-        figures.save_text(paths["pointing_game.json"], json.dumps(summary, indent=1))
+        outputs.save_text(paths["pointing_game.md"], header + table)
+        outputs.save_text(paths["pointing_game.json"], json.dumps(summary, indent=1))
         written.update({k: paths[k] for k in ("pointing_game.md", "pointing_game.json")})
         print(table)
     else:

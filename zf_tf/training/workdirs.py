@@ -22,12 +22,14 @@ import shutil
 import keras
 import ml_collections
 
-from zf_tf import UsageError
+from zf_tf.core.errors import UsageError
 
 CONFIG_FILE = "config.json"
 # Config sections that do not change what training produces: analysis modes take them
 # from the command line (--config and overrides), not from the workdir's config.json.
 COMMAND_LINE_SECTIONS = ("analysis", "ablate", "transfer")
+# Fields that do not change the trained weights either (what is logged during training).
+LOGGING_FIELDS = (("train", "callbacks"),)
 TRAINING_STATE = (
     "backup",
     "checkpoints",
@@ -60,7 +62,11 @@ def config_json(config) -> dict:
 
 
 def _run_identity(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in COMMAND_LINE_SECTIONS}
+    out = {k: v for k, v in config.items() if k not in COMMAND_LINE_SECTIONS}
+    for section, key in LOGGING_FIELDS:
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 def _differences(a, b, prefix=""):
@@ -157,6 +163,6 @@ def load_model(workdir: str, compile: bool = False) -> keras.Model:
     path = checkpoint_path(workdir)
     if not os.path.exists(path):
         raise UsageError(f"no trained model in {workdir} ({path} missing): run --mode=train first")
-    from zf_tf import model as _  # noqa: F401 - registers the custom layers
+    from zf_tf.core import model as _  # noqa: F401 - registers the custom layers
 
     return keras.models.load_model(path, compile=compile)

@@ -2,9 +2,9 @@
 
 Each variant is the command line's config with its architecture fields (FIG3: layer1,
 conv_filters, fc_units, remove) set to the Fig. 3 model plus the variant's changes
-(VARIANTS); unit counts are the paper's and scale with `config.model.width` like every other
-layer. The mode trains every requested variant with one budget (`config.ablate.epochs` and
-`.steps_per_epoch`; data, seed and learning rate from the base config) in its own workdir
+(configs/ablations.py VARIANTS); unit counts are the paper's and scale with
+`config.model.width` like every other layer. The mode trains every requested variant
+with one budget (`config.ablate.epochs` and `.steps_per_epoch`; data, seed and learning rate from the base config) in its own workdir
 `WORKDIR/ablate/<variant>/` through `train.train_and_evaluate`, so an interrupted variant
 resumes, and a finished one (its `ablate.json` written) is reused without retraining. Then
 it writes the Table 3-style table:
@@ -26,48 +26,15 @@ Nothing is written outside WORKDIR/ablate/: the parent workdir's own run is unto
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
 
-from zf_tf import UsageError
+from configs.ablations import VARIANTS, set_variant
+from zf_tf.core.errors import UsageError
 
 MODE = "ablate"
 RESULT_FILE = "ablate.json"  # in a variant's workdir once it is finished and scored
-
-# The Fig. 3 architecture. A variant sets all of these fields (its changes on top), so it is
-# the same network whatever architecture the base config has; width, input size, init, data
-# and training come from the base config.
-FIG3 = {
-    "layer1": "zfnet",
-    "conv_filters": (96, 256, 384, 384, 256),
-    "fc_units": (4096, 4096),
-    "remove": (),
-}
-
-# name -> (the paper's Table 3 row, changes to FIG3). Unit counts are the paper's.
-VARIANTS = {
-    "baseline": ("Our model (Fig. 3)", {}),
-    "no_conv3_conv4": ("Removed layers 3,4", {"remove": ("conv3", "conv4")}),
-    "no_fc7": ("Removed layer 7", {"remove": ("fc7",)}),
-    "no_fc6_fc7": ("Removed layers 6,7", {"remove": ("fc6", "fc7")}),
-    "no_conv3_conv4_fc6_fc7": (
-        "Removed layers 3,4,6,7",
-        {"remove": ("conv3", "conv4", "fc6", "fc7")},
-    ),
-    "fc_2048": ("Layers 6,7: 2048 units", {"fc_units": (2048, 2048)}),
-    "fc_8192": ("Layers 6,7: 8192 units", {"fc_units": (8192, 8192)}),
-    "conv_512_1024_512": (
-        "Layers 3,4,5: 512,1024,512 maps",
-        {"conv_filters": (96, 256, 512, 1024, 512)},
-    ),
-    "conv_512_1024_512_fc_8192": (
-        "Layers 3,4,5: 512,1024,512 maps and layers 6,7: 8192 units",
-        {"conv_filters": (96, 256, 512, 1024, 512), "fc_units": (8192, 8192)},
-    ),
-    "alexnet_layer1": ("Layer 1: 11x11 filters, stride 4 (AlexNet, Fig. 6)", {"layer1": "alexnet"}),
-}
 
 COLUMNS = (
     "Variant",
@@ -80,28 +47,6 @@ COLUMNS = (
     "Val top-1 % center",
     "Wall time s",
 )
-
-
-def set_variant(config, variant: str):
-    """Sets the architecture fields (FIG3's keys) of the ablation `variant` in `config`.
-
-    Args:
-      config: an experiment ConfigDict.
-      variant: a key of VARIANTS.
-
-    Returns:
-      `config`.
-
-    Raises:
-      ValueError: unknown variant, naming the valid ones.
-    """
-    if variant not in VARIANTS:
-        raise ValueError(
-            f"unknown ablation variant {variant!r}: valid variants: {', '.join(VARIANTS)}"
-        )
-    for key, value in {**FIG3, **VARIANTS[variant][1]}.items():
-        setattr(config.model, key, copy.deepcopy(value))
-    return config
 
 
 def requested_variants(spec: str) -> list[str]:
@@ -137,7 +82,7 @@ def variant_config(base, variant: str):
 
 def budget(base) -> dict:
     """What every variant shares (stored in table.json so tables never mix budgets)."""
-    from zf_tf import train, workdirs
+    from zf_tf.training import train, workdirs
 
     config = variant_config(base, "baseline")
     identity = workdirs.config_json(config)
@@ -183,7 +128,7 @@ def check_reuse(base, out_dir: str, variants: list[str], overwrite: bool) -> dic
     Raises:
       UsageError: naming the workdir and the differing config keys.
     """
-    from zf_tf import workdirs
+    from zf_tf.training import workdirs
 
     table = os.path.join(out_dir, "table.json")
     if os.path.exists(table) and not overwrite:
@@ -219,7 +164,7 @@ def parameter_count(config) -> int:
     """Trainable + non-trainable parameters of the model `config.model` builds."""
     import keras
 
-    from zf_tf import model as model_lib
+    from zf_tf.core import model as model_lib
 
     count = model_lib.build_model(config.model).count_params()
     keras.utils.clear_session()
@@ -236,7 +181,7 @@ def train_error(model, config, num_images: int = 0) -> dict[str, float]:
     import tensorflow as tf
 
     from pipelines import inputs
-    from zf_tf import evaluate
+    from zf_tf.training import evaluate
 
     ds = inputs.build_inputs(config, config.data.train_split, None, "center")
     if num_images:
@@ -275,7 +220,8 @@ def train_variant(base, variant: str, vdir: str, strategy, retrain: bool) -> dic
     """
     import keras
 
-    from zf_tf import figures, train, workdirs
+    from zf_tf import outputs
+    from zf_tf.training import train, workdirs
 
     config = variant_config(base, variant)
     resumed = os.path.isdir(os.path.join(vdir, "backup")) and not retrain
@@ -306,13 +252,13 @@ def train_variant(base, variant: str, vdir: str, strategy, retrain: bool) -> dic
     }
     del model
     keras.utils.clear_session()
-    figures.save_text(result_path, json.dumps(row, indent=2))
+    outputs.save_text(result_path, json.dumps(row, indent=2))
     return row
 
 
 def table_markdown(rows: list[dict], info: dict) -> str:
     """The Table 3-style markdown table (errors in %) with a budget line."""
-    from zf_tf import figures
+    from zf_tf import outputs
 
     body = [
         [
@@ -336,7 +282,7 @@ def table_markdown(rows: list[dict], info: dict) -> str:
         "'Val center'). Val: 10 crops averaged. Wall time: the training run that finished the "
         "variant, with its evaluation.\n\n"
     )
-    return caption + figures.markdown_table(COLUMNS, body)
+    return caption + outputs.markdown_table(COLUMNS, body)
 
 
 def render(rows: list[dict], path: str, budget_line: str = "same budget"):
@@ -344,9 +290,9 @@ def render(rows: list[dict], path: str, budget_line: str = "same budget"):
     as a uint8 array."""
     import numpy as np
 
-    from zf_tf import figures
+    from zf_tf import outputs
 
-    plt = figures.pyplot()
+    plt = outputs.pyplot()
     names = [r["variant"] for r in rows][::-1]
     y = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(names) + 1.4))
@@ -364,7 +310,7 @@ def render(rows: list[dict], path: str, budget_line: str = "same budget"):
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.4, -0.09), ncol=3)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    image = figures.save_figure(fig, path)
+    image = outputs.save_figure(fig, path)
     plt.close(fig)
     return image
 
@@ -388,7 +334,8 @@ def run(base, workdir: str, strategy, overwrite: bool = False) -> list[dict]:
     """
     from absl import logging
 
-    from zf_tf import figures, workdirs
+    from zf_tf import outputs
+    from zf_tf.training import workdirs
 
     variants = requested_variants(base.ablate.variants)
     out_dir = os.path.join(workdir, MODE)
@@ -432,12 +379,12 @@ def run(base, workdir: str, strategy, overwrite: bool = False) -> list[dict]:
         return rows
     os.makedirs(out_dir, exist_ok=True)
     table = json.dumps({**info, "rows": rows}, indent=2)
-    figures.save_text(os.path.join(out_dir, "table.json"), table)
+    outputs.save_text(os.path.join(out_dir, "table.json"), table)
     text = table_markdown(rows, info)
-    figures.save_text(os.path.join(out_dir, "table.md"), text)
+    outputs.save_text(os.path.join(out_dir, "table.md"), text)
     b = info["budget"]
     line = f"{b['epochs']} epochs x {b['steps_per_epoch']} steps each"
     image = render(rows, os.path.join(out_dir, "errors.png"), line)
-    figures.write_tensorboard(out_dir, "table", "ablate/top1_error", image)
+    outputs.write_tensorboard(out_dir, "table", "ablate/top1_error", image)
     print(text)
     return rows

@@ -20,8 +20,9 @@ import numpy as np
 from absl import logging
 
 from pipelines import inputs
-from zf_tf import UsageError, evolution, keras_fixes, summaries, workdirs
-from zf_tf import model as model_lib
+from zf_tf.core import model as model_lib
+from zf_tf.core.errors import UsageError
+from zf_tf.training import callbacks, evaluate, export, keras_fixes, workdirs
 
 
 def compile_model(model: keras.Model, config) -> keras.Model:
@@ -48,39 +49,6 @@ def distributed_inputs(strategy, config, split: str, mode: str):
     return strategy.distribute_datasets_from_function(
         lambda ctx: inputs.build_inputs(config, split, ctx, mode)
     )
-
-
-def _finite(logs) -> bool:
-    return logs is not None and math.isfinite(float(logs.get("loss", 0.0)))
-
-
-class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that never backs up a diverged (NaN/inf loss) model.
-
-    The backup is kept after training (delete_checkpoint=False): rerunning a finished
-    command restores the final epoch and trains no more.
-    """
-
-    def __init__(self, backup_dir):
-        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if _finite(logs):
-            super().on_epoch_end(epoch, logs)
-
-
-class LastGoodCheckpoint(keras.callbacks.Callback):
-    """Saves the full model to `path` after every epoch whose loss is finite, atomically."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path = path
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not _finite(logs):
-            logging.warning("Epoch %d diverged (loss %s): checkpoint not updated", epoch + 1, logs)
-            return
-        workdirs.save_model_atomic(self.model, self.path)
 
 
 def steps_per_epoch(config) -> int:
@@ -137,19 +105,18 @@ def _train(config, workdir, out, strategy, chief):
     # fails in Keras 3.15's evaluate).
     val_ds = inputs.build_inputs(config, config.data.eval_split, None, "center")
     t = config.train
-    callbacks = [
+    run_callbacks = [
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.min_lr
         ),
-        LastGoodCheckpoint(workdirs.checkpoint_path(out)),
+        callbacks.LastGoodCheckpoint(workdirs.checkpoint_path(out)),
         keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
         keras.callbacks.TensorBoard(os.path.join(out, "logs"), write_graph=False),
-        summaries.ImageSummaries(os.path.join(out, "logs", "images"), config),
-        evolution.FeatureEvolution(out, config),  # Fig. 4 snapshots: out/evolution/
+        *callbacks.from_config(config, out),  # image summaries, Fig. 4 snapshots, ...
         # Last, so an epoch counts as done only once its checkpoint and logs are written.
         # Backups are per worker: every worker restores the same epoch after a failure.
-        SafeBackupAndRestore(os.path.join(out, "backup")),
+        callbacks.SafeBackupAndRestore(os.path.join(out, "backup")),
     ]
     logging.info(
         "Training %d epochs x %d steps, global batch %d on %d replica(s), in %s",
@@ -164,7 +131,7 @@ def _train(config, workdir, out, strategy, chief):
         epochs=t.epochs,
         steps_per_epoch=steps,
         validation_data=val_ds,
-        callbacks=callbacks,
+        callbacks=run_callbacks,
         verbose=1 if chief else 0,
     )
     logging.info("Final weights checksum: %.10e", weights_checksum(model))
@@ -173,8 +140,6 @@ def _train(config, workdir, out, strategy, chief):
         raise UsageError(
             f"training diverged (NaN loss); the last good checkpoint is kept in {workdir}"
         )
-    from zf_tf import evaluate, export
-
     # Every worker exports (saving distributed variables may need all of them); only the
     # chief's `out` is the workdir.
     evaluate.evaluate(config, out, model)

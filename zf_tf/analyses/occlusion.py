@@ -27,6 +27,7 @@ TensorBoard image in `WORKDIR/logs/occlusion`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -37,8 +38,11 @@ import tqdm
 
 from pipelines import examples as examples_lib
 from pipelines import inputs
-from zf_tf import UsageError, deconv, figures, summaries, topk
-from zf_tf.model import CONV_LAYERS
+from zf_tf import outputs
+from zf_tf.analyses import base
+from zf_tf.core import deconv, topk
+from zf_tf.core.errors import UsageError
+from zf_tf.core.model import CONV_LAYERS
 
 MODE = "occlusion"
 OUTPUTS = ("occlusion.npz", "occlusion.png", "occlusion.json")
@@ -539,7 +543,7 @@ def render(arrays: dict, path: str, mean, class_names=None, rows: int = FIGURE_R
     Returns:
       The figure as a uint8 (H, W, 3) array.
     """
-    plt = figures.pyplot()
+    plt = outputs.pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch, Rectangle
 
@@ -562,7 +566,7 @@ def render(arrays: dict, path: str, mean, class_names=None, rows: int = FIGURE_R
         "(e) most probable class",
     ]
     for r in range(n):
-        image = figures.display(arrays["images"][r], mean)
+        image = outputs.display(arrays["images"][r], mean)
         gray = image.mean(-1)
         label = int(arrays["labels"][r])
         ax = fig.add_subplot(outer[r, 0])
@@ -602,14 +606,14 @@ def render(arrays: dict, path: str, mean, class_names=None, rows: int = FIGURE_R
         k = arrays["others_projection"].shape[1]
         inner = outer[r, 2].subgridspec(max(k, 1), 2, width_ratios=[3, 1], wspace=0.05, hspace=0.05)
         ax = fig.add_subplot(inner[:, 0])
-        ax.imshow(summaries.stretch(arrays["projection"][r]), interpolation="nearest")
+        ax.imshow(outputs.stretch(arrays["projection"][r]), interpolation="nearest")
         ax.set_title(f"(c) map {arrays['feature'][r]}: projection | others", fontsize=8)
         ax.axis("off")
         for j in range(k):
             ax = fig.add_subplot(inner[j, 1])
             ax.axis("off")
             if arrays["others_index"][r, j] >= 0:
-                ax.imshow(summaries.stretch(arrays["others_projection"][r, j]))
+                ax.imshow(outputs.stretch(arrays["others_projection"][r, j]))
         # (e): categorical map of the most probable class.
         ax = fig.add_subplot(outer[r, 4])
         classes = arrays["class_map"][r]
@@ -637,7 +641,7 @@ def render(arrays: dict, path: str, mean, class_names=None, rows: int = FIGURE_R
     )
     height = fig.get_figheight()
     fig.subplots_adjust(left=0.01, right=0.93, top=1 - 0.7 / height, bottom=0.1 / height)
-    return figures.save_figure(fig, path, dpi=dpi)
+    return outputs.save_figure(fig, path, dpi=dpi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,23 +649,22 @@ def render(arrays: dict, path: str, mean, class_names=None, rows: int = FIGURE_R
 # ---------------------------------------------------------------------------------------------
 
 
-def run_mode(config, workdir: str, opts) -> dict:
-    """`--mode=occlusion` on a trained workdir.
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Typed settings of `--mode=occlusion` (config.analysis.occlusion and the request)."""
 
-    Args:
-      config: the workdir's config with `config.analysis` from the command line.
-      workdir: trained workdir; outputs go to WORKDIR/occlusion/.
-      opts: flags: overwrite, split (''= config.analysis.split), num_images (0 = config).
+    layer: str
+    size: float  # occluder side, fraction of the crop side
+    stride: float  # its step, fraction of the crop side
+    split: str
+    num_images: int
+    batch_size: int  # occluded copies per forward pass
+    mean: tuple  # the data mean (to display model inputs)
+    class_names: tuple
 
-    Returns:
-      {name: path} of the outputs, plus 'summary' (the JSON dict).
 
-    Raises:
-      UsageError: bad layer or occluder geometry, unknown split, untrained workdir, or
-        outputs exist without --overwrite.
-    """
-    from zf_tf import workdirs
-
+def settings(config, request) -> Settings:
+    """Raises UsageError: bad layer or occluder geometry, unknown split."""
     cfg = config.analysis.occlusion
     if cfg.layer not in CONV_LAYERS:
         raise UsageError(
@@ -672,43 +675,83 @@ def run_mode(config, workdir: str, opts) -> dict:
         occluder_grid(config.data.crop_size, cfg.size, cfg.stride)
     except ValueError as e:
         raise UsageError(f"config.analysis.occlusion: {e}") from None
-    split = opts.split or config.analysis.split
-    num = opts.num_images if opts.num_images and opts.num_images > 0 else cfg.num_images
-    total = inputs.check_split(config.data, split)
-    paths = figures.outputs(workdir, MODE, OUTPUTS, opts.overwrite)
-    model = workdirs.load_model(workdir)
-    examples = examples_lib.load_examples(config, split, num)
-    if not len(examples):
-        raise UsageError(f"split {split!r} has no images")
+    split = request.split or config.analysis.split
+    inputs.check_split(config.data, split)
+    return Settings(
+        layer=cfg.layer,
+        size=float(cfg.size),
+        stride=float(cfg.stride),
+        split=split,
+        num_images=request.images(cfg.num_images),
+        batch_size=int(config.analysis.batch_size),
+        mean=tuple(config.data.mean),
+        class_names=tuple(inputs.class_names(config.data)),
+    )
 
+
+@dataclasses.dataclass
+class Data:
+    """The examples to occlude and the split's batches for column (c)'s scan."""
+
+    examples: examples_lib.Examples
+    dataset: object  # callable -> tf.data.Dataset of (images, labels) center crops
+    total: int  # images in the split
+
+
+def load(config, s: Settings, model) -> Data:
+    examples = examples_lib.load_examples(config, s.split, s.num_images)
+    if not len(examples):
+        raise UsageError(f"split {s.split!r} has no images")
+    return Data(
+        examples=examples,
+        dataset=lambda: inputs.build_inputs(config, s.split, mode="center"),
+        total=inputs.check_split(config.data, s.split),
+    )
+
+
+def compute(model, data: Data, s: Settings) -> dict:
+    """`analyse` with progress bars; adds 'summary' (the occlusion.json dict)."""
     with (
-        tqdm.tqdm(total=total, desc=f"scan {cfg.layer} on {split}", unit="img") as scan_bar,
-        tqdm.tqdm(total=len(examples), desc="occlusion", unit="img") as bar,
+        tqdm.tqdm(total=data.total, desc=f"scan {s.layer} on {s.split}", unit="img") as scan_bar,
+        tqdm.tqdm(total=len(data.examples), desc="occlusion", unit="img") as bar,
     ):
         arrays = analyse(
             model,
-            examples,
-            cfg.layer,
-            cfg.size,
-            cfg.stride,
-            config.analysis.batch_size,
-            dataset=lambda: inputs.build_inputs(config, split, mode="center"),
+            data.examples,
+            s.layer,
+            s.size,
+            s.stride,
+            s.batch_size,
+            dataset=data.dataset,
             progress=bar.update,
             scan_progress=scan_bar.update,
         )
-    names = inputs.class_names(config.data)
-    summary = summarize(arrays, cfg.layer, split, names)
-    figures.save_npz(paths["occlusion.npz"], **arrays)
-    figures.save_text(paths["occlusion.json"], json.dumps(summary, indent=1))
-    figure = render(arrays, paths["occlusion.png"], config.data.mean, names)
-    figures.write_tensorboard(workdir, MODE, f"{MODE}/{cfg.layer}", figure)
+    return {"arrays": arrays, "summary": summarize(arrays, s.layer, s.split, s.class_names)}
+
+
+def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
+    """occlusion.npz, occlusion.json, occlusion.png; the figure for TensorBoard."""
+    arrays, summary = result["arrays"], result["summary"]
+    outputs.save_npz(paths["occlusion.npz"], **arrays)
+    outputs.save_text(paths["occlusion.json"], json.dumps(summary, indent=1))
+    figure = render(arrays, paths["occlusion.png"], s.mean, list(s.class_names))
+    lines = []
     if summary["on_object"]:
         r = summary["on_object"]
-        print(
+        lines.append(
             f"Lowest correct-class probability with the occluder on the object: "
             f"{r['hits']}/{r['num_images']} images = {r['fraction']:.3f} "
             f"(chance {r['chance']:.3f}); touching the object: "
             f"{r['touching']['fraction']:.3f} (chance {r['touching']['chance']:.3f})"
         )
-    print(f"Wrote {', '.join(paths.values())}")
-    return {**paths, "summary": summary}
+    return base.Report(images={f"{MODE}/{s.layer}": figure}, lines=lines, summary=summary)
+
+
+ANALYSIS = base.Analysis(
+    name=MODE,
+    settings=settings,
+    outputs=lambda s: (MODE, OUTPUTS),
+    load=load,
+    compute=compute,
+    render=render_outputs,
+)

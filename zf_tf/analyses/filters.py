@@ -29,7 +29,10 @@ import numpy as np
 import tqdm
 
 from pipelines import inputs
-from zf_tf import UsageError, deconv, evolution, figures, summaries, topk, workdirs
+from zf_tf import outputs
+from zf_tf.core import deconv, topk
+from zf_tf.core.errors import UsageError
+from zf_tf.training import workdirs
 
 MODE = "filters"
 OUTPUTS = ("filters.png", "filters.json")
@@ -70,7 +73,7 @@ def dead_filters(
       {'rms': (F,) float64 per-filter RMS, 'max_activation': (F,) float32,
        'dead_rms': sorted int indices, 'never_active': sorted int indices}.
     """
-    rms = summaries.filter_rms(model)["conv1"]
+    rms = outputs.filter_rms(model)["conv1"]
     top = rms.max()
     dead_rms = np.flatnonzero(rms < rms_threshold * top) if top > 0 else np.arange(len(rms))
     best = topk.scan(model, "conv1", dataset, k=1, progress=progress)
@@ -125,7 +128,7 @@ def layer2_projections(model: keras.Model, dataset, features, progress=None) -> 
     for n, f in enumerate(chosen):
         y, x = int(result["y"][n]), int(result["x"][n])
         box = deconv.receptive_field(model, "conv2", y, x)
-        cells.append(evolution.field_cell(result["projection"][n], box, side))
+        cells.append(outputs.field_cell(result["projection"][n], box, side))
         winners.append(
             {
                 "feature": int(f),
@@ -196,14 +199,14 @@ def render(rows: list[tuple[str, dict]], path: str, title: str) -> np.ndarray:
     Returns:
       The saved figure as uint8 (H, W, 3).
     """
-    plt = figures.pyplot()
+    plt = outputs.pyplot()
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 5 * len(rows)), squeeze=False)
     for (label, result), (left, right) in zip(rows, axes):
         zoom = max(1, 56 // result["geometry"]["kernel"])  # similar on-screen filter size
-        left.imshow(summaries.filter_grid(result["kernel"], zoom=zoom), interpolation="nearest")
+        left.imshow(outputs.filter_grid(result["kernel"], zoom=zoom), interpolation="nearest")
         left.set_title(f"{label}: layer-1 filters", fontsize=9)
         cells = result["layer2"]["cells"]
-        tiled = summaries.tile(cells, int(np.ceil(np.sqrt(len(cells)))), pad=2)
+        tiled = outputs.tile(cells, int(np.ceil(np.sqrt(len(cells)))), pad=2)
         right.imshow(tiled, interpolation="nearest")
         right.set_title(f"{label}: layer-2 projections (top-1 per map)", fontsize=9)
         for ax in (left, right):
@@ -213,7 +216,7 @@ def render(rows: list[tuple[str, dict]], path: str, title: str) -> np.ndarray:
         )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return figures.save_figure(fig, path, dpi=80)
+    return outputs.save_figure(fig, path, dpi=80)
 
 
 def summary_json(rows: list[tuple[str, str, dict]], split: str, settings_: dict) -> dict:
@@ -268,12 +271,12 @@ def run_mode(config, workdir: str, opts) -> dict:
       UsageError: no trained model in either workdir, or outputs exist and not --overwrite.
     """
     compare = compare_workdir(workdir, getattr(opts, "compare", ""))
-    paths = figures.outputs(workdir, MODE, OUTPUTS, opts.overwrite)
+    paths = outputs.reserve(workdir, MODE, OUTPUTS, opts.overwrite)
     model = workdirs.load_model(workdir)
     other = workdirs.load_model(compare)
     other_config = workdirs.load_config(compare, config)
     split = getattr(opts, "split", "") or config.data.eval_split
-    s = figures.analysis_settings(config, MODE, DEFAULTS)
+    s = outputs.analysis_settings(config, MODE, DEFAULTS)
     features = conv2_features(model, int(s["layer2_features"]), int(config.seed))
     if max(features) >= int(other.get_layer("conv2").output.shape[-1]):
         features = conv2_features(other, int(s["layer2_features"]), int(config.seed))
@@ -298,8 +301,8 @@ def run_mode(config, workdir: str, opts) -> dict:
         f"Layer-1 filters and layer-2 projections on {split} (paper Fig. 6)",
     )
     record = summary_json(results, split, s)
-    figures.save_text(paths["filters.json"], json.dumps(record, indent=1) + "\n")
-    figures.write_tensorboard(workdir, MODE, "filters/comparison", image)
+    outputs.save_text(paths["filters.json"], json.dumps(record, indent=1) + "\n")
+    outputs.write_tensorboard(workdir, MODE, "filters/comparison", image)
     header = ("model", "layer 1", "filters", "dead (RMS)", "never active")
     table = [
         (
@@ -311,6 +314,6 @@ def run_mode(config, workdir: str, opts) -> dict:
         )
         for label, _, r in results
     ]
-    print(figures.markdown_table(header, table), end="")
+    print(outputs.markdown_table(header, table), end="")
     print(f"Wrote {paths['filters.png']} and {paths['filters.json']}")
     return {"png": paths["filters.png"], "json": paths["filters.json"], "summary": record}

@@ -17,23 +17,9 @@ import tensorflow as tf
 import tqdm
 
 from pipelines import inputs, preprocess
-from zf_tf import UsageError, deconv, figures, summaries, topk
-
-
-def field_patch(image: np.ndarray, box, size: int, fill: float = 0.5) -> np.ndarray:
-    """The receptive-field box (y0, x0, y1, x1) of an image on a size x size canvas.
-
-    Boxes clipped at the image border keep their place on the canvas, so every patch of
-    a layer shows the same geometry.
-    """
-    y0, x0, y1, x1 = box
-    canvas = np.full((size, size, image.shape[-1]), fill, image.dtype)
-    h, w = y1 - y0, x1 - x0
-    # A clipped box lost its top/left part if it touches the top/left border.
-    top = size - h if y0 == 0 else 0
-    left = size - w if x0 == 0 else 0
-    canvas[top : top + h, left : left + w] = image[y0:y1, x0:x1]
-    return canvas
+from zf_tf import outputs
+from zf_tf.core import deconv, topk
+from zf_tf.core.errors import UsageError
 
 
 def select_features(num_maps: int, features: str, num_features: int, seed: int) -> list[int]:
@@ -76,7 +62,7 @@ def top_k_panels(
     out_dir = os.path.join(workdir, "deconv", layer)
     png = os.path.join(out_dir, f"top{k}_{split}.png")
     index_path = os.path.join(out_dir, f"top{k}_{split}.json")
-    figures.check_free([png, index_path], overwrite)
+    outputs.check_free([png, index_path], overwrite)
     dn = deconv.build_deconvnet(model, layer)  # validates the layer name first
 
     def dataset():
@@ -109,21 +95,21 @@ def top_k_panels(
             r = rows[n]
             box = deconv.receptive_field(model, layer, r["y"], r["x"])
             r["box"] = [int(b) for b in box]
-            p = summaries.stretch(result["projection"][n])
-            proj.append(field_patch(p, box, side))
-            img = figures.display(images[r["image"]], config.data.mean)
-            patch.append(field_patch(img, box, side))
+            p = outputs.stretch(result["projection"][n])
+            proj.append(outputs.field_patch(p, box, side))
+            img = outputs.display(images[r["image"]], config.data.mean)
+            patch.append(outputs.field_patch(img, box, side))
         while len(proj) < k:  # fewer images than k in a tiny split
             proj.append(np.full((side, side, 3), 0.5, np.float32))
             patch.append(np.full((side, side, 3), 0.5, np.float32))
         g = int(np.ceil(np.sqrt(k)))
-        left = summaries.tile(np.stack(proj), g, pad=2)
-        right = summaries.tile(np.stack(patch), g, pad=2)
+        left = outputs.tile(np.stack(proj), g, pad=2)
+        right = outputs.tile(np.stack(patch), g, pad=2)
         gap = np.ones((left.shape[0], 6, 3), np.float32)
         panels.append(np.concatenate([left, gap, right], axis=1))
         titles.append(f"{layer} map {f}")
     os.makedirs(out_dir, exist_ok=True)
-    figure = figures.panel_figure(
+    figure = outputs.panel_figure(
         panels, titles, png, f"{layer}: top {k} activations on {split} (projection | input patch)"
     )
     index = {
@@ -137,7 +123,7 @@ def top_k_panels(
     }
     with open(index_path, "w") as fh:
         json.dump(index, fh, indent=1)
-    figures.write_tensorboard(workdir, "deconv", f"deconv/{layer}/top{k}_{split}", figure)
+    outputs.write_tensorboard(workdir, "deconv", f"deconv/{layer}/top{k}_{split}", figure)
     print(f"Wrote {png} and {index_path}")
     return {"png": png, "json": index_path, "features": chosen, "num_images": int(total)}
 
@@ -175,7 +161,7 @@ def image_panels(
     out_dir = os.path.join(workdir, "deconv", layer)
     png = os.path.join(out_dir, f"image_{stem}.png")
     index_path = os.path.join(out_dir, f"image_{stem}.json")
-    figures.check_free([png, index_path], overwrite)
+    outputs.check_free([png, index_path], overwrite)
     tap = keras.Model(model.inputs, model.get_layer(layer).output)
     act = tap(image[None], training=False).numpy()[0]
     strength = act.reshape(-1, act.shape[-1]).max(axis=0)
@@ -189,13 +175,13 @@ def image_panels(
         np.full(n, -1, np.int32),
         np.full(n, -1, np.int32),
     )
-    shown = [figures.display(image, config.data.mean)]
+    shown = [outputs.display(image, config.data.mean)]
     titles = ["input (center crop)"]
     for i, f in enumerate(chosen):
-        shown.append(summaries.stretch(result["projection"][i]))
+        shown.append(outputs.stretch(result["projection"][i]))
         titles.append(f"{layer} map {f}: {result['activation'][i]:.3g}")
     os.makedirs(out_dir, exist_ok=True)
-    figure = figures.panel_figure(shown, titles, png, f"{os.path.basename(image_path)}: {layer}")
+    figure = outputs.panel_figure(shown, titles, png, f"{os.path.basename(image_path)}: {layer}")
     rows = [
         {
             "feature": int(f),
@@ -207,6 +193,6 @@ def image_panels(
     ]
     with open(index_path, "w") as fh:
         json.dump({"image": image_path, "layer": layer, "strongest": rows}, fh, indent=1)
-    figures.write_tensorboard(workdir, "deconv", f"deconv/{layer}/image_{stem}", figure)
+    outputs.write_tensorboard(workdir, "deconv", f"deconv/{layer}/image_{stem}", figure)
     print(f"Wrote {png} and {index_path}")
     return {"png": png, "json": index_path, "features": chosen}

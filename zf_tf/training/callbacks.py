@@ -1,30 +1,29 @@
-"""Feature evolution during training (paper Fig. 4) and `--mode=evolution`.
+"""Training callbacks, chosen by `config.train.callbacks` (see `build`).
 
-`FeatureEvolution` is a training callback. At the configured epochs (1-based; the paper shows
-1, 2, 5, 10, 20, 30, 40, 64), clipped to the run's length plus its final epoch, it takes a fixed
-probe subset of the training split (the first `probe_images` examples as center crops) and, for
-a seeded subset of `features_per_layer` feature maps of every conv layer (the same maps at
-every epoch), finds the strongest activation over the probe subset and projects it to pixel
-space with the deconvnet. Each snapshot goes to `WORKDIR/evolution/epoch_{e:03d}.npz`
-(atomically; a resumed run simply rewrites the epochs it trains again) and to TensorBoard
-(`logs/evolution`, step = epoch).
+- `ImageSummaries`: every epoch, conv1 filters, the 10-crop augmentation and per-layer filter
+  RMS as TensorBoard images.
+- `FeatureEvolution` (paper Fig. 4): at the configured epochs (1-based; the paper shows 1, 2,
+  5, 10, 20, 30, 40, 64), clipped to the run's length plus its final epoch, it takes a fixed
+  probe subset of the training split (the first `probe_images` examples as center crops)
+  and, for a seeded subset of `features_per_layer` feature maps of every conv layer (the same
+  maps at every epoch), finds the strongest activation over the probe subset and projects it
+  to pixel space with the deconvnet. Each snapshot goes to
+  `WORKDIR/evolution/epoch_{e:03d}.npz` (atomically; a resumed run simply rewrites the epochs
+  it trains again) and to TensorBoard (`logs/evolution`, step = epoch). `--mode=evolution`
+  (zf_tf/analyses/evolution.py) draws the snapshots as the Fig. 4 grid.
 
-The callback reads the live model: one forward pass of a model tapping conv1..conv5 finds the
-winners of all layers at once, and the deconvnets, built once, reuse the classifier's layer
-objects, so every snapshot sees the current weights. Under MirroredStrategy it runs on the host
-in cross-replica context, where reading a mirrored variable gives its (synchronised) value.
-
-`--mode=evolution` lays the snapshots out as the Fig. 4 grid: one row per feature map (grouped
-by layer), one column per epoch, each cell the projection cropped to its receptive field and
-contrast-stretched on its own: `WORKDIR/evolution/evolution.png` and a TensorBoard image.
+  It reads the live model: one forward pass of a model tapping conv1..conv5 finds the winners
+  of all layers at once, and the deconvnets, built once, reuse the classifier's layer objects,
+  so every snapshot sees the current weights. Under MirroredStrategy it runs on the host in
+  cross-replica context, where reading a mirrored variable gives its (synchronised) value.
+- `LastGoodCheckpoint`, `SafeBackupAndRestore`: the checkpoint and resume state, never
+  replaced by a diverged model (always on; train.py adds them).
 """
 
 from __future__ import annotations
 
-import glob
 import math
 import os
-import re
 import time
 
 import keras
@@ -32,9 +31,55 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pipelines import examples
-from zf_tf import UsageError, deconv, figures, summaries, visualize
-from zf_tf.model import CONV_LAYERS
+from pipelines import examples, inputs, preprocess
+from zf_tf import outputs
+from zf_tf.core import deconv
+from zf_tf.core.errors import UsageError
+from zf_tf.core.model import CONV_LAYERS
+from zf_tf.training import workdirs
+
+
+def augmentation_grid(config, num_images: int = 2) -> np.ndarray:
+    """The 10 crops of the first training images as the model sees them (mean added back).
+
+    Returns:
+      float32 RGB in [0, 1]: one row per image, one column per crop index 0..9.
+    """
+    data = config.data
+    crops = [
+        preprocess.ten_crops(encoded, data.resize_size, data.crop_size, data.mean).numpy()
+        for encoded, _ in inputs.encoded_records(data, data.train_split).take(num_images)
+    ]
+    crops = np.concatenate(crops) + np.asarray(data.mean, np.float32)
+    return outputs.tile(np.clip(crops / 255.0, 0, 1), ncols=preprocess.NUM_CROPS, pad=2)
+
+
+class ImageSummaries(keras.callbacks.Callback):
+    """Every epoch: conv1 filters, the 10-crop augmentation, per-layer filter RMS."""
+
+    def __init__(self, logdir: str, config):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(logdir)
+        self.config = config
+        self._crops = None
+
+    def on_train_begin(self, logs=None):
+        self._crops = augmentation_grid(self.config)
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = epoch + 1
+        rms = outputs.filter_rms(self.model)
+        conv1 = self.model.get_layer("conv1").get_weights()[0]
+        with self.writer.as_default(step=step):
+            tf.summary.image("conv1_filters", outputs.filter_grid(conv1)[None])
+            tf.summary.image("train_crops", self._crops[None])
+            tf.summary.image(
+                "filter_rms", outputs.rms_plot(rms, self.config.model.max_filter_rms)[None]
+            )
+            for name, values in rms.items():
+                tf.summary.scalar(f"filter_rms_max/{name}", float(values.max()))
+        self.writer.flush()
+
 
 MODE = "evolution"
 SNAPSHOT_PATTERN = "epoch_{:03d}.npz"
@@ -191,7 +236,7 @@ class FeatureEvolution(keras.callbacks.Callback):
         super().__init__()
         self.workdir = workdir
         self.config = config
-        s = figures.analysis_settings(config, MODE, DEFAULTS)
+        s = outputs.analysis_settings(config, MODE, DEFAULTS)
         self.epochs = snapshot_epochs(s["epochs"], int(config.train.epochs))
         self.probe_images = int(s["probe_images"])
         self.per_layer = int(s["features_per_layer"])
@@ -215,7 +260,7 @@ class FeatureEvolution(keras.callbacks.Callback):
         step = epoch + 1
         if step not in self.epochs:
             return
-        if logs is not None and not math.isfinite(float(logs.get("loss", 0.0))):
+        if logs is not None and not _finite(logs):
             # A diverged model's projections are NaN: nothing worth keeping.
             logging.warning("Epoch %d diverged: no feature-evolution snapshot", step)
             return
@@ -225,7 +270,7 @@ class FeatureEvolution(keras.callbacks.Callback):
         snap = self.snapshotter()
         out_dir = os.path.join(self.workdir, MODE)
         os.makedirs(out_dir, exist_ok=True)
-        figures.save_npz(
+        outputs.save_npz(
             os.path.join(out_dir, SNAPSHOT_PATTERN.format(step)),
             epoch=np.int32(step),
             layers=np.asarray(self.snapshotter.layers),
@@ -238,11 +283,13 @@ class FeatureEvolution(keras.callbacks.Callback):
             for layer in self.snapshotter.layers:
                 cells = np.stack(
                     [
-                        field_cell(p, b, _side(snap, layer, self.config.data.crop_size))
+                        outputs.field_cell(
+                            p, b, outputs.field_side(snap, layer, self.config.data.crop_size)
+                        )
                         for p, b in zip(snap[f"{layer}_projection"], snap[f"{layer}_box"])
                     ]
                 )
-                grid = summaries.tile(cells, len(cells), pad=CELL_PAD)
+                grid = outputs.tile(cells, len(cells), pad=CELL_PAD)
                 tf.summary.image(f"evolution/{layer}", (grid * 255).astype(np.uint8)[None])
         self.writer.flush()
         self.seconds.append(time.perf_counter() - start)
@@ -254,158 +301,60 @@ class FeatureEvolution(keras.callbacks.Callback):
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# --mode=evolution: the Fig. 4 grid
-# ---------------------------------------------------------------------------------------------
+def _finite(logs) -> bool:
+    return logs is not None and math.isfinite(float(logs.get("loss", 0.0)))
 
 
-def _side(snap, layer, crop_size) -> int:
-    """Canvas side of a layer's cells: its receptive field, at most the crop (clipped boxes
-    keep their place on it, as in `visualize.field_patch`)."""
-    return int(min(int(snap[f"{layer}_field"]), int(crop_size)))
+class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that never backs up a diverged (NaN/inf loss) model.
 
-
-def field_cell(projection: np.ndarray, box, side: int) -> np.ndarray:
-    """A projection cropped to its receptive field, contrast-stretched on its own, on a
-    side x side canvas (clipped boxes keep their place, as `visualize.field_patch`)."""
-    y0, x0, y1, x1 = (int(b) for b in box)
-    stretched = np.zeros_like(projection, dtype=np.float32)
-    stretched[y0:y1, x0:x1] = summaries.stretch(projection[y0:y1, x0:x1].astype(np.float32))
-    return visualize.field_patch(stretched, (y0, x0, y1, x1), side)
-
-
-def _resize_nearest(image: np.ndarray, size: int) -> np.ndarray:
-    rows = np.arange(size) * image.shape[0] // size
-    cols = np.arange(size) * image.shape[1] // size
-    return image[rows][:, cols]
-
-
-def load_snapshots(workdir: str) -> dict[int, dict]:
-    """{epoch: {name: array}} of every `WORKDIR/evolution/epoch_XXX.npz`."""
-    out = {}
-    for path in sorted(glob.glob(os.path.join(workdir, MODE, "epoch_*.npz"))):
-        match = re.fullmatch(r"epoch_(\d+)\.npz", os.path.basename(path))
-        if match:
-            with np.load(path) as data:
-                out[int(match.group(1))] = {k: data[k] for k in data.files}
-    return out
-
-
-def evolution_grid(snapshots: dict[int, dict], cell: int = 0):
-    """The Fig. 4 grid as arrays.
-
-    Rows are the feature maps of the latest snapshot, grouped by layer (conv1 first);
-    columns are the snapshot epochs in order. A map missing from an epoch's snapshot (a run
-    whose settings changed) gets a gray cell.
-
-    Args:
-      snapshots: from `load_snapshots`.
-      cell: side of every cell in pixels; 0 = the largest receptive-field canvas.
-
-    Returns:
-      (cells float32 (R, C, cell, cell, 3) in [0, 1], row labels [R], epochs [C]).
+    The backup is kept after training (delete_checkpoint=False): rerunning a finished
+    command restores the final epoch and trains no more.
     """
-    epochs = sorted(snapshots)
-    last = snapshots[epochs[-1]]
-    crop = int(last.get("crop_size", 0)) or int(last[f"{CONV_LAYERS[0]}_projection"].shape[1])
-    layers = [str(layer) for layer in last["layers"]]
-    sides = {}
-    for snap in snapshots.values():
-        for layer in layers:
-            if f"{layer}_box" in snap:
-                sides[layer] = max(sides.get(layer, 0), _side(snap, layer, crop))
-    cell = cell or max(sides.values())
-    rows, labels = [], []
-    for layer in layers:
-        for feature in last[f"{layer}_features"]:
-            row = []
-            for e in epochs:
-                snap = snapshots[e]
-                found = np.flatnonzero(snap.get(f"{layer}_features", np.zeros(0)) == feature)
-                if not len(found):
-                    row.append(np.full((cell, cell, 3), 0.5, np.float32))
-                    continue
-                i = int(found[0])
-                patch = field_cell(
-                    snap[f"{layer}_projection"][i], snap[f"{layer}_box"][i], sides[layer]
-                )
-                row.append(_resize_nearest(patch, cell))
-            rows.append(np.stack(row))
-            labels.append(f"{layer} map {int(feature)}")
-    return np.stack(rows).astype(np.float32), labels, epochs
+
+    def __init__(self, backup_dir):
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if _finite(logs):
+            super().on_epoch_end(epoch, logs)
 
 
-def tile_grid(cells: np.ndarray, pad: int = CELL_PAD) -> np.ndarray:
-    """(R, C, s, s, 3) cells as one (R*(s+pad)-pad, C*(s+pad)-pad, 3) image, white gaps."""
-    r, c = cells.shape[:2]
-    return summaries.tile(cells.reshape(r * c, *cells.shape[2:]), c, pad=pad)
+class LastGoodCheckpoint(keras.callbacks.Callback):
+    """Saves the full model to `path` after every epoch whose loss is finite, atomically."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not _finite(logs):
+            logging.warning("Epoch %d diverged (loss %s): checkpoint not updated", epoch + 1, logs)
+            return
+        workdirs.save_model_atomic(self.model, self.path)
 
 
-def render(cells, labels, epochs, path: str, title: str) -> np.ndarray:
-    """The grid with row labels (feature maps) and column labels (epochs), saved as PNG.
-
-    One image of the tiled cells (about one screen pixel per cell pixel), with a line
-    between layers.
-
-    Returns:
-      The saved figure as uint8 (H, W, 3).
-    """
-    plt = figures.pyplot()
-    rows, cols, side = cells.shape[:3]
-    grid = tile_grid(cells)
-    step = side + CELL_PAD
-    dpi = 100
-    fig = plt.figure(figsize=((grid.shape[1] + 130) / dpi, (grid.shape[0] + 70) / dpi), dpi=dpi)
-    ax = fig.add_axes(
-        (
-            110 / (grid.shape[1] + 130),
-            10 / (grid.shape[0] + 70),
-            grid.shape[1] / (grid.shape[1] + 130),
-            grid.shape[0] / (grid.shape[0] + 70),
-        )
-    )
-    ax.imshow(grid, interpolation="nearest")
-    ax.set_xticks([c * step + side / 2 for c in range(cols)], [f"epoch {e}" for e in epochs])
-    ax.xaxis.tick_top()
-    ax.set_yticks([r * step + side / 2 for r in range(rows)], labels)
-    ax.tick_params(length=0, labelsize=8)
-    for r in range(1, rows):
-        if labels[r].split()[0] != labels[r - 1].split()[0]:  # a new layer starts
-            ax.axhline(r * step - CELL_PAD / 2 - 0.5, color="k", lw=1.5)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    fig.suptitle(title, fontsize=9, y=1 - 8 / (grid.shape[0] + 70), va="top")
-    return figures.save_figure(fig, path, dpi=dpi)
+# Optional callbacks by name (config.train.callbacks): name -> factory(config, out_dir).
+OPTIONAL = {
+    "image_summaries": lambda config, out: ImageSummaries(
+        os.path.join(out, "logs", "images"), config
+    ),
+    "feature_evolution": lambda config, out: FeatureEvolution(out, config),
+}
 
 
-def run_mode(config, workdir: str, opts) -> dict:
-    """`--mode=evolution`: the Fig. 4 grid from the snapshots written during training.
+def check_names(names):
+    """Raises UsageError for a name of `config.train.callbacks` that is not in OPTIONAL."""
+    for name in names:
+        if name not in OPTIONAL:
+            raise UsageError(
+                f"config.train.callbacks entry {name!r} is not valid: choose from "
+                f"{', '.join(OPTIONAL)}"
+            )
 
-    Returns:
-      {'png': path, 'epochs': [...], 'rows': [...]}.
 
-    Raises:
-      UsageError: no snapshots in the workdir, or the figure exists and not --overwrite.
-    """
-    snapshots = load_snapshots(workdir)
-    if not snapshots:
-        raise UsageError(
-            f"no feature-evolution snapshots in {os.path.join(workdir, MODE)}: they are written "
-            "during training; train a new run with this version first "
-            "(python main.py --mode=train --workdir=NEW_WORKDIR)"
-        )
-    paths = figures.outputs(workdir, MODE, ["evolution.png"], opts.overwrite)
-    cells, labels, epochs = evolution_grid(snapshots)
-    image = render(
-        cells,
-        labels,
-        epochs,
-        paths["evolution.png"],
-        "Feature evolution (paper Fig. 4)",
-    )
-    figures.write_tensorboard(workdir, MODE, "evolution/grid", image)
-    figures.write_tensorboard(
-        workdir, MODE, "evolution/cells", (tile_grid(cells) * 255).astype(np.uint8)
-    )
-    print(f"Wrote {paths['evolution.png']} ({len(labels)} feature maps x {len(epochs)} epochs)")
-    return {"png": paths["evolution.png"], "epochs": epochs, "rows": labels}
+def from_config(config, out: str) -> list[keras.callbacks.Callback]:
+    """The optional callbacks that `config.train.callbacks` names, writing under `out`."""
+    names = tuple(config.train.get("callbacks", tuple(OPTIONAL)))
+    check_names(names)
+    return [OPTIONAL[name](config, out) for name in names]

@@ -1,0 +1,159 @@
+"""The one analysis interface and the runner that does every analysis' shared skeleton once.
+
+An analysis is a module that defines one `Analysis` object, `ANALYSIS`, made of:
+  settings(config, request) -> Settings   typed settings (a frozen dataclass) read from
+                                          `config.analysis.<name>` and the request, checked
+                                          (UsageError) before anything is loaded or written
+  outputs(settings) -> (dir, names)       where its files go: WORKDIR/<dir>/<name>
+  load(config, settings, model) -> data   the examples (or snapshots, a second model, ...)
+  compute(model, data, settings) -> dict  arrays and plain values: no files, no flags, no
+                                          printing; what tests call directly
+  render(result, settings, paths) -> Report
+                                          writes the files in `paths` (PNG, npz, json, md)
+                                          and returns the TensorBoard images and the lines
+                                          to print
+`run(analysis, config, request)` checks the settings and the outputs, loads the model and
+the data, computes, renders, writes the TensorBoard images and prints, in that order, so a
+refused run (bad setting, existing outputs, unknown split) costs nothing and writes nothing.
+
+Adding an analysis: one module under zf_tf/analyses/ defining `ANALYSIS`, and its mode name
+in `REGISTRY` (zf_tf/analyses/__init__.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from zf_tf import outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What the command line asks of an analysis: the typed form of its flags.
+
+    Attributes:
+      workdir: the trained workdir; outputs go under it.
+      split: the split to use; '' = `config.analysis.split` (deconv: the eval split).
+      num_images: images to analyse; 0 = the analysis' config default.
+      overwrite: replace existing outputs.
+      layer: deconv: the layer to visualize.
+      top_k: deconv: strongest activations kept per feature map.
+      features: deconv: comma-separated feature maps to show ('' = a seeded subset).
+      num_features: deconv: seeded feature maps to show (<= 0: all).
+      image: deconv: project the strongest maps of this image file instead of a scan.
+      untrained: use a freshly initialized model instead of the workdir's checkpoint.
+      parts: correspondence: JSON file {image: {part: [y0, x0, y1, x1]}}.
+      compare: filters: workdir of the AlexNet-style layer-1 model.
+    """
+
+    workdir: str
+    split: str = ""
+    num_images: int = 0
+    overwrite: bool = False
+    layer: str = "conv5"
+    top_k: int = 9
+    features: str = ""
+    num_features: int = 16
+    image: str = ""
+    untrained: bool = False
+    parts: str = ""
+    compare: str = ""
+
+    def images(self, default: int) -> int:
+        """`num_images` if set (> 0), else `default`."""
+        return int(self.num_images) if self.num_images and self.num_images > 0 else int(default)
+
+
+@dataclasses.dataclass
+class Report:
+    """What `render` hands back to the runner.
+
+    Attributes:
+      images: {TensorBoard tag: uint8 (H, W, 3)} written to WORKDIR/logs/<tensorboard_run>.
+      lines: printed to stdout, before the "Wrote ..." line.
+      summary: a JSON-able dict returned to the caller (e.g. what a .json file holds).
+    """
+
+    images: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    lines: list[str] = dataclasses.field(default_factory=list)
+    summary: Any = None
+
+
+@dataclasses.dataclass
+class Result:
+    """What `run` returns: the computed arrays, the paths written and the report."""
+
+    result: dict
+    paths: dict[str, str]
+    report: Report
+
+
+def default_load(config, settings, model):
+    """`load` for analyses that need nothing besides the model."""
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """One analysis: see the module docstring for the contract of each function.
+
+    Attributes:
+      name: the mode name (`--mode=<name>`), the TensorBoard run and the default out dir.
+      settings, outputs, load, compute, render: the parts (module docstring).
+      needs_model: False for analyses that read only workdir files (evolution).
+    """
+
+    name: str
+    settings: Callable
+    outputs: Callable
+    compute: Callable
+    render: Callable
+    load: Callable = default_load
+    needs_model: bool = True
+
+
+def load_model(config, request: Request):
+    """The workdir's trained model, or a freshly initialized one with `request.untrained`."""
+    from zf_tf.core import model as model_lib
+    from zf_tf.training import workdirs
+
+    if request.untrained:
+        return model_lib.build_model(config.model)
+    return workdirs.load_model(request.workdir)
+
+
+def run(analysis: Analysis, config, request: Request) -> Result:
+    """Runs one analysis on a workdir: the shared skeleton of every analysis mode.
+
+    Args:
+      analysis: the analysis (a module's `ANALYSIS`).
+      config: the workdir's config, with `config.analysis` from the command line
+        (`workdirs.load_config`).
+      request: the command line's request.
+
+    Returns:
+      Result(result=compute's dict, paths={name: path}, report=render's Report).
+
+    Raises:
+      UsageError / DataError: a bad setting, an unknown split, outputs that exist without
+        `request.overwrite`, no trained model.
+    """
+    settings = analysis.settings(config, request)
+    out_dir, names = analysis.outputs(settings)
+    paths = outputs.reserve(request.workdir, out_dir, names, request.overwrite)
+    model = load_model(config, request) if analysis.needs_model else None
+    data = analysis.load(config, settings, model)
+    result = analysis.compute(model, data, settings)
+    report = analysis.render(result, settings, paths)
+    for tag, image in report.images.items():
+        outputs.write_tensorboard(request.workdir, analysis.name, tag, image)
+    for line in report.lines:
+        print(line)
+    written = [p for p in paths.values() if os.path.exists(p)]
+    print(f"Wrote {', '.join(written)}")
+    kept = {name: path for name, path in paths.items() if path in written}
+    return Result(result=result, paths=kept, report=report)
