@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import runpy
 import sys
 import time
 
@@ -44,6 +43,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from zf_tf import cli  # noqa: E402
 from zf_tf.core import deconv  # noqa: E402
 from zf_tf.core import model as model_lib  # noqa: E402
 
@@ -148,7 +148,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    config = runpy.run_path(args.config)["get_config"]().model
+    config = cli.load_config(args.config).model
     model = model_lib.build_model(config)
     size = int(config.input_size)
     channels = int(model.get_layer(args.layer).filters)

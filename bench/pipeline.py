@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import runpy
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from configs import default  # noqa: E402
 from pipelines import inputs  # noqa: E402
 
 SAMPLES = os.path.join(ROOT, "..", "shared", "data", "imagenet-samples")
@@ -112,7 +112,7 @@ def main():
             raise SystemExit(f"need at least --batch_size={batch} JPEGs in {source}, have {n}")
         log(f"{n} images from {source}")
 
-        config = runpy.run_path(os.path.join(ROOT, "configs", "default.py"))["get_config"]()
+        config = default.get_config()
         config.data.source, config.data.folder, config.data.cache = "folder", tmp, False
         config.data.resize_size, config.data.crop_size = 256, 224
         config.data.input_threads = 0  # all cores for the input pipeline alone (as on ImageNet)

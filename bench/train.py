@@ -33,9 +33,8 @@ import numpy as np  # noqa: E402
 
 from pipelines import inputs  # noqa: E402
 from tests.conftest import load_config  # noqa: E402
-from zf_tf.training import strategies  # noqa: E402
 from zf_tf.core import model as model_lib  # noqa: E402
-from zf_tf.training import train  # noqa: E402
+from zf_tf.training import strategies, train  # noqa: E402
 
 
 def forward_flops(model: keras.Model) -> float:

@@ -144,7 +144,7 @@ def get_config():
     # WORKDIR/ablate/<variant>/. Not part of a run's identity (COMMAND_LINE_SECTIONS): each
     # variant's own config.json records the budget it was trained with.
     config.ablate = ml_collections.ConfigDict()
-    config.ablate.variants = "all"  # or a comma list, e.g. "baseline,no_fc7" (zf_tf/ablate.py)
+    config.ablate.variants = "all"  # or a comma list, e.g. "baseline,no_fc7" (configs/ablations.py)
     config.ablate.epochs = 3  # train.epochs of every variant
     config.ablate.steps_per_epoch = 0  # train.steps_per_epoch of every variant; 0 = full pass
     config.ablate.train_error_images = 2000  # training images scored for train error; 0 = all

@@ -1,4 +1,6 @@
-"""main.py: one-line usage errors with the valid choices, and the resolved config."""
+"""The command line: one-line usage errors with the valid choices, config loading and
+overrides, and the resolved config. In-process, except where main.py's own process (absl
+parsing, exit status, stderr) is the point."""
 
 import json
 import os
@@ -9,6 +11,9 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from zf_tf import cli
+from zf_tf.analyses.base import Request
+from zf_tf.core.errors import UsageError
 
 
 def main_py(*args, cwd=ROOT):
@@ -32,45 +37,117 @@ def error_lines(proc):
 @pytest.mark.parametrize(
     "args, expected",
     [
+        # absl's own parse of a known flag
         (["--mode=bogus"], "train"),
-        (["--strategy=bogus"], "default|mirrored|multi_worker|tpu"),
+        # the config override, resolved by cli after absl
         (["--config.data.bogus=1"], "unknown config key 'data.bogus'"),
-        (
-            ["--config.nope.x=1"],
-            "valid keys of the config: ablate, analysis, data, model, seed, train, transfer",
-        ),
-        (["--config=configs/missing.py"], "configs/missing.py"),
-        (["stray"], "unexpected arguments: stray"),
     ],
 )
-def test_usage_errors_are_one_line(args, expected, tmp_path):
+def test_main_py_usage_errors_are_one_line(args, expected, tmp_path):
     proc = main_py(*args, f"--workdir={tmp_path}/w")
     assert proc.returncode == 1, proc.stderr
     lines = error_lines(proc)
     assert len(lines) == 1, lines
-    assert expected in lines[0]
+    assert lines[0].startswith("error: ") and expected in lines[0]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "w")  # nothing written on bad input
 
 
-def test_unknown_data_source_is_one_line(tmp_path):
-    proc = main_py("--mode=summary", "--config.data.source=web", f"--workdir={tmp_path}")
-    assert proc.returncode == 1
-    lines = error_lines(proc)
-    assert len(lines) == 1 and "embedded, tfds, folder" in lines[0], lines
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--config.data.bogus=1"], "unknown config key 'data.bogus': valid keys of data: "),
+        (
+            ["--config.nope.x=1"],
+            "valid keys of the config: ablate, analysis, data, model, seed, train, transfer",
+        ),
+        (["--config.train.epochs=abc"], "--config.train.epochs=abc: not a valid int"),
+        (["--config.data=1"], "--config.data is a section"),
+        (["--config.train.epochs"], "--config.train.epochs needs a value"),
+        (["--bogus=1"], "unknown flag --bogus=1"),
+        (["stray"], "unexpected arguments: stray"),
+    ],
+)
+def test_override_errors_name_the_valid_choices(args, expected):
+    with pytest.raises(UsageError) as e:
+        cli.resolved_config(cli.DEFAULT_CONFIG, args)
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
 
 
-def test_summary_resolves_config_overrides(tiny_data_dir, tmp_path):
-    workdir = tmp_path / "w"
-    proc = main_py(
-        "--mode=summary",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={tiny_data_dir}",
-        "--config.data.tfds_config=tiny",
-        "--config.data.crop_size=56",
-        "--config.train.batch_size=4",
+def test_config_file_errors():
+    with pytest.raises(UsageError, match="configs/missing.py"):
+        cli.resolved_config("configs/missing.py", [])
+    with pytest.raises(UsageError, match="unknown ablation variant 'bogus': valid variants: "):
+        cli.resolved_config("configs/ablations.py:bogus", [])
+
+
+def test_overrides_parse_by_field_type():
+    config = cli.resolved_config(
+        cli.DEFAULT_CONFIG,
+        [
+            "--config.train.epochs=3",
+            "--config.train.learning_rate",  # the value as the next argument
+            "0.5",
+            "--config.data.cache=false",
+            "--config.data.source=folder",
+            "--config.analysis.invariance.rotations=(0,45,90)",
+            "--config.analysis.attribution.methods=('saliency','gradcam')",
+            "--config.ablate.variants=baseline,no_fc7",
+            "--config.data.classes=1,3",
+            "--config.data.crop_size=56",
+        ],
     )
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert config.train.epochs == 3 and config.train.learning_rate == 0.5
+    assert config.data.cache is False and config.data.source == "folder"
+    assert tuple(config.analysis.invariance.rotations) == (0, 45, 90)
+    assert tuple(config.analysis.attribution.methods) == ("saliency", "gradcam")
+    assert config.ablate.variants == "baseline,no_fc7"
+    assert tuple(config.data.classes) == (1, 3)
     # crop_size and the model's input size are one field reference.
+    assert config.model.input_size == 56
+    with pytest.raises(AttributeError):  # locked: no new keys after resolving
+        config.data.new_key = 1
+
+
+def test_unknown_mode_and_data_source(tmp_path):
+    config = cli.resolved_config(cli.DEFAULT_CONFIG, [])
+    with pytest.raises(UsageError, match="valid modes: train, eval"):
+        cli.run("bogus", config, Request(workdir=str(tmp_path)))
+    config = cli.resolved_config(cli.DEFAULT_CONFIG, ["--config.data.source=web"])
+    with pytest.raises(UsageError, match="choose one of embedded, tfds, folder"):
+        cli.run("summary", config, Request(workdir=str(tmp_path)))
+    config = cli.resolved_config(cli.DEFAULT_CONFIG, ["--config.train.callbacks=('bogus',)"])
+    with pytest.raises(UsageError, match="image_summaries, feature_evolution"):
+        cli.run("summary", config, Request(workdir=str(tmp_path)))
+    assert os.listdir(tmp_path) == []
+
+
+def test_main_turns_library_errors_into_one_line(capsys, tmp_path):
+    class Flags:
+        config, mode, strategy = cli.DEFAULT_CONFIG, "train", "default"
+        workdir, split, num_images, overwrite, layer = str(tmp_path), "", 0, False, "conv5"
+        top_k, features, num_features, image, untrained = 9, "", 16, "", False
+        parts, compare = "", ""
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(Flags, ["--config.model.layer1=vgg"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: config.model.layer1='vgg' is not valid: choose one of zfnet, alexnet"]
+
+
+def test_summary_resolves_config_overrides(tiny_data_dir, tmp_path, capsys):
+    config = cli.resolved_config(
+        cli.DEFAULT_CONFIG,
+        [
+            f"--config.data.data_dir={tiny_data_dir}",
+            "--config.data.tfds_config=tiny",
+            "--config.data.crop_size=56",
+            "--config.train.batch_size=4",
+        ],
+    )
+    cli.run("summary", config, Request(workdir=str(tmp_path / "w")))
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["batch"] == [4, 56, 56, 3] and summary["model_input_size"] == 56
+    assert not os.path.exists(tmp_path / "w")

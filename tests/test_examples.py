@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import examples, inputs, preprocess
+from pipelines import DataError, examples, inputs, preprocess
 
 
 def test_crop_geometry_maps_the_center_crop():
@@ -74,8 +74,6 @@ def test_examples_and_class_names_follow_data_classes(tiny_config):
     assert (one.labels == 1).all() and len(one) == kept.sum() - (ex.labels == 0).sum()
 
 
-def test_unknown_split_is_a_usage_error(tiny_config):
-    from zf_tf.core.errors import UsageError
-
-    with pytest.raises(UsageError, match="unknown split 'bogus': valid splits: .*validation"):
+def test_unknown_split_is_a_data_error(tiny_config):
+    with pytest.raises(DataError, match="unknown split 'bogus': valid splits: .*validation"):
         examples.load_examples(tiny_config, "bogus", 2)
