@@ -1,8 +1,9 @@
-"""--mode=attribution (zf_tf.attribution): every method's maps, the deconvnet and guided rules
-against oracles, saliency against a plain gradient, the pointing game, and the mode end to end."""
+"""--mode=attribution (zf_tf.analyses.attribution): every method's maps, the deconvnet and
+guided rules against oracles, saliency against a plain gradient, the pointing game, the
+settings' refusals, and the mode end to end."""
 
+import dataclasses
 import json
-import types
 
 import keras
 import numpy as np
@@ -11,13 +12,14 @@ import tensorflow as tf
 from PIL import Image
 from scipy.ndimage import zoom
 
-from tests.conftest import load_config
+from pipelines import DataError
+from pipelines import examples as examples_lib
+from tests.conftest import load_config, run_analysis, workdir_with_model
 from tests.test_train import events
-from zf_tf import cli
-from zf_tf.analyses import attribution
+from zf_tf.analyses import attribution, base
 from zf_tf.core import deconv
 from zf_tf.core import model as model_lib
-from zf_tf.training import workdirs
+from zf_tf.core.errors import UsageError
 
 
 def small_config():
@@ -61,9 +63,11 @@ def tape_gradient(model, images, classes):
 
 
 def test_every_method_gives_finite_maps(model, images, config):
-    settings = config.analysis
-    settings.attribution.smoothgrad_samples = 2
-    settings.occlusion.stride = 0.25  # 4 x 4 occluder positions: enough for shapes
+    settings = dataclasses.replace(
+        attribution.map_settings(config),
+        smoothgrad_samples=2,
+        occluder_stride=0.25,  # 4 x 4 occluder positions: enough for shapes
+    )
     maps = attribution.attribution_maps(model, images, [3, 7], attribution.METHODS, settings)
     assert list(maps) == list(attribution.METHODS)
     for method, m in maps.items():
@@ -205,8 +209,36 @@ def test_pointing_game_hand_made():
 # ---------------------------------------------------------------------------------------------
 
 
-def opts(**kw):
-    return types.SimpleNamespace(**{"overwrite": False, "split": "", "num_images": 0, **kw})
+def test_settings_refuse_bad_configs_before_anything_loads(tiny_config):
+    request = base.Request(workdir="/nowhere")
+    att = tiny_config.analysis.attribution
+    s = attribution.settings(tiny_config, request)
+    assert s.methods == attribution.METHODS and s.annotated and s.split == "validation"
+    assert (s.num_images, s.total_images) == (6, 200)
+    assert attribution.settings(tiny_config, base.Request("/x", num_images=300)).total_images == 300
+    with pytest.raises(DataError, match="valid splits"):
+        attribution.settings(tiny_config, base.Request("/nowhere", split="nope"))
+    for field, value, message in [
+        ("methods", ("saliency", "lime"), "'lime' is not a method: choose from deconvnet, "),
+        ("methods", (), "'empty' is not a method"),
+        ("target", "best", "target='best' is not valid: choose one of true, predicted"),
+        ("smoothgrad_samples", 0, "smoothgrad_samples must be >= 1"),
+    ]:
+        bad = tiny_config.copy_and_resolve_references()
+        bad.analysis.attribution[field] = value
+        with pytest.raises(UsageError, match=message):
+            attribution.settings(bad, request)
+    bad = tiny_config.copy_and_resolve_references()
+    bad.analysis.occlusion.size = 0.0
+    with pytest.raises(UsageError, match="config.analysis.occlusion: occluder size"):
+        attribution.settings(bad, request)
+    # The CAM layer must be a conv layer the model has (an ablation may remove conv3, conv4).
+    att.cam_layer = "conv4"
+    tiny_config.model.remove = ("conv3", "conv4")
+    with pytest.raises(UsageError, match="cam_layer='conv4' is not valid: choose one of conv1, "):
+        attribution.settings(tiny_config, request)
+    att.methods = ("saliency", "occlusion")  # no CAM method: the layer is not used
+    assert attribution.settings(tiny_config, request).maps.cam_layer == "conv4"
 
 
 def test_mode_end_to_end(tiny_config, tmp_path, capsys):
@@ -215,56 +247,94 @@ def test_mode_end_to_end(tiny_config, tmp_path, capsys):
     att = config.analysis.attribution
     att.num_images, att.pointing_images, att.smoothgrad_samples = 2, 4, 2
     config.analysis.occlusion.stride = 0.125  # fewer occluder positions: faster
-    wd = str(tmp_path / "w")
-    workdirs.prepare_for_training(config, wd, False)
-    workdirs.save_model_atomic(model_lib.build_model(config.model), workdirs.checkpoint_path(wd))
-    cli.run("attribution", config, wd, "default", opts())
+    keras.utils.set_random_seed(0)
+    model = model_lib.build_model(config.model)
+    wd = workdir_with_model(config, model, tmp_path / "w")
+    capsys.readouterr()
+    paths = run_analysis("attribution", config, wd).paths
+    assert list(paths) == list(attribution.OUTPUTS)
     out = tmp_path / "w" / "attribution"
+    table = (out / "pointing_game.md").read_text()
+    header, table_only = table.split("\n\n", 1)
+    assert header.startswith("Pointing game, validation split, 4 images, true class.\n")
+    wrote = f"Wrote {', '.join(paths.values())}"
+    assert capsys.readouterr().out.endswith(f"{table_only}\n{wrote}\n")
 
+    ex = examples_lib.load_examples(config, "validation", 4)
     npz = np.load(out / "attribution.npz")
     assert list(npz["methods"]) == list(attribution.METHODS)
     for m in attribution.METHODS:
         assert npz[m].shape == (2, 64, 64) and np.isfinite(npz[m]).all()
-    assert npz["images"].shape == (2, 64, 64, 3) and npz["boxes"].shape == (2, 4)
-    np.testing.assert_array_equal(npz["classes"], npz["labels"])  # target 'true'
+    np.testing.assert_array_equal(npz["images"], ex.images[:2])
+    np.testing.assert_array_equal(npz["boxes"], ex.boxes[:2])
+    np.testing.assert_array_equal(npz["indices"], ex.indices[:2])
+    np.testing.assert_array_equal(npz["classes"], ex.labels[:2])  # target 'true'
+    probs = tf.nn.softmax(model(ex.images[:2], training=False)).numpy()
+    np.testing.assert_allclose(npz["probs"], probs[[0, 1], ex.labels[:2]], rtol=1e-5)
+    # One method recomputed independently: saliency of all 4 scored images.
+    saliency = attribution.saliency_maps(model, ex.images, ex.labels)
+    np.testing.assert_allclose(npz["saliency"], saliency[:2], rtol=1e-4, atol=1e-7)
     png = Image.open(out / "attribution.png")
     assert png.size[0] > 500 and png.size[1] > 150
+
     game = json.loads((out / "pointing_game.json").read_text())
     assert game["num_images"] == 4 and game["target"] == "true"
-    for m in attribution.METHODS:
-        r = game["methods"][m]
-        assert r["images"] == 4 and 0 <= r["hits"] <= 4 and r["score"] == r["hits"] / 4
-        assert len(game["images"]["points"][m]) == 4
-    assert 0 < game["chance"]["score"] < 1
+    assert game["images"]["box"] == ex.boxes.tolist()
+    assert game["images"]["index"] == ex.indices.tolist()
+    assert game["occluder_px"] == 16 and game["occluder_stride_px"] == 8
+    points = game["images"]["points"]
+    assert points["saliency"] == attribution.pointing_points(saliency).tolist()
     for m in attribution.METHODS:  # the points of the shown images are their maps' maxima
-        points = attribution.pointing_points(npz[m])
-        np.testing.assert_array_equal(game["images"]["points"][m][:2], points)
-    table = (out / "pointing_game.md").read_text()
+        np.testing.assert_array_equal(points[m][:2], attribution.pointing_points(npz[m]))
+    # Hits by hand from the points and the boxes (ends exclusive).
+    for m in attribution.METHODS:
+        hits = sum(
+            int(y0 <= y < y1 and x0 <= x < x1)
+            for (y, x), (y0, x0, y1, x1) in zip(points[m], ex.boxes.tolist())
+        )
+        assert game["methods"][m] == {"hits": hits, "images": 4, "score": hits / 4}, m
+    center = sum(int(y0 <= 32 < y1 and x0 <= 32 < x1) for y0, x0, y1, x1 in ex.boxes.tolist())
+    assert game["center"] == {"hits": center, "images": 4, "score": center / 4, "point": [32, 32]}
+    areas = [(y1 - y0) * (x1 - x0) / 64**2 for y0, x0, y1, x1 in ex.boxes.tolist()]
+    assert game["chance"]["score"] == pytest.approx(np.mean(areas))
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # no header
-    assert len(rows) == len(attribution.METHODS) + 2 and rows[-1].startswith("| chance")
+    expected = [
+        f"| {attribution.TITLES[m]} | {r['hits']} | 4 | {r['score']:.3f} |"
+        for m, r in game["methods"].items()
+    ]
+    expected.append(f"| center pixel (baseline) | {center} | 4 | {center / 4:.3f} |")
+    expected.append(f"| chance (mean box area) | - | 4 | {np.mean(areas):.3f} |")
+    assert rows == expected
     assert "attribution/true_class" in events(tmp_path / "w" / "logs" / "attribution")
 
     # Again without --overwrite: refused in one line, nothing replaced.
     stamp = (out / "attribution.png").stat().st_mtime_ns
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli.run("attribution", config, wd, "default", opts())
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--overwrite" in err[0]
+    with pytest.raises(UsageError, match="--overwrite") as error:
+        run_analysis("attribution", config, wd)
+    assert "\n" not in str(error.value)
     assert (out / "attribution.png").stat().st_mtime_ns == stamp
-
-    # A bad method list: one line naming the valid methods.
-    att.methods = ("saliency", "lime")
-    with pytest.raises(SystemExit):
-        cli.run("attribution", config, wd, "default", opts(overwrite=True))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "'lime'" in err[0] and "deconvnet, guided_backprop" in err[0]
 
     # With --overwrite, the predicted class, one method: replaced.
     att.methods, att.target = ("saliency",), "predicted"
-    cli.run("attribution", config, wd, "default", opts(overwrite=True, num_images=1))
+    result = run_analysis("attribution", config, wd, overwrite=True, num_images=1)
     npz = np.load(out / "attribution.npz")
     assert list(npz["methods"]) == ["saliency"] and npz["saliency"].shape == (1, 64, 64)
+    predicted = tf.nn.softmax(model(ex.images, training=False)).numpy().argmax(axis=1)
+    np.testing.assert_array_equal(npz["classes"], predicted[:1])
     game = json.loads((out / "pointing_game.json").read_text())
     assert list(game["methods"]) == ["saliency"] and game["target"] == "predicted"
+    assert game["images"]["class"] == predicted.tolist()
+    assert result.report.summary == game
+
+    # Without object boxes: no pointing game, a line saying so, only the npz and the figure.
+    s = attribution.settings(config, base.Request(wd))
+    arrays = {k: npz[k] for k in npz.files if k not in ("methods", "boxes")}
+    new = {name: str(tmp_path / "plain" / name) for name in attribution.OUTPUTS}
+    (tmp_path / "plain").mkdir()
+    report = attribution.render_outputs({"arrays": arrays, "game": None, "summary": None}, s, new)
+    assert report.lines == ["No object boxes in this dataset: pointing game skipped."]
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == [
+        "attribution.npz",
+        "attribution.png",
+    ]
+    assert report.summary is None and list(report.images) == ["attribution/predicted_class"]

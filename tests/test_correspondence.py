@@ -2,21 +2,26 @@
 crop pixels, the embedded default parts, and the mode end to end on a tiny workdir."""
 
 import json
-import types
 
 import keras
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import examples
+from pipelines import DataError, examples
+from tests.conftest import run_analysis, workdir_with_model
 from tests.images import encode, random_rgb, write
 from tests.test_cli import error_lines, main_py
-from tests.test_invariance import small_model, tiny_workdir
 from tests.test_train import events
-from zf_tf.analyses import correspondence
+from zf_tf.analyses import base, correspondence
+from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
-from zf_tf.training import workdirs
+
+
+def small_model(config):
+    config.model.width = 0.125
+    keras.utils.set_random_seed(0)
+    return model_lib.build_model(config.model)
 
 
 def test_delta_of_three_hand_made_sign_vectors():
@@ -27,6 +32,15 @@ def test_delta_of_three_hand_made_sign_vectors():
     mean, std = correspondence.delta(signs)
     assert mean == pytest.approx(0.5)  # = Delta / (N (N-1) D) = 12 / (3 * 2 * 4)
     assert std == pytest.approx(np.sqrt(4 * 0.25**2 / 6))
+
+
+def test_pair_hamming_equals_the_pairwise_loop():
+    # The broadcast computation against the double loop it replaced, on many positions.
+    sign = np.random.default_rng(0).integers(-1, 2, (5, 1000)).astype(np.int8)
+    loop = [np.mean(sign[i] != sign[j]) for i in range(5) for j in range(5) if i != j]
+    got = correspondence.pair_hamming(sign)
+    assert got.dtype == np.float64 and got.shape == (20,)
+    np.testing.assert_array_equal(got, loop)
 
 
 def test_signs_are_three_valued_and_ignore_rounding():
@@ -74,7 +88,7 @@ def test_quarter_boxes_are_equal_and_inside():
 
 def test_embedded_parts_and_random_regions(tiny_config):
     subjects = correspondence.embedded_subjects(tiny_config, "validation", 3, label=0)
-    n = len(subjects.images)
+    n = 3
     # The first images whose object is not clipped by the crop border, in split order.
     ex = examples.load_examples(tiny_config, "validation", 24, label=0)
     inside = [i for i, b in zip(ex.indices, ex.boxes) if min(b[:2]) > 0 and max(b[2:]) < 64]
@@ -82,7 +96,9 @@ def test_embedded_parts_and_random_regions(tiny_config):
     assert 1 <= len(inside) < 3 <= len(ex)  # the tiny split has both kinds, and too few inside
     expected = sorted((inside + clipped)[:3])
     assert subjects.names == [f"validation #{i} (circle)" for i in expected]
-    assert subjects.images.shape == (n, 64, 64, 3) and n >= 2
+    rows = [list(ex.indices).index(i) for i in expected]
+    np.testing.assert_array_equal(subjects.images, ex.images[rows])
+    np.testing.assert_array_equal(subjects.regions, ex.boxes[rows])
     assert subjects.parts == correspondence.QUARTERS and subjects.boxes.shape == (n, 4, 4)
     for boxes, obj in zip(subjects.boxes, subjects.regions):
         assert (boxes[:, :2] >= obj[:2]).all() and (boxes[:, 2:] <= obj[2:]).all()
@@ -154,16 +170,25 @@ def test_bad_parts_files_are_one_line_errors(tiny_config, tmp_path, parts, expec
     assert expected in str(error.value) and "\n" not in str(error.value)
 
 
-def test_missing_parts_file_and_missing_parts_flag(tiny_config, tmp_path):
+def request(**fields):
+    return base.Request(workdir="/nowhere", **fields)
+
+
+def test_settings_refuse_bad_requests_before_anything_loads(tiny_config, tmp_path):
     with pytest.raises(UsageError, match="cannot read --parts file"):
         correspondence.load_parts(str(tmp_path / "nope.json"))
-    opts = types.SimpleNamespace(parts="", num_images=1, split="")
-    with pytest.raises(UsageError, match="at least 2"):
-        correspondence.subjects_for(tiny_config, opts)
+    with pytest.raises(UsageError, match="cannot read --parts file"):
+        correspondence.settings(tiny_config, request(parts=str(tmp_path / "nope.json")))
+    with pytest.raises(UsageError, match="--num_images=1: correspondence compares pairs"):
+        correspondence.settings(tiny_config, request(num_images=1))
+    with pytest.raises(DataError, match="valid splits"):
+        correspondence.settings(tiny_config, request(split="nope"))
+    tiny_config.analysis.correspondence.label = 10
+    with pytest.raises(UsageError, match="label=10 is not a class: choose 0..9"):
+        correspondence.settings(tiny_config, request())
     tiny_config.data.source = "folder"
-    opts.num_images = 0
     with pytest.raises(UsageError, match="needs --parts=FILE.json"):
-        correspondence.subjects_for(tiny_config, opts)
+        correspondence.settings(tiny_config, request())
 
 
 def test_measure_matches_a_direct_computation(tiny_config):
@@ -208,46 +233,77 @@ def test_measure_matches_a_direct_computation(tiny_config):
 
 
 def test_bad_layer_is_a_usage_error(tiny_config):
-    with pytest.raises(UsageError, match="no layer 'conv9'.*conv5"):
-        correspondence._tap(small_model(tiny_config), ("conv9",))
+    with pytest.raises(UsageError) as error:
+        correspondence.check_layers(small_model(tiny_config), ("conv5", "conv9"))
+    assert str(error.value) == (
+        "config.analysis.correspondence.layers: no layer 'conv9'; valid layers: conv1_pad, "
+        "conv1, pool1, norm1, conv2, pool2, norm2, conv3, conv4, conv5, pool5, fc6, fc7"
+    )
 
 
-def test_mode_end_to_end_on_embedded_and_refuses_to_overwrite(tiny_config, tmp_path):
-    workdir = tiny_workdir(tiny_config, tmp_path)
-    config = workdirs.load_config(workdir, tiny_config)
+def test_mode_end_to_end_on_embedded_and_refuses_to_overwrite(tiny_config, tmp_path, capsys):
+    config = tiny_config
     config.analysis.correspondence.random_draws = 3
-    opts = types.SimpleNamespace(overwrite=False, split="", num_images=3, parts="")
-    out = correspondence.run_mode(config, workdir, opts)
-    paths = out["paths"]
+    model = small_model(config)
+    workdir = workdir_with_model(config, model, tmp_path / "w")
+    capsys.readouterr()
+    paths = run_analysis("correspondence", config, workdir, num_images=3).paths
+    assert list(paths) == list(correspondence.OUTPUTS)
+    # An independent run of the pieces: the same images, seeded regions and distances.
+    subjects = correspondence.embedded_subjects(config, "validation", 3, label=0)
+    random = correspondence.random_boxes(subjects, 3, config.seed, 64)
+    ref = correspondence.measure(model, subjects, random, ("conv5", "fc7"))
     record = json.loads(open(paths["correspondence.json"]).read())
-    assert record["parts"] == list(correspondence.QUARTERS) and len(record["images"]) == 3
-    assert len(record["random_boxes"]) == 3
+    assert record["images"] == subjects.names and record["layers"] == ["conv5", "fc7"]
+    assert record["parts"] == list(correspondence.QUARTERS)
+    assert record["boxes"] == subjects.boxes.tolist()
+    assert record["random_boxes"] == random.tolist()
     for layer in ("conv5", "fc7"):
-        values = record["pair_hamming"][layer]["top_left"]
-        assert len(values) == 3 * 2
-        assert record["summary"][layer]["top_left"]["mean"] == pytest.approx(np.mean(values))
-        draws = record["random_per_draw"][layer]
-        assert record["summary"][layer]["random"]["std"] == pytest.approx(np.std(draws))
+        for part in correspondence.QUARTERS:
+            values = np.asarray(record["pair_hamming"][layer][part])
+            assert values.shape == (3 * 2,)  # ordered pairs of 3 images
+            np.testing.assert_allclose(values, ref[layer]["parts"][part], atol=1e-12)
+            cell = record["summary"][layer][part]
+            assert (cell["mean"], cell["std"]) == pytest.approx((values.mean(), values.std()))
+        draws = np.asarray(record["random_per_draw"][layer])
+        np.testing.assert_allclose(draws, ref[layer]["random"], atol=1e-12)
+        cell = record["summary"][layer]["random"]
+        assert (cell["mean"], cell["std"]) == pytest.approx((draws.mean(), draws.std()))
     table = open(paths["correspondence.md"]).read()
+    assert table.startswith(
+        "# Correspondence (paper Table 1): 3 images, parts top_left, top_right, bottom_left, "
+        "bottom_right\n\n"
+    )
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0][2:] for r in rows[1:]] == [*correspondence.QUARTERS, "random"]
-    assert "±" in rows[1]
+    summary = record["summary"]
+    expected_row = " | ".join(
+        f"{summary[layer]['top_left']['mean']:.4f} ± {summary[layer]['top_left']['std']:.4f}"
+        for layer in ("conv5", "fc7")
+    )
+    assert rows[1] == f"| top_left | {expected_row} |"
+    # What is printed: the table, then the files.
+    printed = capsys.readouterr().out
+    assert printed.endswith(f"{table}\nWrote {', '.join(paths.values())}\n")
     assert Image.open(paths["correspondence.png"]).size[0] > 300
     assert "correspondence/parts" in events(f"{workdir}/logs/correspondence")
     with pytest.raises(UsageError, match="--overwrite"):
-        correspondence.run_mode(config, workdir, opts)
+        run_analysis("correspondence", config, workdir, num_images=3)
 
 
 def test_parts_file_end_to_end_and_its_errors_through_main_py(tiny_config, tmp_path):
-    workdir = tiny_workdir(tiny_config, tmp_path)
-    config = workdirs.load_config(workdir, tiny_config)
+    config = tiny_config
     config.analysis.correspondence.random_draws = 2
+    workdir = workdir_with_model(config, small_model(config), tmp_path / "w")
     path = write_parts(tmp_path, GOOD)
-    opts = types.SimpleNamespace(overwrite=False, split="", num_images=0, parts=path)
-    out = correspondence.run_mode(config, workdir, opts)
-    record = json.loads(open(out["paths"]["correspondence.json"]).read())
+    out = run_analysis("correspondence", config, workdir, parts=path)
+    record = json.loads(open(out.paths["correspondence.json"]).read())
     assert record["images"] == ["img0.png", "img1.png"] and record["parts"] == ["eye", "nose"]
-    assert len(record["pair_hamming"]["conv5"]["nose"]) == 2
+    subjects = correspondence.json_subjects(config, path)
+    assert record["boxes"] == subjects.boxes.tolist()
+    # Two images: the pairs (0, 1) and (1, 0), the same distance.
+    nose = record["pair_hamming"]["conv5"]["nose"]
+    assert len(nose) == 2 and nose[0] == nose[1]
     bad = write_parts(tmp_path, {**GOOD, "img1.png": {"eye": [20, 20, 35, 45]}})
     proc = main_py("--mode=correspondence", f"--workdir={workdir}", f"--parts={bad}", "--overwrite")
     lines = error_lines(proc)

@@ -1,20 +1,22 @@
-"""--mode=invariance (Fig. 5): transforms against numpy oracles, distances and probabilities
-against a direct computation, and the mode end to end on a tiny untrained workdir."""
+"""--mode=invariance (Fig. 5): transforms against numpy oracles and TF's own kernel,
+distances and probabilities against a direct computation, and the mode end to end on a tiny
+untrained workdir."""
 
 import csv
-import types
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
-from pipelines import inputs
+from pipelines import DataError, inputs
+from pipelines import examples as examples_lib
+from tests.conftest import run_analysis, workdir_with_model
 from tests.test_train import events
 from zf_tf.analyses import invariance
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
-from zf_tf.training import workdirs
 
 
 def random_images(n, size, seed=0):
@@ -107,6 +109,29 @@ def test_transforms_match_a_bilinear_oracle(kind, amount):
     )
 
 
+def test_keras_affine_transform_is_the_raw_tf_kernel_bit_for_bit():
+    # apply_transforms called tf.raw_ops.ImageProjectiveTransformV3 before it used
+    # keras.ops.image.affine_transform: the results must not change by a single bit.
+    images = random_images(3, 20, seed=6)
+    sweep = {"translation": (-0.23, 0.1), "scale": (0.7, 1.3), "rotation": (30.0, -75.0, 200.0)}
+    keys = [(kind, a) for kind in sweep for a in sweep[kind]]
+    matrices = np.stack([invariance.transform_matrix(kind, a, 20) for kind, a in keys])
+    batch = np.repeat(images, len(keys), axis=0)
+    matrices = np.tile(matrices, (len(images), 1))
+    raw = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.constant(batch),
+        transforms=tf.constant(matrices, tf.float32),
+        output_shape=tf.constant([20, 20]),
+        fill_value=tf.constant(0.0),
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    ).numpy()
+    got = invariance.apply_transforms(batch, matrices)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, raw)
+    assert (got == 0).any()  # the fill is exercised
+
+
 def test_transformed_copies_are_one_batch_in_sweep_order():
     image = random_images(1, 12, seed=4)[0]
     sweep = {"translation": (0.0, 0.25), "rotation": (90.0,)}
@@ -166,41 +191,85 @@ def test_a_model_without_fc7_uses_its_last_fc_layer(tiny_config):
     assert [o.shape[-1] for o in invariance.tap_model(model).outputs] == [12, 512, 10]
 
 
-def tiny_workdir(tiny_config, tmp_path):
-    model = small_model(tiny_config)
-    workdir = str(tmp_path / "w")
-    workdirs.prepare_for_training(tiny_config, workdir, False)
-    workdirs.save_model_atomic(model, workdirs.checkpoint_path(workdir))
-    return workdir
-
-
-def test_mode_end_to_end_and_refuses_to_overwrite(tiny_config, tmp_path):
-    workdir = tiny_workdir(tiny_config, tmp_path)
-    config = workdirs.load_config(workdir, tiny_config)
+def test_mode_end_to_end_and_refuses_to_overwrite(tiny_config, tmp_path, capsys):
+    # A model without fc7: the mode's note (printed and in the figure title) is exercised too.
+    model = small_model(tiny_config, remove=("fc7",))
+    config = tiny_config
     # Short sweeps: the figures' cost grows with them, the code paths do not.
     config.analysis.invariance.translations = (-0.1, 0.0, 0.2)
     config.analysis.invariance.scales = (1.0, 1.5)
     config.analysis.invariance.rotations = (0, 90, 180, 270)
-    opts = types.SimpleNamespace(overwrite=False, split="", num_images=2)
-    out = invariance.run_mode(config, workdir, opts)
-    paths = out["paths"]
-    sweep = invariance.sweeps(config)
-    amounts = sum(len(a) for a in sweep.values())
+    workdir = workdir_with_model(config, model, tmp_path / "w")
+    capsys.readouterr()
+    out = run_analysis("invariance", config, workdir, num_images=2)
+    paths = out.paths
+    assert list(paths) == list(invariance.OUTPUTS)
+    note = "the model has no fc7: 'layer 7' is fc6, its last fc layer"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2:] == [f"Note: {note}", f"Wrote {', '.join(paths.values())}"]
+    assert out.report.lines == [f"Note: {note}"]
+
+    # The CSV, row by row, against the examples and an independent run of `measure`.
+    ex = examples_lib.load_examples(config, "validation", 2)
+    sweep = {
+        "translation": (-0.1, 0.0, 0.2),
+        "scale": (1.0, 1.5),
+        "rotation": (0.0, 90.0, 180.0, 270.0),
+    }
+    ref = invariance.measure(model, ex.images, ex.labels, sweep)
+    names = inputs.class_names(config.data)
     with open(paths["invariance.csv"]) as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == invariance.CSV_HEADER
-    assert amounts == 9 and len(rows) == 2 * amounts
-    assert {r["label"] for r in rows} <= set(inputs.class_names(config.data))
+    expected = [
+        (str(i), names[int(y)], kind, f"{a:g}")
+        for kind in invariance.TRANSFORMS
+        for i, y in zip(ex.indices, ex.labels)
+        for a in sweep[kind]
+    ]
+    assert [(r["image"], r["label"], r["transform"], r["amount"]) for r in rows] == expected
+    values = [
+        [ref[f"{kind}/{key}"][n, a] for key in ("dist_layer1", "dist_layer7", "p_true")]
+        for kind in invariance.TRANSFORMS
+        for n in range(2)
+        for a in range(len(sweep[kind]))
+    ]
+    got = [[float(r[k]) for k in ("dist_layer1", "dist_layer7", "p_true")] for r in rows]
+    np.testing.assert_allclose(got, values, rtol=1e-5, atol=1e-6)
+    # The identity amounts (0, 1, 0) leave the image, hence its features, unchanged; a quarter
+    # turn does change conv1's output (the copies really are transformed).
     identity = [r for r in rows if float(r["amount"]) == invariance.IDENTITY[r["transform"]]]
-    assert len(identity) == 2 * 3 and all(float(r["dist_layer1"]) == 0 for r in identity)
-    npz = np.load(paths["invariance.npz"])
-    assert npz["rotation_dist_layer7"].shape == (2, len(sweep["rotation"]))
-    assert list(npz["layers"]) == ["conv1", "fc7"]
+    assert [r["transform"] for r in identity] == ["translation"] * 2 + ["scale"] * 2 + [
+        "rotation"
+    ] * 2
+    assert all(float(r["dist_layer1"]) == 0 for r in identity)
+    assert all(float(r["dist_layer1"]) > 0 for r in rows if r["amount"] == "90")
+
+    with np.load(paths["invariance.npz"]) as npz:
+        assert list(npz["layers"]) == ["conv1", "fc6"] and str(npz["note"]) == note
+        np.testing.assert_array_equal(npz["indices"], ex.indices)
+        np.testing.assert_array_equal(npz["labels"], ex.labels)
+        for kind in invariance.TRANSFORMS:
+            np.testing.assert_array_equal(npz[f"{kind}_amounts"], sweep[kind])
+            for key in ("dist_layer1", "dist_layer7", "p_true"):
+                np.testing.assert_allclose(npz[f"{kind}_{key}"], ref[f"{kind}/{key}"], rtol=1e-6)
+        np.testing.assert_allclose(npz["norm_layer7"], ref["norm_layer7"], rtol=1e-6)
     for name in ("invariance.png", "invariance_examples.png"):
         assert Image.open(paths[name]).size[0] > 300
     tags = events(f"{workdir}/logs/invariance")
     assert {"invariance/curves", "invariance/examples"} <= set(tags)
+
     stamp = open(paths["invariance.csv"]).read()
     with pytest.raises(UsageError, match="--overwrite"):
-        invariance.run_mode(config, workdir, opts)
+        run_analysis("invariance", config, workdir, num_images=2)
     assert open(paths["invariance.csv"]).read() == stamp
+
+
+def test_bad_settings_are_refused_before_anything_loads(tiny_config, tmp_path):
+    # tmp_path holds no model: these errors come from the settings, before the model loads.
+    with pytest.raises(DataError, match="valid splits"):
+        run_analysis("invariance", tiny_config, tmp_path, split="nope")
+    tiny_config.analysis.invariance.scales = (1.0, 0.0)
+    with pytest.raises(UsageError, match="scale factors must be positive; got 0.0"):
+        run_analysis("invariance", tiny_config, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written

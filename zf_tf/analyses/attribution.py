@@ -16,7 +16,7 @@ images and the same class (the true class by default, `config.analysis.attributi
   gradcam++        Grad-CAM++ on conv5 (Chattopadhyay et al.; tf-keras-vis)
   scorecam         Score-CAM on conv5: one forward pass per conv5 map (Wang et al.)
   occlusion        p_c(image) - p_c(occluded image) under a sliding gray square (Fig. 7 (d)),
-                   each pixel the mean over the squares covering it (`zf_tf.occlusion`)
+                   each pixel the mean over the squares covering it (`analyses.occlusion`)
 
 Gradient maps (deconvnet, guided, saliency, smoothgrad) are reduced over RGB by the maximum
 absolute value per pixel, as tf-keras-vis does for saliency. The classifier's output already
@@ -39,6 +39,7 @@ pointing_game.md / pointing_game.json (annotated data only), and a TensorBoard i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import warnings
@@ -52,7 +53,7 @@ import tqdm
 from pipelines import examples as examples_lib
 from pipelines import inputs
 from zf_tf import outputs
-from zf_tf.analyses import occlusion
+from zf_tf.analyses import base, occlusion
 from zf_tf.core import deconv
 from zf_tf.core.errors import UsageError
 from zf_tf.core.model import CONV_LAYERS
@@ -286,8 +287,33 @@ def occlusion_maps(
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class MapSettings:
+    """What the methods' maps depend on besides the model, images and classes."""
+
+    smoothgrad_samples: int  # noisy copies per SmoothGrad map
+    smoothgrad_noise: float  # their noise std, fraction of each image's (max - min)
+    cam_layer: str  # Grad-CAM, Grad-CAM++, Score-CAM
+    occluder_size: float  # occlusion: the square's side, fraction of the crop side
+    occluder_stride: float  # its step, fraction of the crop side
+    batch_size: int  # occluded copies / Score-CAM masked images per forward pass
+
+
+def map_settings(config) -> MapSettings:
+    """MapSettings from `config.analysis` (attribution, occlusion.size/stride, batch_size)."""
+    a = config.analysis
+    return MapSettings(
+        smoothgrad_samples=int(a.attribution.smoothgrad_samples),
+        smoothgrad_noise=float(a.attribution.smoothgrad_noise),
+        cam_layer=str(a.attribution.cam_layer),
+        occluder_size=float(a.occlusion.size),
+        occluder_stride=float(a.occlusion.stride),
+        batch_size=int(a.batch_size),
+    )
+
+
 def method_maps(
-    model: keras.Model, images, classes, method: str, settings, seed: int = 0
+    model: keras.Model, images, classes, method: str, settings: MapSettings, seed: int = 0
 ) -> np.ndarray:
     """One method's maps (N, H, W) for images and the classes they explain.
 
@@ -296,15 +322,12 @@ def method_maps(
       images: (N, s, s, 3) model inputs.
       classes: (N,) the class each image's map explains.
       method: one of METHODS.
-      settings: `config.analysis` (uses attribution.smoothgrad_samples,
-        attribution.smoothgrad_noise, attribution.cam_layer, occlusion.size/stride,
-        batch_size).
+      settings: MapSettings (`map_settings(config)`).
       seed: SmoothGrad's noise seed.
 
     Returns:
       float32 (N, s, s).
     """
-    att = settings.attribution
     if method == "deconvnet":
         return max_abs_channels(rule_gradients(model, images, classes, "deconvnet"))
     if method == "guided_backprop":
@@ -313,13 +336,13 @@ def method_maps(
         return saliency_maps(model, images, classes)
     if method == "smoothgrad":
         return saliency_maps(
-            model, images, classes, att.smoothgrad_samples, att.smoothgrad_noise, seed
+            model, images, classes, settings.smoothgrad_samples, settings.smoothgrad_noise, seed
         )
     if method in ("gradcam", "gradcam++"):
-        return cam_maps(model, images, classes, method, att.cam_layer)
+        return cam_maps(model, images, classes, method, settings.cam_layer)
     if method == "scorecam":
         # Score-CAM keeps (maps x images) masked copies in memory: bound that per call.
-        maps = int(model.get_layer(att.cam_layer).output.shape[-1])
+        maps = int(model.get_layer(settings.cam_layer).output.shape[-1])
         per_call = max(1, SCORECAM_BYTES // max(1, maps * np.asarray(images[:1]).nbytes))
         parts = [
             cam_maps(
@@ -327,20 +350,32 @@ def method_maps(
                 images[i : i + per_call],
                 classes[i : i + per_call],
                 method,
-                att.cam_layer,
+                settings.cam_layer,
                 settings.batch_size,
             )
             for i in range(0, len(images), per_call)
         ]
         return np.concatenate(parts) if parts else np.zeros(np.shape(images)[:3], np.float32)
     if method == "occlusion":
-        occ = settings.occlusion
-        return occlusion_maps(model, images, classes, occ.size, occ.stride, settings.batch_size)
+        return occlusion_maps(
+            model,
+            images,
+            classes,
+            settings.occluder_size,
+            settings.occluder_stride,
+            settings.batch_size,
+        )
     raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
 
 
 def attribution_maps(
-    model: keras.Model, images, classes, methods, settings, seed: int = 0, progress=None
+    model: keras.Model,
+    images,
+    classes,
+    methods,
+    settings: MapSettings,
+    seed: int = 0,
+    progress=None,
 ) -> dict[str, np.ndarray]:
     """Every method's maps for the images, IMAGES_PER_BATCH images at a time.
 
@@ -349,7 +384,7 @@ def attribution_maps(
       images: (N, s, s, 3) model inputs.
       classes: (N,) the class each image's maps explain.
       methods: names from METHODS.
-      settings: `config.analysis` (see `method_maps`).
+      settings: MapSettings (`map_settings(config)`).
       seed: SmoothGrad's noise seed for the first batch; seed + b for batch b.
       progress: optional callable(number of images done in this step).
 
@@ -540,8 +575,31 @@ def render(arrays: dict, methods, path: str, mean, class_names=None, target: str
 # ---------------------------------------------------------------------------------------------
 
 
-def _validate(config) -> tuple:
-    """The configured methods, after checking the attribution settings (UsageError)."""
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Typed settings of `--mode=attribution` (config.analysis.attribution and the request)."""
+
+    methods: tuple[str, ...]
+    target: str  # 'true' or 'predicted'
+    split: str
+    num_images: int  # shown in the figure and the npz
+    pointing_images: int  # scored by the pointing game (annotated data only)
+    annotated: bool  # the data has object boxes (the embedded dataset)
+    maps: MapSettings
+    seed: int  # SmoothGrad's noise
+    crop_size: int
+    mean: tuple  # the data mean (to display model inputs)
+    class_names: tuple
+
+    @property
+    def total_images(self) -> int:
+        """Images whose maps are computed: the shown ones, and the pointing game's."""
+        return max(self.num_images, self.pointing_images) if self.annotated else self.num_images
+
+
+def settings(config, request) -> Settings:
+    """Raises UsageError: a bad method list, target, SmoothGrad sample count, occluder or
+    CAM layer; DataError: an unknown split."""
     att = config.analysis.attribution
     methods = tuple(att.methods)
     bad = [m for m in methods if m not in METHODS]
@@ -557,67 +615,90 @@ def _validate(config) -> tuple:
         )
     if "smoothgrad" in methods and att.smoothgrad_samples < 1:
         raise UsageError("config.analysis.attribution.smoothgrad_samples must be >= 1")
+    maps = map_settings(config)
     if "occlusion" in methods:
         try:
-            occlusion.occluder_grid(config.data.crop_size, *_occluder(config))
+            occlusion.occluder_grid(config.data.crop_size, maps.occluder_size, maps.occluder_stride)
         except ValueError as e:
             raise UsageError(f"config.analysis.occlusion: {e}") from None
-    return methods
-
-
-def _occluder(config):
-    return config.analysis.occlusion.size, config.analysis.occlusion.stride
-
-
-def run_mode(config, workdir: str, opts) -> dict:
-    """`--mode=attribution` on a trained workdir.
-
-    Args:
-      config: the workdir's config with `config.analysis` from the command line.
-      workdir: trained workdir; outputs go to WORKDIR/attribution/.
-      opts: flags: overwrite, split ('' = config.analysis.split), num_images (0 = config).
-
-    Returns:
-      {name: path} of the outputs written, plus 'pointing_game' (the JSON dict, or None
-      without annotations).
-
-    Raises:
-      UsageError: bad method list, target, CAM layer or occluder; unknown split; untrained
-        workdir; outputs exist without --overwrite.
-    """
-    from zf_tf.training import workdirs
-
-    att = config.analysis.attribution
-    split = opts.split or config.analysis.split
-    num = opts.num_images if opts.num_images and opts.num_images > 0 else att.num_images
-    methods = _validate(config)
-    inputs.check_split(config.data, split)
-    paths = outputs.reserve(workdir, MODE, OUTPUTS, opts.overwrite)
-    model = workdirs.load_model(workdir)
-    convs = [n for n in CONV_LAYERS if n in {layer.name for layer in model.layers}]
-    if set(methods) & set(CAM_METHODS) and att.cam_layer not in convs:
+    # The conv layers the model has (an ablation may remove conv3, conv4).
+    convs = [n for n in CONV_LAYERS if n not in tuple(config.model.get("remove", ()))]
+    if set(methods) & set(CAM_METHODS) and maps.cam_layer not in convs:
         raise UsageError(
-            f"config.analysis.attribution.cam_layer={att.cam_layer!r} is not valid: "
+            f"config.analysis.attribution.cam_layer={maps.cam_layer!r} is not valid: "
             f"choose one of {', '.join(convs)}"
         )
-    annotated = config.data.source == "embedded"
-    total = max(num, att.pointing_images) if annotated else num
-    examples = examples_lib.load_examples(config, split, total)
+    split = request.split or config.analysis.split
+    inputs.check_split(config.data, split)
+    return Settings(
+        methods=methods,
+        target=str(att.target),
+        split=split,
+        num_images=request.images(att.num_images),
+        pointing_images=int(att.pointing_images),
+        annotated=config.data.source == "embedded",
+        maps=maps,
+        seed=int(config.seed),
+        crop_size=int(config.data.crop_size),
+        mean=tuple(config.data.mean),
+        class_names=tuple(inputs.class_names(config.data)),
+    )
+
+
+def load(config, s: Settings, model) -> examples_lib.Examples:
+    examples = examples_lib.load_examples(config, s.split, s.total_images)
     if not len(examples):
-        raise UsageError(f"split {split!r} has no images")
+        raise UsageError(f"split {s.split!r} has no images")
+    return examples
+
+
+def pointing_summary(game: dict, examples, classes, s: Settings) -> dict:
+    """What pointing_game.json holds: the definition, the settings, the scores, the points."""
+    size_px, stride_px, _, _ = occlusion.occluder_grid(
+        s.crop_size, s.maps.occluder_size, s.maps.occluder_stride
+    )
+    return {
+        "definition": POINTING_DEFINITION,
+        "split": s.split,
+        "target": s.target,
+        "num_images": len(examples),
+        "cam_layer": s.maps.cam_layer,
+        "occluder_px": size_px,
+        "occluder_stride_px": stride_px,
+        "smoothgrad": {"samples": s.maps.smoothgrad_samples, "noise": s.maps.smoothgrad_noise},
+        "methods": game["methods"],
+        "center": game["center"],
+        "chance": game["chance"],
+        "images": {
+            "index": examples.indices.tolist(),
+            "label": examples.labels.tolist(),
+            "class": np.asarray(classes).tolist(),
+            "box": examples.boxes.tolist(),
+            "points": {m: p.tolist() for m, p in game["points"].items()},
+        },
+    }
+
+
+def compute(model, examples: examples_lib.Examples, s: Settings) -> dict:
+    """Every method's maps of every loaded image, and the pointing game on annotated data.
+
+    Returns:
+      {'arrays': what attribution.npz holds besides `methods` (the shown images: images,
+      labels, indices, classes, probs, one map per method, boxes if annotated), 'game':
+      `pointing_game`'s dict or None, 'summary': pointing_game.json's dict or None}.
+    """
     probs = np.concatenate(
         [
             _probabilities_fn(model)(tf.constant(examples.images[i : i + 256]))
             for i in range(0, len(examples), 256)
         ]
     )
-    classes = examples.labels if att.target == "true" else probs.argmax(axis=1)
+    classes = examples.labels if s.target == "true" else probs.argmax(axis=1)
     with tqdm.tqdm(total=len(examples), desc="attribution", unit="img") as bar:
         maps = attribution_maps(
-            model, examples.images, classes, methods, config.analysis, config.seed, bar.update
+            model, examples.images, classes, s.methods, s.maps, s.seed, bar.update
         )
-
-    shown = slice(0, min(num, len(examples)))
+    shown = slice(0, min(s.num_images, len(examples)))
     arrays = {
         "images": examples.images[shown],
         "labels": examples.labels[shown],
@@ -626,50 +707,42 @@ def run_mode(config, workdir: str, opts) -> dict:
         "probs": probs[np.arange(len(examples)), classes][shown].astype(np.float32),
         **{m: v[shown] for m, v in maps.items()},
     }
+    game = summary = None
     if examples.boxes is not None:
         arrays["boxes"] = examples.boxes[shown]
-    outputs.save_npz(paths["attribution.npz"], methods=np.array(methods), **arrays)
-    names = inputs.class_names(config.data)
-    figure = render(arrays, methods, paths["attribution.png"], config.data.mean, names, att.target)
-    outputs.write_tensorboard(workdir, MODE, f"{MODE}/{att.target}_class", figure)
-    written = {k: paths[k] for k in ("attribution.npz", "attribution.png")}
+        game = pointing_game(maps, examples.boxes, s.crop_size)
+        summary = pointing_summary(game, examples, classes, s)
+    return {"arrays": arrays, "game": game, "summary": summary}
 
-    summary = None
-    if examples.boxes is not None:
-        game = pointing_game(maps, examples.boxes, config.data.crop_size)
-        size_px, stride_px, _, _ = occlusion.occluder_grid(
-            config.data.crop_size, *_occluder(config)
-        )
-        summary = {
-            "definition": POINTING_DEFINITION,
-            "split": split,
-            "target": att.target,
-            "num_images": len(examples),
-            "cam_layer": att.cam_layer,
-            "occluder_px": size_px,
-            "occluder_stride_px": stride_px,
-            "smoothgrad": {"samples": att.smoothgrad_samples, "noise": att.smoothgrad_noise},
-            "methods": game["methods"],
-            "center": game["center"],
-            "chance": game["chance"],
-            "images": {
-                "index": examples.indices.tolist(),
-                "label": examples.labels.tolist(),
-                "class": np.asarray(classes).tolist(),
-                "box": examples.boxes.tolist(),
-                "points": {m: p.tolist() for m, p in game["points"].items()},
-            },
-        }
-        table = pointing_table(game)
-        header = (
-            f"Pointing game, {split} split, {len(examples)} images, {att.target} class.\n"
-            f"Definition: {POINTING_DEFINITION}.\n\n"
-        )
-        outputs.save_text(paths["pointing_game.md"], header + table)
-        outputs.save_text(paths["pointing_game.json"], json.dumps(summary, indent=1))
-        written.update({k: paths[k] for k in ("pointing_game.md", "pointing_game.json")})
-        print(table)
-    else:
-        print("No object boxes in this dataset: pointing game skipped.")
-    print(f"Wrote {', '.join(written.values())}")
-    return {**written, "pointing_game": summary}
+
+def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
+    """attribution.npz, attribution.png, and on annotated data pointing_game.md (printed too)
+    and pointing_game.json; the figure for TensorBoard."""
+    arrays = result["arrays"]
+    outputs.save_npz(paths["attribution.npz"], methods=np.array(s.methods), **arrays)
+    figure = render(
+        arrays, s.methods, paths["attribution.png"], s.mean, list(s.class_names), s.target
+    )
+    report = base.Report(images={f"{MODE}/{s.target}_class": figure}, summary=result["summary"])
+    if result["game"] is None:
+        report.lines.append("No object boxes in this dataset: pointing game skipped.")
+        return report
+    table = pointing_table(result["game"])
+    header = (
+        f"Pointing game, {s.split} split, {result['summary']['num_images']} images, "
+        f"{s.target} class.\nDefinition: {POINTING_DEFINITION}.\n\n"
+    )
+    outputs.save_text(paths["pointing_game.md"], header + table)
+    outputs.save_text(paths["pointing_game.json"], json.dumps(result["summary"], indent=1))
+    report.lines.append(table)
+    return report
+
+
+ANALYSIS = base.Analysis(
+    name=MODE,
+    settings=settings,
+    outputs=lambda s: (MODE, OUTPUTS),
+    load=load,
+    compute=compute,
+    render=render_outputs,
+)

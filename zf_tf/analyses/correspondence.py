@@ -49,8 +49,10 @@ import tqdm
 
 from pipelines import examples, inputs, preprocess
 from zf_tf import outputs
+from zf_tf.analyses import base
 from zf_tf.core.errors import UsageError
 
+MODE = "correspondence"
 SIGN_RTOL = 1e-5
 QUARTERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 OUTPUTS = ("correspondence.md", "correspondence.json", "correspondence.png")
@@ -315,10 +317,10 @@ def pair_hamming(sign: np.ndarray) -> np.ndarray:
       float64 (N (N-1),) fraction of the D positions where sign_i != sign_j, pairs in the
       order (0,1), (0,2), ..., (1,0), (1,2), ...
     """
-    n = len(sign)
-    return np.array(
-        [np.mean(sign[i] != sign[j]) for i in range(n) for j in range(n) if i != j], np.float64
-    )
+    sign = np.asarray(sign)
+    n, d = sign.shape
+    differ = np.count_nonzero(sign[:, None, :] != sign[None, :, :], axis=-1)  # (N, N)
+    return (differ[~np.eye(n, dtype=bool)] / d).astype(np.float64)
 
 
 def delta(sign: np.ndarray) -> tuple[float, float]:
@@ -328,7 +330,8 @@ def delta(sign: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std())
 
 
-def _tap(model, layers):
+def check_layers(model, layers):
+    """Raises UsageError if the model lacks one of `layers`, naming the valid layers."""
     names = [layer.name for layer in model.layers]
     bad = [name for name in layers if name not in names]
     if bad:
@@ -336,6 +339,10 @@ def _tap(model, layers):
             f"config.analysis.correspondence.layers: no layer {bad[0]!r}; valid layers: "
             + ", ".join(n for n in names if n.startswith(("conv", "pool", "norm", "fc")))
         )
+
+
+def _tap(model, layers):
+    check_layers(model, layers)
     # model.input (one tensor) so calling it with an array matches its input structure.
     return keras.Model(model.input, [model.get_layer(name).output for name in layers])
 
@@ -408,7 +415,7 @@ def table(summary: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# Render and run.
+# Render and the mode.
 # ----------------------------------------------------------------------------------------
 
 
@@ -451,53 +458,98 @@ def plot(subjects: Subjects, random: np.ndarray, mean, path: str, title: str) ->
     return image
 
 
-def subjects_for(config, opts) -> Subjects:
-    """The experiment's images and parts: --parts JSON, else the embedded dataset's class.
+DEFINITION = (
+    "h_ij = fraction of positions where sign(eps_i) != sign(eps_j), eps = features of "
+    "original minus occluded, sign three-valued with |eps| <= "
+    f"{SIGN_RTOL} * max|x_i| as 0; parts: mean/std of h_ij over ordered pairs; "
+    "random: mean over pairs per draw, then mean/std over draws"
+)
 
-    Raises:
-      UsageError: no --parts on a dataset without object boxes, or bad --parts.
-    """
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Typed settings of `--mode=correspondence` (config.analysis.correspondence and the
+    request)."""
+
+    parts: str  # --parts JSON file; '' = the embedded dataset's object-box quarters
+    split: str  # without --parts: the split whose images of class `label` are used
+    num_images: int  # images compared; with --parts, 0 = every image of the file
+    label: int  # without --parts: the class
+    layers: tuple[str, ...]
+    random_draws: int
+    seed: int  # of the random regions
+    crop_size: int
+    batch_size: int  # forward-pass batch of an image and its occluded copies
+    mean: tuple  # the data mean (to display model inputs)
+
+
+def settings(config, request) -> Settings:
+    """Raises UsageError: fewer than 2 images, no --parts on a dataset without object
+    boxes, a bad --parts file (its layout; the images are read by `load`), a label that is
+    not a class; DataError: an unknown split."""
     c = config.analysis.correspondence
-    num = opts.num_images or c.num_images
+    num = request.num_images or c.num_images
     if num < 2:
         raise UsageError(f"--num_images={num}: correspondence compares pairs, use at least 2")
-    if opts.parts:
-        return json_subjects(config, opts.parts, opts.num_images)
-    if config.data.source != "embedded":
+    split = request.split or config.analysis.split
+    if request.parts:
+        load_parts(request.parts)
+    elif config.data.source != "embedded":
         raise UsageError(
             "--mode=correspondence on a dataset without object boxes needs "
             "--parts=FILE.json ({image_path: {part_name: [y0, x0, y1, x1]}})"
         )
-    if not 0 <= c.label < config.data.num_classes:
+    elif not 0 <= c.label < config.data.num_classes:
         raise UsageError(
             f"config.analysis.correspondence.label={c.label} is not a class: "
             f"choose 0..{config.data.num_classes - 1}"
         )
-    return embedded_subjects(config, opts.split or config.analysis.split, num, int(c.label))
+    else:
+        inputs.check_split(config.data, split)
+    return Settings(
+        parts=request.parts,
+        split=split,
+        num_images=int(request.num_images if request.parts else num),
+        label=int(c.label),
+        layers=tuple(c.layers),
+        random_draws=int(c.random_draws),
+        seed=int(config.seed),
+        crop_size=int(config.data.crop_size),
+        batch_size=int(config.analysis.batch_size),
+        mean=tuple(config.data.mean),
+    )
 
 
-def run_mode(config, workdir: str, opts):
-    """--mode=correspondence on a trained workdir (see the module docstring).
+def load(config, s: Settings, model) -> Subjects:
+    """The experiment's images and parts: --parts JSON, else the embedded dataset's class.
 
-    Args:
-      config: the workdir's config with `analysis` from the command line.
-      workdir: the trained workdir.
-      opts: flags; uses opts.parts, opts.split, opts.num_images (0: config default; with
-        --parts: all images of the file), opts.overwrite.
+    Raises:
+      UsageError: the model lacks a configured layer; as `json_subjects` /
+        `embedded_subjects`.
+    """
+    check_layers(model, s.layers)
+    if s.parts:
+        return json_subjects(config, s.parts, s.num_images)
+    return embedded_subjects(config, s.split, s.num_images, s.label)
+
+
+def compute(model, subjects: Subjects, s: Settings) -> dict:
+    """Random regions, `measure` and `summarize`.
 
     Returns:
-      {'summary': summarize()'s dict, 'paths': {name: path}}.
+      {'subjects': the Subjects, 'random': int (R, N, 4) random boxes, 'measure':
+      measure()'s dict, 'summary': summarize()'s dict}.
     """
-    from zf_tf.training import workdirs
+    random = random_boxes(subjects, s.random_draws, s.seed, s.crop_size)
+    result = measure(model, subjects, random, s.layers, s.batch_size)
+    return {"subjects": subjects, "random": random, "measure": result, "summary": summarize(result)}
 
-    c = config.analysis.correspondence
-    paths = outputs.reserve(workdir, "correspondence", OUTPUTS, opts.overwrite)
-    subjects = subjects_for(config, opts)  # bad --parts fail before the model loads
-    model = workdirs.load_model(workdir)
-    layers = tuple(c.layers)
-    random = random_boxes(subjects, int(c.random_draws), int(config.seed), config.data.crop_size)
-    result = measure(model, subjects, random, layers, config.analysis.batch_size)
-    summary = summarize(result)
+
+def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
+    """correspondence.md (printed too), correspondence.json, correspondence.png; the figure
+    for TensorBoard."""
+    subjects, random = result["subjects"], result["random"]
+    measured, summary = result["measure"], result["summary"]
     n = len(subjects.images)
     text = (
         f"# Correspondence (paper Table 1): {n} images, parts {', '.join(subjects.parts)}\n\n"
@@ -509,33 +561,35 @@ def run_mode(config, workdir: str, opts):
     record = {
         "images": subjects.names,
         "parts": list(subjects.parts),
-        "layers": list(layers),
+        "layers": list(s.layers),
         "boxes": subjects.boxes.tolist(),
         "random_boxes": random.tolist(),
         "summary": {
-            layer: {loc: {"mean": m, "std": s} for loc, (m, s) in locs.items()}
+            layer: {loc: {"mean": m, "std": sd} for loc, (m, sd) in locs.items()}
             for layer, locs in summary.items()
         },
         "pair_hamming": {
-            layer: {p: v.tolist() for p, v in r["parts"].items()} for layer, r in result.items()
+            layer: {p: v.tolist() for p, v in r["parts"].items()} for layer, r in measured.items()
         },
-        "random_per_draw": {layer: r["random"].tolist() for layer, r in result.items()},
-        "definition": (
-            "h_ij = fraction of positions where sign(eps_i) != sign(eps_j), eps = features of "
-            "original minus occluded, sign three-valued with |eps| <= "
-            f"{SIGN_RTOL} * max|x_i| as 0; parts: mean/std of h_ij over ordered pairs; "
-            "random: mean over pairs per draw, then mean/std over draws"
-        ),
+        "random_per_draw": {layer: r["random"].tolist() for layer, r in measured.items()},
+        "definition": DEFINITION,
     }
     outputs.save_text(paths["correspondence.json"], json.dumps(record, indent=1) + "\n")
     figure = plot(
         subjects,
         random,
-        config.data.mean,
+        s.mean,
         paths["correspondence.png"],
         f"Correspondence: occluded parts ({', '.join(subjects.parts)}) and a random region",
     )
-    outputs.write_tensorboard(workdir, "correspondence", "correspondence/parts", figure)
-    print(text)
-    print(f"Wrote {', '.join(paths.values())}")
-    return {"summary": summary, "paths": paths}
+    return base.Report(images={f"{MODE}/parts": figure}, lines=[text], summary=record)
+
+
+ANALYSIS = base.Analysis(
+    name=MODE,
+    settings=settings,
+    outputs=lambda s: (MODE, OUTPUTS),
+    load=load,
+    compute=compute,
+    render=render_outputs,
+)
