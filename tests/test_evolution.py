@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import keras
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipelines import examples
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_analysis
 from tests.test_train import events
 from zf_tf.analyses import evolution
 from zf_tf.core import deconv
@@ -113,6 +112,7 @@ def test_strongest_matches_brute_force():
         assert best["activation"][n] == maps[..., f].max()
 
 
+@pytest.mark.slow  # the `trained` subprocess: ~25 s
 def test_callback_snapshots_under_mirrored_strategy(trained):
     workdir, config, record = trained
     assert record["replicas"] == 2
@@ -163,29 +163,63 @@ def test_callback_snapshots_under_mirrored_strategy(trained):
     assert sorted(s for s, _ in tb["evolution/conv3"]) == [1, 2]
 
 
-def opts(**kw):
-    return types.SimpleNamespace(**{"overwrite": False, "split": "", "num_images": 0, **kw})
+def test_resize_nearest_floor_mapping():
+    # Output pixel i takes source pixel floor(i * side / size): 3 -> 8 px gives 3, 3, 2.
+    image = np.arange(3, dtype=np.float32)[:, None, None] * np.ones((3, 3, 1), np.float32)
+    out = evolution._resize_nearest(image, 8)
+    assert out.shape == (8, 8, 1)
+    np.testing.assert_array_equal(out[:, 0, 0], [0, 0, 0, 1, 1, 1, 2, 2])
+    np.testing.assert_array_equal(evolution._resize_nearest(image, 3), image)
 
 
-def test_mode_builds_the_grid(trained):
+@pytest.mark.slow  # the `trained` subprocess: ~25 s
+def test_mode_builds_the_grid(trained, capsys):
     workdir, config, _ = trained
-    snapshots = evolution.load_snapshots(workdir)
-    cells, labels, epochs = evolution.evolution_grid(snapshots)
+    run = run_analysis("evolution", config, workdir)
+    cells, labels, epochs = (run.result[k] for k in ("cells", "labels", "epochs"))
     rows = len(CONV_LAYERS) * PER_LAYER
     assert epochs == [1, 2]
     assert cells.shape == (rows, 2, 64, 64, 3)  # conv5's field covers the 64 px crop
-    assert labels[0].startswith("conv1 map ") and labels[-1].startswith("conv5 map ")
-    assert 0.0 <= cells.min() and cells.max() <= 1.0
-    out = evolution.run_mode(config, workdir, opts())
-    assert out["rows"] == labels and out["epochs"] == [1, 2]
-    png = np.asarray(Image.open(out["png"]))
+    snaps = {e: np.load(os.path.join(workdir, "evolution", f"epoch_{e:03d}.npz")) for e in epochs}
+    assert labels == [
+        f"{layer} map {int(f)}" for layer in CONV_LAYERS for f in snaps[2][f"{layer}_features"]
+    ]
+    # Each cell, recomputed: the projection inside its receptive field, stretched on its own
+    # to [0, 1], on a canvas of the field's side (7, 27, 64 px), upscaled to 64 px.
+    for r, label in enumerate(labels):
+        layer, j = label.split()[0], r % PER_LAYER
+        for c, e in enumerate(epochs):
+            y0, x0, y1, x1 = (int(b) for b in snaps[e][f"{layer}_box"][j])
+            inside = snaps[e][f"{layer}_projection"][j][y0:y1, x0:x1].astype(np.float32)
+            stretched = (inside - inside.min()) / max(inside.max() - inside.min(), 1e-12)
+            side = min(int(snaps[e][f"{layer}_field"]), 64)
+            top = side - (y1 - y0) if y0 == 0 else 0
+            left = side - (x1 - x0) if x0 == 0 else 0
+            canvas = np.full((side, side, 3), 0.5, np.float32)
+            canvas[top : top + y1 - y0, left : left + x1 - x0] = stretched
+            # Nearest upscale: canvas pixel j fills output pixels ceil(j*64/side) and on.
+            starts = -(-np.arange(side + 1) * 64 // side)
+            big = np.repeat(np.repeat(canvas, np.diff(starts), 0), np.diff(starts), 1)
+            np.testing.assert_allclose(cells[r, c], big, atol=1e-6)
+    assert printed_lines(capsys) == [
+        f"Feature evolution grid: {rows} feature maps x 2 epochs",
+        f"Wrote {os.path.join(workdir, 'evolution', 'evolution.png')}",
+    ]
+    assert run.paths == {"evolution.png": os.path.join(workdir, "evolution", "evolution.png")}
+    png = np.asarray(Image.open(run.paths["evolution.png"]))
     assert png.ndim == 3 and png.shape[0] > png.shape[1] > 100  # tall: 10 rows, 2 columns
     tb = events(os.path.join(workdir, "logs", "evolution"))
+    assert tb["evolution/grid"][-1][1].shape == png.shape[:2] + (3,)
     grid = tb["evolution/cells"][-1][1]
     pad = callbacks.CELL_PAD
     assert grid.shape == (rows * (64 + pad) - pad, 2 * (64 + pad) - pad, 3)
+    np.testing.assert_array_equal(grid[:64, :64], (cells[0, 0] * 255).astype(np.uint8))
     with pytest.raises(UsageError, match="--overwrite"):
-        evolution.run_mode(config, workdir, opts())
+        run_analysis("evolution", config, workdir)
+
+
+def printed_lines(capsys):
+    return [line for line in capsys.readouterr().out.splitlines() if line]
 
 
 def test_no_snapshot_of_a_diverged_epoch(tmp_path, tiny_config):
@@ -197,5 +231,5 @@ def test_no_snapshot_of_a_diverged_epoch(tmp_path, tiny_config):
 
 def test_mode_without_snapshots_says_to_train(tmp_path, tiny_config):
     with pytest.raises(UsageError, match="train a new run with this version first"):
-        evolution.run_mode(tiny_config, str(tmp_path), opts())
+        run_analysis("evolution", tiny_config, tmp_path)
     assert not (tmp_path / "evolution").exists()

@@ -2,7 +2,7 @@
 brute-force oracle; the mode end to end on two untrained workdirs (ZFNet, AlexNet layer 1)."""
 
 import json
-import types
+import os
 
 import keras
 import numpy as np
@@ -10,8 +10,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from pipelines import DataError
+from tests.conftest import load_config, run_analysis, tiny, workdir_with_model
 from tests.test_train import events
 from zf_tf.analyses import filters
+from zf_tf.core import deconv
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.training import workdirs
@@ -47,61 +50,97 @@ def test_dead_filters_by_rms_and_activity(tiny_config):
     assert dead["never_active"] == [0, 2, 5, 7]
 
 
-def opts(**kw):
-    return types.SimpleNamespace(
-        **{"overwrite": False, "split": "", "num_images": 0, "compare": "", **kw}
+def _split(config):
+    from pipelines import inputs
+
+    return np.concatenate([b[0] for b in inputs.build_inputs(config, "validation", mode="center")])
+
+
+def _check_model(rec, model, split, features):
+    """A filters.json model record against brute force over the split."""
+    conv1, conv2 = (
+        keras.Model(model.inputs, model.get_layer(n).output)([split]).numpy()
+        for n in ("conv1", "conv2")
     )
+    kernel = model.get_layer("conv1").get_weights()[0]
+    rms = np.sqrt((kernel.astype(np.float64) ** 2).mean(axis=(0, 1, 2)))
+    np.testing.assert_allclose(rec["rms"], rms, rtol=1e-6)
+    dead_rms = np.flatnonzero(rms < 0.01 * rms.max()).tolist()
+    assert rec["dead"]["rms"] == {"count": len(dead_rms), "indices": dead_rms}
+    oracle = conv1.max(axis=(0, 1, 2))
+    np.testing.assert_allclose(rec["max_activation"], oracle, rtol=1e-5)
+    never = np.flatnonzero(oracle <= 1e-6).tolist()
+    assert rec["dead"]["never_active"] == {"count": len(never), "indices": never}
+    winners = rec["layer2_winners"]
+    assert [w["feature"] for w in winners] == features
+    for w in winners:
+        f = w["feature"]
+        np.testing.assert_allclose(w["activation"], conv2[..., f].max(), rtol=1e-5)
+        np.testing.assert_allclose(conv2[w["image"], w["y"], w["x"], f], w["activation"], 1e-5)
+        assert tuple(w["box"]) == deconv.receptive_field(model, "conv2", w["y"], w["x"])
 
 
-def untrained_workdir(config, path, layer1):
-    """A workdir holding an untrained model (checkpoint + config.json), no training."""
-    model = small_model(config, layer1)
-    workdirs.prepare_for_training(config, str(path), overwrite=False)
-    workdirs.save_model_atomic(model, workdirs.checkpoint_path(str(path)))
-    return model
-
-
-def test_mode_end_to_end(tiny_config, tmp_path):
-    zf_dir, alex_dir = tmp_path / "zfnet", tmp_path / "alexnet"
-    zf = untrained_workdir(tiny_config, zf_dir, "zfnet")
-    untrained_workdir(tiny_config, alex_dir, "alexnet")
-    config = workdirs.load_config(str(zf_dir), tiny_config)
-    out = filters.run_mode(config, str(zf_dir), opts(compare=str(alex_dir)))
-    png = np.asarray(Image.open(out["png"]))
+def test_mode_end_to_end(tiny_data_dir, tmp_path, capsys):
+    zf_config = tiny(load_config(), tiny_data_dir, width=0.125)
+    alex_config = tiny(load_config(), tiny_data_dir, width=0.125, **{"model.layer1": "alexnet"})
+    zf, alex = (model_lib.build_model(c.model) for c in (zf_config, alex_config))
+    zf_dir = workdir_with_model(zf_config, zf, tmp_path / "zfnet")
+    alex_dir = workdir_with_model(alex_config, alex, tmp_path / "alexnet")
+    config = workdirs.load_config(zf_dir, zf_config)  # as the command line reads it
+    run = run_analysis("filters", config, zf_dir, compare=alex_dir)
+    png_path, json_path = (os.path.join(zf_dir, "filters", n) for n in filters.OUTPUTS)
+    assert run.paths == {"filters.png": png_path, "filters.json": json_path}
+    png = np.asarray(Image.open(png_path))
     assert png.ndim == 3 and min(png.shape[:2]) > 300
-    record = json.loads((zf_dir / "filters" / "filters.json").read_text())
-    assert record == out["summary"] and record["split"] == "validation"
+    record = json.loads(open(json_path).read())
+    assert record == run.report.summary and record["split"] == "validation"
     assert record["num_images"] == 50
-    (zf_label, zf_rec), (alex_label, alex_rec) = record["models"].items()
-    assert zf_label.startswith("zfnet") and alex_label.startswith("alexnet")
+    assert list(record["models"]) == ["zfnet (this workdir)", "alexnet (compare workdir)"]
+    zf_rec, alex_rec = record["models"].values()
+    assert zf_rec["workdir"] == zf_dir and alex_rec["workdir"] == alex_dir
     assert zf_rec["layer1"] == {"kernel": 7, "stride": 2, "filters": 12}
     assert alex_rec["layer1"] == {"kernel": 11, "stride": 4, "filters": 12}
-    kernel = zf.get_layer("conv1").get_weights()[0]
-    rms = np.sqrt((kernel.astype(np.float64) ** 2).mean(axis=(0, 1, 2)))
-    np.testing.assert_allclose(zf_rec["rms"], rms, rtol=1e-6)
-    for rec in (zf_rec, alex_rec):
-        for criterion in ("rms", "never_active"):
-            dead = rec["dead"][criterion]
-            assert dead["count"] == len(dead["indices"])
-        assert len(rec["rms"]) == len(rec["max_activation"]) == 12
-        winners = rec["layer2_winners"]
-        assert len(winners) == 16  # 16 of conv2's 32 maps
-        assert [w["feature"] for w in winners] == [w["feature"] for w in zf_rec["layer2_winners"]]
-        assert all(0 <= w["image"] < 50 for w in winners)
-    tb = events(zf_dir / "logs" / "filters")
+    # 16 of conv2's 32 maps, seeded by config.seed, the same for both models.
+    features = sorted(np.random.default_rng([config.seed, 2]).choice(32, 16, replace=False))
+    split = _split(config)
+    _check_model(zf_rec, zf, split, [int(f) for f in features])
+    _check_model(alex_rec, alex, split, [int(f) for f in features])
+    tb = events(os.path.join(zf_dir, "logs", "filters"))
+    assert list(tb) == ["filters/comparison"]
     assert tb["filters/comparison"][-1][1].shape == png.shape[:2] + (3,)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == [
+        "| model | layer 1 | filters | dead (RMS) | never active |",
+        "|---|---|---|---|---|",
+    ]
+    for line, rec, label in zip(printed[2:4], (zf_rec, alex_rec), record["models"]):
+        g, dead = rec["layer1"], rec["dead"]
+        assert line == (
+            f"| {label} | {g['kernel']}x{g['kernel']}/{g['stride']} | 12 | "
+            f"{dead['rms']['count']} | {dead['never_active']['count']} |"
+        )
+    assert printed[4:] == [f"Wrote {png_path}, {json_path}"]
     with pytest.raises(UsageError, match="--overwrite"):
-        filters.run_mode(config, str(zf_dir), opts(compare=str(alex_dir)))
+        run_analysis("filters", config, zf_dir, compare=alex_dir)
+    # --num_images: the first images of the split only; --overwrite replaces.
+    again = run_analysis("filters", config, zf_dir, compare=alex_dir, num_images=10, overwrite=True)
+    assert again.report.summary["num_images"] == 10
+    assert json.loads(open(json_path).read()) == again.report.summary
 
 
-def test_missing_compare_names_the_command(tmp_path, tiny_config):
+def test_bad_input_is_refused_first(tmp_path, tiny_config):
     workdir = str(tmp_path / "w")
     expected = (
         f"python main.py --mode=train --config.model.layer1=alexnet "
         f"--workdir={workdir}/ablate/alexnet_layer1"
     )
     with pytest.raises(UsageError) as error:
-        filters.run_mode(tiny_config, workdir, opts())
+        run_analysis("filters", tiny_config, workdir)
     assert expected in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(UsageError, match="--workdir=/nowhere"):
-        filters.run_mode(tiny_config, workdir, opts(compare="/nowhere"))
+        run_analysis("filters", tiny_config, workdir, compare="/nowhere")
+    # A comparison model exists, but the split does not.
+    compare = workdir_with_model(tiny_config, small_model(tiny_config), tmp_path / "alexnet")
+    with pytest.raises(DataError, match="unknown split 'nope'"):
+        run_analysis("filters", tiny_config, workdir, compare=compare, split="nope")
+    assert not os.path.exists(os.path.join(workdir, "filters"))

@@ -1,88 +1,136 @@
-"""--mode=deconv end to end: panels, index JSON, TensorBoard, --image, errors."""
+"""--mode=deconv: top-k panels against a brute-force scan, the index JSON, TensorBoard,
+--image against the model's own maxima, the refusals, and the command line's one line."""
 
 import json
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines import DataError, inputs
+from tests.conftest import load_config, run_analysis, tiny, workdir_with_model
 from tests.images import encode, random_rgb, write
 from tests.test_cli import error_lines, main_py
 from tests.test_train import events
 from zf_tf import outputs
 from zf_tf.analyses import deconv as visualize
+from zf_tf.core import deconv
+from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 
-
-def deconv_args(data_dir, workdir, *extra):
-    return [
-        "--mode=deconv",
-        "--untrained",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        "--config.data.tfds_config=tiny",
-        "--config.train.eval_batch_size=16",
-        *extra,
-    ]
+WIDTH = 0.125  # conv2: 32 maps, conv5: 32 maps
 
 
-def test_top_k_panels_index_and_tensorboard(tiny_data_dir, tmp_path):
-    workdir = tmp_path / "w"
-    proc = main_py(*deconv_args(tiny_data_dir, workdir, "--layer=conv2", "--num_features=3"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    png = workdir / "deconv" / "conv2" / "top9_validation.png"
-    index = json.loads((workdir / "deconv" / "conv2" / "top9_validation.json").read_text())
-    assert Image.open(png).size[0] > 200
-    assert index["num_images"] == 50 and len(index["features"]) == 3
+@pytest.fixture
+def config(tiny_data_dir):
+    return tiny(load_config(), tiny_data_dir, width=WIDTH, batch_size=16)
+
+
+def test_top_k_panels_index_and_tensorboard(config, tmp_path):
+    model = model_lib.build_model(config.model)
+    workdir = workdir_with_model(config, model, tmp_path / "w")
+    out = run_analysis("deconv", config, workdir, layer="conv2", num_features=3).paths
+    png = tmp_path / "w" / "deconv" / "conv2" / "top9_validation.png"
+    assert out == {
+        "top9_validation.png": str(png),
+        "top9_validation.json": str(png.with_suffix(".json")),
+    }
+    index = json.loads(png.with_suffix(".json").read_text())
+    expected = sorted(np.random.default_rng(config.seed).choice(32, 3, replace=False).tolist())
+    assert index["features"] == expected
+    assert index["num_images"] == 50 and index["k"] == 9 and index["split"] == "validation"
+    assert index["receptive_field"] == deconv.receptive_field_size(model, "conv2")
+    # Brute force: conv2 over the whole split; each map's 9 images with the highest maximum.
+    split = np.concatenate([b[0] for b in inputs.build_inputs(config, "validation", mode="center")])
+    maps = keras.Model(model.inputs, model.get_layer("conv2").output)([split]).numpy()
     winners = index["winners"]
-    assert len(winners) == 3 * 9
-    for f in index["features"]:
-        ranks = [w for w in winners if w["feature"] == f]
-        assert [w["rank"] for w in ranks] == list(range(9))
-        values = [w["activation"] for w in ranks]
-        assert values == sorted(values, reverse=True)
-        assert len({w["image"] for w in ranks}) == 9  # one entry per image
-    assert any(tag.startswith("deconv/conv2/") for tag in events(workdir / "logs" / "deconv"))
-    # Same command again: refused, nothing replaced.
+    assert [w["feature"] for w in winners] == [f for f in expected for _ in range(9)]
+    for f in expected:
+        rows = [w for w in winners if w["feature"] == f]
+        assert [w["rank"] for w in rows] == list(range(9))
+        per_image = maps[..., f].max(axis=(1, 2))
+        top = np.sort(per_image)[::-1][:9]
+        np.testing.assert_allclose([w["activation"] for w in rows], top, rtol=1e-5)
+        assert len({w["image"] for w in rows}) == 9  # one entry per image (ties: any of them)
+        for w in rows:
+            np.testing.assert_allclose(per_image[w["image"]], w["activation"], rtol=1e-5)
+            np.testing.assert_allclose(maps[w["image"], w["y"], w["x"], f], w["activation"], 1e-5)
+            assert tuple(w["box"]) == deconv.receptive_field(model, "conv2", w["y"], w["x"])
+    with Image.open(png) as image:
+        shape = (image.size[1], image.size[0], 3)
+    tb = events(tmp_path / "w" / "logs" / "deconv")
+    assert list(tb) == ["deconv/conv2/top9_validation"]
+    assert tb["deconv/conv2/top9_validation"][0][1].shape == shape
+    # Same request again: refused, nothing replaced.
     stamp = png.stat().st_mtime_ns
-    again = main_py(*deconv_args(tiny_data_dir, workdir, "--layer=conv2", "--num_features=3"))
-    assert again.returncode == 1 and "--overwrite" in error_lines(again)[-1]
+    with pytest.raises(UsageError, match="--overwrite"):
+        run_analysis("deconv", config, workdir, layer="conv2", num_features=3)
     assert png.stat().st_mtime_ns == stamp
 
 
-def test_single_image_of_any_size(tiny_data_dir, tmp_path):
+def test_single_image_of_any_size(config, tmp_path):
     photo = write(str(tmp_path / "photo.jpg"), encode(random_rgb(150, 230), "JPEG", mode="L"))
-    workdir = tmp_path / "w"
-    proc = main_py(
-        *deconv_args(
-            tiny_data_dir, workdir, "--layer=conv5", f"--image={photo}", "--num_features=4"
-        )
+    workdir = tmp_path / "w"  # no checkpoint: --untrained builds the config's model
+    result = run_analysis(
+        "deconv", config, workdir, layer="conv5", image=photo, num_features=4, untrained=True
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads((workdir / "deconv" / "conv5" / "image_photo.json").read_text())
-    acts = [r["activation"] for r in out["strongest"]]
-    assert len(acts) == 4 and acts == sorted(acts, reverse=True)
-    assert (workdir / "deconv" / "conv5" / "image_photo.png").exists()
+    base = workdir / "deconv" / "conv5" / "image_photo"
+    assert sorted(result.paths.values()) == [f"{base}.json", f"{base}.png"]
+    out = json.loads(base.with_suffix(".json").read_text())
+    assert out["image"] == photo and out["layer"] == "conv5"
+    # The model's own conv5 maxima on the center crop: the 4 strongest maps, in order.
+    data = config.data
+    image = visualize.load_image(photo, data.resize_size, data.crop_size, data.mean)
+    assert image.shape == (64, 64, 3)
+    model = model_lib.build_model(config.model)
+    act = keras.Model(model.inputs, model.get_layer("conv5").output)([image[None]]).numpy()[0]
+    strength = act.max(axis=(0, 1))
+    order = np.argsort(-strength)[:4]
+    assert [r["feature"] for r in out["strongest"]] == order.tolist()
+    np.testing.assert_allclose([r["activation"] for r in out["strongest"]], strength[order], 1e-5)
+    for r in out["strongest"]:
+        np.testing.assert_allclose(act[r["y"], r["x"], r["feature"]], r["activation"], 1e-5)
+    with Image.open(f"{base}.png") as png:
+        assert png.size[0] > 300
+    assert list(events(workdir / "logs" / "deconv")) == ["deconv/conv5/image_photo"]
 
 
-@pytest.mark.parametrize(
-    "extra, expected",
-    [
-        (["--layer=fc6"], "conv1|conv2|conv3|conv4|conv5"),
-        (["--image=/nonexistent/photo.jpg"], "cannot read image /nonexistent/photo.jpg"),
-    ],
-)
-def test_bad_input_is_one_line(tiny_data_dir, tmp_path, extra, expected):
-    proc = main_py(*deconv_args(tiny_data_dir, tmp_path / "w", *extra))
+def test_bad_input_is_refused_before_the_model_loads(config, tmp_path):
+    # The workdir has no checkpoint: each error must come from the settings, before the
+    # model loads (which would fail with "run --mode=train first").
+    cases = [
+        ({"layer": "fc6"}, UsageError, "choose one of conv1, conv2, conv3, conv4, conv5"),
+        ({"image": "/nonexistent/photo.jpg"}, UsageError, "cannot read image /nonexistent/"),
+        ({"split": "nope"}, DataError, "unknown split 'nope': valid splits: "),
+        ({"features": "1,x"}, UsageError, "comma-separated integers"),
+        ({"features": "3,32"}, UsageError, r"\[32\] out of range: the layer has maps 0..31"),
+        ({"top_k": 0}, UsageError, "--top_k must be at least 1"),
+    ]
+    for request, error, message in cases:
+        with pytest.raises(error, match=message):
+            run_analysis("deconv", config, tmp_path, **request)
+    removed = config.copy_and_resolve_references()
+    removed.model.remove = ("conv3", "conv4")
+    with pytest.raises(UsageError, match="choose one of conv1, conv2, conv5$"):
+        run_analysis("deconv", removed, tmp_path, layer="conv3")
+    assert not (tmp_path / "deconv").exists()
+    with pytest.raises(UsageError, match="run --mode=train first"):
+        run_analysis("deconv", config, tmp_path)
+
+
+def test_main_py_error_is_one_line(tiny_data_dir, tmp_path):
+    proc = main_py(
+        "--mode=deconv",
+        "--untrained",
+        f"--workdir={tmp_path}/w",
+        f"--config.data.data_dir={tiny_data_dir}",
+        "--config.data.tfds_config=tiny",
+        "--image=/nonexistent/photo.jpg",
+    )
     assert proc.returncode == 1
     lines = error_lines(proc)
-    assert len(lines) == 1 and expected in lines[0], lines
-
-
-def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    proc = main_py("--mode=deconv", f"--workdir={tmp_path}/empty")
-    assert proc.returncode == 1
-    assert "run --mode=train first" in error_lines(proc)[-1]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot read image /nonexistent/"), lines
 
 
 def test_field_patch_keeps_geometry():
@@ -97,7 +145,8 @@ def test_field_patch_keeps_geometry():
 def test_select_features():
     assert visualize.select_features(10, "3,1", 16, 0) == [3, 1]
     assert visualize.select_features(10, "", 0, 0) == list(range(10))
-    chosen = visualize.select_features(100, "", 5, 0)
-    assert len(chosen) == 5 and chosen == visualize.select_features(100, "", 5, 0)
+    assert visualize.select_features(10, "", 10, 0) == list(range(10))
+    expected = sorted(np.random.default_rng(7).choice(100, 5, replace=False).tolist())
+    assert visualize.select_features(100, "", 5, 7) == expected
     with pytest.raises(UsageError, match="0..9"):
         visualize.select_features(10, "12", 16, 0)

@@ -37,7 +37,8 @@ class Request:
 
     Attributes:
       workdir: the trained workdir; outputs go under it.
-      split: the split to use; '' = `config.analysis.split` (deconv: the eval split).
+      split: the split to use; '' = `config.analysis.split` (deconv, filters: the eval
+        split).
       num_images: images to analyse; 0 = the analysis' config default.
       overwrite: replace existing outputs.
       layer: deconv: the layer to visualize.

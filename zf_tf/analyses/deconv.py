@@ -8,6 +8,7 @@ never replaced unless `overwrite`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -18,20 +19,33 @@ import tqdm
 
 from pipelines import inputs, preprocess
 from zf_tf import outputs
+from zf_tf.analyses import base
 from zf_tf.core import deconv, topk
+from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.core.model import CONV_LAYERS
+
+MODE = "deconv"
+PROJECT_BATCH = 64  # deconvnet requests per projection call
+
+
+def parse_features(features: str) -> list[int]:
+    """`--features` as a list of ints ('' -> []).
+
+    Raises:
+      UsageError: an entry is not an integer.
+    """
+    try:
+        return [int(f) for f in features.split(",") if f.strip()]
+    except ValueError:
+        raise UsageError(f"--features must be comma-separated integers; got {features!r}") from None
 
 
 def select_features(num_maps: int, features: str, num_features: int, seed: int) -> list[int]:
     """Feature maps to show: an explicit comma list, else a seeded random subset
     (`num_features` <= 0 means all)."""
     if features:
-        try:
-            chosen = [int(f) for f in features.split(",") if f.strip()]
-        except ValueError:
-            raise UsageError(
-                f"--features must be comma-separated integers; got {features!r}"
-            ) from None
+        chosen = parse_features(features)
         bad = [f for f in chosen if not 0 <= f < num_maps]
         if bad:
             raise UsageError(f"--features {bad} out of range: the layer has maps 0..{num_maps - 1}")
@@ -42,130 +56,97 @@ def select_features(num_maps: int, features: str, num_features: int, seed: int) 
     return sorted(rng.choice(num_maps, size=num_features, replace=False).tolist())
 
 
-def top_k_panels(
-    config,
-    workdir: str,
-    model,
-    layer: str,
-    split: str,
-    k: int = 9,
-    features: str = "",
-    num_features: int = 16,
-    overwrite: bool = False,
-    batch_size: int = 64,
-) -> dict:
-    """Scans a split for each feature map's top-k activations and renders Fig. 2 panels.
+def load_image(path: str, resize_size: int, crop_size: int, mean) -> np.ndarray:
+    """A photo file as the model's center-crop input (float32, mean subtracted).
 
-    Returns:
-      {'png': path, 'json': path, 'features': [...], 'num_images': N}.
+    Raises:
+      UsageError: the file cannot be read or decoded.
     """
-    out_dir = os.path.join(workdir, "deconv", layer)
-    png = os.path.join(out_dir, f"top{k}_{split}.png")
-    index_path = os.path.join(out_dir, f"top{k}_{split}.json")
-    outputs.check_free([png, index_path], overwrite)
-    dn = deconv.build_deconvnet(model, layer)  # validates the layer name first
-
-    def dataset():
-        return inputs.build_inputs(config, split, mode="center")
-
-    total = inputs.num_examples(config.data, split)
-    with tqdm.tqdm(total=total, desc=f"scan {layer} on {split}", unit="img") as bar:
-        best = topk.scan(model, layer, dataset(), k=k, progress=bar.update)
-    chosen = select_features(best.activation.shape[1], features, num_features, config.seed)
-    images = topk.gather_images(dataset(), best.image[:, chosen])
-    order = sorted(images)
-    slot = {i: n for n, i in enumerate(order)}
-    rows = best.records(chosen)
-    result = deconv.project(
-        dn,
-        np.stack([images[i] for i in order]),
-        np.array([slot[r["image"]] for r in rows], np.int32),
-        np.array([r["feature"] for r in rows], np.int32),
-        np.array([r["y"] for r in rows], np.int32),
-        np.array([r["x"] for r in rows], np.int32),
-        batch_size=batch_size,
-    )
-    size = deconv.receptive_field_size(model, layer)
-    side = min(size, config.data.crop_size)
-    panels, titles = [], []
-    for f in chosen:
-        idx = [n for n, r in enumerate(rows) if r["feature"] == f]
-        proj, patch = [], []
-        for n in idx:
-            r = rows[n]
-            box = deconv.receptive_field(model, layer, r["y"], r["x"])
-            r["box"] = [int(b) for b in box]
-            p = outputs.stretch(result["projection"][n])
-            proj.append(outputs.field_patch(p, box, side))
-            img = outputs.display(images[r["image"]], config.data.mean)
-            patch.append(outputs.field_patch(img, box, side))
-        while len(proj) < k:  # fewer images than k in a tiny split
-            proj.append(np.full((side, side, 3), 0.5, np.float32))
-            patch.append(np.full((side, side, 3), 0.5, np.float32))
-        g = int(np.ceil(np.sqrt(k)))
-        left = outputs.tile(np.stack(proj), g, pad=2)
-        right = outputs.tile(np.stack(patch), g, pad=2)
-        gap = np.ones((left.shape[0], 6, 3), np.float32)
-        panels.append(np.concatenate([left, gap, right], axis=1))
-        titles.append(f"{layer} map {f}")
-    os.makedirs(out_dir, exist_ok=True)
-    figure = outputs.panel_figure(
-        panels, titles, png, f"{layer}: top {k} activations on {split} (projection | input patch)"
-    )
-    index = {
-        "layer": layer,
-        "split": split,
-        "k": k,
-        "num_images": int(total),
-        "receptive_field": size,
-        "features": chosen,
-        "winners": rows,
-    }
-    with open(index_path, "w") as fh:
-        json.dump(index, fh, indent=1)
-    outputs.write_tensorboard(workdir, "deconv", f"deconv/{layer}/top{k}_{split}", figure)
-    print(f"Wrote {png} and {index_path}")
-    return {"png": png, "json": index_path, "features": chosen, "num_images": int(total)}
-
-
-def load_image(path: str, config) -> np.ndarray:
-    """A photo file as the model's center-crop input (float32, mean subtracted)."""
     try:
         encoded = tf.io.read_file(path)
-        image = preprocess.center_crop(
-            encoded, config.data.resize_size, config.data.crop_size, config.data.mean
-        )
-        return image.numpy()
+        return preprocess.center_crop(encoded, resize_size, crop_size, mean).numpy()
     except (tf.errors.OpError, ValueError) as e:
         message = getattr(e, "message", str(e)).splitlines()[0]
         raise UsageError(f"cannot read image {path}: {message}") from None
 
 
-def image_panels(
-    config,
-    workdir: str,
-    model,
+# ---------------------------------------------------------------------------------------------
+# The analysis (arrays only)
+# ---------------------------------------------------------------------------------------------
+
+
+def top_k(
+    model: keras.Model,
+    dataset,
     layer: str,
-    image_path: str,
-    num_features: int = 9,
-    overwrite: bool = False,
+    k: int,
+    features: str = "",
+    num_features: int = 16,
+    seed: int = 0,
+    progress=None,
+    batch_size: int = PROJECT_BATCH,
 ) -> dict:
-    """Projects the `num_features` strongest feature maps of one image of any size.
+    """Each chosen feature map's top-k activations over a dataset, projected to pixel space.
+
+    Args:
+      model: the classifier.
+      dataset: callable returning a fresh dataset of (images, labels) batches in a fixed
+        order (read twice: the scan, then the winners' images).
+      layer: conv layer.
+      k: strongest activations kept per feature map.
+      features, num_features, seed: which maps (`select_features`).
+      progress: optional callable(num_images) during the scan.
+      batch_size: projections per deconvnet call.
 
     Returns:
-      {'png': path, 'json': path, 'features': [...]}.
+      dict: features [F] the maps shown; winners [{feature, rank, image, y, x, activation,
+      box}] (image: position in the dataset; box: the receptive field (y0, x0, y1, x1) in
+      the input), strongest first per map; projection (M, H, W, 3) float32 per winner;
+      pool (P, H, W, 3) the winners' images and slot (M,) each winner's row in it;
+      receptive_field (int).
     """
     dn = deconv.build_deconvnet(model, layer)
-    image = load_image(image_path, config)
-    stem = os.path.splitext(os.path.basename(image_path))[0]
-    out_dir = os.path.join(workdir, "deconv", layer)
-    png = os.path.join(out_dir, f"image_{stem}.png")
-    index_path = os.path.join(out_dir, f"image_{stem}.json")
-    outputs.check_free([png, index_path], overwrite)
+    best = topk.scan(model, layer, dataset(), k=k, progress=progress)
+    chosen = select_features(best.activation.shape[1], features, num_features, seed)
+    images = topk.gather_images(dataset(), best.image[:, chosen])
+    order = sorted(images)
+    where = {i: n for n, i in enumerate(order)}
+    rows = best.records(chosen)
+    slot = np.array([where[r["image"]] for r in rows], np.int32)
+    pool = np.stack([images[i] for i in order])
+    result = deconv.project(
+        dn,
+        pool,
+        slot,
+        np.array([r["feature"] for r in rows], np.int32),
+        np.array([r["y"] for r in rows], np.int32),
+        np.array([r["x"] for r in rows], np.int32),
+        batch_size=batch_size,
+    )
+    for r in rows:
+        r["box"] = [int(b) for b in deconv.receptive_field(model, layer, r["y"], r["x"])]
+    return {
+        "features": chosen,
+        "winners": rows,
+        "projection": result["projection"],
+        "pool": pool,
+        "slot": slot,
+        "receptive_field": int(deconv.receptive_field_size(model, layer)),
+    }
+
+
+def strongest_maps(model: keras.Model, image: np.ndarray, layer: str, num: int) -> dict:
+    """The `num` (<= 0: all) feature maps of `layer` with the highest maximum on one
+    image, each projected at its maximum.
+
+    Returns:
+      dict: features [n] strongest first; projection (n, H, W, 3); activation, y, x (n,).
+    """
+    dn = deconv.build_deconvnet(model, layer)
     tap = keras.Model(model.inputs, model.get_layer(layer).output)
-    act = tap(image[None], training=False).numpy()[0]
+    act = tap([image[None]], training=False).numpy()[0]
     strength = act.reshape(-1, act.shape[-1]).max(axis=0)
-    n = act.shape[-1] if num_features <= 0 else min(num_features, act.shape[-1])
+    n = act.shape[-1] if num <= 0 else min(num, act.shape[-1])
     chosen = np.argsort(-strength)[:n].tolist()
     result = deconv.project(
         dn,
@@ -175,24 +156,195 @@ def image_panels(
         np.full(n, -1, np.int32),
         np.full(n, -1, np.int32),
     )
-    shown = [outputs.display(image, config.data.mean)]
+    return {"features": chosen, **{k: np.asarray(result[k]) for k in result}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+
+def render_top_k(result: dict, s: Settings, path: str) -> np.ndarray:
+    """The Fig. 2 panels (per map: projections | input patches, on receptive-field
+    canvases) saved as PNG; returns the figure as uint8 (H, W, 3)."""
+    k, side = s.top_k, min(result["receptive_field"], s.crop_size)
+    rows = result["winners"]
+    panels, titles = [], []
+    for f in result["features"]:
+        proj, patch = [], []
+        for n in (n for n, r in enumerate(rows) if r["feature"] == f):
+            box = rows[n]["box"]
+            proj.append(outputs.field_patch(outputs.stretch(result["projection"][n]), box, side))
+            image = outputs.display(result["pool"][result["slot"][n]], s.mean)
+            patch.append(outputs.field_patch(image, box, side))
+        while len(proj) < k:  # fewer images than k in a tiny split
+            proj.append(np.full((side, side, 3), 0.5, np.float32))
+            patch.append(np.full((side, side, 3), 0.5, np.float32))
+        g = int(np.ceil(np.sqrt(k)))
+        left = outputs.tile(np.stack(proj), g, pad=2)
+        right = outputs.tile(np.stack(patch), g, pad=2)
+        gap = np.ones((left.shape[0], 6, 3), np.float32)
+        panels.append(np.concatenate([left, gap, right], axis=1))
+        titles.append(f"{s.layer} map {f}")
+    return outputs.panel_figure(
+        panels,
+        titles,
+        path,
+        f"{s.layer}: top {k} activations on {s.split} (projection | input patch)",
+    )
+
+
+def render_image(result: dict, s: Settings, path: str) -> np.ndarray:
+    """The input and its strongest maps' projections saved as PNG; returns the figure."""
+    shown = [outputs.display(result["image"], s.mean)]
     titles = ["input (center crop)"]
-    for i, f in enumerate(chosen):
+    for i, f in enumerate(result["features"]):
         shown.append(outputs.stretch(result["projection"][i]))
-        titles.append(f"{layer} map {f}: {result['activation'][i]:.3g}")
-    os.makedirs(out_dir, exist_ok=True)
-    figure = outputs.panel_figure(shown, titles, png, f"{os.path.basename(image_path)}: {layer}")
-    rows = [
-        {
-            "feature": int(f),
-            "activation": float(result["activation"][i]),
-            "y": int(result["y"][i]),
-            "x": int(result["x"][i]),
+        titles.append(f"{s.layer} map {f}: {result['activation'][i]:.3g}")
+    return outputs.panel_figure(shown, titles, path, f"{os.path.basename(s.image)}: {s.layer}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The mode
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Typed settings of `--mode=deconv` (the request and the workdir's data/model config)."""
+
+    layer: str
+    image: str  # '' = a top-k scan of `split`; else the file whose strongest maps to show
+    split: str  # the scanned split ('' with `image`)
+    top_k: int
+    features: str  # comma-separated maps ('' = a seeded subset of `num_features`)
+    num_features: int  # seeded maps (scan) or strongest maps (image); <= 0: all
+    seed: int
+    mean: tuple
+    crop_size: int
+    resize_size: int
+
+    @property
+    def stem(self) -> str:
+        """The output names' stem: `top<k>_<split>` or `image_<file name>`."""
+        if self.image:
+            return f"image_{os.path.splitext(os.path.basename(self.image))[0]}"
+        return f"top{self.top_k}_{self.split}"
+
+
+def _num_maps(model_config, layer: str) -> int:
+    filters = model_config.get("conv_filters", model_lib.CONV_FILTERS)
+    return model_lib.scaled(filters[CONV_LAYERS.index(layer)], model_config.width)
+
+
+def settings(config, request: base.Request) -> Settings:
+    """Raises UsageError: bad layer, top_k, features or image file; DataError: unknown split."""
+    layer = request.layer
+    removed = tuple(config.model.get("remove", None) or ())
+    valid = [n for n in CONV_LAYERS if n not in removed]
+    if layer not in valid:
+        raise UsageError(f"--layer={layer!r} is not valid: choose one of {', '.join(valid)}")
+    if request.top_k < 1:
+        raise UsageError(f"--top_k must be at least 1; got {request.top_k}")
+    data = config.data
+    s = Settings(
+        layer=layer,
+        image=request.image,
+        split="" if request.image else (request.split or data.eval_split),
+        top_k=int(request.top_k),
+        features=request.features,
+        num_features=int(request.num_features),
+        seed=int(config.seed),
+        mean=tuple(data.mean),
+        crop_size=int(data.crop_size),
+        resize_size=int(data.resize_size),
+    )
+    if s.image:
+        load_image(s.image, s.resize_size, s.crop_size, s.mean)  # readable: refused now if not
+    else:
+        inputs.check_split(data, s.split)
+        if s.features:  # range-checked against the layer's width before the model loads
+            select_features(_num_maps(config.model, layer), s.features, s.num_features, s.seed)
+    return s
+
+
+def outputs_of(s: Settings):
+    """WORKDIR/deconv/<layer>/<stem>.png and .json."""
+    return os.path.join(MODE, s.layer), (f"{s.stem}.png", f"{s.stem}.json")
+
+
+@dataclasses.dataclass
+class Data:
+    """What the projections are of: the split's batches (a scan) or one image."""
+
+    dataset: object = None  # callable -> tf.data.Dataset of (images, labels) center crops
+    total: int = 0  # images in the split
+    image: np.ndarray | None = None  # (H, W, 3) model input of `--image`
+
+
+def load(config, s: Settings, model) -> Data:
+    if s.image:
+        return Data(image=load_image(s.image, s.resize_size, s.crop_size, s.mean))
+    return Data(
+        dataset=lambda: inputs.build_inputs(config, s.split, mode="center"),
+        total=inputs.check_split(config.data, s.split),
+    )
+
+
+def compute(model, data: Data, s: Settings) -> dict:
+    """`strongest_maps` of the image, or `top_k` over the split (with a progress bar);
+    adds 'num_images' (scan) or 'image' (the model input)."""
+    if data.image is not None:
+        return {"image": data.image, **strongest_maps(model, data.image, s.layer, s.num_features)}
+    with tqdm.tqdm(total=data.total, desc=f"scan {s.layer} on {s.split}", unit="img") as bar:
+        result = top_k(
+            model,
+            data.dataset,
+            s.layer,
+            s.top_k,
+            s.features,
+            s.num_features,
+            s.seed,
+            progress=bar.update,
+        )
+    return {**result, "num_images": int(data.total)}
+
+
+def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
+    """<stem>.png and <stem>.json; the figure for TensorBoard (deconv/<layer>/<stem>)."""
+    png, index_path = paths[f"{s.stem}.png"], paths[f"{s.stem}.json"]
+    if s.image:
+        figure = render_image(result, s, png)
+        rows = [
+            {
+                "feature": int(f),
+                "activation": float(result["activation"][i]),
+                "y": int(result["y"][i]),
+                "x": int(result["x"][i]),
+            }
+            for i, f in enumerate(result["features"])
+        ]
+        index = {"image": s.image, "layer": s.layer, "strongest": rows}
+    else:
+        figure = render_top_k(result, s, png)
+        index = {
+            "layer": s.layer,
+            "split": s.split,
+            "k": s.top_k,
+            "num_images": result["num_images"],
+            "receptive_field": result["receptive_field"],
+            "features": result["features"],
+            "winners": result["winners"],
         }
-        for i, f in enumerate(chosen)
-    ]
-    with open(index_path, "w") as fh:
-        json.dump({"image": image_path, "layer": layer, "strongest": rows}, fh, indent=1)
-    outputs.write_tensorboard(workdir, "deconv", f"deconv/{layer}/image_{stem}", figure)
-    print(f"Wrote {png} and {index_path}")
-    return {"png": png, "json": index_path, "features": chosen}
+    outputs.save_text(index_path, json.dumps(index, indent=1))
+    return base.Report(images={f"{MODE}/{s.layer}/{s.stem}": figure}, summary=index)
+
+
+ANALYSIS = base.Analysis(
+    name=MODE,
+    settings=settings,
+    outputs=outputs_of,
+    load=load,
+    compute=compute,
+    render=render_outputs,
+)

@@ -1,27 +1,16 @@
-"""`--mode=evolution` (paper Fig. 4): the grid of the snapshots that the training callback
-`zf_tf.training.callbacks.FeatureEvolution` writes.
+"""`--mode=evolution` (paper Fig. 4): the snapshots written during training, as a grid.
 
-`FeatureEvolution` is a training callback. At the configured epochs (1-based; the paper shows
-1, 2, 5, 10, 20, 30, 40, 64), clipped to the run's length plus its final epoch, it takes a fixed
-probe subset of the training split (the first `probe_images` examples as center crops) and, for
-a seeded subset of `features_per_layer` feature maps of every conv layer (the same maps at
-every epoch), finds the strongest activation over the probe subset and projects it to pixel
-space with the deconvnet. Each snapshot goes to `WORKDIR/evolution/epoch_{e:03d}.npz`
-(atomically; a resumed run simply rewrites the epochs it trains again) and to TensorBoard
-(`logs/evolution`, step = epoch).
-
-The callback reads the live model: one forward pass of a model tapping conv1..conv5 finds the
-winners of all layers at once, and the deconvnets, built once, reuse the classifier's layer
-objects, so every snapshot sees the current weights. Under MirroredStrategy it runs on the host
-in cross-replica context, where reading a mirrored variable gives its (synchronised) value.
-
-`--mode=evolution` lays the snapshots out as the Fig. 4 grid: one row per feature map (grouped
-by layer), one column per epoch, each cell the projection cropped to its receptive field and
-contrast-stretched on its own: `WORKDIR/evolution/evolution.png` and a TensorBoard image.
+The snapshots, `WORKDIR/evolution/epoch_XXX.npz`, are written by the training callback
+`FeatureEvolution` (zf_tf/training/callbacks.py, which documents what one holds and when it
+is taken). This mode lays them out as the Fig. 4 grid: one row per feature map (grouped by
+layer), one column per epoch, each cell the projection cropped to its receptive field and
+contrast-stretched on its own: `WORKDIR/evolution/evolution.png` and TensorBoard images
+(`logs/evolution`: `evolution/grid`, the figure; `evolution/cells`, the bare cells).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import re
@@ -29,25 +18,52 @@ import re
 import numpy as np
 
 from zf_tf import outputs
+from zf_tf.analyses import base
 from zf_tf.core.errors import UsageError
 from zf_tf.core.model import CONV_LAYERS
 from zf_tf.training.callbacks import CELL_PAD, MODE
 
+OUTPUTS = ("evolution.png",)
+SNAPSHOT = re.compile(r"epoch_(\d+)\.npz")
+
 
 def _resize_nearest(image: np.ndarray, size: int) -> np.ndarray:
+    """`image` (h, w, C) as (size, size, C): output pixel i takes input pixel floor(i * h / size).
+
+    Not `keras.ops.image.resize(..., interpolation="nearest")`: that (tf.image.resize) uses
+    half-pixel centers, floor((i + 0.5) * h / size), and picks other source rows at some
+    places. Measured on the cells this grid upscales to 64 px: 375 of 4096 pixels differ for
+    conv1's 7 px field, 1495 of 4096 for conv2's 27 px field; of the 176 (side, size) pairs
+    with side 1..64 and size 48, 64, 224, the 27 where side divides size agree and the other
+    149 differ. So the figure would change; the values are the same set either way (both
+    copy pixels).
+    """
     rows = np.arange(size) * image.shape[0] // size
     cols = np.arange(size) * image.shape[1] // size
     return image[rows][:, cols]
 
 
-def load_snapshots(workdir: str) -> dict[int, dict]:
-    """{epoch: {name: array}} of every `WORKDIR/evolution/epoch_XXX.npz`."""
+def snapshot_paths(workdir: str) -> dict[int, str]:
+    """{epoch: path} of every `WORKDIR/evolution/epoch_XXX.npz`."""
     out = {}
     for path in sorted(glob.glob(os.path.join(workdir, MODE, "epoch_*.npz"))):
-        match = re.fullmatch(r"epoch_(\d+)\.npz", os.path.basename(path))
+        match = SNAPSHOT.fullmatch(os.path.basename(path))
         if match:
-            with np.load(path) as data:
-                out[int(match.group(1))] = {k: data[k] for k in data.files}
+            out[int(match.group(1))] = path
+    return out
+
+
+def load_snapshots(workdir: str) -> dict[int, dict]:
+    """{epoch: {name: array}} of every `WORKDIR/evolution/epoch_XXX.npz`."""
+    return read_snapshots(snapshot_paths(workdir))
+
+
+def read_snapshots(paths: dict[int, str]) -> dict[int, dict]:
+    """{epoch: {name: array}} of the given {epoch: path}."""
+    out = {}
+    for epoch, path in sorted(paths.items()):
+        with np.load(path) as data:
+            out[epoch] = {k: data[k] for k in data.files}
     return out
 
 
@@ -138,34 +154,62 @@ def render(cells, labels, epochs, path: str, title: str) -> np.ndarray:
     return outputs.save_figure(fig, path, dpi=dpi)
 
 
-def run_mode(config, workdir: str, opts) -> dict:
-    """`--mode=evolution`: the Fig. 4 grid from the snapshots written during training.
+# ---------------------------------------------------------------------------------------------
+# The mode
+# ---------------------------------------------------------------------------------------------
 
-    Returns:
-      {'png': path, 'epochs': [...], 'rows': [...]}.
 
-    Raises:
-      UsageError: no snapshots in the workdir, or the figure exists and not --overwrite.
-    """
-    snapshots = load_snapshots(workdir)
-    if not snapshots:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Typed settings of `--mode=evolution`: the snapshots found in the workdir."""
+
+    snapshots: tuple  # ((epoch, path), ...) in epoch order
+    title: str = "Feature evolution (paper Fig. 4)"
+
+
+def settings(config, request) -> Settings:
+    """Raises UsageError: no snapshots in the workdir (names the command that writes them)."""
+    paths = snapshot_paths(request.workdir)
+    if not paths:
         raise UsageError(
-            f"no feature-evolution snapshots in {os.path.join(workdir, MODE)}: they are written "
-            "during training; train a new run with this version first "
+            f"no feature-evolution snapshots in {os.path.join(request.workdir, MODE)}: they "
+            "are written during training; train a new run with this version first "
             "(python main.py --mode=train --workdir=NEW_WORKDIR)"
         )
-    paths = outputs.reserve(workdir, MODE, ["evolution.png"], opts.overwrite)
+    return Settings(snapshots=tuple(sorted(paths.items())))
+
+
+def load(config, s: Settings, model) -> dict[int, dict]:
+    """The snapshots' arrays, {epoch: {name: array}}."""
+    return read_snapshots(dict(s.snapshots))
+
+
+def compute(model, snapshots: dict[int, dict], s: Settings) -> dict:
+    """`evolution_grid`: {'cells', 'labels', 'epochs'}."""
     cells, labels, epochs = evolution_grid(snapshots)
-    image = render(
-        cells,
-        labels,
-        epochs,
-        paths["evolution.png"],
-        "Feature evolution (paper Fig. 4)",
+    return {"cells": cells, "labels": labels, "epochs": epochs}
+
+
+def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
+    """evolution.png; TensorBoard: the figure and the bare cells."""
+    cells, labels, epochs = result["cells"], result["labels"], result["epochs"]
+    image = render(cells, labels, epochs, paths["evolution.png"], s.title)
+    return base.Report(
+        images={
+            f"{MODE}/grid": image,
+            f"{MODE}/cells": (tile_grid(cells) * 255).astype(np.uint8),
+        },
+        lines=[f"Feature evolution grid: {len(labels)} feature maps x {len(epochs)} epochs"],
+        summary={"epochs": epochs, "rows": labels},
     )
-    outputs.write_tensorboard(workdir, MODE, "evolution/grid", image)
-    outputs.write_tensorboard(
-        workdir, MODE, "evolution/cells", (tile_grid(cells) * 255).astype(np.uint8)
-    )
-    print(f"Wrote {paths['evolution.png']} ({len(labels)} feature maps x {len(epochs)} epochs)")
-    return {"png": paths["evolution.png"], "epochs": epochs, "rows": labels}
+
+
+ANALYSIS = base.Analysis(
+    name=MODE,
+    settings=settings,
+    outputs=lambda s: (MODE, OUTPUTS),
+    load=load,
+    compute=compute,
+    render=render_outputs,
+    needs_model=False,
+)

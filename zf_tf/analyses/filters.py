@@ -21,6 +21,7 @@ per-filter RMS and maximum activation, the layer-2 winners) and a TensorBoard im
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -30,6 +31,7 @@ import tqdm
 
 from pipelines import inputs
 from zf_tf import outputs
+from zf_tf.analyses import base
 from zf_tf.core import deconv, topk
 from zf_tf.core.errors import UsageError
 from zf_tf.training import workdirs
@@ -153,14 +155,22 @@ def scan_dataset(config, split: str, num_images: int = 0):
     return ds, int(total)
 
 
-def analyse(model: keras.Model, dataset, total: int, features, settings_: dict, name: str):
+def analyse(
+    model: keras.Model,
+    dataset,
+    total: int,
+    features,
+    rms_threshold: float = DEFAULTS["rms_threshold"],
+    active_epsilon: float = DEFAULTS["active_epsilon"],
+    name: str = "",
+):
     """Dead filters, layer-1 filters and layer-2 projections of one model.
 
     Args:
       model: the classifier.
       dataset, total: from `scan_dataset`.
       features: conv2 map indices to project.
-      settings_: from `settings`.
+      rms_threshold, active_epsilon: the dead-filter criteria (`dead_filters`).
       name: for the progress bar.
 
     Returns:
@@ -171,8 +181,8 @@ def analyse(model: keras.Model, dataset, total: int, features, settings_: dict, 
         dead = dead_filters(
             model,
             dataset,
-            settings_["rms_threshold"],
-            settings_["active_epsilon"],
+            rms_threshold,
+            active_epsilon,
             progress=bar.update,
         )
         layer2 = layer2_projections(model, dataset, features, progress=bar.update)
@@ -219,7 +229,9 @@ def render(rows: list[tuple[str, dict]], path: str, title: str) -> np.ndarray:
     return outputs.save_figure(fig, path, dpi=80)
 
 
-def summary_json(rows: list[tuple[str, str, dict]], split: str, settings_: dict) -> dict:
+def summary_json(
+    rows: list[tuple[str, str, dict]], split: str, rms_threshold: float, active_epsilon: float
+) -> dict:
     """The JSON record: per model, dead filters per criterion, geometry, RMS, winners."""
     models = {}
     for label, workdir, r in rows:
@@ -238,8 +250,8 @@ def summary_json(rows: list[tuple[str, str, dict]], split: str, settings_: dict)
         "split": split,
         "num_images": rows[0][2]["num_images"],
         "criteria": {
-            "rms": f"filter RMS < {settings_['rms_threshold']} x the layer's largest",
-            "never_active": f"max conv1 activation over the split <= {settings_['active_epsilon']}",
+            "rms": f"filter RMS < {rms_threshold} x the layer's largest",
+            "never_active": f"max conv1 activation over the split <= {active_epsilon}",
         },
         "models": models,
     }
@@ -261,48 +273,114 @@ def compare_workdir(workdir: str, compare: str) -> str:
     return compare
 
 
-def run_mode(config, workdir: str, opts) -> dict:
-    """`--mode=filters`: Fig. 6 for the workdir's model and the `--compare` model.
+# ---------------------------------------------------------------------------------------------
+# The mode
+# ---------------------------------------------------------------------------------------------
 
-    Returns:
-      {'png': path, 'json': path, 'summary': the JSON record}.
 
-    Raises:
-      UsageError: no trained model in either workdir, or outputs exist and not --overwrite.
-    """
-    compare = compare_workdir(workdir, getattr(opts, "compare", ""))
-    paths = outputs.reserve(workdir, MODE, OUTPUTS, opts.overwrite)
-    model = workdirs.load_model(workdir)
-    other = workdirs.load_model(compare)
-    other_config = workdirs.load_config(compare, config)
-    split = getattr(opts, "split", "") or config.data.eval_split
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Typed settings of `--mode=filters` (config.analysis.filters and the request)."""
+
+    workdir: str
+    compare: str  # the AlexNet-style layer-1 workdir, checked to hold a model
+    split: str
+    num_images: int  # the first images of the split only (0: all)
+    rms_threshold: float
+    active_epsilon: float
+    layer2_features: int
+    seed: int
+    layer1: str  # this workdir's config.model.layer1 (its row label)
+
+
+def settings(config, request) -> Settings:
+    """Raises UsageError: no model in the comparison workdir; DataError: unknown split."""
+    compare = compare_workdir(request.workdir, request.compare)
+    split = request.split or config.data.eval_split
+    inputs.check_split(config.data, split)
     s = outputs.analysis_settings(config, MODE, DEFAULTS)
-    features = conv2_features(model, int(s["layer2_features"]), int(config.seed))
-    if max(features) >= int(other.get_layer("conv2").output.shape[-1]):
-        features = conv2_features(other, int(s["layer2_features"]), int(config.seed))
-    num = int(getattr(opts, "num_images", 0) or 0)
-    dataset, total = scan_dataset(config, split, num)
+    return Settings(
+        workdir=request.workdir,
+        compare=compare,
+        split=split,
+        num_images=max(0, int(request.num_images or 0)),
+        rms_threshold=float(s["rms_threshold"]),
+        active_epsilon=float(s["active_epsilon"]),
+        layer2_features=int(s["layer2_features"]),
+        seed=int(config.seed),
+        layer1=str(config.model.layer1),
+    )
+
+
+@dataclasses.dataclass
+class Data:
+    """The comparison model and the images each model scans."""
+
+    other: keras.Model
+    other_layer1: str  # the comparison workdir's config.model.layer1
+    dataset: object  # this workdir's center-crop batches (`scan_dataset`)
+    total: int
+    other_dataset: object  # the same, unless the comparison model's input differs
+    other_total: int
+
+
+def load(config, s: Settings, model) -> Data:
+    other = workdirs.load_model(s.compare)
+    other_config = workdirs.load_config(s.compare, config)
+    dataset, total = scan_dataset(config, s.split, s.num_images)
     # Both models see the same images (this workdir's data), unless their inputs differ.
     if other.inputs[0].shape[1:] == model.inputs[0].shape[1:]:
         other_dataset, other_total = dataset, total
     else:
-        other_dataset, other_total = scan_dataset(other_config, split, num)
-    labels = (
-        f"{config.model.layer1} (this workdir)",
-        f"{other_config.model.layer1} (compare workdir)",
+        other_dataset, other_total = scan_dataset(other_config, s.split, s.num_images)
+    return Data(
+        other=other,
+        other_layer1=str(other_config.model.layer1),
+        dataset=dataset,
+        total=total,
+        other_dataset=other_dataset,
+        other_total=other_total,
     )
+
+
+def compute(model, data: Data, s: Settings) -> dict:
+    """`analyse` of both models on the same conv2 maps.
+
+    Returns:
+      {'results': [(label, workdir, `analyse` dict)] this workdir first, 'summary': the
+      filters.json record}.
+    """
+    features = conv2_features(model, s.layer2_features, s.seed)
+    if max(features) >= int(data.other.get_layer("conv2").output.shape[-1]):
+        features = conv2_features(data.other, s.layer2_features, s.seed)
+    labels = (f"{s.layer1} (this workdir)", f"{data.other_layer1} (compare workdir)")
+    thresholds = (s.rms_threshold, s.active_epsilon)
     results = [
-        (labels[0], workdir, analyse(model, dataset, total, features, s, labels[0])),
-        (labels[1], compare, analyse(other, other_dataset, other_total, features, s, labels[1])),
+        (
+            labels[0],
+            s.workdir,
+            analyse(model, data.dataset, data.total, features, *thresholds, labels[0]),
+        ),
+        (
+            labels[1],
+            s.compare,
+            analyse(
+                data.other, data.other_dataset, data.other_total, features, *thresholds, labels[1]
+            ),
+        ),
     ]
+    return {"results": results, "summary": summary_json(results, s.split, *thresholds)}
+
+
+def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
+    """filters.png and filters.json; the figure for TensorBoard; the dead-filter table."""
+    results, record = result["results"], result["summary"]
     image = render(
         [(label, r) for label, _, r in results],
         paths["filters.png"],
-        f"Layer-1 filters and layer-2 projections on {split} (paper Fig. 6)",
+        f"Layer-1 filters and layer-2 projections on {s.split} (paper Fig. 6)",
     )
-    record = summary_json(results, split, s)
     outputs.save_text(paths["filters.json"], json.dumps(record, indent=1) + "\n")
-    outputs.write_tensorboard(workdir, MODE, "filters/comparison", image)
     header = ("model", "layer 1", "filters", "dead (RMS)", "never active")
     table = [
         (
@@ -314,6 +392,15 @@ def run_mode(config, workdir: str, opts) -> dict:
         )
         for label, _, r in results
     ]
-    print(outputs.markdown_table(header, table), end="")
-    print(f"Wrote {paths['filters.png']} and {paths['filters.json']}")
-    return {"png": paths["filters.png"], "json": paths["filters.json"], "summary": record}
+    lines = outputs.markdown_table(header, table).splitlines()
+    return base.Report(images={f"{MODE}/comparison": image}, lines=lines, summary=record)
+
+
+ANALYSIS = base.Analysis(
+    name=MODE,
+    settings=settings,
+    outputs=lambda s: (MODE, OUTPUTS),
+    load=load,
+    compute=compute,
+    render=render_outputs,
+)
