@@ -646,10 +646,7 @@ def settings(config, request) -> Settings:
 
 
 def load(config, s: Settings, model) -> examples_lib.Examples:
-    examples = examples_lib.load_examples(config, s.split, s.total_images)
-    if not len(examples):
-        raise UsageError(f"split {s.split!r} has no images")
-    return examples
+    return base.load_examples(config, s.split, s.total_images)
 
 
 def pointing_summary(game: dict, examples, classes, s: Settings) -> dict:

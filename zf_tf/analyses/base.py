@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from zf_tf import outputs
+from zf_tf.core.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,20 @@ class Result:
     result: dict
     paths: dict[str, str]
     report: Report
+
+
+def load_examples(config, split: str, num: int):
+    """The first `num` center crops of `split` (`pipelines.examples.load_examples`).
+
+    Raises:
+      UsageError: the split has no images.
+    """
+    from pipelines import examples
+
+    found = examples.load_examples(config, split, num)
+    if not len(found):
+        raise UsageError(f"split {split!r} has no images")
+    return found
 
 
 def default_load(config, settings, model):

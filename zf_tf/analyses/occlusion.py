@@ -699,9 +699,7 @@ class Data:
 
 
 def load(config, s: Settings, model) -> Data:
-    examples = examples_lib.load_examples(config, s.split, s.num_images)
-    if not len(examples):
-        raise UsageError(f"split {s.split!r} has no images")
+    examples = base.load_examples(config, s.split, s.num_images)
     return Data(
         examples=examples,
         dataset=lambda: inputs.build_inputs(config, s.split, mode="center"),
