@@ -4,10 +4,12 @@ Checks that the dataset needs spatial features: a multinomial logistic regressio
 (standardised) pixels, and a nearest-centroid classifier on the mean object colour, should
 both stay far below what a small convnet reaches. Renders the first ``--train`` train and
 ``--test`` test examples of the ``default`` config exactly as the TFDS builder would (same
-seeds, same labels) without going through TFDS, and prints one JSON object.
+seeds, same labels) without going through TFDS, and prints one JSON object. The
+regression is the transfer experiment's linear classifier (`fits.fit_linear`, full-batch
+Adam from zero weights), its L2 strength and step count chosen on a held-out slice.
 
 Usage:
-    python bench/linear_probe.py [--train 5000] [--test 1000]
+    python bench/linear_probe.py [--train 5000] [--test 1000] [--steps 100]
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import os
 import sys
 import time
 
+import keras
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines import embedded  # noqa: E402
+from zf_tf.experiments.transfer import fits  # noqa: E402
 
 
 def render_split(split: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -48,61 +52,56 @@ def render_split(split: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return images, labels, obj_rgb, time.perf_counter() - start
 
 
+class _BestOnHoldout(keras.callbacks.Callback):
+    """Every `every` steps, the held-out accuracy of the model being fit; keeps the best."""
+
+    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, every: int):
+        super().__init__()
+        self.x_val, self.y_val, self.every = x_val, y_val, every
+        self.best = (float("nan"), 0)  # (accuracy, steps)
+
+    def on_train_batch_end(self, batch, logs=None):
+        steps = batch + 1
+        if steps % self.every:
+            return
+        scores = self.model.predict_on_batch(self.x_val)
+        acc = float(np.mean(np.argmax(scores, axis=1) == self.y_val))
+        if not acc <= self.best[0]:  # also true for the initial nan
+            self.best = (acc, steps)
+
+
 def train_softmax(
     x: np.ndarray,
     y: np.ndarray,
     l2: float,
-    epochs: int,
+    steps: int,
     x_val: np.ndarray | None = None,
     y_val: np.ndarray | None = None,
-    batch: int = 250,
-    lr: float = 1e-3,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray, float, int]:
-    """Multinomial logistic regression trained by minibatch Adam.
+    lr: float = 3e-3,
+    every: int = 10,
+) -> tuple[keras.Model, float, int]:
+    """Multinomial logistic regression: `fits.fit_linear` (full-batch Adam from zero
+    weights, the transfer experiment's linear classifier).
 
     Args:
         x, y: standardised float32 features (n, d) and integer labels (n,).
-        l2: L2 penalty on the weights (added to the mean cross-entropy).
-        epochs: passes over the data.
-        x_val, y_val: optional held-out data; if given, the best epoch on it is returned
-            (early stopping), otherwise the final weights.
-        batch, lr, seed: optimisation settings.
+        l2: L2 penalty, as the gradient l2 * W (loss + l2 / 2 * sum(W**2)).
+        steps: full-batch Adam steps.
+        x_val, y_val: optional held-out data; if given, its accuracy is measured every
+            `every` steps and the best step count is returned (the fit itself runs all
+            `steps`: refit with the returned count to get those weights).
+        lr: Adam's learning rate.
 
     Returns:
-        (weights (d, k), bias (k,), held-out accuracy or nan, epoch count of the weights).
+        (model, best held-out accuracy or nan, step count of that accuracy or `steps`).
     """
-    rng = np.random.default_rng(seed)
-    n, d = x.shape
-    k = 10
-    params = [np.zeros((d, k), np.float32), np.zeros(k, np.float32)]
-    moments = [[np.zeros_like(p), np.zeros_like(p)] for p in params]
-    onehot = np.eye(k, dtype=np.float32)
-    best = (params[0], params[1], float("nan"), 0)
-    step = 0
-    for epoch in range(1, epochs + 1):
-        for idx in np.array_split(rng.permutation(n), max(1, n // batch)):
-            xb = x[idx]
-            logits = xb @ params[0] + params[1]
-            logits -= logits.max(axis=1, keepdims=True)
-            p = np.exp(logits)
-            p /= p.sum(axis=1, keepdims=True)
-            g = (p - onehot[y[idx]]) / len(idx)
-            grads = [xb.T @ g + l2 * params[0], g.sum(axis=0)]
-            step += 1
-            for param, grad, (m, v) in zip(params, grads, moments):
-                m *= 0.9
-                m += 0.1 * grad
-                v *= 0.999
-                v += 0.001 * grad * grad
-                param -= (lr / (1 - 0.9**step)) * m / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
-        if x_val is None:
-            best = (params[0], params[1], float("nan"), epoch)
-            continue
-        acc = float(np.mean(np.argmax(x_val @ params[0] + params[1], axis=1) == y_val))
-        if not acc <= best[2]:  # also true for the initial nan
-            best = (params[0].copy(), params[1].copy(), acc, epoch)
-    return best
+    watch = [] if x_val is None else [_BestOnHoldout(x_val, y_val, every)]
+    model = fits.fit_linear(
+        x, y, 10, steps=steps, learning_rate=lr, weight_decay=l2 / 2, callbacks=watch
+    )
+    if not watch:
+        return model, float("nan"), steps
+    return model, *watch[0].best
 
 
 def centroid_accuracy(f_tr: np.ndarray, y_tr: np.ndarray, f_te: np.ndarray, y_te: np.ndarray):
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=5000, help="train examples to render")
     parser.add_argument("--test", type=int, default=1000, help="test examples to render")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=100, help="most full-batch Adam steps")
     args = parser.parse_args(argv)
 
     x_tr_img, y_tr, rgb_tr, t_tr = render_split("train", args.train)
@@ -136,17 +135,18 @@ def main(argv: list[str] | None = None) -> dict:
     x_tr = (x_tr - mean) / std
     x_te = (x_te - mean) / std
 
-    # Pick the L2 strength and the epoch count on a slice of the training set, so the reported
+    # Pick the L2 strength and the step count on a slice of the training set, so the reported
     # number is close to the best this probe can do rather than one arbitrary setting; then
     # refit on the whole training set and touch the test set once.
     n_hold = max(1, len(x_tr) // 10)
     fit, hold = slice(n_hold, None), slice(0, n_hold)
     search = {
-        l2: train_softmax(x_tr[fit], y_tr[fit], l2, args.epochs, x_tr[hold], y_tr[hold])[2:]
+        l2: train_softmax(x_tr[fit], y_tr[fit], l2, args.steps, x_tr[hold], y_tr[hold])[1:]
         for l2 in (1e-3, 1e-2, 1e-1)
     }
     best_l2 = max(search, key=lambda l2: search[l2][0])
-    w, b, _, _ = train_softmax(x_tr, y_tr, best_l2, search[best_l2][1])
+    model, _, _ = train_softmax(x_tr, y_tr, best_l2, search[best_l2][1])
+    w, b = (v.numpy() for v in model.weights)
     result = {
         "train_examples": int(args.train),
         "test_examples": int(args.test),
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         "color_centroid_accuracy": centroid_accuracy(rgb_tr, y_tr, rgb_te, y_te),
         "generation_images_per_s": (args.train + args.test) / (t_tr + t_te),
         "l2": best_l2,
-        "epochs": search[best_l2][1],
+        "steps": search[best_l2][1],
         "holdout_accuracy_by_l2": {str(k): v[0] for k, v in search.items()},
     }
     print(json.dumps(result))

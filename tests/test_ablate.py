@@ -5,15 +5,17 @@ import json
 import os
 
 import keras
+import numpy as np
 import pytest
 
 from configs import ablations
+from pipelines import inputs
 from tests.conftest import load_config
 from tests.test_cli import error_lines, main_py
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.experiments import ablate
-from zf_tf.training import train
+from zf_tf.training import evaluate, train, workdirs
 
 
 def conv(k, cin, cout):
@@ -169,6 +171,88 @@ def test_unknown_variant_is_one_line_through_main(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_error_rates_exact():
+    # 4 images, 7 classes; the label ranks 1st, 3rd, 7th (last), and 2nd (tied with class 0).
+    scores = np.array(
+        [
+            [0.0, 0.9, 0.1, 0.0, 0.0, 0.0, 0.0],
+            [0.5, 0.1, 0.3, 0.4, 0.2, 0.0, 0.0],
+            [0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.7],
+            [0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0],
+        ]
+    )
+    labels = np.array([1, 2, 5, 1])
+    # Top-1 hits: image 0 only (a tie goes to the lower class id: image 3 predicts 0).
+    # Top-5 misses: image 2.
+    assert evaluate.error_rates(scores, labels) == {"top1_error": 75.0, "top5_error": 25.0}
+    # Constant scores (a dead network): the first classes, not every tied class, count.
+    flat = evaluate.error_rates(np.zeros((4, 10)), np.array([0, 3, 7, 9]))
+    assert flat == {"top1_error": 75.0, "top5_error": 50.0}
+    # Fewer than 5 classes: top-5 error is 0.
+    assert evaluate.error_rates(np.eye(3)[[0, 2]], np.array([1, 2]))["top5_error"] == 0.0
+
+
+def test_table_markdown_exact():
+    row = {
+        "variant": "no_fc7",
+        "description": "Removed layer 7",
+        "parameters": 1234567,
+        "train_top1_error": 12.345,
+        "train_top5_error": 1.0,
+        "val_top1_error": 40.06,
+        "val_top5_error": 9.94,
+        "val_center_top1_error": 41.25,
+        "wall_s": 99.6,
+    }
+    info = {
+        "dataset": "zf_shapes (embedded, tiny)",
+        "budget": {
+            "epochs": 2,
+            "steps_per_epoch": 3,
+            "batch_size": 8,
+            "learning_rate": 0.01,
+            "seed": 0,
+        },
+    }
+    text = ablate.table_markdown([row], info)
+    caption, table = text.split("\n\n")
+    assert caption.startswith(
+        "Error % on zf_shapes (embedded, tiny): 2 epochs x 3 steps of batch 8, learning rate "
+        "0.01, seed 0 for every variant."
+    )
+    assert table == (
+        "| " + " | ".join(ablate.COLUMNS) + " |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+        "| no_fc7 | Removed layer 7 | 1,234,567 | 12.3 | 1.0 | 40.1 | 9.9 | 41.2 | 100 |\n"
+    )
+
+
+def test_check_reuse_plans_and_refusals(tiny_config, tmp_path):
+    """Which variants are reused, trained or retrained, decided before any training."""
+    base = tiny_config
+    base.ablate.epochs, base.ablate.steps_per_epoch = 1, 2
+    out = str(tmp_path / "ablate")
+    variants = ["no_fc7", "no_conv3_conv4"]
+    finished = os.path.join(out, "no_fc7")
+    workdirs.prepare_for_training(ablate.variant_config(base, "no_fc7"), finished, False)
+    open(os.path.join(finished, ablate.RESULT_FILE), "w").write("{}")
+    assert ablate.check_reuse(base, out, variants, False) == {
+        "no_fc7": "reuse",
+        "no_conv3_conv4": "train",
+    }
+    # A table of another variant list is refused (the budget is the same).
+    table = {"budget": ablate.budget(base), "variants": ["no_fc7"]}
+    open(os.path.join(out, "table.json"), "w").write(json.dumps(table))
+    with pytest.raises(UsageError, match=r"table.json holds .*differs in variants"):
+        ablate.check_reuse(base, out, variants, False)
+    os.remove(os.path.join(out, "table.json"))
+    # Another budget: the finished variant is refused, or retrained with overwrite.
+    base.ablate.epochs = 3
+    with pytest.raises(UsageError, match=r"no_fc7 was trained with another config .*train.epochs"):
+        ablate.check_reuse(base, out, variants, False)
+    assert ablate.check_reuse(base, out, variants, True)["no_fc7"] == "retrain"
+
+
 @pytest.fixture
 def ablation_config(tiny_config, monkeypatch):
     config = tiny_config
@@ -190,6 +274,21 @@ def ablation_config(tiny_config, monkeypatch):
     return config
 
 
+def _errors_by_hand(model, config, num_images):
+    """Top-1/top-5 error % of `model` on the first images of the training split's center
+    crops, ranked with numpy."""
+    ds = inputs.build_inputs(config, config.data.train_split, None, "center")
+    crops, labels = zip(*ds.unbatch().take(num_images).as_numpy_iterator())
+    logits = model(np.stack(crops), training=False).numpy()
+    ranks = np.argsort(-logits, axis=1, kind="stable")
+    labels = np.array(labels)
+    return (
+        100 * np.mean(ranks[:, 0] != labels),
+        100 * np.mean([label not in top for label, top in zip(labels, ranks[:, :5])]),
+    )
+
+
+@pytest.mark.slow
 def test_ablate_mode_end_to_end_and_reuse(ablation_config, tmp_path, monkeypatch):
     import tensorflow as tf
 
@@ -203,20 +302,28 @@ def test_ablate_mode_end_to_end_and_reuse(ablation_config, tmp_path, monkeypatch
     table = json.load(open(os.path.join(out, "table.json")))
     assert table["variants"] == ["no_fc7", "no_conv3_conv4"]
     assert table["budget"]["epochs"] == 1 and table["budget"]["steps_per_epoch"] == 2
+    assert table["rows"] == rows
     for row in table["rows"]:
         vdir = os.path.join(out, row["variant"])
+        config = ablate.variant_config(ablation_config, row["variant"])
         model = keras.models.load_model(os.path.join(vdir, "checkpoints", "model.keras"))
-        assert row["parameters"] == model.count_params()
+        # The trained model is the variant's architecture (counted from its config).
+        assert row["parameters"] == ablate.parameter_count(config)
         names = {layer.name for layer in model.layers}
         assert names.isdisjoint(ABSENT[row["variant"]])
         ev = json.load(open(os.path.join(vdir, "eval.json")))
-        assert row["val_top1_error"] == ev["ten_crop"]["top1_error"]
-        for key in ("train_top1_error", "train_top5_error", "val_top5_error"):
-            assert 0 <= row[key] <= 100
-            # 16 training images and 50 validation images: multiples of 1/16 and 1/50.
-        assert (row["train_top1_error"] * 16 / 100) == pytest.approx(
-            round(row["train_top1_error"] * 16 / 100)
+        assert (row["val_top1_error"], row["val_top5_error"]) == (
+            ev["ten_crop"]["top1_error"],
+            ev["ten_crop"]["top5_error"],
         )
+        assert (row["val_center_top1_error"], row["val_center_top5_error"]) == (
+            ev["center_crop"]["top1_error"],
+            ev["center_crop"]["top5_error"],
+        )
+        # The train columns: the first 16 training images, recomputed here.
+        top1, top5 = _errors_by_hand(model, config, 16)
+        assert row["train_top1_error"] == pytest.approx(top1)
+        assert row["train_top5_error"] == pytest.approx(top5)
         assert row["wall_s"] > 0 and row["epochs_trained"] == 1
         cfg = json.load(open(os.path.join(vdir, "config.json")))
         assert cfg["train"]["epochs"] == 1 and cfg["train"]["steps_per_epoch"] == 2
@@ -249,8 +356,6 @@ def test_ablate_mode_end_to_end_and_reuse(ablation_config, tmp_path, monkeypatch
 
 
 def test_run_identity_of_workdirs_trained_before_model_remove_existed(tmp_path):
-    from zf_tf.training import workdirs
-
     config = load_config()
     old = workdirs.config_json(config)
     del old["model"]["remove"]  # config.json written before the field existed

@@ -4,17 +4,13 @@ Everything is generated offline into temporary directories with the ``tiny`` con
 """
 
 import hashlib
-import os
-import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import tensorflow_datasets as tfds  # noqa: E402
-
-from pipelines import embedded  # noqa: E402
+from pipelines import embedded
+from zf_tf.experiments.transfer import fits
 
 SPLIT_SIZES = {"train": 200, "validation": 50, "test": 50}
 
@@ -173,26 +169,6 @@ def test_color_is_not_predictive(rendered):
     assert np.mean(pred == y[te]) < 0.25
 
 
-def _softmax_regression(x, y, epochs=25, lr=3e-3, l2=1e-3, batch=100, seed=0):
-    """Minibatch-Adam multinomial logistic regression; returns (weights, bias)."""
-    rng = np.random.default_rng(seed)
-    w, b = np.zeros((x.shape[1], 10), np.float32), np.zeros(10, np.float32)
-    state = [[np.zeros_like(w), np.zeros_like(w)], [np.zeros_like(b), np.zeros_like(b)]]
-    onehot = np.eye(10, dtype=np.float32)
-    step = 0
-    for _ in range(epochs):
-        for idx in np.array_split(rng.permutation(len(x)), len(x) // batch):
-            logits = x[idx] @ w + b
-            p = np.exp(logits - logits.max(axis=1, keepdims=True))
-            g = (p / p.sum(axis=1, keepdims=True) - onehot[y[idx]]) / len(idx)
-            step += 1
-            for param, grad, (m, v) in zip((w, b), (x[idx].T @ g + l2 * w, g.sum(0)), state):
-                m[...] = 0.9 * m + 0.1 * grad
-                v[...] = 0.999 * v + 0.001 * grad * grad
-                param -= lr / (1 - 0.9**step) * m / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
-    return w, b
-
-
 @pytest.mark.slow
 def test_linear_probe_on_raw_pixels_is_weak(rendered):
     """Softmax regression on raw pixels (2x downsampled for speed) stays below 40%."""
@@ -207,9 +183,10 @@ def test_linear_probe_on_raw_pixels_is_weak(rendered):
     f_tr, f_te = features(x_tr), features(x_te)
     mean, std = f_tr.mean(0), f_tr.std(0) + 1e-3
     f_tr, f_te = (f_tr - mean) / std, (f_te - mean) / std
-    w, b = _softmax_regression(f_tr, y_tr)
-    train_acc = np.mean(np.argmax(f_tr @ w + b, axis=1) == y_tr)
-    test_acc = np.mean(np.argmax(f_te @ w + b, axis=1) == y_te)
+    # The transfer experiment's linear classifier: full-batch Adam from zero weights.
+    model = fits.fit_linear(f_tr, y_tr, 10, steps=100, learning_rate=3e-3, weight_decay=5e-4)
+    train_acc = np.mean(np.argmax(model.predict_on_batch(f_tr), axis=1) == y_tr)
+    test_acc = np.mean(np.argmax(model.predict_on_batch(f_te), axis=1) == y_te)
     print(f"linear probe: train {train_acc:.3f} test {test_acc:.3f}")
     # The probe must actually fit (else a low test score would prove nothing).
     assert train_acc > 0.5, train_acc

@@ -1,21 +1,24 @@
 """--mode=transfer (paper Sec. 5.2, Tables 4-6, Fig. 9): tables, sampling, mean AP, the
-feature cache, the class-subset pipeline option, end to end on the tiny embedded dataset
-and on an image folder, and one-line errors."""
+Keras linear fit against a numpy Adam, the feature cache, the class-subset pipeline
+option, end to end on the tiny embedded dataset and on an image folder, and one-line
+errors. Everything runs in-process."""
 
 import json
-import types
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from pipelines import inputs
-from tests.conftest import load_config
+from tests.conftest import load_config, workdir_with_model
 from tests.images import encode, random_rgb, write
 from zf_tf import cli
+from zf_tf.analyses import base
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.experiments import transfer
+from zf_tf.experiments.transfer import features, fits, images, metrics, report, sampling, target
 from zf_tf.training import workdirs
 
 # ------------------------------------------------------------------------------ tables
@@ -38,19 +41,21 @@ def test_results_table_exact():
             "0": {"mean": 50.04, "std": 0.06},
         },
     }
-    assert transfer.results_table(results) == (
+    header = (
         "| mean per-class accuracy % (mean ± std over 3 draws) "
         "| 15/class | 30/class | all/class |\n"
         "|---|---|---|---|\n"
         "| Pretrained ZFNet features (fc7) + new softmax | 83.8 ± 0.5 | 86.5 ± 0.5 | 90.0 ± 0.0 |\n"
+    )
+    assert report.results_table(results) == header + (
         "| Same architecture trained from scratch | 22.8 ± 1.5 | 46.5 ± 1.7 | 50.0 ± 0.1 |\n"
     )
     results["scratch"] = {}  # scratch.epochs = 0: the transfer row only
-    assert transfer.results_table(results).count("\n") == 3
+    assert report.results_table(results) == header
 
 
 def test_ap_table_exact():
-    table = transfer.ap_table(["aero", "bike"], [80.0, float("nan")], [10.04, 20.0])
+    table = report.ap_table(["aero", "bike"], [80.0, float("nan")], [10.04, 20.0])
     assert table == (
         "| AP % | aero | bike | mean |\n"
         "|---|---|---|---|\n"
@@ -65,12 +70,12 @@ def test_label_feature_of_the_paper_targets(tmp_path):
     # Builder info only: nothing is downloaded or written.
     voc = tfds.builder("voc/2012", data_dir=str(tmp_path)).info.features
     for key in ("objects/label", "labels"):
-        names = transfer.label_feature(voc, key).names
+        names = target.label_feature(voc, key).names
         assert len(names) == 20 and names[:2] == ["aeroplane", "bicycle"]
     caltech = tfds.builder("caltech101", data_dir=str(tmp_path)).info.features
-    assert transfer.label_feature(caltech, "label").num_classes == 102
+    assert target.label_feature(caltech, "label").num_classes == 102
     with pytest.raises(UsageError, match="not a class label"):
-        transfer.label_feature(caltech, "image")
+        target.label_feature(caltech, "image")
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -79,37 +84,43 @@ def test_label_feature_of_the_paper_targets(tmp_path):
 def test_sampling_exact_n_disjoint_seeded():
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.repeat(np.arange(4), [10, 12, 7, 9]))
-    orders = transfer.class_orders(labels, 4, seed=3, draw=0)
+    orders = sampling.class_orders(labels, 4, seed=3, draw=0)
     for n in (1, 3, 5):
-        train = transfer.sample_per_class(orders, n)
+        train = sampling.sample_per_class(orders, n)
         assert np.bincount(labels[train], minlength=4).tolist() == [n] * 4
         assert np.array_equal(train, np.sort(train))
-    small, large = (transfer.sample_per_class(orders, n) for n in (3, 5))
+    small, large = (sampling.sample_per_class(orders, n) for n in (3, 5))
     assert set(small) <= set(large)  # nested: smaller N are subsets
-    test = transfer.held_out(labels, orders, 5, 0, seed=3, draw=0)
+    test = sampling.held_out(labels, orders, 5, 0, seed=3, draw=0)
     assert not set(test) & set(large)
     assert np.bincount(labels[test], minlength=4).tolist() == [5, 7, 2, 4]
-    capped = transfer.held_out(labels, orders, 5, 3, seed=3, draw=0)
+    capped = sampling.held_out(labels, orders, 5, 3, seed=3, draw=0)
     assert set(capped) <= set(test)
     assert np.bincount(labels[capped], minlength=4).tolist() == [3, 3, 2, 3]
     # Seeded: the same draw repeats exactly, another draw differs.
-    again = transfer.class_orders(labels, 4, seed=3, draw=0)
-    assert np.array_equal(transfer.sample_per_class(again, 3), small)
-    other = transfer.class_orders(labels, 4, seed=3, draw=1)
-    assert not np.array_equal(transfer.sample_per_class(other, 3), small)
+    again = sampling.class_orders(labels, 4, seed=3, draw=0)
+    assert np.array_equal(sampling.sample_per_class(again, 3), small)
+    other = sampling.class_orders(labels, 4, seed=3, draw=1)
+    assert not np.array_equal(sampling.sample_per_class(other, 3), small)
     with pytest.raises(UsageError, match=r"has 7 training images.*<= 6"):
-        transfer.check_counts(labels, ["a", "b", "c", "d"], [1, 7], held_out_test=True)
-    transfer.check_counts(labels, ["a", "b", "c", "d"], [1, 7], held_out_test=False)
+        sampling.check_counts(labels, ["a", "b", "c", "d"], [1, 7], held_out_test=True)
+    sampling.check_counts(labels, ["a", "b", "c", "d"], [1, 7], held_out_test=False)
 
 
 def test_multi_label_sampling_gives_every_class_n_positives():
     labels = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 1], [0, 1, 1]])
-    orders = transfer.class_orders(labels, 3, seed=0, draw=0)
-    train = transfer.sample_per_class(orders, 2)
+    orders = sampling.class_orders(labels, 3, seed=0, draw=0)
+    # Each class's order is a permutation of exactly the images holding that class.
+    members = [[0, 1, 4], [1, 2, 5], [3, 4, 5]]
+    assert [sorted(o.tolist()) for o in orders] == members
+    train = sampling.sample_per_class(orders, 2)
     assert (labels[train].sum(axis=0) >= 2).all()
-    assert len(train) <= 6 and len(set(train)) == len(train)
-    test = transfer.held_out(labels, orders, 1, 5, seed=0, draw=0)  # cap: single-label only
-    assert not set(test) & set(transfer.sample_per_class(orders, 1))
+    # The union of every class's first 2, sorted, each image once.
+    expected = sorted({int(i) for order in orders for i in order[:2]})
+    assert train.tolist() == expected
+    first = sampling.sample_per_class(orders, 1)
+    test = sampling.held_out(labels, orders, 1, 5, seed=0, draw=0)  # cap: single-label only
+    assert test.tolist() == sorted(set(range(6)) - set(first.tolist()))
 
 
 # -------------------------------------------------------------------------- metrics
@@ -119,22 +130,22 @@ def test_average_precision_hand_computed():
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
     # Ranked hits 1,0,1,0,1: precision 1, 1/2, 2/3, 2/4, 3/5; the monotone envelope at the
     # three positives is 1, 2/3, 3/5, so AP = (1 + 2/3 + 3/5) / 3.
-    assert transfer.average_precision(scores, [1, 0, 1, 0, 1]) == pytest.approx(
+    assert metrics.average_precision(scores, [1, 0, 1, 0, 1]) == pytest.approx(
         (1 + 2 / 3 + 3 / 5) / 3
     )
     # Hits 0,1,0,1,1: precision 0, 1/2, 1/3, 1/2, 3/5. The envelope lifts every positive to
     # 3/5 (plain averaged precision would be (1/2 + 1/2 + 3/5) / 3).
-    assert transfer.average_precision(scores, [0, 1, 0, 1, 1]) == pytest.approx(0.6)
+    assert metrics.average_precision(scores, [0, 1, 0, 1, 1]) == pytest.approx(0.6)
     # Input order does not matter, only the ranking.
     perm = [3, 0, 4, 2, 1]
-    assert transfer.average_precision(scores[perm], np.array([1, 0, 1, 0, 1])[perm]) == (
+    assert metrics.average_precision(scores[perm], np.array([1, 0, 1, 0, 1])[perm]) == (
         pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
     )
-    assert np.isnan(transfer.average_precision(scores, [0, 0, 0, 0, 0]))
+    assert np.isnan(metrics.average_precision(scores, [0, 0, 0, 0, 0]))
     # mean AP: classes without a positive test image are left out.
     two = np.stack([scores, scores[::-1], scores], axis=1)
     labels = np.array([[1, 0, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0], [1, 1, 0]])
-    result = transfer.evaluate_scores(two, labels, multi_label=True)
+    result = metrics.evaluate_scores(two, labels, multi_label=True)
     assert result["per_class"][0] == pytest.approx(100 * (1 + 2 / 3 + 3 / 5) / 3)
     assert result["per_class"][1] == pytest.approx(100.0)  # its only positive ranks first
     assert np.isnan(result["per_class"][2])
@@ -144,29 +155,91 @@ def test_average_precision_hand_computed():
 def test_mean_per_class_accuracy():
     scores = np.eye(3)[[0, 0, 1, 2, 2, 0]]
     labels = np.array([0, 0, 0, 2, 2, 1])
-    result = transfer.evaluate_scores(scores, labels, multi_label=False)
+    result = metrics.evaluate_scores(scores, labels, multi_label=False)
     assert result["per_class"] == pytest.approx([100 * 2 / 3, 0.0, 100.0])
     assert result["metric"] == pytest.approx((200 / 3 + 100) / 3)
     assert result["accuracy"] == pytest.approx(100 * 4 / 6)
 
 
 def test_multi_hot_eager_and_in_dataset_map():
-    assert transfer.multi_hot([2, 0, 2], 4).numpy().tolist() == [1, 0, 1, 0]
-    assert transfer.multi_hot(tf.zeros([0], tf.int64), 3).numpy().tolist() == [0, 0, 0]
-    assert transfer.multi_hot(1, 3).numpy().tolist() == [0, 1, 0]
-    ds = tf.data.Dataset.from_tensor_slices(tf.ragged.constant([[1, 1], [], [0, 2]]))
-    got = [v.tolist() for v in ds.map(lambda y: transfer.multi_hot(y, 3)).as_numpy_iterator()]
+    encode = images.multi_hot(4)
+    assert encode(tf.constant([2, 0, 2])).numpy().tolist() == [1, 0, 1, 0]
+    assert encode(tf.zeros([0], tf.int64)).numpy().tolist() == [0, 0, 0, 0]
+    assert encode(tf.constant(1, tf.int64)).numpy().tolist() == [0, 1, 0, 0]
+    assert encode(tf.constant([3], tf.int64)).dtype == tf.int64
+    ds = tf.data.Dataset.from_tensor_slices(tf.ragged.constant([[1, 1], [], [0, 2]], tf.int64))
+    got = [v.tolist() for v in ds.map(lambda y: images.multi_hot(3)(y)).as_numpy_iterator()]
     assert got == [[0, 1, 0], [0, 0, 0], [1, 0, 1]]
+
+
+# ----------------------------------------------------------------------- linear fit
+
+
+def _numpy_adam_linear(x, y, num_classes, multi_label, steps, lr, weight_decay):
+    """Full-batch Adam (betas 0.9, 0.999, eps 1e-8) from zero weights on mean cross-entropy
+    + weight_decay * sum(W**2), in float64: the objective `fits.fit_linear` must minimize."""
+    x = x.astype(np.float64)
+    w, b = np.zeros((x.shape[1], num_classes)), np.zeros(num_classes)
+    m = [np.zeros_like(w), np.zeros_like(b)]
+    v = [np.zeros_like(w), np.zeros_like(b)]
+    for t in range(1, steps + 1):
+        z = x @ w + b
+        if multi_label:
+            g = (1 / (1 + np.exp(-z)) - y) / y.size
+        else:
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            g = (p / p.sum(axis=1, keepdims=True) - np.eye(num_classes)[y]) / len(y)
+        grads = [x.T @ g + 2 * weight_decay * w, g.sum(axis=0)]
+        rate = lr * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+        for param, grad, mi, vi in zip((w, b), grads, m, v):
+            mi[...] = 0.9 * mi + 0.1 * grad
+            vi[...] = 0.999 * vi + 0.001 * grad**2
+            param -= rate * mi / (np.sqrt(vi) + 1e-8)
+    return w, b
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_fit_linear_is_full_batch_adam_with_l2(multi_label):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(12, 6)).astype(np.float32)
+    y = rng.integers(0, 3, size=12)
+    if multi_label:
+        y = (rng.random((12, 3)) < 0.3).astype(np.int64)
+        # No class positive in exactly half the images: a gradient that starts at exactly 0
+        # would make Adam's first steps follow float32 roundoff (m / sqrt(v) = +-1).
+        assert 6 not in y.sum(axis=0).tolist()
+    model = fits.fit_linear(
+        x, y, 3, multi_label=multi_label, steps=20, learning_rate=0.05, weight_decay=0.01
+    )
+    kernel, bias = (v.numpy() for v in model.get_layer("linear").weights)
+    want_w, want_b = _numpy_adam_linear(x, y, 3, multi_label, 20, 0.05, 0.01)
+    np.testing.assert_allclose(kernel, want_w, atol=2e-5)
+    np.testing.assert_allclose(bias, want_b, atol=2e-5)
+    np.testing.assert_allclose(model.predict_on_batch(x), x @ kernel + bias, atol=1e-5)
+
+
+def test_fit_linear_callbacks_see_every_step():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(8, 4)).astype(np.float32), np.arange(8) % 2
+    steps = []
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda i, logs: steps.append(i))
+    watched = fits.fit_linear(x, y, 2, steps=7, callbacks=[record])
+    assert steps == list(range(7))
+    plain = fits.fit_linear(x, y, 2, steps=7)  # all steps in one call: the same fit
+    np.testing.assert_allclose(watched.predict_on_batch(x), plain.predict_on_batch(x), atol=1e-6)
 
 
 def test_softmax_learns_separable_features():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 4)
     x = (np.eye(3)[y] * 5 + rng.normal(size=(12, 3))).astype(np.float32)
-    classify = transfer.train_softmax(x, y, 3, multi_label=False, steps=200)
+    classify = fits.train_softmax(x, y, 3, multi_label=False, steps=200)
     assert (classify(x).argmax(1) == y).all()
-    again = transfer.train_softmax(x, y, 3, multi_label=False, steps=200)
+    again = fits.train_softmax(x, y, 3, multi_label=False, steps=200)
     assert np.array_equal(classify(x), again(x))  # zero init, full batch: deterministic
+    # The features are divided by their RMS: scaling them changes nothing.
+    scaled = fits.train_softmax(1000 * x, y, 3, multi_label=False, steps=200)
+    np.testing.assert_allclose(scaled(1000 * x), classify(x), rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------- class subset
@@ -206,12 +279,8 @@ def source(tiny_data_dir, tmp_path_factory):
     config.model.width = 0.125
     # 32 px crops of 36 px squares (model input too): the tracing and steps cost less.
     config.data.crop_size, config.data.resize_size = 32, 36
-    workdir = str(tmp_path_factory.mktemp("source") / "w")
-    workdirs.prepare_for_training(config, workdir, False)
-    workdirs.save_model_atomic(
-        model_lib.build_model(config.model), workdirs.checkpoint_path(workdir)
-    )
-    return workdir
+    path = tmp_path_factory.mktemp("source") / "w"
+    return workdir_with_model(config, model_lib.build_model(config.model), path)
 
 
 def shapes_config(tiny_data_dir, workdir, **transfer_settings):
@@ -229,62 +298,93 @@ def shapes_config(tiny_data_dir, workdir, **transfer_settings):
 
 def test_features_are_cached_and_match_the_model(source, tiny_data_dir, monkeypatch, absl_caplog):
     config = shapes_config(tiny_data_dir, source)
-    target = transfer.resolve_target(config)
-    assert target.class_names == ["ring", "semicircle", "crescent", "arrow", "letter_l"]
+    tgt = target.resolve_target(config)
+    assert tgt.class_names == ["ring", "semicircle", "crescent", "arrow", "letter_l"]
     model = workdirs.load_model(source)
-    first, path, hit = transfer.cached_features(source, model, "fc7", target, "validation", 16)
+    first, path, hit = features.cached_features(source, model, "fc7", tgt, "validation", 16)
     assert not hit and path.endswith(".npz")
     assert first["features"].shape == (25, 512)  # fc7: 4096 x width 0.125
     assert np.bincount(first["labels"]).tolist() == [5] * 5
     assert np.array_equal(first["indices"], np.arange(25))
     # The features are the model's fc7 on the evaluation pipeline's center crops.
     eval_config = load_config()
-    eval_config.data = target.data
+    eval_config.data = tgt.data
     eval_config.data.cache = True
     eval_config.train.eval_batch_size = 25
-    images, labels = next(iter(inputs.build_inputs(eval_config, "validation", mode="center")))
-    tap = transfer.keras.Model(model.inputs, model.get_layer("fc7").output)
-    np.testing.assert_allclose(first["features"], tap(images, training=False), atol=1e-5)
+    crops, labels = next(iter(inputs.build_inputs(eval_config, "validation", mode="center")))
+    tap = keras.Model(model.inputs, model.get_layer("fc7").output)
+    np.testing.assert_allclose(first["features"], tap(crops, training=False), atol=1e-5)
     assert np.array_equal(first["labels"], labels.numpy())
     # Second time: read back, the model is never run.
-    monkeypatch.setattr(transfer, "extract_features", lambda *a: pytest.fail("recomputed"))
-    again, path2, hit = transfer.cached_features(source, model, "fc7", target, "validation", 16)
+    monkeypatch.setattr(features, "extract_features", lambda *a: pytest.fail("recomputed"))
+    again, path2, hit = features.cached_features(source, model, "fc7", tgt, "validation", 16)
     assert hit and path2 == path and "Feature cache hit" in absl_caplog.text
     assert np.array_equal(again["features"], first["features"])
     # Another layer or split is another key.
     checkpoint = workdirs.checkpoint_path(source)
     keys = {
-        transfer.cache_key(checkpoint, layer, target.data, split)
+        features.cache_key(checkpoint, layer, tgt.data, split)
         for layer in ("fc7", "pool5")
         for split in ("train", "validation")
     }
     assert len(keys) == 4
 
 
+def _mean_per_class_accuracy(scores, labels, num_classes):
+    pred = np.argmax(scores, axis=1)
+    return 100 * np.mean([np.mean(pred[labels == c] == c) for c in range(num_classes)])
+
+
 def test_end_to_end_tiny(source, tiny_data_dir):
     config = shapes_config(tiny_data_dir, source)
-    results = transfer.run_mode(config, source, types.SimpleNamespace(overwrite=False))
+    results = transfer.run_mode(config, source, False)
     out = f"{source}/transfer/shapes"
     saved = json.loads(open(f"{out}/fc7.json").read())
     assert saved["per_class"] == [1, 2] and saved["num_test_images"] == 25
     for key in ("transfer", "scratch"):
         for n in ("1", "2"):
             values = saved[key][n]["values"]
-            assert len(values) == 2 and all(0 <= v <= 100 for v in values)
+            # Mean per-class accuracy over 5 test images per class: multiples of 4%.
+            assert len(values) == 2 and all(v % 4 == pytest.approx(0, abs=1e-9) for v in values)
             assert saved[key][n]["mean"] == pytest.approx(np.mean(values))
             assert saved[key][n]["std"] == pytest.approx(np.std(values))
     assert saved["cache"]["train"]["hit"] is False
     assert results["transfer"]["1"]["mean"] == saved["transfer"]["1"]["mean"]
+    # Draw 1, N = 2 recomputed from the cached features: the mode used those images.
+    with np.load(saved["cache"]["train"]["path"]) as f:
+        train = {k: f[k] for k in ("features", "labels")}
+    with np.load(saved["cache"]["test"]["path"]) as f:
+        test = {k: f[k] for k in ("features", "labels")}
+    orders = sampling.class_orders(train["labels"], 5, config.transfer.seed, draw=1)
+    positions = sampling.sample_per_class(orders, 2)
+    assert np.bincount(train["labels"][positions]).tolist() == [2] * 5
+    t = config.transfer.softmax
+    classify = fits.train_softmax(
+        train["features"][positions],
+        train["labels"][positions],
+        5,
+        False,
+        t.steps,
+        t.learning_rate,
+        t.weight_decay,
+    )
+    assert saved["transfer"]["2"]["values"][1] == pytest.approx(
+        _mean_per_class_accuracy(classify(test["features"]), test["labels"], 5)
+    )
     md = open(f"{out}/fc7.md").read()
-    assert transfer.results_table(saved) in md
+    assert md.startswith(
+        "Transfer to shapes: mean per-class accuracy %, fc7 features of the model in "
+        f"{source}; test: 25 images.\n\n"
+    )
+    assert report.results_table(saved) in md
     png = tf.io.decode_png(open(f"{out}/fc7.png", "rb").read()).numpy()
     assert png.ndim == 3 and png.shape[0] > 100
     with pytest.raises(UsageError, match="exists; pass --overwrite"):
-        transfer.run_mode(config, source, types.SimpleNamespace(overwrite=False))
+        transfer.run_mode(config, source, False)
     # A second run reuses the features and, seeded, repeats the transfer numbers.
     config = shapes_config(tiny_data_dir, source, draws=1)
     config.transfer.scratch.epochs = 0
-    again = transfer.run_mode(config, source, types.SimpleNamespace(overwrite=True))
+    again = transfer.run_mode(config, source, True)
     assert again["cache"]["train"]["hit"] and again["cache"]["test"]["hit"]
     assert again["transfer"]["2"]["values"] == saved["transfer"]["2"]["values"][:1]
     assert again["scratch"] == {}
@@ -298,20 +398,27 @@ def test_multi_label_end_to_end(source, tiny_data_dir):
     config.transfer.data.classes = ()
     results = transfer.run(config, source, workdirs.load_model(source))
     assert results["metric_name"] == "mean AP" and results["num_test_images"] == 50
-    assert len(results["per_class_ap"]["transfer"]) == 10
-    assert len(results["per_class_ap"]["scratch"]) == 10
-    assert 0 <= results["transfer"]["2"]["mean"] <= 100
+    with np.load(results["cache"]["test"]["path"]) as f:
+        labels = f["labels"]
+    assert labels.shape == (50, 10) and (labels.sum(axis=1) == 1).all()  # one class each
+    assert np.bincount(labels.argmax(axis=1)).tolist() == [5] * 10
+    ap = results["per_class_ap"]
+    assert ap["per_class"] == 2 and len(ap["transfer"]) == len(ap["scratch"]) == 10
+    # One draw: the mean AP is the mean of the per-class APs (every class has positives).
+    assert results["transfer"]["2"]["mean"] == pytest.approx(np.mean(ap["transfer"]))
+    assert results["scratch"]["2"]["mean"] == pytest.approx(np.mean(ap["scratch"]))
     md = open(f"{source}/transfer/shapes_multi/fc7.md").read()
     assert "| AP % | circle | square |" in md
+    assert md.endswith(report.ap_table(results["class_names"], ap["transfer"], ap["scratch"]))
 
 
 def test_source_overlap_is_a_warning(source, tiny_data_dir, absl_caplog):
     config = shapes_config(tiny_data_dir, source)
-    target = transfer.resolve_target(config)
-    transfer._source_overlap_warning(config, target)  # source 0-4, target 5-9
+    tgt = target.resolve_target(config)
+    target.source_overlap_warning(config, tgt)  # source 0-4, target 5-9
     assert "measures no transfer" not in absl_caplog.text
     config.data.classes, config.data.num_classes = [], 10  # like the default workdir
-    transfer._source_overlap_warning(config, target)
+    target.source_overlap_warning(config, tgt)
     assert "measures no transfer" in absl_caplog.text
 
 
@@ -365,18 +472,16 @@ def test_configs_load_and_validate():
         (dict(name=""), "configs/transfer_shapes.py, configs/transfer_caltech101.py"),
     ],
 )
-def test_bad_settings_are_one_line_errors(source, tiny_data_dir, change, expected, capsys):
+def test_bad_settings_are_one_line_errors(source, tiny_data_dir, change, expected):
+    # cli.main prints a UsageError as one `error:` line; its message must be one line.
     config = shapes_config(tiny_data_dir, source, **change)
-    opts = types.SimpleNamespace(overwrite=True)
-    with pytest.raises(SystemExit) as exit_:
-        cli.run("transfer", config, source, "default", opts)
-    assert exit_.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("error:") and expected in err, err
+    with pytest.raises(UsageError) as error:
+        cli.run("transfer", config, base.Request(workdir=source, overwrite=True))
+    assert "\n" not in str(error.value) and expected in str(error.value), str(error.value)
 
 
 def test_missing_transfer_section(source):
     config = workdirs.load_config(source, None)  # a config file without the section
     assert "transfer" not in config
     with pytest.raises(UsageError, match="transfer section: configs/transfer_shapes.py"):
-        transfer.run_mode(config, source, types.SimpleNamespace(overwrite=False))
+        transfer.run_mode(config, source, False)

@@ -4,10 +4,11 @@ Each variant is the command line's config with its architecture fields (FIG3: la
 conv_filters, fc_units, remove) set to the Fig. 3 model plus the variant's changes
 (configs/ablations.py VARIANTS); unit counts are the paper's and scale with
 `config.model.width` like every other layer. The mode trains every requested variant
-with one budget (`config.ablate.epochs` and `.steps_per_epoch`; data, seed and learning rate from the base config) in its own workdir
-`WORKDIR/ablate/<variant>/` through `train.train_and_evaluate`, so an interrupted variant
-resumes, and a finished one (its `ablate.json` written) is reused without retraining. Then
-it writes the Table 3-style table:
+with one budget (`config.ablate.epochs` and `.steps_per_epoch`; data, seed and learning
+rate from the base config) in its own workdir `WORKDIR/ablate/<variant>/` through
+`train.train_and_evaluate`, so an interrupted variant resumes, and a finished one (its
+`ablate.json` written) is reused without retraining. Then it writes the Table 3-style
+table:
 
   WORKDIR/ablate/table.md, table.json   rows: variants; columns: parameters, train and
                                         validation top-1/top-5 error, wall time
@@ -178,7 +179,6 @@ def train_error(model, config, num_images: int = 0) -> dict[str, float]:
       num_images: score only the first this many images of the split (0 = all).
     """
     import numpy as np
-    import tensorflow as tf
 
     from pipelines import inputs
     from zf_tf.training import evaluate
@@ -186,14 +186,9 @@ def train_error(model, config, num_images: int = 0) -> dict[str, float]:
     ds = inputs.build_inputs(config, config.data.train_split, None, "center")
     if num_images:
         ds = ds.unbatch().take(num_images).batch(config.train.eval_batch_size)
-
-    @tf.function
-    def predict(x):
-        return model(x, training=False)
-
     logits, labels = [], []
     for x, y in ds:
-        logits.append(predict(x).numpy())
+        logits.append(model.predict_on_batch(x))
         labels.append(y.numpy())
     # Softmax keeps the order of the logits, so the top-k (and the errors) are the same.
     return evaluate.error_rates(np.concatenate(logits), np.concatenate(labels))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -31,13 +32,25 @@ def ten_crop_probabilities(model, config, split: str) -> tuple[np.ndarray, np.nd
     return np.concatenate(probs), np.concatenate(labels)
 
 
-def error_rates(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Top-1 and top-5 error (%) of (N, C) class probabilities."""
-    top5 = np.argsort(-probs, axis=1)[:, :5]
-    return {
-        "top1_error": float(100 * np.mean(top5[:, 0] != labels)),
-        "top5_error": float(100 * np.mean(~(top5 == labels[:, None]).any(axis=1))),
-    }
+def error_rates(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1 and top-5 error (%) of (N, C) class scores (probabilities or logits: the
+    ranking, and so the errors, are the same).
+
+    The top 5 are `keras.ops.top_k`'s (ties: the lower class id first), scored by
+    `keras.metrics.sparse_top_k_categorical_accuracy` on those ids. Not the scores
+    themselves: that metric then uses `tf.math.in_top_k`, which counts every class tied
+    at the boundary as a hit, so a model with constant outputs would score 0% error
+    (measured).
+    """
+    scores = np.asarray(scores)
+    _, top = keras.ops.top_k(scores, k=min(5, scores.shape[1]))
+    errors = {}
+    for k in (1, 5):
+        hits = keras.metrics.sparse_top_k_categorical_accuracy(
+            labels, top, k=k, from_sorted_ids=True
+        )
+        errors[f"top{k}_error"] = float(100 * np.mean(np.asarray(hits) == 0))
+    return errors
 
 
 def table(results: dict) -> str:

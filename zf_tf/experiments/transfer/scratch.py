@@ -1,0 +1,116 @@
+"""The baseline of the transfer tables: the source architecture trained from scratch on
+the same N-per-class target images (the paper's 10-crop augmentation, SGD with the source
+run's learning rate and momentum), evaluated on the center crops of the test images.
+"""
+
+from __future__ import annotations
+
+import keras
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from pipelines import preprocess
+from zf_tf.core import model as model_lib
+from zf_tf.experiments.transfer.target import Target
+from zf_tf.training import workdirs
+
+
+class ScratchTrainer:
+    """The source architecture trained from scratch on some target images.
+
+    One model, one training and one test pipeline are built per target; every run
+    re-initializes the model (weights, optimizer state, dropout seeds) and swaps the
+    images the pipelines read (Python generators), so nothing is traced twice: at small N
+    tracing, not the few SGD steps, would dominate. Training takes a random one of the 10
+    crops of each image per step (the paper's augmentation) in batches of
+    `scratch.batch_size`, for `scratch.epochs` passes over the images (small sets repeat
+    within a batch). Evaluation: the center crop.
+    """
+
+    def __init__(self, source_config, target: Target):
+        self._build = model_lib.build_model
+        self.target = target
+        self.settings = source_config.transfer.scratch
+        self.batch = int(self.settings.batch_size)
+        self.model_config = ml_collections.ConfigDict(workdirs.config_json(source_config)["model"])
+        self.model_config.num_classes = target.num_classes
+        self.model = self._fresh(0)
+        train = source_config.train
+        loss = (
+            keras.losses.BinaryCrossentropy(from_logits=True)
+            if target.multi_label
+            else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
+        self.model.compile(
+            optimizer=keras.optimizers.SGD(
+                learning_rate=train.learning_rate, momentum=train.momentum
+            ),
+            loss=loss,
+        )
+        self._logits = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+        self._run = None  # (images, labels, test images, seed) of the current run
+        data = target.data
+        S, s, mean = data.resize_size, data.crop_size, tuple(data.mean)
+        if target.multi_label:
+            label_spec = tf.TensorSpec([target.num_classes], tf.float32)
+        else:
+            label_spec = tf.TensorSpec([], tf.int64)
+        self.train_ds = (
+            tf.data.Dataset.from_generator(
+                self._train_stream,
+                output_signature=(
+                    tf.TensorSpec([], tf.string),
+                    label_spec,
+                    tf.TensorSpec([], tf.int32),
+                ),
+            )
+            .map(
+                lambda e, y, k: (preprocess.train_crop(e, k, S, s, mean), y),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+            .batch(self.batch, drop_remainder=True)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+        self.test_ds = (
+            tf.data.Dataset.from_generator(
+                lambda: iter(self._run[2]), output_signature=tf.TensorSpec([], tf.string)
+            )
+            .map(
+                lambda e: preprocess.center_crop(e, S, s, mean), num_parallel_calls=tf.data.AUTOTUNE
+            )
+            .batch(self.batch)
+        )
+
+    def _train_stream(self):
+        """Endless (image, label, crop index) in a seeded order, reshuffled every pass."""
+        images, labels, _, seed = self._run
+        rng = np.random.default_rng(seed)
+        while True:
+            for i in rng.permutation(len(labels)):
+                yield images[i], labels[i], np.int32(rng.integers(10))
+
+    def _fresh(self, seed: int) -> keras.Model:
+        self.model_config.seed = int(seed)
+        return self._build(self.model_config)
+
+    def _reset(self, seed: int):
+        for variable, value in zip(self.model.variables, self._fresh(seed).variables):
+            variable.assign(value)
+        for variable in self.model.optimizer.variables:
+            if variable.name != "learning_rate":
+                variable.assign(tf.zeros_like(variable))
+
+    def fit_predict(self, images, labels, test_images, seed: int) -> np.ndarray:
+        """Trains afresh on encoded `images` with `labels`; returns logits (M, C) of the
+        encoded `test_images`.
+
+        Args:
+          seed: initialization, dropout, shuffling and crop choice.
+        """
+        self._reset(seed)
+        labels = labels.astype(np.float32) if self.target.multi_label else labels
+        self._run = (images, labels, test_images, seed)
+        steps = max(1, round(int(self.settings.epochs) * len(labels) / self.batch))
+        self.model.fit(self.train_ds, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
+        return np.concatenate([self._logits(x).numpy() for x in self.test_ds])
