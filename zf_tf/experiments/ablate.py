@@ -99,18 +99,6 @@ def budget(base) -> dict:
     }
 
 
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _differences(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k) and not (a.get(k, []) == [] == b.get(k, [])):
-            # As workdirs' run identity: a list field added later with an empty default
-            # (e.g. model.remove) is the same setting as its absence in an older file.
-            out.append(f"{prefix}{k}")
-    return out
-
-
 def _read_json(path: str):
     with open(path) as f:
         return json.load(f)
@@ -134,7 +122,7 @@ def check_reuse(base, out_dir: str, variants: list[str], overwrite: bool) -> dic
     table = os.path.join(out_dir, "table.json")
     if os.path.exists(table) and not overwrite:
         old = _read_json(table)
-        diff = _differences(old.get("budget", {}), budget(base))
+        diff = workdirs.differences(old.get("budget", {}), budget(base))
         if old.get("variants") != variants:
             diff.append("variants")
         if diff:

@@ -69,12 +69,13 @@ def _run_identity(config: dict) -> dict:
     return out
 
 
-def _differences(a, b, prefix=""):
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys in which two nested dicts differ."""
     keys = sorted(set(a) | set(b))
     out = []
     for k in keys:
         if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _differences(a[k], b[k], f"{prefix}{k}.")
+            out += differences(a[k], b[k], f"{prefix}{k}.")
         elif a.get(k) != b.get(k) and not (a.get(k, []) == [] == b.get(k, [])):
             # A list field added later with an empty default (model.remove) is the same
             # run as a config.json written before it existed.
@@ -90,7 +91,7 @@ def run_differences(workdir: str, config) -> list[str]:
         return []
     with open(path) as f:
         old = json.load(f)
-    return _differences(_run_identity(old), _run_identity(config_json(config)))
+    return differences(_run_identity(old), _run_identity(config_json(config)))
 
 
 def prepare_for_training(config, workdir: str, overwrite: bool):
@@ -107,7 +108,7 @@ def prepare_for_training(config, workdir: str, overwrite: bool):
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        diff = _differences(_run_identity(old), _run_identity(new))
+        diff = differences(_run_identity(old), _run_identity(new))
         if diff and not overwrite:
             raise UsageError(
                 f"{workdir} holds a run with a different config (differs in "
