@@ -49,6 +49,7 @@ _, two = one_step(mirrored)
 print(
     json.dumps(
         {
+            "replicas": mirrored.num_replicas_in_sync,
             "max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(one, two)),
             "max_abs_update": max(float(np.abs(a - b).max()) for a, b in zip(before, one)),
         }

@@ -1,5 +1,8 @@
-"""Training end to end through main.py: artifacts, TensorBoard, eval, export, resume,
-replica equivalence, multi-worker, divergence."""
+"""Training: artifacts, TensorBoard, eval, export, resume, refusal and divergence in-process
+(train.train_and_evaluate with the default strategy); that it learns; and, through main.py
+or scripts where the process boundary is the point, 2 mirrored replicas, replica
+equivalence, multi-worker, resuming after SIGKILL, the CLI's one-line refusal and the
+export in a fresh process."""
 
 import json
 import math
@@ -16,34 +19,57 @@ import pytest
 import tensorflow as tf
 
 from pipelines import inputs, preprocess
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_config, tiny
 from tests.test_cli import error_lines, main_py
-from zf_tf.training import train, workdirs
+from zf_tf.core import model as model_lib
+from zf_tf.core.errors import UsageError
+from zf_tf.training import callbacks, evaluate, export, train, workdirs
 
 EPOCHS = 2
+STEPS = 4
+WIDTH = 0.25
+
+
+def tiny_train_config(data_dir, **fields):
+    """The default config on the tiny dataset, EPOCHS x STEPS, cheap Fig. 4 snapshots."""
+    fields = {
+        "train.epochs": EPOCHS,
+        "train.steps_per_epoch": STEPS,
+        "analysis.evolution.probe_images": 16,
+        **fields,
+    }
+    return tiny(load_config(), data_dir, width=WIDTH, batch_size=16, **fields)
 
 
 def tiny_args(data_dir, workdir, *extra):
+    """main.py's arguments for tiny_train_config."""
     return [
         f"--workdir={workdir}",
         f"--config.data.data_dir={data_dir}",
         "--config.data.tfds_config=tiny",
         "--config.data.shuffle_buffer=64",
+        f"--config.model.width={WIDTH}",
         "--config.train.batch_size=16",
         "--config.train.eval_batch_size=16",
         f"--config.train.epochs={EPOCHS}",
-        "--config.analysis.evolution.probe_images=16",  # keep the Fig. 4 snapshots cheap
+        f"--config.train.steps_per_epoch={STEPS}",
+        "--config.analysis.evolution.probe_images=16",
         *extra,
     ]
 
 
+def epochs_in_history(workdir):
+    rows = (workdir / "history.csv").read_text().splitlines()
+    return [int(r.split(",")[0]) for r in rows[1:]]
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_data_dir, tmp_path_factory):
-    """A workdir trained by the real command with 2 mirrored CPU replicas."""
+    """(workdir, config, history) of an in-process run with the default strategy."""
     workdir = tmp_path_factory.mktemp("run") / "w"
-    proc = main_py("--mode=train", "--strategy=mirrored", *tiny_args(tiny_data_dir, workdir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir, proc
+    config = tiny_train_config(tiny_data_dir)
+    history = train.train_and_evaluate(config, str(workdir), tf.distribute.get_strategy())
+    return workdir, config, history
 
 
 def events(logdir):
@@ -61,7 +87,7 @@ def events(logdir):
 
 
 def test_artifacts(trained):
-    workdir, proc = trained
+    workdir, _, history = trained
     for path in (
         "config.json",
         "checkpoints/model.keras",
@@ -75,27 +101,33 @@ def test_artifacts(trained):
         f"evolution/epoch_{EPOCHS:03d}.npz",
     ):
         assert (workdir / path).exists(), path
-    assert "with 2 replica(s)" in proc.stderr
     config = json.loads((workdir / "config.json").read_text())  # the resolved config
     assert config["data"]["crop_size"] == config["model"]["input_size"] == 64
     assert config["train"]["epochs"] == EPOCHS
-    rows = (workdir / "history.csv").read_text().splitlines()
-    header = rows[0].split(",")
+    header = (workdir / "history.csv").read_text().splitlines()[0].split(",")
     for key in ("loss", "top1", "top5", "val_loss", "val_top1", "val_top5", "learning_rate"):
         assert key in header, key
-    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(EPOCHS))
+    assert epochs_in_history(workdir) == list(range(EPOCHS))
+    assert len(history.history["loss"]) == EPOCHS
     results = json.loads((workdir / "eval.json").read_text())
-    assert results["num_images"] == 50
+    assert results["split"] == "validation" and results["num_images"] == 50
     for key in ("ten_crop", "center_crop"):
-        assert 0 <= results[key]["top5_error"] <= results[key]["top1_error"] <= 100
+        top1, top5 = results[key]["top1_error"], results[key]["top5_error"]
+        assert top5 <= top1
+        # Counts of 50 images: multiples of 2 %.
+        assert top1 % 2 == pytest.approx(0) and top5 % 2 == pytest.approx(0)
     assert "1 convnet, 10 crops averaged" in (workdir / "eval.md").read_text()
 
 
 def test_tensorboard_scalars_and_images(trained):
-    workdir, _ = trained
-    scalars = {**events(workdir / "logs" / "train"), **events(workdir / "logs" / "validation")}
-    for tag in ("epoch_loss", "epoch_top1", "epoch_top5", "epoch_learning_rate"):
-        assert tag in scalars, sorted(scalars)
+    workdir, _, _ = trained
+    for split, tags in (
+        ("train", ("epoch_loss", "epoch_top1", "epoch_top5", "epoch_learning_rate")),
+        ("validation", ("epoch_loss", "epoch_top1", "epoch_top5")),
+    ):
+        scalars = events(workdir / "logs" / split)
+        for tag in tags:
+            assert [s for s, _ in scalars.get(tag, [])] == list(range(EPOCHS)), (split, tag)
     images = events(workdir / "logs" / "images")
     assert [s for s, _ in images["conv1_filters"]] == list(range(1, EPOCHS + 1))
     filters = images["conv1_filters"][-1][1]
@@ -107,19 +139,19 @@ def test_tensorboard_scalars_and_images(trained):
     assert "filter_rms_max/conv5" in images
 
 
-def test_eval_mode_rewrites_table(trained):
-    workdir, _ = trained
+def test_eval_rewrites_the_same_table(trained, capsys):
+    workdir, config, _ = trained
     before = json.loads((workdir / "eval.json").read_text())
-    proc = main_py("--mode=eval", f"--workdir={workdir}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((workdir / "eval.json").read_text()) == before
-    assert "| 1 convnet, center crop |" in proc.stdout
+    (workdir / "eval.json").unlink()
+    results = evaluate.evaluate(config, str(workdir), workdirs.load_model(str(workdir)))
+    assert results == before == json.loads((workdir / "eval.json").read_text())
+    assert "| 1 convnet, center crop |" in capsys.readouterr().out
 
 
-def test_export_matches_keras_in_fresh_process(trained, tiny_config):
-    workdir, _ = trained
+@pytest.mark.slow
+def test_export_matches_keras_in_fresh_process(trained):
+    workdir, config, _ = trained
     model = workdirs.load_model(str(workdir))
-    config = tiny_config
     encoded = [e.numpy() for e, _ in inputs.encoded_records(config.data, "test").take(3)]
     crops = np.stack([preprocess.ten_crops(e, 72, 64, config.data.mean) for e in encoded])
     probs = tf.nn.softmax(model.predict(crops.reshape(-1, 64, 64, 3), verbose=0)).numpy()
@@ -132,7 +164,8 @@ m = tf.saved_model.load({str(workdir / "export")!r})
 images = np.load({str(workdir / "images.npy")!r})
 b = m.signatures["serving_default"](image_bytes=tf.constant({encoded!r}))
 u = m.signatures["serve_images"](images=tf.constant(images))
-print(json.dumps([b["probabilities"].numpy().tolist(), u["probabilities"].numpy().tolist()]))
+print(json.dumps([b["probabilities"].numpy().tolist(), u["probabilities"].numpy().tolist(),
+                  b["classes"].numpy().tolist()]))
 """
     proc = subprocess.run(
         [sys.executable, "-c", script],
@@ -142,9 +175,10 @@ print(json.dumps([b["probabilities"].numpy().tolist(), u["probabilities"].numpy(
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from_bytes, from_images = (np.array(p) for p in json.loads(proc.stdout.splitlines()[-1]))
+    from_bytes, from_images, classes = json.loads(proc.stdout.splitlines()[-1])
     np.testing.assert_allclose(from_bytes, expected, atol=1e-5)
     np.testing.assert_allclose(from_images, expected, atol=1e-5)
+    assert classes == expected.argmax(axis=1).tolist()
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     shown = subprocess.run(
         [cli, "show", "--dir", str(workdir / "export"), "--all"],
@@ -156,12 +190,11 @@ print(json.dumps([b["probabilities"].numpy().tolist(), u["probabilities"].numpy(
     assert "signature_def['serve_images']" in shown.stdout
 
 
-def test_export_is_atomic(trained, tiny_config, monkeypatch):
-    workdir, _ = trained
-    from zf_tf.training import export
-
+def test_export_is_atomic(trained, monkeypatch):
+    workdir, config, _ = trained
     model = workdirs.load_model(str(workdir))
     stamp = (workdir / "export" / "saved_model.pb").stat().st_mtime_ns
+    real_save = tf.saved_model.save
 
     def broken_save(*args, **kwargs):
         os.makedirs(args[1], exist_ok=True)
@@ -169,27 +202,45 @@ def test_export_is_atomic(trained, tiny_config, monkeypatch):
 
     monkeypatch.setattr(tf.saved_model, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        export.export(model, tiny_config, str(workdir))
+        export.export(model, config, str(workdir))
     assert (workdir / "export" / "saved_model.pb").stat().st_mtime_ns == stamp
+    assert (workdir / ".export-tmp").exists()  # the interrupted one, never export/
+    monkeypatch.setattr(tf.saved_model, "save", real_save)
+    assert export.export(model, config, str(workdir)) == str(workdir / "export")
+    assert (workdir / "export" / "saved_model.pb").stat().st_mtime_ns != stamp
+    assert not (workdir / ".export-tmp").exists() and not (workdir / ".export-old").exists()
 
 
-def test_rerun_resumes_and_other_config_is_refused(trained, tiny_data_dir):
-    workdir, _ = trained
-    # Same command again: restored at the final epoch, trains no more.
-    proc = main_py("--mode=train", *tiny_args(tiny_data_dir, workdir))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = (workdir / "history.csv").read_text().splitlines()
-    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(EPOCHS))
+def test_rerun_resumes_and_other_config_is_refused(trained):
+    workdir, config, _ = trained
+    weights = workdirs.load_model(str(workdir)).get_weights()
+    # Same config again: restored at the final epoch, trains no more.
+    history = train.train_and_evaluate(config, str(workdir), tf.distribute.get_strategy())
+    assert history.history.get("loss", []) == []
+    assert epochs_in_history(workdir) == list(range(EPOCHS))
+    for a, b in zip(weights, workdirs.load_model(str(workdir)).get_weights()):
+        np.testing.assert_array_equal(a, b)
+    other = tiny_train_config(config.data.data_dir, **{"train.epochs": EPOCHS + 1})
+    with pytest.raises(UsageError, match=r"differs in train\.epochs.*--overwrite"):
+        train.train_and_evaluate(other, str(workdir), tf.distribute.get_strategy())
+    assert json.loads((workdir / "config.json").read_text())["train"]["epochs"] == EPOCHS
+
+
+@pytest.mark.slow
+def test_cli_refuses_other_config_in_one_line(tiny_data_dir, tmp_path):
+    workdir = tmp_path / "w"
+    workdirs.prepare_for_training(tiny_train_config(tiny_data_dir), str(workdir), False)
     proc = main_py("--mode=train", *tiny_args(tiny_data_dir, workdir, "--config.train.epochs=3"))
     assert proc.returncode == 1
     lines = error_lines(proc)
-    assert len(lines) == 1 and "train.epochs" in lines[0] and "--overwrite" in lines[0]
+    assert len(lines) == 1 and "train.epochs" in lines[0] and "--overwrite" in lines[0], lines
+    assert "Traceback" not in proc.stderr
 
 
 def test_nan_never_overwrites_checkpoint(tmp_path):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     path = str(tmp_path / "checkpoints" / "model.keras")
-    cb = train.LastGoodCheckpoint(path)
+    cb = callbacks.LastGoodCheckpoint(path)
     cb.set_model(model)
     cb.on_epoch_end(0, {"loss": 1.0})
     good = model.get_weights()
@@ -197,29 +248,82 @@ def test_nan_never_overwrites_checkpoint(tmp_path):
     cb.on_epoch_end(1, {"loss": float("nan")})
     restored = keras.models.load_model(path)
     np.testing.assert_array_equal(restored.get_weights()[0], good[0])
-    backup = train.SafeBackupAndRestore(str(tmp_path / "backup"))
+    backup = callbacks.SafeBackupAndRestore(str(tmp_path / "backup"))
     backup.set_model(model)
     backup.on_epoch_end(1, {"loss": float("inf")})
     assert not (tmp_path / "backup").exists()
+    backup.on_epoch_end(1, {"loss": 1.0})  # a finite loss is backed up
+    assert (tmp_path / "backup").exists()
 
 
 def test_diverging_run_fails_cleanly(tiny_data_dir, tmp_path):
     workdir = tmp_path / "w"
+    config = tiny_train_config(
+        tiny_data_dir,
+        **{"train.learning_rate": 1e6, "train.epochs": 1, "model.max_filter_rms": 0.0},
+    )
+    with pytest.raises(UsageError, match="diverged"):
+        train.train_and_evaluate(config, str(workdir), tf.distribute.get_strategy())
+    assert not (workdir / "checkpoints" / "model.keras").exists()
+    assert not (workdir / "export").exists()
+
+
+# Measured (train top-1 % of 200 images, 10 crops; seeds 0-3): 81.5, 87.0, 75.0, 68.5 in
+# 23-49 s on 2 loaded cores. Validation on 50 images stays at 8-24 % after 200 training
+# images: what this run shows is that the model fits its training data.
+LEARNED_TRAIN_TOP1 = 40.0  # %; chance is 10 %, an untrained model gets 5-15 %
+
+
+@pytest.mark.slow
+def test_training_learns(tiny_data_dir, tmp_path):
+    """The default config shrunk (tiny dataset, width 1/8, 4 x 80 steps of 32, no dropout,
+    no learning-rate cut, no optional callbacks) fits its training images."""
+    config = tiny(
+        load_config(),
+        tiny_data_dir,
+        width=0.125,
+        batch_size=32,
+        **{
+            "train.epochs": 4,
+            "train.steps_per_epoch": 80,
+            "train.lr_patience": 10,
+            "train.callbacks": (),
+            "model.dropout": 0.0,
+        },
+    )
+    workdir = str(tmp_path / "w")
+    untrained = evaluate.evaluate(
+        config, str(tmp_path / "untrained"), model_lib.build_model(config.model), split="train"
+    )
+    history = train.train_and_evaluate(config, workdir, tf.distribute.get_strategy())
+    losses = history.history["loss"]
+    assert losses[-1] < 0.8 * losses[0], losses
+    model = workdirs.load_model(workdir)
+    results = evaluate.evaluate(config, str(tmp_path / "on_train"), model, split="train")
+    accuracy = 100 - results["ten_crop"]["top1_error"]
+    chance = 100 - untrained["ten_crop"]["top1_error"]
+    assert chance < 20, chance
+    assert accuracy > LEARNED_TRAIN_TOP1, (accuracy, losses)
+
+
+@pytest.mark.slow
+def test_mirrored_run_with_uneven_validation_batch(tiny_data_dir, tmp_path):
+    """main.py with 2 mirrored CPU replicas; a validation batch of 15 is split 8 + 7 (the
+    case keras_fixes' prebuild works around)."""
+    workdir = tmp_path / "w"
     proc = main_py(
         "--mode=train",
-        *tiny_args(
-            tiny_data_dir,
-            workdir,
-            "--config.train.learning_rate=1e6",
-            "--config.train.epochs=1",
-            "--config.model.max_filter_rms=0",
-        ),
+        "--strategy=mirrored",
+        *tiny_args(tiny_data_dir, workdir, "--config.train.eval_batch_size=15"),
     )
-    assert proc.returncode == 1
-    assert "diverged" in error_lines(proc)[-1]
-    assert not (workdir / "checkpoints" / "model.keras").exists()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "with 2 replica(s)" in proc.stderr
+    assert epochs_in_history(workdir) == list(range(EPOCHS))
+    for path in ("checkpoints/model.keras", "eval.json", "export/saved_model.pb"):
+        assert (workdir / path).exists(), path
 
 
+@pytest.mark.slow
 def test_one_replica_equals_two_replicas():
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "replica_step.py")],
@@ -230,6 +334,7 @@ def test_one_replica_equals_two_replicas():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["replicas"] == 2
     assert result["max_abs_update"] > 1e-3  # the step really moved the weights
     assert result["max_abs_diff"] < 1e-5
 
@@ -241,7 +346,12 @@ def test_resume_after_sigkill(tiny_data_dir, tmp_path):
         sys.executable,
         os.path.join(ROOT, "main.py"),
         "--mode=train",
-        *tiny_args(tiny_data_dir, workdir, "--config.train.epochs=5"),
+        *tiny_args(
+            tiny_data_dir,
+            workdir,
+            "--config.train.epochs=5",
+            "--config.train.steps_per_epoch=0",  # a whole pass: long enough to kill
+        ),
     ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen(
@@ -261,8 +371,11 @@ def test_resume_after_sigkill(tiny_data_dir, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"Epoch {done + 1}/5" in rerun.stdout  # resumed, not from scratch
     assert "Epoch 1/5" not in rerun.stdout
-    rows = (workdir / "history.csv").read_text().splitlines()
-    epochs = [int(r.split(",")[0]) for r in rows if r and r[0].isdigit()]
+    epochs = [
+        int(r.split(",")[0])
+        for r in (workdir / "history.csv").read_text().splitlines()
+        if r and r[0].isdigit()
+    ]
     assert epochs[-1] == 4 and sorted(set(epochs)) == list(range(5))
 
 
@@ -272,46 +385,62 @@ def free_port():
         return s.getsockname()[1]
 
 
+def worker_env(tmp_path, cluster, index):
+    """The environment of worker `index` of `cluster`, with its own TMPDIR."""
+    tmpdir = tmp_path / f"tmp{index}"
+    tmpdir.mkdir(exist_ok=True)
+    return dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        TMPDIR=str(tmpdir),
+        TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+    )
+
+
+def run_workers(tmp_path, command, timeout=400):
+    """Runs `command` as the 2 workers of a local cluster; [(returncode, stdout, stderr)]."""
+    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
+    procs = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=worker_env(tmp_path, cluster, i),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, *out) for p, out in zip(procs, outs)]
+
+
 @pytest.mark.slow
 def test_multi_worker(tiny_data_dir, tmp_path):
-    ports = [free_port(), free_port()]
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     workdir = tmp_path / "w"
-    procs = []
-    for i in range(2):
-        tmpdir = tmp_path / f"tmp{i}"
-        tmpdir.mkdir()
-        env = dict(
-            os.environ,
-            TF_CPP_MIN_LOG_LEVEL="3",
-            TMPDIR=str(tmpdir),
-            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
-        )
-        args = [
-            sys.executable,
-            os.path.join(ROOT, "main.py"),
-            "--mode=train",
-            "--strategy=multi_worker",
-            *tiny_args(
-                tiny_data_dir,
-                workdir,
-                "--config.train.epochs=1",
-                "--config.train.steps_per_epoch=3",
-            ),
-        ]
-        procs.append(
-            subprocess.Popen(
-                args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    outs = [p.communicate(timeout=400) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "main.py"),
+        "--mode=train",
+        "--strategy=multi_worker",
+        *tiny_args(
+            tiny_data_dir, workdir, "--config.train.epochs=1", "--config.train.steps_per_epoch=3"
+        ),
+    ]
+    outs = run_workers(tmp_path, command)
+    for returncode, _, err in outs:
+        assert returncode == 0, err[-3000:]
     sums = [
         [line.rsplit(" ", 1)[1] for line in err.splitlines() if "weights checksum" in line]
-        for _, err in outs
+        for _, _, err in outs
     ]
     assert sums[0] and sums[0] == sums[1]  # identical weights on both workers
+    assert "with 2 replica(s)" in outs[0][2]
     assert (workdir / "checkpoints" / "model.keras").exists()
     assert (workdir / "export" / "saved_model.pb").exists()
     assert any((workdir / "logs").iterdir())

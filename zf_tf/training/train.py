@@ -97,8 +97,6 @@ def _train(config, workdir, out, strategy, chief):
     steps = steps_per_epoch(config)
     with strategy.scope():
         model = compile_model(model_lib.build_model(config.model), config)
-    keras_fixes.build_for_fit(model, strategy, config.data.crop_size)
-    keras_fixes.patch_multi_worker_reduce()
     train_ds = distributed_inputs(strategy, config, config.data.train_split, "train")
     # Validation gets the global-batch pipeline: Keras distributes it itself, which
     # copes with a last partial batch (a per-replica dataset with uneven final batches
@@ -126,14 +124,16 @@ def _train(config, workdir, out, strategy, chief):
         strategy.num_replicas_in_sync,
         out,
     )
-    history = model.fit(
-        train_ds,
-        epochs=t.epochs,
-        steps_per_epoch=steps,
-        validation_data=val_ds,
-        callbacks=run_callbacks,
-        verbose=1 if chief else 0,
-    )
+    example = keras_fixes.image_batch(config.data.crop_size)
+    with keras_fixes.fit_workarounds(model, strategy, example):
+        history = model.fit(
+            train_ds,
+            epochs=t.epochs,
+            steps_per_epoch=steps,
+            validation_data=val_ds,
+            callbacks=run_callbacks,
+            verbose=1 if chief else 0,
+        )
     logging.info("Final weights checksum: %.10e", weights_checksum(model))
     losses = history.history.get("loss", [])
     if losses and not math.isfinite(losses[-1]):
