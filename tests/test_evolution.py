@@ -26,7 +26,7 @@ PROBE, PER_LAYER, WIDTH = 12, 2, 0.125
 # (1, 5): snapshots at 1 and 2), then saves the final model. A subprocess, since logical
 # devices must be configured before any TF op runs.
 SCRIPT = """
-import json, runpy, sys
+import json, sys
 sys.path.insert(0, {root!r})
 from zf_tf.training import strategies
 strategy = strategies.make_strategy("mirrored", 2)
@@ -35,14 +35,16 @@ from zf_tf.training import keras_fixes
 from zf_tf.training import train
 from zf_tf.training import workdirs
 from zf_tf.core import model as model_lib
-config = runpy.run_path({config!r})["get_config"]()
+from configs import default
+config = default.get_config()
 config.update_from_flattened_dict({overrides!r})
 with strategy.scope():
     model = train.compile_model(model_lib.build_model(config.model), config)
-keras_fixes.build_for_fit(model, strategy, config.data.crop_size)
 ds = train.distributed_inputs(strategy, config, "train", "train")
 callback = callbacks.FeatureEvolution({workdir!r}, config)
-model.fit(ds, epochs=2, steps_per_epoch=1, callbacks=[callback], verbose=0)
+batch = keras_fixes.image_batch(config.data.crop_size)
+with keras_fixes.fit_workarounds(model, strategy, batch):
+    model.fit(ds, epochs=2, steps_per_epoch=1, callbacks=[callback], verbose=0)
 workdirs.save_model_atomic(model, workdirs.checkpoint_path({workdir!r}))
 print(json.dumps({{"replicas": strategy.num_replicas_in_sync, "seconds": callback.seconds}}))
 """
@@ -70,7 +72,6 @@ def trained(tiny_data_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("evo") / "w")
     script = SCRIPT.format(
         root=ROOT,
-        config=os.path.join(ROOT, "configs", "default.py"),
         overrides=overrides(tiny_data_dir),
         workdir=workdir,
     )

@@ -150,10 +150,3 @@ def fit_workarounds(model: keras.Model, strategy, example_batch):
 def image_batch(crop_size: int):
     """An example (images, labels) batch of the training pipeline, for `fit_workarounds`."""
     return np.zeros((1, crop_size, crop_size, 3), np.float32), np.zeros((1,), np.int64)
-
-
-def build_for_fit(model: keras.Model, strategy, crop_size: int):
-    """Patch 1 for the model's lifetime (not restored); prefer `fit_workarounds`. Kept for
-    tests/test_evolution.py's script."""
-    if version_is_tested("prebuild"):
-        _prebuild(model, strategy, image_batch(crop_size))
