@@ -162,6 +162,7 @@ def test_config_file_variants():
     assert ablate.requested_variants("all") == list(ablations.VARIANTS)
 
 
+@pytest.mark.slow
 def test_unknown_variant_is_one_line_through_main(tmp_path):
     proc = main_py("--mode=ablate", "--config=configs/ablations.py:bogus", f"--workdir={tmp_path}")
     lines = error_lines(proc)

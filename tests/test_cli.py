@@ -38,7 +38,7 @@ def error_lines(proc):
     "args, expected",
     [
         # absl's own parse of a known flag
-        (["--mode=bogus"], "train"),
+        pytest.param(["--mode=bogus"], "train", marks=pytest.mark.slow),
         # the config override, resolved by cli after absl
         (["--config.data.bogus=1"], "unknown config key 'data.bogus'"),
     ],

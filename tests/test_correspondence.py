@@ -291,6 +291,7 @@ def test_mode_end_to_end_on_embedded_and_refuses_to_overwrite(tiny_config, tmp_p
         run_analysis("correspondence", config, workdir, num_images=3)
 
 
+@pytest.mark.slow
 def test_parts_file_end_to_end_and_its_errors_through_main_py(tiny_config, tmp_path):
     config = tiny_config
     config.analysis.correspondence.random_draws = 2

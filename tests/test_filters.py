@@ -80,6 +80,7 @@ def _check_model(rec, model, split, features):
         assert tuple(w["box"]) == deconv.receptive_field(model, "conv2", w["y"], w["x"])
 
 
+@pytest.mark.slow
 def test_mode_end_to_end(tiny_data_dir, tmp_path, capsys):
     zf_config = tiny(load_config(), tiny_data_dir, width=0.125)
     alex_config = tiny(load_config(), tiny_data_dir, width=0.125, **{"model.layer1": "alexnet"})

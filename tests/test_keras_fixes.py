@@ -65,6 +65,7 @@ def mirrored_uneven():
     return out["results"]
 
 
+@pytest.mark.slow
 def test_canary_uneven_replica_batches(mirrored_uneven):
     assert_keras_still_fails(
         mirrored_uneven["none"],
@@ -73,6 +74,7 @@ def test_canary_uneven_replica_batches(mirrored_uneven):
     )
 
 
+@pytest.mark.slow
 def test_prebuild_fixes_uneven_replica_batches(mirrored_uneven):
     assert_patched_passes(mirrored_uneven["prebuild"], "prebuild")
 

@@ -221,6 +221,7 @@ def test_analysis_arrays(small):
         )
 
 
+@pytest.mark.slow
 def test_mode_end_to_end(small, tmp_path):
     config, model, _ = small
     assert "occlusion" in cli.MODES

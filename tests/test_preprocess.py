@@ -32,7 +32,9 @@ def test_crop_offsets():
         preprocess.crop_offsets(64, 72)
 
 
-@pytest.mark.parametrize("in_map", [False, True])
+# Inside Dataset.map (graph mode) the crops take ~8 s each: slow; the eager ones and
+# test_train_crop_of_large_image_matches_resize_then_slice cover Dataset.map in the fast set.
+@pytest.mark.parametrize("in_map", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 @pytest.mark.parametrize("hw", [(S, 100), (90, S)])
 def test_crops_pixel_exact_when_short_side_is_S(in_map, fmt, hw):

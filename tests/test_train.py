@@ -256,6 +256,7 @@ def test_nan_never_overwrites_checkpoint(tmp_path):
     assert (tmp_path / "backup").exists()
 
 
+@pytest.mark.slow
 def test_diverging_run_fails_cleanly(tiny_data_dir, tmp_path):
     workdir = tmp_path / "w"
     config = tiny_train_config(

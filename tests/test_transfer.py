@@ -390,6 +390,7 @@ def test_end_to_end_tiny(source, tiny_data_dir):
     assert again["scratch"] == {}
 
 
+@pytest.mark.slow
 def test_multi_label_end_to_end(source, tiny_data_dir):
     # The embedded labels as one-element label sets: the VOC code path (multi-hot labels,
     # per-class sigmoids, mean AP, Table 6-style AP table) on data that is here.

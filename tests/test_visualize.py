@@ -119,6 +119,7 @@ def test_bad_input_is_refused_before_the_model_loads(config, tmp_path):
         run_analysis("deconv", config, tmp_path)
 
 
+@pytest.mark.slow
 def test_main_py_error_is_one_line(tiny_data_dir, tmp_path):
     proc = main_py(
         "--mode=deconv",
