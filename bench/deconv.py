@@ -3,13 +3,13 @@
 ZFNet at paper scale (configs/zfnet_imagenet.py: 224 px, full width, random N(0, 0.01)
 weights), `--layer` conv5, `--images` random images x `--num_features` feature maps, each
 request projecting the maximum of its feature map (what the paper's Fig. 2 shows):
-  1. batched: `zf_tf.deconv.project` on a `build_deconvnet` model (windowed, the default),
+  1. batched: `zf_tf.core.deconv.project` on a `build_deconvnet` model (windowed, the default),
      chunks of `--batch_size` requests, every request timed;
   1b. the same deconvnet on full maps (`windowed=False`), first `--dense_pairs` requests;
   2. loop: per (image, map) one forward call (one image: maps + switches) and one backward
      call (one full one-hot map down), as older Keras deconvnet tools do; both compiled
      tf.functions; first `--loop_pairs` requests;
-  3. gradient: `zf_tf.deconv.gradient_projection` (deconvnet-rule gradients, one image copy
+  3. gradient: `zf_tf.core.deconv.gradient_projection` (deconvnet-rule gradients, one image copy
      per request), chunks of `--batch_size`, first `--gradient_pairs` requests.
 Every method is warmed up (traced) on 2 requests first; all results are checked against the
 batched ones. Also: FLOP/s of a 4096x4096 float32 matmul (best of 5, measured before and
@@ -83,7 +83,7 @@ def conv_flops(model, layer_name):
 
 
 def windowed_flops(model, layer_name, dense_fraction=0.5):
-    """2 * MACs of the transposed convs the windowed way down computes (see zf_tf.deconv)."""
+    """2 * MACs of the transposed convs the windowed way down computes (see zf_tf.core.deconv)."""
     chain = deconv._chain(model, layer_name)
     size = tuple(model.inputs[0].shape[1:3])
     levels = []  # (layer, output size, geometry)

@@ -11,6 +11,7 @@ its traceback.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import os
@@ -327,22 +328,9 @@ MODES = {
 
 
 def request_from_flags(flag_values) -> analyses_base.Request:
-    """The typed request of main.py's mode flags."""
-    f = flag_values
-    return analyses_base.Request(
-        workdir=f.workdir,
-        split=f.split,
-        num_images=f.num_images,
-        overwrite=f.overwrite,
-        layer=f.layer,
-        top_k=f.top_k,
-        features=f.features,
-        num_features=f.num_features,
-        image=f.image,
-        untrained=f.untrained,
-        parts=f.parts,
-        compare=f.compare,
-    )
+    """The typed request of main.py's mode flags (one flag per `Request` field)."""
+    fields = dataclasses.fields(analyses_base.Request)
+    return analyses_base.Request(**{f.name: getattr(flag_values, f.name) for f in fields})
 
 
 def run(mode: str, config, request: analyses_base.Request, strategy_name: str = "default"):

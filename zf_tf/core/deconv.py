@@ -582,7 +582,7 @@ def build_deconvnet(model: keras.Model, layer_name: str, *, windowed: bool = Tru
     switches and activations are gathered per request.
 
     Args:
-      model: the classifier (`zf_tf.model.build_model`).
+      model: the classifier (`zf_tf.core.model.build_model`).
       layer_name: conv1 .. conv5.
       windowed: compute the way down only inside each unit's receptive field (same result,
         fewer FLOPs; see the module doc). False: on full maps throughout.
@@ -808,7 +808,7 @@ def rule_forward(model: keras.Model, images, layer_name: str = "logits", rule: s
       'gradient': the true gradient.
 
     Args:
-      model: the classifier (`zf_tf.model.build_model`).
+      model: the classifier (`zf_tf.core.model.build_model`).
       images: (N, H, W, 3) float tensor (watched by the caller's tape).
       layer_name: the last layer to run.
       rule: one of BACKWARD_RULES.
