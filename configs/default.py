@@ -48,6 +48,11 @@ def get_config():
     config.data.resize_size = 72  # S: shorter side resized to S, then center S x S
     config.data.crop_size = crop_size  # s: one of the 10 s x s sub-crops
     config.data.mean = IMAGENET_MEAN
+    # Pixels (0..255 RGB) -> model input: 'zfnet' (RGB minus data.mean, the paper's), or as
+    # keras.applications' preprocess_input for models from there: 'caffe' (BGR minus the
+    # ImageNet BGR means), 'tf' (x / 127.5 - 1), 'torch' (x / 255, ImageNet mean/std), or
+    # 'raw' (unchanged 0..255, models that rescale inside). model.input_scale assumes 'zfnet'.
+    config.data.preprocessing = "zfnet"
     config.data.shuffle_buffer = 4096
     config.data.cache = True  # decode once, keep S x S squares in memory (small datasets)
     config.data.input_threads = 1  # tf.data threads; 0 = as many as cores

@@ -22,7 +22,7 @@ from pipelines import inputs, preprocess
 class Examples:
     """N examples; `boxes`/`masks` are None when the dataset has no annotations."""
 
-    images: np.ndarray  # float32 (N, s, s, 3): model input, mean subtracted
+    images: np.ndarray  # float32 (N, s, s, 3): model input (`preprocess.pixels(config.data)`)
     labels: np.ndarray  # int64 (N,)
     indices: np.ndarray  # int64 (N,): position of each example in the split
     boxes: np.ndarray | None = None  # int32 (N, 4): y0, x0, y1, x1 (exclusive) in crop pixels
@@ -94,7 +94,7 @@ def load_examples(config, split: str, num: int, label: int | None = None) -> Exa
     """
     data = config.data
     inputs.check_split(data, split)
-    S, s = data.resize_size, data.crop_size
+    S, s, pixels = data.resize_size, data.crop_size, preprocess.pixels(data)
     annotated = data.source == "embedded"
     if annotated:
         from pipelines import embedded
@@ -118,7 +118,7 @@ def load_examples(config, split: str, num: int, label: int | None = None) -> Exa
     images, labels, indices, boxes, masks = [], [], [], [], []
     for i, (image, y, bbox, mask) in ds.take(num).as_numpy_iterator():
         h, w = image.shape[:2]
-        images.append(preprocess.ten_crops_of_image(image, S, s, data.mean)[preprocess.CENTER_CROP])
+        images.append(preprocess.ten_crops_of_image(image, S, s, pixels)[preprocess.CENTER_CROP])
         labels.append(y)
         indices.append(i)
         if annotated:

@@ -4,9 +4,10 @@
 
 is a pure function of (config, split) meant for
 `strategy.distribute_datasets_from_function`. Order (GUIDE §3): read encoded records ->
-shard by input context -> shuffle -> decode + crop/flip -> subtract mean -> batch
+shard by input context -> shuffle -> decode + crop/flip -> normalize -> batch
 (drop_remainder for training) -> prefetch. With `config.data.cache` (small datasets) each
 image is decoded once into its S x S center square, cached, and only sliced afterwards.
+Pixels are normalized as `config.data.preprocessing` says (`preprocess.Pixels`).
 
 Sources (`config.data.source`):
 - 'embedded': the generated `zf_shapes` tfds dataset (pipelines/embedded.py), no download;
@@ -240,7 +241,7 @@ def build_inputs(
     ds = encoded_records(data, split, shuffle_files=training)
     if input_context and input_context.num_input_pipelines > 1:
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-    S, s, mean = data.resize_size, data.crop_size, tuple(data.mean)
+    S, s, pixels = data.resize_size, data.crop_size, preprocess.pixels(data)
     if data.cache:
         # Small datasets: decode and resize each image once and keep its S x S center
         # square (uint8) in memory; every epoch then only slices crops.
@@ -249,11 +250,11 @@ def build_inputs(
             num_parallel_calls=tf.data.AUTOTUNE,
         )
         ds = ds.ignore_errors(log_warning=True).cache()
-        crop = lambda sq, i: preprocess.crop_of_square(sq, i, S, s, mean)
-        ten = lambda sq: preprocess.ten_crops_of_square(sq, S, s, mean)
+        crop = lambda sq, i: preprocess.crop_of_square(sq, i, S, s, pixels)
+        ten = lambda sq: preprocess.ten_crops_of_square(sq, S, s, pixels)
     else:
-        crop = lambda e, i: preprocess.train_crop(e, i, S, s, mean)
-        ten = lambda e: preprocess.ten_crops(e, S, s, mean)
+        crop = lambda e, i: preprocess.train_crop(e, i, S, s, pixels)
+        ten = lambda e: preprocess.ten_crops(e, S, s, pixels)
     batch_size = config.train.batch_size if training else config.train.eval_batch_size
     if input_context:
         batch_size = input_context.get_per_replica_batch_size(batch_size)

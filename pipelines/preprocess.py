@@ -10,16 +10,106 @@ decoding and resizing the whole photograph. This equals resize-then-crop up to t
 interpolation at the window's border, and exactly when the shorter side already is S.
 Evaluation decodes the center square once, resizes it to S x S and slices all 10 crops.
 
+Pixel values (`config.data.preprocessing`, `Pixels`): the crops are float 0..255 RGB until
+the last step, which normalizes them the way the model expects: 'zfnet' (the paper: minus
+the per-channel data mean), or one of the keras.applications modes for models brought from
+there ('caffe', 'tf', 'torch'), or 'raw' (unchanged, for models that rescale inside).
+
 Every op here works eagerly and inside `tf.data.Dataset.map` (tests run both).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import tensorflow as tf
 
 NUM_CROPS = 10
 CENTER_CROP = 4  # index of the unflipped center crop
 CROP_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
+
+# config.data.preprocessing choices; the last three as keras.applications.imagenet_utils.
+PREPROCESSING = ("zfnet", "caffe", "tf", "torch", "raw")
+DEFAULT_PREPROCESSING = "zfnet"  # what a config without data.preprocessing (older workdirs) means
+_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # ImageNet, BGR (keras 'caffe' mode)
+_TORCH_MEAN = (0.485, 0.456, 0.406)  # ImageNet, RGB in [0, 1] (keras 'torch' mode)
+_TORCH_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pixels:
+    """How float 0..255 RGB pixels become model inputs, and back for display.
+
+    Every kind is one affine map per channel, `(x[..., order] - offset) / scale`:
+      zfnet: RGB, x - mean (the paper's mean subtraction; `mean` is config.data.mean);
+      caffe: RGB -> BGR, minus the ImageNet BGR means (keras 'caffe' mode);
+      tf:    x / 127.5 - 1, written (x - 127.5) / 127.5 (keras 'tf' mode);
+      torch: (x / 255 - ImageNet mean) / ImageNet std, written with 255 folded into both
+             (keras 'torch' mode);
+      raw:   x unchanged (models that rescale inside).
+
+    Attributes:
+      kind: one of PREPROCESSING.
+      mean: the data's per-channel RGB mean (3 floats, 0..255): subtracted by 'zfnet'; for
+        every kind, the colour of `fill` (the gray of occluders and transform borders).
+    """
+
+    kind: str
+    mean: tuple
+
+    def __post_init__(self):
+        if self.kind not in PREPROCESSING:
+            choices = ", ".join(PREPROCESSING)
+            raise ValueError(f"preprocessing {self.kind!r} is not valid: choose one of {choices}")
+        if len(self.mean) != 3:
+            raise ValueError(f"the data mean must be 3 floats (RGB); got {self.mean!r}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+
+    def _affine(self):
+        """(bgr, offset, scale): float32 (3,) offset and scale, in the output's channel order."""
+        ones = np.ones(3, np.float32)
+        bgr, offset, scale = {
+            "zfnet": (False, self.mean, ones),
+            "caffe": (True, _CAFFE_BGR_MEAN, ones),
+            "tf": (False, (127.5,) * 3, 127.5 * ones),
+            "torch": (False, 255.0 * np.asarray(_TORCH_MEAN), 255.0 * np.asarray(_TORCH_STD)),
+            "raw": (False, (0.0,) * 3, ones),
+        }[self.kind]
+        return bgr, np.asarray(offset, np.float32), np.asarray(scale, np.float32)
+
+    def _forward(self, x):
+        """The one normalization formula; `x` a float32 tensor or numpy array, RGB last."""
+        bgr, offset, scale = self._affine()
+        return ((x[..., ::-1] if bgr else x) - offset) / scale
+
+    def normalize(self, images) -> tf.Tensor:
+        """Float (or uint8) 0..255 RGB image(s) (..., 3) as float32 model inputs (a TF op:
+        eager or inside Dataset.map). 'zfnet' is exactly `images - mean` in float32."""
+        return self._forward(tf.cast(images, tf.float32))
+
+    def display(self, inputs) -> np.ndarray:
+        """Model inputs (..., 3) back to float32 RGB in [0, 1] (clipped), for figures."""
+        bgr, offset, scale = self._affine()
+        rgb = np.asarray(inputs, np.float32) * scale + offset
+        return np.clip((rgb[..., ::-1] if bgr else rgb) / 255.0, 0, 1)
+
+    @property
+    def fill(self) -> np.ndarray:
+        """float32 (3,): the model input of a pixel of the mean colour (`mean` normalized),
+        what occluders and uncovered borders are filled with; exactly +0.0 for 'zfnet'."""
+        return self._forward(np.asarray(self.mean, np.float32))
+
+
+def pixels(data) -> Pixels:
+    """The `Pixels` of a config's `data` section (a ConfigDict or a dict).
+
+    A workdir trained before `data.preprocessing` existed has no such field: 'zfnet'.
+
+    Raises:
+      ValueError: an unknown preprocessing.
+    """
+    return Pixels(str(data.get("preprocessing", DEFAULT_PREPROCESSING)), tuple(data["mean"]))
 
 
 def crop_offsets(resize_size: int, crop_size: int) -> list[tuple[int, int]]:
@@ -117,7 +207,7 @@ def _decode_window(encoded: tf.Tensor, window_fn, min_size: int) -> tf.Tensor:
     return image
 
 
-def train_crop(encoded, crop_index, resize_size: int, crop_size: int, mean) -> tf.Tensor:
+def train_crop(encoded, crop_index, resize_size: int, crop_size: int, pixels: Pixels) -> tf.Tensor:
     """One training crop: sub-crop `crop_index` (0..9) of the S-resized center square.
 
     Args:
@@ -125,10 +215,10 @@ def train_crop(encoded, crop_index, resize_size: int, crop_size: int, mean) -> t
       crop_index: int32 scalar in [0, 10): window `crop_index % 5`, flipped if >= 5.
       resize_size: S.
       crop_size: s.
-      mean: per-channel mean (3 floats) to subtract.
+      pixels: the normalization (`pixels(config.data)`).
 
     Returns:
-      float32 (s, s, 3), mean subtracted.
+      float32 (s, s, 3), normalized by `pixels`.
     """
     crop_index = tf.convert_to_tensor(crop_index, tf.int32)
     image = _decode_window(
@@ -136,7 +226,7 @@ def train_crop(encoded, crop_index, resize_size: int, crop_size: int, mean) -> t
     )
     image = _resize_to(image, crop_size)
     image = tf.cond(crop_index >= 5, lambda: tf.reverse(image, axis=[1]), lambda: image)
-    return image - tf.constant(mean, tf.float32)
+    return pixels.normalize(image)
 
 
 def _square_window(h, w):
@@ -149,28 +239,30 @@ def center_square(encoded, resize_size: int) -> tf.Tensor:
     return _resize_to(_decode_window(encoded, _square_window, resize_size), resize_size)
 
 
-def ten_crops_of_image(image: tf.Tensor, resize_size: int, crop_size: int, mean) -> tf.Tensor:
+def ten_crops_of_image(
+    image: tf.Tensor, resize_size: int, crop_size: int, pixels: Pixels
+) -> tf.Tensor:
     """`ten_crops` of an already decoded uint8 (H, W, 3) image."""
     shape = tf.shape(image)
     y, x, h, w = tf.unstack(_square_window(shape[0], shape[1]))
     square = _resize_to(image[y : y + h, x : x + w], resize_size)
-    return _crops_of_square(square, resize_size, crop_size, mean)
+    return _crops_of_square(square, resize_size, crop_size, pixels)
 
 
-def ten_crops(encoded, resize_size: int, crop_size: int, mean) -> tf.Tensor:
+def ten_crops(encoded, resize_size: int, crop_size: int, pixels: Pixels) -> tf.Tensor:
     """All 10 crops of an image for test-time averaging.
 
     Returns:
-      float32 (10, s, s, 3), mean subtracted; index i as in `train_crop`.
+      float32 (10, s, s, 3), normalized by `pixels`; index i as in `train_crop`.
     """
-    return _crops_of_square(center_square(encoded, resize_size), resize_size, crop_size, mean)
+    return _crops_of_square(center_square(encoded, resize_size), resize_size, crop_size, pixels)
 
 
-def _crops_of_square(square, resize_size: int, crop_size: int, mean) -> tf.Tensor:
+def _crops_of_square(square, resize_size: int, crop_size: int, pixels: Pixels) -> tf.Tensor:
     offsets = crop_offsets(resize_size, crop_size)
     crops = [square[y : y + crop_size, x : x + crop_size] for y, x in offsets]
     crops += [tf.reverse(c, axis=[1]) for c in crops]
-    return tf.stack(crops) - tf.constant(mean, tf.float32)
+    return pixels.normalize(tf.stack(crops))
 
 
 def center_square_uint8(encoded, resize_size: int) -> tf.Tensor:
@@ -179,22 +271,24 @@ def center_square_uint8(encoded, resize_size: int) -> tf.Tensor:
     return tf.cast(square, tf.uint8)
 
 
-def crop_of_square(square, crop_index, resize_size: int, crop_size: int, mean) -> tf.Tensor:
-    """Crop `crop_index` (0..9, as in `train_crop`) of an S x S square: float32, mean subtracted."""
+def crop_of_square(
+    square, crop_index, resize_size: int, crop_size: int, pixels: Pixels
+) -> tf.Tensor:
+    """Crop `crop_index` (0..9, as in `train_crop`) of an S x S square: float32, normalized."""
     crop_index = tf.convert_to_tensor(crop_index, tf.int32)
     offset = tf.constant(crop_offsets(resize_size, crop_size), tf.int32)[crop_index % 5]
     crop = tf.cast(
         tf.slice(square, [offset[0], offset[1], 0], [crop_size, crop_size, 3]), tf.float32
     )
     crop = tf.cond(crop_index >= 5, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
-    return crop - tf.constant(mean, tf.float32)
+    return pixels.normalize(crop)
 
 
-def ten_crops_of_square(square, resize_size: int, crop_size: int, mean) -> tf.Tensor:
-    """All 10 crops of an S x S square: float32 (10, s, s, 3), mean subtracted."""
-    return _crops_of_square(tf.cast(square, tf.float32), resize_size, crop_size, mean)
+def ten_crops_of_square(square, resize_size: int, crop_size: int, pixels: Pixels) -> tf.Tensor:
+    """All 10 crops of an S x S square: float32 (10, s, s, 3), normalized."""
+    return _crops_of_square(tf.cast(square, tf.float32), resize_size, crop_size, pixels)
 
 
-def center_crop(encoded, resize_size: int, crop_size: int, mean) -> tf.Tensor:
-    """The single unflipped center crop (index 4): float32 (s, s, 3), mean subtracted."""
-    return train_crop(encoded, CENTER_CROP, resize_size, crop_size, mean)
+def center_crop(encoded, resize_size: int, crop_size: int, pixels: Pixels) -> tf.Tensor:
+    """The single unflipped center crop (index 4): float32 (s, s, 3), normalized."""
+    return train_crop(encoded, CENTER_CROP, resize_size, crop_size, pixels)

@@ -56,7 +56,7 @@ def test_examples_without_annotations(tmp_path, tiny_config):
     assert ex.boxes is None and ex.masks is None
     assert ex.images.shape[1:] == (64, 64, 3)
     encoded = tf.io.read_file(str(tmp_path / "a" / "0.png"))
-    expected = preprocess.ten_crops(encoded, 72, 64, tiny_config.data.mean)[4]
+    expected = preprocess.ten_crops(encoded, 72, 64, preprocess.pixels(tiny_config.data))[4]
     np.testing.assert_allclose(ex.images[0], expected.numpy(), atol=1e-3)
 
 

@@ -215,7 +215,7 @@ def test_deconv_conv5_on_a_model_without_conv3_conv4():
     images = (np.random.default_rng(3).normal(size=(2, 64, 64, 3)) * 50).astype("float32")
     chain = [layer.name for layer in deconv._chain(model, "conv5")]
     assert chain[-4:] == ["conv2", "pool2", "norm2", "conv5"]
-    with pytest.raises(ValueError, match="valid layers: conv1, conv2, conv5"):
+    with pytest.raises(ValueError, match="valid layers: conv1, pool1, conv2, pool2, conv5, pool5$"):
         deconv.build_deconvnet(model, "conv3")
     index = np.array([0, 1], np.int32)
     maps = keras.Model(model.input, model.get_layer("conv5").output)(images).numpy()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import DataError
+from pipelines import DataError, preprocess
 from pipelines import examples as examples_lib
 from tests.conftest import load_config, run_analysis, workdir_with_model
 from tests.test_train import events
@@ -41,14 +41,14 @@ def test_grid_geometry():
             occlusion.occluder_grid(64, *bad)
 
 
-def _brute_force(fn, image, size, ys, xs):
+def _brute_force(fn, image, size, ys, xs, fill=0.0):
     """Occludes with numpy and calls fn on one copy at a time."""
     rows = []
     for y in ys:
         row = []
         for x in xs:
             copy = image.copy()
-            copy[y : y + size, x : x + size] = 0.0
+            copy[y : y + size, x : x + size] = fill
             row.append({k: v[0] for k, v in fn(copy[None]).items()})
         rows.append(row)
     return {k: np.stack([np.stack([c[k] for c in r]) for r in rows]) for k in rows[0][0]}
@@ -84,6 +84,21 @@ def test_occluded_outputs_equals_brute_force():
     ref = _brute_force(lambda b: {"s": b.sum(axis=(1, 2, 3))}, image, 2, [1, 10], [0, 3, 5])
     assert arr.shape == (2, 3)
     np.testing.assert_array_equal(arr, ref["s"])
+
+
+def test_occluder_is_the_normalized_mean_colour():
+    # With another preprocessing the gray square is the data mean normalized, not 0.
+    config = load_config()
+    config.data.preprocessing = "caffe"
+    fill = preprocess.pixels(config.data).fill
+    assert np.abs(fill).max() > 0
+    image = np.random.default_rng(2).normal(0, 50, (6, 6, 3)).astype(np.float32)
+    fn = _per_copy_fn([])
+    out = occlusion.occluded_outputs(fn, image, 3, 3, fill=fill)
+    np.testing.assert_array_equal(
+        out["copy"], _brute_force(fn, image, 3, [0, 3], [0, 3], fill)["copy"]
+    )
+    np.testing.assert_array_equal(out["copy"][0, 0, 0, 0], fill)
 
 
 def test_batch_size_invariance():

@@ -153,7 +153,9 @@ def test_export_matches_keras_in_fresh_process(trained):
     workdir, config, _ = trained
     model = workdirs.load_model(str(workdir))
     encoded = [e.numpy() for e, _ in inputs.encoded_records(config.data, "test").take(3)]
-    crops = np.stack([preprocess.ten_crops(e, 72, 64, config.data.mean) for e in encoded])
+    crops = np.stack(
+        [preprocess.ten_crops(e, 72, 64, preprocess.pixels(config.data)) for e in encoded]
+    )
     probs = tf.nn.softmax(model.predict(crops.reshape(-1, 64, 64, 3), verbose=0)).numpy()
     expected = probs.reshape(3, 10, -1).mean(axis=1)
     images = np.stack([tf.io.decode_png(e).numpy() for e in encoded])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import DataError, inputs
+from pipelines import DataError, inputs, preprocess
 from tests.conftest import load_config, run_analysis, tiny, workdir_with_model
 from tests.images import encode, random_rgb, write
 from tests.test_cli import error_lines, main_py
@@ -81,7 +81,8 @@ def test_single_image_of_any_size(config, tmp_path):
     assert out["image"] == photo and out["layer"] == "conv5"
     # The model's own conv5 maxima on the center crop: the 4 strongest maps, in order.
     data = config.data
-    image = visualize.load_image(photo, data.resize_size, data.crop_size, data.mean)
+    pixels = preprocess.pixels(data)
+    image = visualize.load_image(photo, data.resize_size, data.crop_size, pixels)
     assert image.shape == (64, 64, 3)
     model = model_lib.build_model(config.model)
     act = keras.Model(model.inputs, model.get_layer("conv5").output)([image[None]]).numpy()[0]

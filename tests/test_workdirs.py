@@ -78,6 +78,18 @@ def test_list_field_added_later_is_the_same_run(tmp_path):
     assert workdirs.run_differences(str(tmp_path), config) == ["model.remove"]
 
 
+def test_workdir_trained_before_data_preprocessing_existed(tmp_path):
+    config = load_config()
+    workdirs.prepare_for_training(config, str(tmp_path), overwrite=False)
+    old = json.loads((tmp_path / "config.json").read_text())
+    del old["data"]["preprocessing"]  # it meant the paper's mean subtraction
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert workdirs.run_differences(str(tmp_path), config) == []
+    assert workdirs.load_config(str(tmp_path), config).data.preprocessing == "zfnet"
+    config.data.preprocessing = "tf"
+    assert workdirs.run_differences(str(tmp_path), config) == ["data.preprocessing"]
+
+
 def test_load_model_needs_a_checkpoint(tmp_path):
     with pytest.raises(UsageError, match="run --mode=train first"):
         workdirs.load_model(str(tmp_path))

@@ -199,7 +199,7 @@ def validate_config(config):
     Raises:
       UsageError: naming the field and its valid choices.
     """
-    from pipelines import inputs
+    from pipelines import inputs, preprocess
     from zf_tf.core import model as model_lib
     from zf_tf.training import callbacks
 
@@ -208,6 +208,8 @@ def validate_config(config):
             raise UsageError(f"{key}={value!r} is not valid: choose one of {', '.join(choices)}")
 
     choose("config.data.source", config.data.source, inputs.SOURCES)
+    kind = config.data.get("preprocessing", preprocess.DEFAULT_PREPROCESSING)
+    choose("config.data.preprocessing", kind, preprocess.PREPROCESSING)
     choose("config.model.layer1", config.model.layer1, tuple(model_lib.LAYER1))
     choose("config.model.kernel_init", config.model.kernel_init, model_lib.KERNEL_INITS)
     for name in config.model.get("remove", ()):

@@ -39,9 +39,15 @@ def analysis_settings(config, mode: str, defaults: dict) -> dict:
     return out
 
 
-def display(images: np.ndarray, mean) -> np.ndarray:
-    """Model inputs (mean subtracted) back to [0, 1] RGB."""
-    return np.clip((np.asarray(images, np.float32) + np.asarray(mean, np.float32)) / 255.0, 0, 1)
+def display(images: np.ndarray, pixels) -> np.ndarray:
+    """Model inputs back to [0, 1] RGB.
+
+    Args:
+      images: model inputs (..., 3).
+      pixels: their normalization, a `pipelines.preprocess.Pixels`
+        (`preprocess.pixels(config.data)`).
+    """
+    return pixels.display(images)
 
 
 def check_free(paths, overwrite: bool):

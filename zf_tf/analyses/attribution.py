@@ -51,7 +51,7 @@ import tensorflow as tf
 import tqdm
 
 from pipelines import examples as examples_lib
-from pipelines import inputs
+from pipelines import inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base, occlusion
 from zf_tf.core import deconv
@@ -258,7 +258,13 @@ def _probabilities_fn(model: keras.Model):
 
 
 def occlusion_maps(
-    model: keras.Model, images, classes, size: float, stride: float, batch_size: int = 128
+    model: keras.Model,
+    images,
+    classes,
+    size: float,
+    stride: float,
+    batch_size: int = 128,
+    fill=0.0,
 ) -> np.ndarray:
     """The drop in class probability under a sliding gray square, as pixel maps.
 
@@ -267,6 +273,8 @@ def occlusion_maps(
       size, stride: the square's side and step as fractions of the crop side
         (`config.analysis.occlusion`).
       batch_size: occluded copies per forward pass.
+      fill: the square's model-input value, the mean colour (`preprocess.Pixels.fill`; 0
+        with the paper's mean subtraction).
 
     Returns:
       float32 (N, H, W): p_c(image) - p_c(occluded), each pixel the mean over the squares
@@ -281,7 +289,14 @@ def occlusion_maps(
     for n, (image, c) in enumerate(zip(images, classes)):
         c = int(c)
         occluded = occlusion.occluded_outputs(
-            lambda x, c=c: probs(x)[:, c], image, size_px, stride_px, batch_size, ys=ys, xs=xs
+            lambda x, c=c: probs(x)[:, c],
+            image,
+            size_px,
+            stride_px,
+            batch_size,
+            ys=ys,
+            xs=xs,
+            fill=fill,
         )
         out[n] = occlusion.pixel_map(clean[n, c] - occluded, ys, xs, size_px, crop)
     return out
@@ -297,10 +312,12 @@ class MapSettings:
     occluder_size: float  # occlusion: the square's side, fraction of the crop side
     occluder_stride: float  # its step, fraction of the crop side
     batch_size: int  # occluded copies / Score-CAM masked images per forward pass
+    occluder_fill: tuple = (0.0, 0.0, 0.0)  # occlusion: the square's model input (Pixels.fill)
 
 
 def map_settings(config) -> MapSettings:
-    """MapSettings from `config.analysis` (attribution, occlusion.size/stride, batch_size)."""
+    """MapSettings from `config.analysis` (attribution, occlusion.size/stride, batch_size) and
+    `config.data` (the occluder's colour: the data mean, normalized)."""
     a = config.analysis
     return MapSettings(
         smoothgrad_samples=int(a.attribution.smoothgrad_samples),
@@ -309,6 +326,7 @@ def map_settings(config) -> MapSettings:
         occluder_size=float(a.occlusion.size),
         occluder_stride=float(a.occlusion.stride),
         batch_size=int(a.batch_size),
+        occluder_fill=tuple(preprocess.pixels(config.data).fill.tolist()),
     )
 
 
@@ -364,6 +382,7 @@ def method_maps(
             settings.occluder_size,
             settings.occluder_stride,
             settings.batch_size,
+            settings.occluder_fill,
         )
     raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
 
@@ -497,9 +516,10 @@ def display_scale(m) -> np.ndarray:
     return np.clip(m / top, 0, 1)
 
 
-def render(arrays: dict, methods, path: str, mean, class_names=None, target: str = "true"):
+def render(arrays: dict, methods, path: str, pixels, class_names=None, target: str = "true"):
     """Rows images, columns input + methods: heat maps over the faded image, each map's
-    maximum marked (green: inside the box, white: outside; cyan without boxes).
+    maximum marked (green: inside the box, white: outside; cyan without boxes). `pixels`
+    (`preprocess.Pixels`) turns the model inputs back into RGB.
 
     Returns:
       The figure as a uint8 (H, W, 3) array.
@@ -514,7 +534,7 @@ def render(arrays: dict, methods, path: str, mean, class_names=None, target: str
     name = (lambda c: class_names[c]) if class_names else str
     boxes = arrays.get("boxes")
     for r in range(n):
-        image = outputs.display(arrays["images"][r], mean)
+        image = outputs.display(arrays["images"][r], pixels)
         faded = 0.35 + 0.4 * image.mean(-1)
         c = int(arrays["classes"][r])
         for j in range(cols):
@@ -588,7 +608,7 @@ class Settings:
     maps: MapSettings
     seed: int  # SmoothGrad's noise
     crop_size: int
-    mean: tuple  # the data mean (to display model inputs)
+    pixels: preprocess.Pixels  # the model inputs' normalization (to display them)
     class_names: tuple
 
     @property
@@ -640,7 +660,7 @@ def settings(config, request) -> Settings:
         maps=maps,
         seed=int(config.seed),
         crop_size=int(config.data.crop_size),
-        mean=tuple(config.data.mean),
+        pixels=preprocess.pixels(config.data),
         class_names=tuple(inputs.class_names(config.data)),
     )
 
@@ -718,7 +738,7 @@ def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
     arrays = result["arrays"]
     outputs.save_npz(paths["attribution.npz"], methods=np.array(s.methods), **arrays)
     figure = render(
-        arrays, s.methods, paths["attribution.png"], s.mean, list(s.class_names), s.target
+        arrays, s.methods, paths["attribution.png"], s.pixels, list(s.class_names), s.target
     )
     report = base.Report(images={f"{MODE}/{s.target}_class": figure}, summary=result["summary"])
     if result["game"] is None:

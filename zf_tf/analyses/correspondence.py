@@ -2,12 +2,12 @@
 (Zeiler & Fergus 2014, Sec. 4.2, Table 1.)
 
 N images of one class (paper: 5 dogs). In each image the same named part (paper: left eye,
-right eye, nose) is occluded with gray, i.e. 0 in the mean-subtracted model input, and so
-are random regions of the same size. For a layer l (paper: 5 and 7) and image i,
-eps_i = x_i - x~_i is the change of the flattened feature vector the occlusion causes. The
-paper's score is Delta_l = sum_{i != j} H(sign(eps_i), sign(eps_j)), H the Hamming
-distance. Lower = the occlusion changes the features in the same direction in every
-image = more consistent.
+right eye, nose) is occluded with gray (the data mean colour, `Pixels.fill`: 0 in the
+mean-subtracted model input), and so are random regions of the same size. For a layer l
+(paper: 5 and 7) and image i, eps_i = x_i - x~_i is the change of the flattened feature
+vector the occlusion causes. The paper's score is
+Delta_l = sum_{i != j} H(sign(eps_i), sign(eps_j)), H the Hamming distance. Lower = the
+occlusion changes the features in the same direction in every image = more consistent.
 
 Precisely, as computed here (and reported in correspondence.md / .json):
 - sign() is three-valued (-1, 0, +1): ReLU features are often 0 with and without the
@@ -62,7 +62,7 @@ OUTPUTS = ("correspondence.md", "correspondence.json", "correspondence.png")
 class Subjects:
     """The images of a correspondence experiment and their part boxes, in crop pixels."""
 
-    images: np.ndarray  # float32 (N, s, s, 3) model inputs (mean subtracted)
+    images: np.ndarray  # float32 (N, s, s, 3) model inputs (`preprocess.pixels(config.data)`)
     names: list[str]  # (N,) image names for tables and figures
     parts: tuple[str, ...]  # (P,) part names
     boxes: np.ndarray  # int32 (N, P, 4) y0, x0, y1, x1 (end exclusive) in crop pixels
@@ -140,7 +140,7 @@ def load_photo(path: str, config) -> tuple[np.ndarray, tuple[int, int]]:
     """A photo as the model's center crop, the geometry `examples.pixel_box_to_crop` assumes.
 
     Returns:
-      (float32 (s, s, 3) mean-subtracted crop, (height, width) of the original).
+      (float32 (s, s, 3) model input crop, (height, width) of the original).
 
     Raises:
       UsageError: the file cannot be read or decoded.
@@ -148,7 +148,8 @@ def load_photo(path: str, config) -> tuple[np.ndarray, tuple[int, int]]:
     d = config.data
     try:
         image = preprocess.decode_rgb(tf.io.read_file(path))
-        crop = preprocess.ten_crops_of_image(image, d.resize_size, d.crop_size, d.mean)
+        pixels = preprocess.pixels(d)
+        crop = preprocess.ten_crops_of_image(image, d.resize_size, d.crop_size, pixels)
         return crop[preprocess.CENTER_CROP].numpy(), tuple(int(v) for v in image.shape[:2])
     except (tf.errors.OpError, ValueError) as e:
         message = getattr(e, "message", str(e)).splitlines()[0]
@@ -283,15 +284,17 @@ def random_boxes(subjects: Subjects, draws: int, seed: int, crop_size: int) -> n
 # ----------------------------------------------------------------------------------------
 
 
-def occlude(image: np.ndarray, boxes) -> np.ndarray:
-    """Copies of `image`, one per box, with that box set to 0 (gray after the mean).
+def occlude(image: np.ndarray, boxes, fill=0.0) -> np.ndarray:
+    """Copies of `image`, one per box, with that box set to `fill`: the gray of the mean
+    colour in the model input (`preprocess.Pixels.fill`; 0 with the paper's mean subtraction),
+    a scalar or one value per channel.
 
     Returns:
       float32 (len(boxes), s, s, 3).
     """
     out = np.repeat(np.asarray(image, np.float32)[None], len(boxes), axis=0)
     for k, (y0, x0, y1, x1) in enumerate(boxes):
-        out[k, y0:y1, x0:x1] = 0.0
+        out[k, y0:y1, x0:x1] = fill
     return out
 
 
@@ -347,7 +350,7 @@ def _tap(model, layers):
     return keras.Model(model.input, [model.get_layer(name).output for name in layers])
 
 
-def measure(model, subjects: Subjects, random: np.ndarray, layers, batch_size: int = 128):
+def measure(model, subjects: Subjects, random: np.ndarray, layers, batch_size: int = 128, fill=0.0):
     """Occludes every part and random region and scores sign consistency per layer.
 
     Args:
@@ -356,6 +359,7 @@ def measure(model, subjects: Subjects, random: np.ndarray, layers, batch_size: i
       random: int (R, N, 4) random boxes (`random_boxes`).
       layers: layer names, e.g. ('conv5', 'fc7').
       batch_size: forward-pass batch (an image, its occluded copies; chunked).
+      fill: the occluders' model-input value (`occlude`).
 
     Returns:
       {layer: {'parts': {part: float64 (N(N-1),) pair_hamming}, 'random': float64 (R,)
@@ -367,7 +371,7 @@ def measure(model, subjects: Subjects, random: np.ndarray, layers, batch_size: i
     scale = {layer: [] for layer in layers}
     for i in tqdm.tqdm(range(n), desc="correspondence", unit="img"):
         boxes = np.concatenate([subjects.boxes[i], random[:, i]])
-        batch = np.concatenate([subjects.images[i][None], occlude(subjects.images[i], boxes)])
+        batch = np.concatenate([subjects.images[i][None], occlude(subjects.images[i], boxes, fill)])
         outs = {layer: [] for layer in layers}
         for start in range(0, len(batch), batch_size):
             chunk = tap(batch[start : start + batch_size], training=False)
@@ -419,8 +423,9 @@ def table(summary: dict) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-def plot(subjects: Subjects, random: np.ndarray, mean, path: str, title: str) -> np.ndarray:
-    """The images with their part boxes (colored) and draw 0's random box (dashed white)."""
+def plot(subjects: Subjects, random: np.ndarray, pixels, path: str, title: str) -> np.ndarray:
+    """The images with their part boxes (colored) and draw 0's random box (dashed white);
+    `pixels` (`preprocess.Pixels`) turns the model inputs back into RGB."""
     plt = outputs.pyplot()
     from matplotlib.patches import Rectangle
 
@@ -428,7 +433,7 @@ def plot(subjects: Subjects, random: np.ndarray, mean, path: str, title: str) ->
     fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 3.0), squeeze=False)
     colors = plt.get_cmap("tab10").colors
     for i, ax in enumerate(axes[0]):
-        ax.imshow(outputs.display(subjects.images[i], mean), interpolation="nearest")
+        ax.imshow(outputs.display(subjects.images[i], pixels), interpolation="nearest")
         ax.axis("off")
         ax.set_title(subjects.names[i], fontsize=7)
         boxes = [*subjects.boxes[i], random[0, i]] if len(random) else list(subjects.boxes[i])
@@ -480,7 +485,7 @@ class Settings:
     seed: int  # of the random regions
     crop_size: int
     batch_size: int  # forward-pass batch of an image and its occluded copies
-    mean: tuple  # the data mean (to display model inputs)
+    pixels: preprocess.Pixels  # the model inputs' normalization (occluder colour, display)
 
 
 def settings(config, request) -> Settings:
@@ -516,7 +521,7 @@ def settings(config, request) -> Settings:
         seed=int(config.seed),
         crop_size=int(config.data.crop_size),
         batch_size=int(config.analysis.batch_size),
-        mean=tuple(config.data.mean),
+        pixels=preprocess.pixels(config.data),
     )
 
 
@@ -541,7 +546,7 @@ def compute(model, subjects: Subjects, s: Settings) -> dict:
       measure()'s dict, 'summary': summarize()'s dict}.
     """
     random = random_boxes(subjects, s.random_draws, s.seed, s.crop_size)
-    result = measure(model, subjects, random, s.layers, s.batch_size)
+    result = measure(model, subjects, random, s.layers, s.batch_size, s.pixels.fill)
     return {"subjects": subjects, "random": random, "measure": result, "summary": summarize(result)}
 
 
@@ -578,7 +583,7 @@ def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
     figure = plot(
         subjects,
         random,
-        s.mean,
+        s.pixels,
         paths["correspondence.png"],
         f"Correspondence: occluded parts ({', '.join(subjects.parts)}) and a random region",
     )

@@ -56,15 +56,16 @@ def select_features(num_maps: int, features: str, num_features: int, seed: int) 
     return sorted(rng.choice(num_maps, size=num_features, replace=False).tolist())
 
 
-def load_image(path: str, resize_size: int, crop_size: int, mean) -> np.ndarray:
-    """A photo file as the model's center-crop input (float32, mean subtracted).
+def load_image(path: str, resize_size: int, crop_size: int, pixels) -> np.ndarray:
+    """A photo file as the model's center-crop input (float32, normalized by `pixels`, a
+    `preprocess.Pixels`).
 
     Raises:
       UsageError: the file cannot be read or decoded.
     """
     try:
         encoded = tf.io.read_file(path)
-        return preprocess.center_crop(encoded, resize_size, crop_size, mean).numpy()
+        return preprocess.center_crop(encoded, resize_size, crop_size, pixels).numpy()
     except (tf.errors.OpError, ValueError) as e:
         message = getattr(e, "message", str(e)).splitlines()[0]
         raise UsageError(f"cannot read image {path}: {message}") from None
@@ -175,7 +176,7 @@ def render_top_k(result: dict, s: Settings, path: str) -> np.ndarray:
         for n in (n for n, r in enumerate(rows) if r["feature"] == f):
             box = rows[n]["box"]
             proj.append(outputs.field_patch(outputs.stretch(result["projection"][n]), box, side))
-            image = outputs.display(result["pool"][result["slot"][n]], s.mean)
+            image = outputs.display(result["pool"][result["slot"][n]], s.pixels)
             patch.append(outputs.field_patch(image, box, side))
         while len(proj) < k:  # fewer images than k in a tiny split
             proj.append(np.full((side, side, 3), 0.5, np.float32))
@@ -196,7 +197,7 @@ def render_top_k(result: dict, s: Settings, path: str) -> np.ndarray:
 
 def render_image(result: dict, s: Settings, path: str) -> np.ndarray:
     """The input and its strongest maps' projections saved as PNG; returns the figure."""
-    shown = [outputs.display(result["image"], s.mean)]
+    shown = [outputs.display(result["image"], s.pixels)]
     titles = ["input (center crop)"]
     for i, f in enumerate(result["features"]):
         shown.append(outputs.stretch(result["projection"][i]))
@@ -220,7 +221,7 @@ class Settings:
     features: str  # comma-separated maps ('' = a seeded subset of `num_features`)
     num_features: int  # seeded maps (scan) or strongest maps (image); <= 0: all
     seed: int
-    mean: tuple
+    pixels: preprocess.Pixels  # the model inputs' normalization (load and display images)
     crop_size: int
     resize_size: int
 
@@ -255,12 +256,12 @@ def settings(config, request: base.Request) -> Settings:
         features=request.features,
         num_features=int(request.num_features),
         seed=int(config.seed),
-        mean=tuple(data.mean),
+        pixels=preprocess.pixels(data),
         crop_size=int(data.crop_size),
         resize_size=int(data.resize_size),
     )
     if s.image:
-        load_image(s.image, s.resize_size, s.crop_size, s.mean)  # readable: refused now if not
+        load_image(s.image, s.resize_size, s.crop_size, s.pixels)  # readable: refused now if not
     else:
         inputs.check_split(data, s.split)
         if s.features:  # range-checked against the layer's width before the model loads
@@ -284,7 +285,7 @@ class Data:
 
 def load(config, s: Settings, model) -> Data:
     if s.image:
-        return Data(image=load_image(s.image, s.resize_size, s.crop_size, s.mean))
+        return Data(image=load_image(s.image, s.resize_size, s.crop_size, s.pixels))
     return Data(
         dataset=lambda: inputs.build_inputs(config, s.split, mode="center"),
         total=inputs.check_split(config.data, s.split),

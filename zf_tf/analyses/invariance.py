@@ -7,8 +7,9 @@ the Euclidean distance between the feature vectors of the original and of the tr
 image at layer 1 (conv1's output, flattened) and layer 7 (fc7's output), and the softmax
 probability of the true class.
 
-Transforms act on the model input (the mean-subtracted center crop), bilinearly, with the
-area uncovered by the transform filled with 0 (the mean, i.e. gray). Conventions, in pixel
+Transforms act on the model input (the normalized center crop), bilinearly, with the area
+uncovered by the transform filled with the data mean colour, i.e. gray (`Pixels.fill`: 0 in
+the paper's mean-subtracted input). Conventions, in pixel
 index coordinates (pixel centers at integers, the image center at ((s-1)/2, (s-1)/2)):
 - translation t: the content moves DOWN by t * s pixels (t < 0: up);
 - scale f: zoom about the center; f > 1 enlarges the content, f < 1 shrinks it;
@@ -32,7 +33,7 @@ import numpy as np
 import tqdm
 
 from pipelines import examples as examples_lib
-from pipelines import inputs
+from pipelines import inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base
 from zf_tf.core.errors import UsageError
@@ -79,32 +80,34 @@ def transform_matrix(kind: str, amount: float, size: int) -> np.ndarray:
     raise UsageError(f"unknown transform {kind!r}: valid transforms: {', '.join(TRANSFORMS)}")
 
 
-def apply_transforms(images, matrices) -> np.ndarray:
-    """Applies one projective transform per image, bilinearly, filling with 0, in one call.
+def apply_transforms(images, matrices, fill=0.0) -> np.ndarray:
+    """Applies one projective transform per image, bilinearly, filling with `fill`, in one call.
 
     `keras.ops.image.affine_transform` with the TensorFlow backend runs TF's
     ImageProjectiveTransformV3 kernel, which this function called directly before: measured
     bit-identical (max |difference| 0.0) on 4096 copies of 64x64x3 images (every translation,
     scale and rotation of a dense sweep), and tests/test_invariance.py checks it against a
-    numpy bilinear oracle.
+    numpy bilinear oracle. Bilinear weights sum to 1, so a colour fill is a 0 fill of
+    `images - fill`, plus `fill` (the kernel's fill value is one scalar).
 
     Args:
       images: float32 (N, H, W, C).
       matrices: (N, 8) from `transform_matrix`.
+      fill: the uncovered area's value, a scalar or one per channel (`Pixels.fill`).
 
     Returns:
       float32 (N, H, W, C).
     """
-    return np.asarray(
-        keras.ops.image.affine_transform(
-            np.asarray(images, np.float32),
-            np.asarray(matrices, np.float32),
-            interpolation="bilinear",
-            fill_mode="constant",
-            fill_value=0.0,
-            data_format="channels_last",
-        )
+    fill = np.asarray(fill, np.float32)
+    out = keras.ops.image.affine_transform(
+        np.asarray(images, np.float32) - fill,
+        np.asarray(matrices, np.float32),
+        interpolation="bilinear",
+        fill_mode="constant",
+        fill_value=0.0,
+        data_format="channels_last",
     )
+    return np.asarray(out) + fill
 
 
 def sweeps(config) -> dict[str, tuple[float, ...]]:
@@ -117,8 +120,8 @@ def sweeps(config) -> dict[str, tuple[float, ...]]:
     }
 
 
-def transformed_copies(image: np.ndarray, sweep: dict) -> tuple[np.ndarray, list]:
-    """All transformed copies of one image, in one batched op.
+def transformed_copies(image: np.ndarray, sweep: dict, fill=0.0) -> tuple[np.ndarray, list]:
+    """All transformed copies of one image, in one batched op (uncovered area: `fill`).
 
     Returns:
       (copies float32 (A, s, s, 3), [(transform, amount)] of length A), in `sweep` order.
@@ -126,7 +129,7 @@ def transformed_copies(image: np.ndarray, sweep: dict) -> tuple[np.ndarray, list
     keys = [(kind, a) for kind in sweep for a in sweep[kind]]
     size = image.shape[0]
     matrices = np.stack([transform_matrix(kind, a, size) for kind, a in keys])
-    return apply_transforms(np.repeat(image[None], len(keys), axis=0), matrices), keys
+    return apply_transforms(np.repeat(image[None], len(keys), axis=0), matrices, fill), keys
 
 
 def feature_layers(model) -> tuple[str, str, str]:
@@ -157,7 +160,14 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def measure(model, images: np.ndarray, labels: np.ndarray, sweep: dict, batch_size: int = 128):
+def measure(
+    model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    sweep: dict,
+    batch_size: int = 128,
+    fill=0.0,
+):
     """Feature distances and true-class probability of every transformed copy.
 
     Args:
@@ -166,6 +176,7 @@ def measure(model, images: np.ndarray, labels: np.ndarray, sweep: dict, batch_si
       labels: (N,) true classes.
       sweep: {transform: amounts}, as `sweeps(config)`.
       batch_size: forward-pass batch (the original and all its copies, chunked).
+      fill: the model input of the mean colour, for uncovered areas (`Pixels.fill`).
 
     Returns:
       dict with, per transform `k`: `k/amounts` (A_k,), `k/dist_layer1`, `k/dist_layer7`,
@@ -180,7 +191,7 @@ def measure(model, images: np.ndarray, labels: np.ndarray, sweep: dict, batch_si
     for image, label in tqdm.tqdm(
         list(zip(images, labels)), desc="invariance", unit="img", disable=len(images) < 2
     ):
-        copies, keys = transformed_copies(image, sweep)
+        copies, keys = transformed_copies(image, sweep, fill)
         batch = np.concatenate([image[None], copies])
         outs = [[], [], []]
         for start in range(0, len(batch), batch_size):
@@ -261,8 +272,9 @@ def plot(result: dict, legend: list[str], path: str, title: str) -> np.ndarray:
     return image
 
 
-def example_strip(image: np.ndarray, sweep: dict, mean, path: str, title: str) -> np.ndarray:
-    """The transformed copies of one image, one row per transform, as a PNG."""
+def example_strip(image: np.ndarray, sweep: dict, pixels, path: str, title: str) -> np.ndarray:
+    """The transformed copies of one image, one row per transform, as a PNG; `pixels`
+    (`preprocess.Pixels`): the fill colour and the way back to RGB."""
     plt = outputs.pyplot()
     width = max(len(a) for a in sweep.values())
     fig, axes = plt.subplots(
@@ -271,9 +283,9 @@ def example_strip(image: np.ndarray, sweep: dict, mean, path: str, title: str) -
     for ax in axes.ravel():
         ax.axis("off")
     for r, (kind, amounts) in enumerate(sweep.items()):
-        copies, _ = transformed_copies(image, {kind: amounts})
+        copies, _ = transformed_copies(image, {kind: amounts}, pixels.fill)
         for c, (copy, amount) in enumerate(zip(copies, amounts)):
-            axes[r, c].imshow(outputs.display(copy, mean), interpolation="nearest")
+            axes[r, c].imshow(outputs.display(copy, pixels), interpolation="nearest")
             axes[r, c].set_title(f"{kind[:5]} {amount:g}", fontsize=6)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
@@ -300,7 +312,7 @@ class Settings:
     scales: tuple[float, ...]  # zoom factors
     rotations: tuple[float, ...]  # degrees, counterclockwise
     batch_size: int  # forward-pass batch of an image and its copies
-    mean: tuple  # the data mean (to display model inputs)
+    pixels: preprocess.Pixels  # the model inputs' normalization (fill colour, display)
     class_names: tuple
 
     def sweep(self) -> dict[str, tuple[float, ...]]:
@@ -323,7 +335,7 @@ def settings(config, request) -> Settings:
         scales=sweep["scale"],
         rotations=sweep["rotation"],
         batch_size=int(config.analysis.batch_size),
-        mean=tuple(config.data.mean),
+        pixels=preprocess.pixels(config.data),
         class_names=tuple(inputs.class_names(config.data)),
     )
 
@@ -340,7 +352,9 @@ def compute(model, examples: examples_lib.Examples, s: Settings) -> dict:
       (s, s, 3), whose transformed copies invariance_examples.png shows}.
     """
     return {
-        "measure": measure(model, examples.images, examples.labels, s.sweep(), s.batch_size),
+        "measure": measure(
+            model, examples.images, examples.labels, s.sweep(), s.batch_size, s.pixels.fill
+        ),
         "labels": examples.labels,
         "indices": examples.indices,
         "example": examples.images[0],
@@ -370,9 +384,9 @@ def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
     strip = example_strip(
         result["example"],
         s.sweep(),
-        s.mean,
+        s.pixels,
         paths["invariance_examples.png"],
-        f"transformed copies of {legend[0]} (gray = 0 fill)",
+        f"transformed copies of {legend[0]} (gray = mean colour fill)",
     )
     return base.Report(
         images={f"{MODE}/curves": grid, f"{MODE}/examples": strip},

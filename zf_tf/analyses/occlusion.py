@@ -1,8 +1,8 @@
 """`--mode=occlusion`: occlusion sensitivity (Zeiler & Fergus 2014, Sec. 4.2, Fig. 7).
 
-A gray square slides over the image (value 0 in the mean-subtracted model input, i.e. the
-dataset's mean color). For every occluder position the model is run on the occluded copy and
-we record, as maps over occluder positions:
+A gray square slides over the image (the dataset's mean color: `Pixels.fill` in the model
+input, 0 with the paper's mean subtraction). For every occluder position the model is run on
+the occluded copy and we record, as maps over occluder positions:
   (b) the total activation (sum over the map) of the layer-5 feature map that is strongest
       (highest maximum activation) on the unoccluded image,
   (d) the probability of the correct class (softmax of the logits),
@@ -37,7 +37,7 @@ import tensorflow as tf
 import tqdm
 
 from pipelines import examples as examples_lib
-from pipelines import inputs
+from pipelines import inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base
 from zf_tf.core import deconv, topk
@@ -96,8 +96,9 @@ def occluder_grid(crop_size: int, size: float, stride: float):
 
 
 @tf.function(reduce_retracing=True)
-def _occlude(image, ys, xs, size):
-    """Copies of `image` (H, W, C), copy i with a zero square of side `size` at (ys[i], xs[i])."""
+def _occlude(image, ys, xs, size, fill):
+    """Copies of `image` (H, W, C), copy i with a square of side `size` at (ys[i], xs[i])
+    filled with the colour `fill` (C,)."""
     h, w, c = tf.shape(image)[0], tf.shape(image)[1], tf.shape(image)[2]
     # Pixels as (H, W*C) rows so the select broadcasts along the batch axis only: 4x faster
     # on CPU than a (B, H, W, 1) mask against (1, H, W, C), which broadcasts the channels.
@@ -106,8 +107,9 @@ def _occlude(image, ys, xs, size):
     in_rows = (rows >= ys[:, None]) & (rows < ys[:, None] + size)  # (B, H)
     in_cols = (cols >= xs[:, None]) & (cols < xs[:, None] + size)  # (B, W*C)
     square = in_rows[:, :, None] & in_cols[:, None, :]  # (B, H, W*C)
-    # tf.where, not a multiply: an exact +0 (a multiply gives -0.0 for negative pixels).
-    copies = tf.where(square, tf.zeros((), image.dtype), tf.reshape(image, [1, h, w * c]))
+    # tf.where, not a multiply: exactly `fill` (a multiply by 0 gives -0.0 for negative pixels).
+    fill_row = tf.reshape(tf.tile(tf.cast(fill, image.dtype), [w]), [1, 1, w * c])
+    copies = tf.where(square, fill_row, tf.reshape(image, [1, h, w * c]))
     return tf.reshape(copies, [-1, h, w, c])
 
 
@@ -118,19 +120,21 @@ def _to_numpy(out):
 
 
 def occluded_outputs(
-    fn, image, size_px: int, stride_px: int, batch_size: int = 128, ys=None, xs=None
+    fn, image, size_px: int, stride_px: int, batch_size: int = 128, ys=None, xs=None, fill=0.0
 ):
     """Applies `fn` to every occluded copy of one image, many copies per call.
 
     Args:
       fn: callable mapping a float32 (B, H, W, 3) batch (a tf.Tensor; np.asarray works on it)
         to an array (B, ...) or a dict of such arrays (numpy or tf.Tensor).
-      image: (H, W, 3) model input, mean subtracted; the occluder is value 0 (the mean color).
+      image: (H, W, 3) model input.
       size_px: occluder side in pixels.
       stride_px: step between positions in pixels (used when ys/xs are not given).
       batch_size: at most this many copies per call of `fn`. The positions are split into
         equal chunks (sizes differ by at most 1) so no call is a small remainder.
       ys, xs: top-left offsets along each axis; default: `occluder_grid`'s positions.
+      fill: the occluder's model-input value, a scalar or one per channel: the mean colour,
+        `preprocess.Pixels.fill` (0 with the paper's mean subtraction).
 
     Returns:
       An array (len(ys), len(xs), ...) of `fn`'s per-copy outputs, or a dict of them.
@@ -147,9 +151,12 @@ def occluded_outputs(
     chunks = max(1, -(-total // max(1, batch_size)))
     bounds = np.linspace(0, total, chunks + 1).round().astype(int)
     image_t, size_t = tf.constant(image), tf.constant(size_px, tf.int32)
+    fill_t = tf.constant(np.broadcast_to(np.asarray(fill, np.float32), image.shape[-1:]))
     parts = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        copies = _occlude(image_t, tf.constant(pos_y[lo:hi]), tf.constant(pos_x[lo:hi]), size_t)
+        copies = _occlude(
+            image_t, tf.constant(pos_y[lo:hi]), tf.constant(pos_x[lo:hi]), size_t, fill_t
+        )
         parts.append(_to_numpy(fn(copies)))
     if isinstance(parts[0], dict):
         return {
@@ -224,6 +231,7 @@ def occlusion_maps(
     xs,
     batch_size: int = 128,
     progress=None,
+    fill=0.0,
 ) -> dict:
     """Maps (b), (d), (e) over occluder positions for each image.
 
@@ -235,6 +243,7 @@ def occlusion_maps(
       size_px, ys, xs: occluder side and positions (`occluder_grid`).
       batch_size: occluded copies per forward pass.
       progress: optional callable(1) after each image.
+      fill: the occluder's model-input value (`occluded_outputs`).
 
     Returns:
       dict of numpy arrays: feature (N,) the map with the highest maximum on the unoccluded
@@ -249,7 +258,7 @@ def occlusion_maps(
     out = {"activation_map": [], "prob_map": [], "class_map": []}
     feature = np.argmax(clean["map_max"], axis=1) if clean is not None else np.zeros(0, np.int64)
     for n, image in enumerate(images):
-        res = occluded_outputs(fn, image, size_px, 0, batch_size, ys=ys, xs=xs)
+        res = occluded_outputs(fn, image, size_px, 0, batch_size, ys=ys, xs=xs, fill=fill)
         out["activation_map"].append(res["map_sum"][..., feature[n]])
         out["prob_map"].append(res["probs"][..., int(labels[n])])
         out["class_map"].append(np.argmax(res["probs"], axis=-1))
@@ -408,6 +417,7 @@ def analyse(
     others: int = OTHER_IMAGES,
     progress=None,
     scan_progress=None,
+    fill=0.0,
 ) -> dict:
     """The whole Fig. 7 analysis of some examples, as arrays.
 
@@ -421,6 +431,7 @@ def analyse(
         (None: none).
       others: other images per feature map in (c).
       progress, scan_progress: optional callables for the image loop and the scan.
+      fill: the occluder's model-input value (`occluded_outputs`).
 
     Returns:
       dict of numpy arrays: images, labels, indices, ys, xs, size_px, stride_px, and those of
@@ -440,7 +451,16 @@ def analyse(
     }
     arrays.update(
         occlusion_maps(
-            model, examples.images, examples.labels, layer, size_px, ys, xs, batch_size, progress
+            model,
+            examples.images,
+            examples.labels,
+            layer,
+            size_px,
+            ys,
+            xs,
+            batch_size,
+            progress,
+            fill,
         )
     )
     arrays.update(
@@ -537,8 +557,12 @@ def _edges(offsets, size_px: int) -> np.ndarray:
     return np.concatenate([[2 * centers[0] - mid[0]], mid, [2 * centers[-1] - mid[-1]]])
 
 
-def render(arrays: dict, path: str, mean, class_names=None, rows: int = FIGURE_ROWS, dpi: int = 80):
+def render(
+    arrays: dict, path: str, pixels, class_names=None, rows: int = FIGURE_ROWS, dpi: int = 80
+):
     """Draws the Fig. 7-like figure (one row per image, columns a-e) and saves it as PNG.
+
+    `pixels` (`preprocess.Pixels`) turns the model inputs back into RGB.
 
     Returns:
       The figure as a uint8 (H, W, 3) array.
@@ -566,7 +590,7 @@ def render(arrays: dict, path: str, mean, class_names=None, rows: int = FIGURE_R
         "(e) most probable class",
     ]
     for r in range(n):
-        image = outputs.display(arrays["images"][r], mean)
+        image = outputs.display(arrays["images"][r], pixels)
         gray = image.mean(-1)
         label = int(arrays["labels"][r])
         ax = fig.add_subplot(outer[r, 0])
@@ -659,7 +683,7 @@ class Settings:
     split: str
     num_images: int
     batch_size: int  # occluded copies per forward pass
-    mean: tuple  # the data mean (to display model inputs)
+    pixels: preprocess.Pixels  # the model inputs' normalization (occluder colour, display)
     class_names: tuple
 
 
@@ -684,7 +708,7 @@ def settings(config, request) -> Settings:
         split=split,
         num_images=request.images(cfg.num_images),
         batch_size=int(config.analysis.batch_size),
-        mean=tuple(config.data.mean),
+        pixels=preprocess.pixels(config.data),
         class_names=tuple(inputs.class_names(config.data)),
     )
 
@@ -723,6 +747,7 @@ def compute(model, data: Data, s: Settings) -> dict:
             dataset=data.dataset,
             progress=bar.update,
             scan_progress=scan_bar.update,
+            fill=s.pixels.fill,
         )
     return {"arrays": arrays, "summary": summarize(arrays, s.layer, s.split, s.class_names)}
 
@@ -732,7 +757,7 @@ def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
     arrays, summary = result["arrays"], result["summary"]
     outputs.save_npz(paths["occlusion.npz"], **arrays)
     outputs.save_text(paths["occlusion.json"], json.dumps(summary, indent=1))
-    figure = render(arrays, paths["occlusion.png"], s.mean, list(s.class_names))
+    figure = render(arrays, paths["occlusion.png"], s.pixels, list(s.class_names))
     lines = []
     if summary["on_object"]:
         r = summary["on_object"]

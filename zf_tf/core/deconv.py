@@ -1,20 +1,27 @@
-"""Deconvnet projections (Zeiler & Fergus 2014, Sec. 2.1) for the ZFNet classifier.
+"""Deconvnet projections (Zeiler & Fergus 2014, Sec. 2.1) for ZFNet and any Keras convnet.
 
-To see what excites one activation of a conv layer, the image is run forward once while every
+To see what excites one activation of a layer, the image is run forward once while every
 max pool records where each window's maximum came from (its *switches*). All other activations
 of that layer are set to zero and the map is taken down to pixel space, layer by layer:
 
     conv layer (fused ReLU)  -> rectify (ReLU), then filter (transposed conv, same kernel,
                                 stride and padding as forward; bias ignored)
+    ReLU / Activation('relu') -> rectify
     max pool                 -> unpool: every value goes back to its switch; where
                                 overlapping windows chose the same input, the values add
-    contrast normalization   -> identity (not inverted)
+    average / global pool    -> transposed: each value spread evenly over its window
+    batch normalization      -> times its per-channel scale gamma / sqrt(var + eps)
+                                (Normalization: 1 / std)
+    contrast normalization,  -> identity (not inverted)
+    dropout
     zero padding             -> crop
     rescaling by c           -> multiply by c
 
-`build_deconvnet` builds this as one Keras functional model that reuses the classifier's own
-layer objects (so later weight changes show up in projections), runs the forward pass once per
-image and then M projections at once from gathered switches. `project` runs it in chunks.
+`build_deconvnet` builds this as one Keras functional model (the *explicit* form) that reuses
+the classifier's own layer objects (so later weight changes show up in projections), runs the
+forward pass once per image and then M projections at once from gathered switches. `project`
+runs it in chunks. Any chain of those layers works, named anything (Sequential nets, VGG,
+nested models: see `graph`).
 
 By default the way down only computes each projection inside its unit's receptive field
 (`windowed=True`): a (M, S, S, C) window per layer, S growing from 1 at the top, positioned
@@ -24,12 +31,15 @@ the receptive field can be non-zero, so the result is the same as the full compu
 
 The same numbers are a gradient: the projection of activation a equals a * d a / d input when
 every ReLU's backward is ReLU of the incoming gradient (the "deconvnet rule", not guided
-backprop), max pools back-propagate normally and LRN back-propagates as the identity.
-`gradient_projection` computes that with `tf.GradientTape`; tests use it as the oracle.
-`rule_forward` generalizes it to any layer (fc6, fc7, logits included) and other backward
-rules (guided backpropagation, the plain gradient), for the attribution methods.
+backprop), max pools back-propagate normally and LRN back-propagates as the identity. This
+*rule form* (`rule_tap`: the model's layers, shared weights, each ReLU-bearing layer wrapped)
+works on any DAG (ResNet `Add`, Inception `Concatenate`, MobileNet depthwise convs);
+`build_deconvnet` uses it where the layers below are not a chain, and `gradient_projection`
+computes it directly. `rule_forward` generalizes it to any layer (dense layers and logits
+included) and other backward rules (guided backpropagation, the plain gradient), for the
+attribution methods.
 
-`receptive_field` / `receptive_field_size` give the input patch a conv unit can see.
+`receptive_field` / `receptive_field_size` give the input patch a unit can see (`graph`).
 
 Requests are (image, feature map, y, x); a negative y or x means "at the maximum of that
 feature map on that image" (the first maximum in row-major order, as numpy's argmax).
@@ -44,7 +54,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from zf_tf.core.model import CONV_LAYERS, LocalResponseNorm
+from zf_tf.core import graph
+from zf_tf.core.model import LocalResponseNorm
 
 __all__ = [
     "SwitchMaxPool",
@@ -186,6 +197,10 @@ class _SelectUnits(keras.layers.Layer):
     Inputs: fmap (N, h, w, C) of the N images; image_index, feature, y, x (M,) int32. A
     negative y or x selects the feature map's maximum (first in row-major order).
     """
+
+    def __init__(self, map_shape, **kwargs):
+        super().__init__(**kwargs)
+        self.map_shape = tuple(int(d) for d in map_shape)
 
     def call(self, fmap, image_index, feature, y, x):
         return _select(
@@ -388,8 +403,135 @@ class _PlaceWindow(keras.layers.Layer):
 
 
 # ---------------------------------------------------------------------------------------------
-# The classifier's layers below a conv layer
+# Layers with no switches on the way down: average pools, per-channel scales
 # ---------------------------------------------------------------------------------------------
+
+
+class _AvgUnpool(keras.layers.Layer):
+    """An average pool transposed: every value spread evenly over its window (divided by the
+    number of non-padding inputs, as TF's pool counts them); overlapping windows add."""
+
+    def __init__(self, pool, in_shape, **kwargs):
+        super().__init__(**kwargs)
+        self.pool_size = tuple(int(k) for k in pool.pool_size)
+        self.strides = tuple(int(s) for s in pool.strides)
+        self.padding = str(pool.padding).upper()
+        self.in_shape = tuple(int(d) for d in in_shape)
+
+    def call(self, x):
+        return tf.raw_ops.AvgPoolGrad(
+            orig_input_shape=tf.stack([tf.shape(x)[0], *self.in_shape]),
+            grad=x,
+            ksize=[1, *self.pool_size, 1],
+            strides=[1, *self.strides, 1],
+            padding=self.padding,
+        )
+
+
+def _pool_counts(geometry, in_size, out_size) -> np.ndarray:
+    """(h, w) number of non-padding inputs under each window of an average pool."""
+    counts = []
+    for (k, s, p), n, out in zip(geometry, in_size, out_size):
+        start = np.arange(out) * s - p
+        counts.append(np.minimum(start + k, n) - np.maximum(start, 0))
+    return np.outer(counts[0], counts[1]).astype(np.float32)
+
+
+class _WindowAvgUnpool(keras.layers.Layer):
+    """_AvgUnpool on a window: divide by each position's count, spread with a depthwise
+    transposed 'VALID' conv of ones, move the offsets down, zero the padding positions."""
+
+    def __init__(self, geometry, in_shape, out_shape, **kwargs):
+        super().__init__(**kwargs)
+        self.geometry = tuple(tuple(int(v) for v in axis) for axis in geometry)
+        self.in_shape = tuple(int(d) for d in in_shape)
+        self.counts = _pool_counts(self.geometry, self.in_shape[:2], out_shape[:2])
+
+    def call(self, window, oy, ox):
+        (ky, sy, py), (kx, sx, px) = self.geometry
+        win_h, win_w = int(window.shape[1]), int(window.shape[2])
+        h_out, w_out = self.counts.shape
+        rows = tf.clip_by_value(oy[:, None] + tf.range(win_h)[None], 0, h_out - 1)
+        cols = tf.clip_by_value(ox[:, None] + tf.range(win_w)[None], 0, w_out - 1)
+        counts = tf.gather(
+            tf.gather(tf.constant(self.counts, window.dtype), rows), cols, axis=2, batch_dims=1
+        )
+        c = self.in_shape[2]
+        out_h, out_w = (win_h - 1) * sy + ky, (win_w - 1) * sx + kx
+        down = tf.nn.depthwise_conv2d_backprop_input(
+            input_sizes=tf.stack([tf.shape(window)[0], out_h, out_w, c]),
+            filter=tf.ones([ky, kx, c, 1], window.dtype),
+            out_backprop=window / counts[..., None],
+            strides=[1, sy, sx, 1],
+            padding="VALID",
+        )
+        oy, ox = oy * sy - py, ox * sx - px
+        return _mask_window(down, oy, ox, self.in_shape), oy, ox
+
+
+class _GlobalUnpool(keras.layers.Layer):
+    """GlobalAveragePooling2D transposed: (M, 1, 1, C) spread evenly over (M, H, W, C)."""
+
+    def __init__(self, in_shape, **kwargs):
+        super().__init__(**kwargs)
+        self.in_shape = tuple(int(d) for d in in_shape)
+
+    def call(self, x):
+        h, w, c = self.in_shape
+        x = tf.reshape(x, [-1, 1, 1, c]) / float(h * w)
+        return tf.broadcast_to(x, tf.stack([tf.shape(x)[0], h, w, c]))
+
+
+def _channel_scale(layer):
+    """The per-channel factor of BatchNormalization (inference) or Normalization: its
+    derivative, which the way down multiplies by (the shift does not matter)."""
+    if isinstance(layer, keras.layers.BatchNormalization):
+        scale = tf.math.rsqrt(tf.convert_to_tensor(layer.moving_variance) + layer.epsilon)
+        if layer.gamma is not None:
+            scale = scale * tf.convert_to_tensor(layer.gamma)
+        return scale
+    variance = tf.convert_to_tensor(layer.variance)
+    return 1.0 / tf.maximum(tf.sqrt(variance), keras.backend.epsilon())
+
+
+class _ChannelScale(keras.layers.Layer):
+    """BatchNormalization / Normalization on the way down: times its per-channel scale
+    (read at call time, so weight changes show)."""
+
+    def __init__(self, layer, **kwargs):
+        super().__init__(**kwargs)
+        self.source = layer
+
+    def call(self, x):
+        return x * tf.cast(_channel_scale(self.source), x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's layers below a chosen layer (explicit form)
+# ---------------------------------------------------------------------------------------------
+
+_IDENTITY_DOWN = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout2D,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.InputLayer,
+    LocalResponseNorm,  # contrast normalization is not inverted (paper Sec. 2.1)
+)
+SUPPORTED = (
+    "Conv2D (ReLU or linear)",
+    "ReLU",
+    "Activation('relu')",
+    "MaxPooling2D",
+    "AveragePooling2D",
+    "GlobalAveragePooling2D",
+    "BatchNormalization",
+    "Normalization",
+    "ZeroPadding2D",
+    "Rescaling",
+    "LocalResponseNorm",
+    "Dropout",
+)
 
 
 def _check_conv(conv):
@@ -404,7 +546,7 @@ def _check_conv(conv):
 
 
 def _has_relu(conv) -> bool:
-    """Whether a conv's (or dense layer's) fused activation is ReLU or linear."""
+    """Whether a conv's (or dense layer's) fused activation is ReLU (True) or linear."""
     name = getattr(conv.activation, "__name__", "")
     if name == "relu":
         return True
@@ -413,83 +555,91 @@ def _has_relu(conv) -> bool:
     raise NotImplementedError(f"{conv.name}: activation {name!r} not supported (relu or linear)")
 
 
-def _chain(model: keras.Model, layer_name: str, through_dense: bool = False) -> list:
-    """The classifier's layers from its input up to and including `layer_name`.
+def _unsupported(layer, why: str = ""):
+    return NotImplementedError(
+        f"layer {layer.name!r} ({type(layer).__name__}{why}) has no deconvnet inverse; "
+        f"supported: {', '.join(SUPPORTED)}"
+    )
 
-    Only conv layers can be `layer_name` (and only layers with a deconvnet inverse occur),
-    unless `through_dense`: then any layer can end the chain and Flatten, Dense and Dropout
-    may occur too (gradient rules only; they have no deconvnet inverse).
+
+def _down_kind(layer) -> str:
+    """What a layer does on the way down: conv, relu, maxpool, avgpool, gap, scale, crop,
+    rescale or identity.
+
+    Raises:
+      NotImplementedError: the layer has no deconvnet inverse (naming its type).
     """
-    names = [layer.name for layer in model.layers]
-    inner = (keras.layers.ZeroPadding2D, keras.layers.Rescaling, LocalResponseNorm)
-    if through_dense:
-        inner += (keras.layers.Flatten, keras.layers.Dropout)
-        valid_names = [
-            layer.name for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)
-        ]
-    else:
-        valid_names = [n for n in CONV_LAYERS if n in names]
-    if layer_name not in valid_names:
-        raise ValueError(f"unknown layer {layer_name!r}; valid layers: {', '.join(valid_names)}")
-    chain = []
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        if isinstance(layer, keras.layers.Conv2D):
-            _check_conv(layer)
-            _has_relu(layer)
-        elif through_dense and isinstance(layer, keras.layers.Dense):
-            _has_relu(layer)
-        elif isinstance(layer, keras.layers.MaxPooling2D):
-            if layer.data_format != "channels_last":
-                raise NotImplementedError(f"{layer.name}: only channels_last pools are supported")
-        elif not isinstance(layer, inner):
-            raise NotImplementedError(
-                f"layer {layer.name!r} ({type(layer).__name__}) has no deconvnet inverse"
-            )
-        chain.append(layer)
-        if layer.name == layer_name:
-            return chain
-    raise AssertionError("unreachable: layer_name is in model.layers")
+    if isinstance(layer, keras.layers.Conv2D):
+        _check_conv(layer)
+        _has_relu(layer)
+        return "conv"
+    if isinstance(layer, keras.layers.ReLU):
+        if layer.max_value is not None or layer.negative_slope or layer.threshold:
+            raise _unsupported(layer, " with max_value, negative_slope or threshold")
+        return "relu"
+    if isinstance(layer, keras.layers.Activation):
+        name = getattr(layer.activation, "__name__", "")
+        if name in ("relu", "linear"):
+            return "relu" if name == "relu" else "identity"
+        raise _unsupported(layer, f" {name!r}")
+    channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
+    if isinstance(layer, keras.layers.MaxPooling2D) and channels_last:
+        return "maxpool"
+    if isinstance(layer, keras.layers.AveragePooling2D) and channels_last:
+        return "avgpool"
+    if isinstance(layer, keras.layers.GlobalAveragePooling2D) and channels_last:
+        return "gap"
+    if isinstance(layer, keras.layers.BatchNormalization):
+        if tuple(np.atleast_1d(layer.axis)) not in ((-1,), (3,)):
+            raise _unsupported(layer, f" on axis {layer.axis}")
+        return "scale"
+    if isinstance(layer, keras.layers.Normalization):
+        if layer.invert:
+            raise _unsupported(layer, " with invert=True")
+        return "scale"
+    if isinstance(layer, keras.layers.ZeroPadding2D) and channels_last:
+        return "crop"
+    if isinstance(layer, keras.layers.Rescaling):
+        return "rescale"
+    if isinstance(layer, _IDENTITY_DOWN):
+        return "identity"
+    raise _unsupported(layer)
 
 
-def _input_shape(model: keras.Model) -> tuple[int, int, int]:
-    shape = tuple(model.inputs[0].shape[1:])
-    if len(shape) != 3 or any(d is None for d in shape):
-        raise ValueError(f"the model needs a static (H, W, C) input; got {shape}")
-    return tuple(int(d) for d in shape)
+def valid_layers(model: keras.Model) -> list[str]:
+    """The layers a unit can be projected from: conv, pool and activation layers."""
+    return graph.spatial_layers(model)
 
 
-def _layer_geometry(layer, size):
-    """((k, s, pad_before) for rows, cols) of a conv/pool/zero-padding layer, and output size.
+def _check_layer(model, layer_name):
+    valid = valid_layers(model)
+    if layer_name not in valid:
+        raise ValueError(f"unknown layer {layer_name!r}; valid layers: {', '.join(valid)}")
 
-    TF 'same' pads pad_total = max((out - 1) * stride + kernel - in, 0), the smaller half
-    before; 'valid' pads nothing. Returns None for layers without spatial effect.
+
+def _chain(model: keras.Model, layer_name: str):
+    """The model's layers from its input up to and including `layer_name`, each with an
+    explicit deconvnet inverse; None when they are not a chain (a DAG: residual or
+    concatenating blocks below the layer).
+
+    Raises:
+      ValueError: `layer_name` is not a conv, pool or activation layer of the model.
+      NotImplementedError: a layer of the chain has no deconvnet inverse.
     """
-    if isinstance(layer, keras.layers.ZeroPadding2D):
-        (top, bottom), (left, right) = layer.padding
-        return ((1, 1, top), (1, 1, left)), (size[0] + top + bottom, size[1] + left + right)
-    if isinstance(layer, (keras.layers.Conv2D, keras.layers.MaxPooling2D)):
-        kernel = layer.kernel_size if isinstance(layer, keras.layers.Conv2D) else layer.pool_size
-        axes, out_size = [], []
-        for axis in range(2):
-            k, s, n = int(kernel[axis]), int(layer.strides[axis]), int(size[axis])
-            if str(layer.padding).lower() == "same":
-                out = math.ceil(n / s)
-                pad = max((out - 1) * s + k - n, 0) // 2
-            else:
-                out, pad = (n - k) // s + 1, 0
-            axes.append((k, s, pad))
-            out_size.append(out)
-        return tuple(axes), tuple(out_size)
-    return None, tuple(size)
+    _check_layer(model, layer_name)
+    chain = graph.chain(model, layer_name)
+    if chain is not None:
+        for layer in chain:
+            _down_kind(layer)
+    return chain
 
 
 def _forward(chain, images):
     """Symbolic forward pass with switches: (top tensor, steps).
 
     Each step is (layer, input shape, output shape, switches or None); switches are per image
-    (N, h, w, C), cast to int32 when an image's pool input has fewer than 2**31 elements.
+    (N, h, w, C), cast to int32 when an image's pool input has fewer than 2**31 elements. A
+    global pool's (N, C) output becomes (N, 1, 1, C) maps.
     """
     t = images
     steps = []
@@ -502,8 +652,22 @@ def _forward(chain, images):
                 switches = keras.ops.cast(switches, "int32")
         else:
             t = layer(t)
+            if len(t.shape) == 2:  # global pool
+                t = keras.layers.Reshape((1, 1, int(t.shape[-1])), name=f"{layer.name}_maps")(t)
         steps.append((layer, in_shape, tuple(int(d) for d in t.shape[1:]), switches))
     return t, steps
+
+
+def _pointwise_down(kind, layer, d):
+    """The way down through a layer that acts per position (window or full maps alike)."""
+    name = layer.name
+    if kind == "relu":
+        return keras.layers.ReLU(name=f"{name}_rectify")(d)
+    if kind == "scale":
+        return _ChannelScale(layer, name=f"{name}_scale")(d)
+    if kind == "rescale":
+        return keras.layers.Rescaling(layer.scale, name=f"{name}_down")(d)
+    return d  # identity: dropout, noise, contrast normalization
 
 
 def _dense_backward(steps, top_map, pair_switches):
@@ -511,18 +675,21 @@ def _dense_backward(steps, top_map, pair_switches):
     d = top_map
     for i in reversed(range(len(steps))):
         layer, in_shape, _, switches = steps[i]
-        name = layer.name
-        if isinstance(layer, keras.layers.MaxPooling2D):
+        name, kind = layer.name, _down_kind(layer)
+        if kind == "maxpool":
             d = Unpool(name=f"{name}_unpool")(d, pair_switches(i, switches), output_shape=in_shape)
-        elif isinstance(layer, keras.layers.Conv2D):
+        elif kind == "avgpool":
+            d = _AvgUnpool(layer, in_shape, name=f"{name}_unpool")(d)
+        elif kind == "gap":
+            d = _GlobalUnpool(in_shape, name=f"{name}_unpool")(d)
+        elif kind == "conv":
             if _has_relu(layer):
                 d = keras.layers.ReLU(name=f"{name}_rectify")(d)
             d = TransposedFilter(layer, name=f"{name}_filter")(d, output_shape=in_shape)
-        elif isinstance(layer, keras.layers.ZeroPadding2D):
+        elif kind == "crop":
             d = keras.layers.Cropping2D(layer.padding, name=f"{name}_crop")(d)
-        elif isinstance(layer, keras.layers.Rescaling):
-            d = keras.layers.Rescaling(layer.scale, name=f"{name}_down")(d)
-        # LocalResponseNorm: identity on the way down.
+        else:
+            d = _pointwise_down(kind, layer, d)
     return d
 
 
@@ -541,75 +708,352 @@ def _windowed_backward(steps, activation, feature, y, x, image_index, dense_frac
                 d,
                 lambda _, sw: keras.ops.take(sw, image_index, axis=0),
             )
-        geometry, _ = _layer_geometry(layer, in_shape[:2])
-        name = layer.name
-        if isinstance(layer, keras.layers.MaxPooling2D):
+        geometry, _ = graph.window_geometry(layer, in_shape[:2])
+        name, kind = layer.name, _down_kind(layer)
+        if kind == "maxpool":
             window, oy, ox = _WindowUnpool(geometry, in_shape, name=f"{name}_unpool")(
                 window, switches, image_index, oy, ox
             )
-        elif isinstance(layer, keras.layers.Conv2D):
+        elif kind == "avgpool":
+            window, oy, ox = _WindowAvgUnpool(geometry, in_shape, out_shape, name=f"{name}_unpool")(
+                window, oy, ox
+            )
+        elif kind == "conv":
             if _has_relu(layer):
                 window = keras.layers.ReLU(name=f"{name}_rectify")(window)
             window, oy, ox = _WindowFilter(layer, geometry, in_shape)(window, oy, ox)
-        elif isinstance(layer, keras.layers.ZeroPadding2D):
+        elif kind == "crop":
             (top, _), (left, _) = layer.padding
             window, oy, ox = _WindowCrop(top, left, in_shape, name=f"{name}_crop")(window, oy, ox)
-        elif isinstance(layer, keras.layers.Rescaling):
-            window = keras.layers.Rescaling(layer.scale, name=f"{name}_down")(window)
-        # LocalResponseNorm: identity on the way down.
+        else:  # a global pool's 1x1 maps always take the dense branch above
+            window = _pointwise_down(kind, layer, window)
         if geometry is not None:
             win = tuple((w - 1) * s + k for w, (k, s, _) in zip(win, geometry))
     return _PlaceWindow(steps[0][1], name="place")(window, oy, ox)
 
 
 # ---------------------------------------------------------------------------------------------
-# Deconvnet model
+# Backward rules: each ReLU's backward replaced, on a clone sharing the model's weights
 # ---------------------------------------------------------------------------------------------
 
 
-def build_deconvnet(model: keras.Model, layer_name: str, *, windowed: bool = True) -> keras.Model:
-    """A Keras model projecting single activations of conv layer `layer_name` to pixel space.
+@tf.custom_gradient
+def _deconv_relu(x):
+    """ReLU whose backward pass is ReLU of the incoming gradient (the deconvnet rule)."""
 
-    Reuses the classifier's layer objects (input_scale, conv1_pad, conv and norm layers) for
-    the forward part, with a `SwitchMaxPool` in place of each max pool, then goes down with
-    Unpool / ReLU / TransposedFilter / crop / scale layers.
+    def grad(upstream):
+        return tf.nn.relu(upstream)
 
-    Inputs (dict): `images` float32 (N, H, W, 3), what the classifier takes; `image_index`
+    return tf.nn.relu(x), grad
+
+
+def _identity_backward(layer, x):
+    """layer(x) forward, identity backward (contrast normalization is not inverted)."""
+
+    @tf.custom_gradient
+    def f(t):
+        return layer(t), lambda upstream: upstream
+
+    return f(x)
+
+
+@tf.custom_gradient
+def _guided_relu(x):
+    """ReLU whose backward pass keeps the incoming gradient only where both it and the forward
+    input are positive (guided backpropagation, Springenberg et al. 2015)."""
+
+    def grad(upstream):
+        keep = tf.logical_and(x > 0, upstream > 0)
+        return upstream * tf.cast(keep, upstream.dtype)
+
+    return tf.nn.relu(x), grad
+
+
+def _ruled_activation(layer, x, rule):
+    """A ReLU layer with parameters (ReLU6, thresholds) forward, `rule`'s backward."""
+
+    @tf.custom_gradient
+    def f(t):
+        def grad(upstream):
+            if rule == "deconvnet":
+                return tf.nn.relu(upstream)
+            return upstream * tf.cast(tf.logical_and(t > 0, upstream > 0), upstream.dtype)
+
+        return layer(t), grad
+
+    return f(x)
+
+
+# Backward rule name -> (ReLU with that backward pass, contrast normalization back-propagates
+# as the identity). The deconvnet does not invert contrast normalization, so its rule skips
+# it; guided backprop and the plain gradient differentiate through it.
+_RULES = {
+    "deconvnet": (_deconv_relu, True),
+    "guided": (_guided_relu, False),
+    "gradient": (tf.nn.relu, False),
+}
+BACKWARD_RULES = tuple(_RULES)
+
+
+def _fused_relu(layer) -> bool:
+    return not isinstance(layer, keras.layers.Activation) and (
+        getattr(getattr(layer, "activation", None), "__name__", "") == "relu"
+    )
+
+
+def _pre_activation(layer, x):
+    """A conv or dense layer's output before its fused activation (its own weights)."""
+    dtype = x.dtype
+    if isinstance(layer, keras.layers.Dense):
+        z = tf.matmul(x, tf.cast(layer.kernel, dtype))
+    elif isinstance(layer, keras.layers.DepthwiseConv2D):
+        z = keras.ops.depthwise_conv(
+            x,
+            tf.cast(layer.kernel, dtype),
+            strides=layer.strides,
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+    elif isinstance(layer, keras.layers.SeparableConv2D):
+        z = keras.ops.separable_conv(
+            x,
+            tf.cast(layer.depthwise_kernel, dtype),
+            tf.cast(layer.pointwise_kernel, dtype),
+            strides=layer.strides,
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+    elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)):
+        z = layer.convolution_op(x, tf.cast(layer.kernel, dtype))
+    else:
+        raise NotImplementedError(
+            f"layer {layer.name!r} ({type(layer).__name__}) has a fused ReLU that the backward "
+            "rules cannot reach; use a separate ReLU layer"
+        )
+    if getattr(layer, "use_bias", False):
+        z = z + tf.cast(layer.bias, dtype)
+    return z
+
+
+class _RuleCall(keras.layers.Layer):
+    """One layer of the user's model run with its ReLU's backward pass replaced by a rule
+    (forward values unchanged; the layer's own weights)."""
+
+    def __init__(self, layer, rule, **kwargs):
+        super().__init__(**kwargs)
+        self.source = layer
+        self.rule = rule
+
+    def call(self, x):
+        layer = self.source
+        relu, lrn_identity = _RULES[self.rule]
+        if isinstance(layer, LocalResponseNorm):
+            return _identity_backward(layer, x) if lrn_identity else layer(x)
+        if graph.is_relu(layer):
+            plain = not isinstance(layer, keras.layers.ReLU) or (
+                layer.max_value is None and not layer.negative_slope and not layer.threshold
+            )
+            plain = (
+                plain
+                and getattr(
+                    layer.activation if hasattr(layer, "activation") else None, "__name__", "relu"
+                )
+                != "relu6"
+            )
+            return relu(x) if plain else _ruled_activation(layer, x, self.rule)
+        return relu(_pre_activation(layer, x))
+
+
+def _rule_call(rule):
+    """A `graph.trace` call hook running ReLU-bearing layers under `rule`."""
+
+    def call(layer, *args, **kwargs):
+        needs = graph.is_relu(layer) or _fused_relu(layer)
+        needs = needs or (isinstance(layer, LocalResponseNorm) and _RULES[rule][1])
+        if rule == "gradient" or not needs:
+            return layer(*args, **kwargs)
+        return _RuleCall(layer, rule, name=f"{layer.name}_{rule}")(args[0])
+
+    return call
+
+
+_RULE_TAPS = weakref.WeakKeyDictionary()
+
+
+def rule_tap(model: keras.Model, layer_name: str, rule: str = "deconvnet") -> keras.Model:
+    """A Model from the images to `layer_name`'s output whose gradient follows `rule`.
+
+    Built on the model's own layers (shared weights; a "clone" whose ReLU-bearing layers
+    are wrapped), through nested models and DAGs (residual `Add`, `Concatenate`, depthwise
+    convs). Dropout and batch normalization run at inference. Cached per model.
+
+    Raises:
+      ValueError: unknown layer or rule.
+    """
+    if rule not in _RULES:
+        raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(BACKWARD_RULES)}")
+    per_model = _RULE_TAPS.setdefault(model, {})
+    key = (layer_name, rule)
+    if key not in per_model:
+        per_model[key] = graph.tap(model, [layer_name], _rule_call(rule), name=f"{rule}_tap")
+    return per_model[key]
+
+
+def rule_forward(model: keras.Model, images, layer_name: str = "logits", rule: str = "deconvnet"):
+    """The output of `layer_name`, computed so that its gradient follows a backward rule.
+
+    Runs the model's own layers (shared weights) from the input up to `layer_name` (any
+    layer: conv, pool, fc6, fc7, logits, ...) at inference (dropout off). Forward values equal
+    the model's; only the backward pass changes, so d output / d images under a
+    `tf.GradientTape` is:
+      'deconvnet': every ReLU back-propagates ReLU(upstream), contrast normalization as the
+        identity, max pools normally (the deconvnet of `build_deconvnet`, Zeiler & Fergus),
+        batch normalization as its per-channel scale;
+      'guided': every ReLU back-propagates upstream * (forward input > 0) * (upstream > 0)
+        (guided backpropagation), everything else its true gradient;
+      'gradient': the true gradient.
+
+    Args:
+      model: the classifier (any Sequential or functional Keras convnet).
+      images: (N, H, W, 3) float tensor (watched by the caller's tape).
+      layer_name: the last layer to run.
+      rule: one of BACKWARD_RULES.
+
+    Returns:
+      The layer's output tensor, e.g. (N, num_classes) logits.
+
+    Raises:
+      ValueError: unknown layer or rule.
+    """
+    return rule_tap(model, layer_name, rule)(images, training=False)
+
+
+class _RuleProjection(keras.layers.Layer):
+    """Deconvnet projections in the rule form: a_m * d a_m / d image under the deconvnet
+    rule, each request on its own copy of its image (for DAG models)."""
+
+    def __init__(self, tap, map_shape, **kwargs):
+        super().__init__(**kwargs)
+        self.tap = tap
+        self.map_shape = tuple(int(d) for d in map_shape)
+
+    def call(self, images, image_index, feature, y, x):
+        per_request = tf.gather(images, image_index)
+        with tf.GradientTape() as tape:
+            tape.watch(per_request)
+            fmap = tf.reshape(self.tap(per_request, training=False), [-1, *self.map_shape])
+            index = tf.range(tf.shape(per_request)[0])
+            act, yy, xx = _select(fmap, index, feature, y, x)
+        grads = tape.gradient(act, per_request, output_gradients=tf.stop_gradient(act))
+        return grads, act, yy, xx
+
+
+def _map_shape(model, layer_name) -> tuple:
+    """(h, w, C) of a layer's maps; a global pool's (C,) as (1, 1, C)."""
+    shape = tuple(int(d) for d in graph.find(model, layer_name).output.shape[1:])
+    return shape if len(shape) == 3 else (1, 1, shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Deconvnet model
+# ---------------------------------------------------------------------------------------------
+
+FORMS = ("auto", "explicit", "rule")
+
+
+def projection_form(model: keras.Model, layer_name: str) -> tuple[str, str]:
+    """('explicit' or 'rule', why): the explicit Model when the layers below `layer_name`
+    form a chain of invertible layers, else the backward-rule form.
+
+    Raises:
+      ValueError: `layer_name` is not a conv, pool or activation layer.
+    """
+    _check_layer(model, layer_name)
+    chain = graph.chain(model, layer_name)
+    if chain is None:
+        return "rule", "the layers below it are not a chain (residual or concatenating blocks)"
+    try:
+        for layer in chain:
+            _down_kind(layer)
+    except NotImplementedError as e:
+        return "rule", str(e).split(";")[0]
+    return "explicit", ""
+
+
+def build_deconvnet(
+    model: keras.Model, layer_name: str, *, windowed: bool = True, form: str = "auto"
+) -> keras.Model:
+    """A Keras model projecting single activations of layer `layer_name` to pixel space.
+
+    form='explicit' (the default wherever possible): reuses the model's layer objects for the
+    forward part, with a `SwitchMaxPool` in place of each max pool, then goes down with
+    Unpool / ReLU / TransposedFilter / average-unpool / scale / crop layers. form='rule': one
+    forward pass per request through a clone of the model whose ReLUs back-propagate the
+    deconvnet rule, and its gradient (any DAG). 'auto': explicit when the layers below form
+    a chain of layers with an inverse (`SUPPORTED`), else rule. Both give the same numbers
+    where both exist.
+
+    Inputs (dict): `images` float32 (N, H, W, 3), what the model takes; `image_index`
     int32 (M,) which image each of the M requests is about; `feature` int32 (M,); `y`, `x`
     int32 (M,) the location in the layer's maps, negative = the feature map's maximum.
     Outputs (dict): `projection` float32 (M, H, W, 3); `activation` float32 (M,) the selected
-    activation; `y`, `x` int32 (M,) the location used. The forward pass runs once per image;
-    switches and activations are gathered per request.
+    activation; `y`, `x` int32 (M,) the location used. The forward pass runs once per image
+    (explicit) or once per request (rule).
 
     Args:
-      model: the classifier (`zf_tf.core.model.build_model`).
-      layer_name: conv1 .. conv5.
-      windowed: compute the way down only inside each unit's receptive field (same result,
-        fewer FLOPs; see the module doc). False: on full maps throughout.
+      model: the classifier (ZFNet or any Sequential / functional Keras convnet with a
+        static input size; see `graph.fixed_input`).
+      layer_name: a conv, pool or activation layer (`valid_layers`).
+      windowed: explicit form only: compute the way down only inside each unit's receptive
+        field (same result, fewer FLOPs; see the module doc). False: on full maps.
+      form: 'auto', 'explicit' or 'rule'.
 
     Raises:
-      ValueError: `layer_name` is not one of the model's conv layers.
+      ValueError: `layer_name` is not a valid layer, or a bad `form`.
+      NotImplementedError: form='explicit' and a layer below has no inverse, or a DAG.
     """
-    chain = _chain(model, layer_name)
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; valid forms: {', '.join(FORMS)}")
+    chosen, why = projection_form(model, layer_name)
+    if form == "explicit" and chosen == "rule":
+        if graph.chain(model, layer_name) is not None:
+            _chain(model, layer_name)  # raises, naming the layer without an inverse
+        raise NotImplementedError(f"{layer_name}: {why}; use the rule form")
+    if form == "rule":
+        chosen = "rule"
     inputs = {
-        "images": keras.Input(_input_shape(model), dtype="float32", name="images"),
+        "images": keras.Input(graph._static_shape(model), dtype="float32", name="images"),
         "image_index": keras.Input((), dtype="int32", name="image_index"),
         "feature": keras.Input((), dtype="int32", name="feature"),
         "y": keras.Input((), dtype="int32", name="y"),
         "x": keras.Input((), dtype="int32", name="x"),
     }
     image_index, feature = inputs["image_index"], inputs["feature"]
-    top, steps = _forward(chain, inputs["images"])
-    activation, y, x = _SelectUnits(name=f"{layer_name}_select")(
-        top, image_index, feature, inputs["y"], inputs["x"]
-    )
-    if windowed:
-        d = _windowed_backward(steps, activation, feature, y, x, image_index)
-    else:
-        selected = _SelectedMap(steps[-1][2], name=f"{layer_name}_selected")(
-            activation, feature, y, x
+    if chosen == "rule":
+        projector = _RuleProjection(
+            rule_tap(model, layer_name, "deconvnet"),
+            _map_shape(model, layer_name),
+            name=f"{layer_name}_rule",
         )
-        d = _dense_backward(steps, selected, lambda _, sw: keras.ops.take(sw, image_index, axis=0))
+        d, activation, y, x = projector(
+            inputs["images"], image_index, feature, inputs["y"], inputs["x"]
+        )
+    else:
+        top, steps = _forward(_chain(model, layer_name), inputs["images"])
+        activation, y, x = _SelectUnits(top.shape[1:], name=f"{layer_name}_select")(
+            top, image_index, feature, inputs["y"], inputs["x"]
+        )
+        if windowed:
+            d = _windowed_backward(steps, activation, feature, y, x, image_index)
+        else:
+            selected = _SelectedMap(steps[-1][2], name=f"{layer_name}_selected")(
+                activation, feature, y, x
+            )
+            d = _dense_backward(
+                steps, selected, lambda _, sw: keras.ops.take(sw, image_index, axis=0)
+            )
     outputs = {
         "projection": keras.ops.cast(d, "float32"),
         "activation": keras.ops.cast(activation, "float32"),
@@ -694,8 +1138,11 @@ def project(
       A dict of numpy arrays: `projection` (M, H, W, 3) float32, `activation` (M,) float32,
       `y`, `x` (M,) int32.
     """
-    select = next(layer for layer in deconvnet.layers if isinstance(layer, _SelectUnits))
-    map_shape = tuple(int(d) for d in select.input[0].shape[1:])
+    map_shape = next(
+        layer.map_shape
+        for layer in deconvnet.layers
+        if isinstance(layer, (_SelectUnits, _RuleProjection))
+    )
     images, image_index, feature, y, x = _requests(images, image_index, feature, y, x, map_shape)
     fn = _compiled(deconvnet)
     parts = []
@@ -721,108 +1168,8 @@ def project(
 
 
 # ---------------------------------------------------------------------------------------------
-# Gradient formulation (the oracle)
+# Gradient formulation
 # ---------------------------------------------------------------------------------------------
-
-
-@tf.custom_gradient
-def _deconv_relu(x):
-    """ReLU whose backward pass is ReLU of the incoming gradient (the deconvnet rule)."""
-
-    def grad(upstream):
-        return tf.nn.relu(upstream)
-
-    return tf.nn.relu(x), grad
-
-
-def _identity_backward(layer, x):
-    """layer(x) forward, identity backward (contrast normalization is not inverted)."""
-
-    @tf.custom_gradient
-    def f(t):
-        return layer(t), lambda upstream: upstream
-
-    return f(x)
-
-
-@tf.custom_gradient
-def _guided_relu(x):
-    """ReLU whose backward pass keeps the incoming gradient only where both it and the forward
-    input are positive (guided backpropagation, Springenberg et al. 2015)."""
-
-    def grad(upstream):
-        keep = tf.logical_and(x > 0, upstream > 0)
-        return upstream * tf.cast(keep, upstream.dtype)
-
-    return tf.nn.relu(x), grad
-
-
-# Backward rule name -> (ReLU with that backward pass, contrast normalization back-propagates
-# as the identity). The deconvnet does not invert contrast normalization, so its rule skips
-# it; guided backprop and the plain gradient differentiate through it.
-_RULES = {
-    "deconvnet": (_deconv_relu, True),
-    "guided": (_guided_relu, False),
-    "gradient": (tf.nn.relu, False),
-}
-BACKWARD_RULES = tuple(_RULES)
-
-
-def _rule_forward(chain, x, rule: str = "deconvnet"):
-    """Forward through `chain` with each ReLU's backward pass replaced by `rule`'s.
-
-    Convs and dense layers run without their fused activation, followed by the rule's ReLU;
-    dropout is skipped (inference).
-    """
-    relu, lrn_identity = _RULES[rule]
-    for layer in chain:
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
-            kernel = tf.cast(layer.kernel, x.dtype)
-            if isinstance(layer, keras.layers.Conv2D):
-                z = layer.convolution_op(x, kernel)
-            else:
-                z = tf.matmul(x, kernel)
-            if layer.use_bias:
-                z = tf.nn.bias_add(z, tf.cast(layer.bias, z.dtype))
-            x = relu(z) if _has_relu(layer) else z
-        elif isinstance(layer, keras.layers.Dropout):
-            continue
-        elif isinstance(layer, LocalResponseNorm) and lrn_identity:
-            x = _identity_backward(layer, x)
-        else:
-            x = layer(x)
-    return x
-
-
-def rule_forward(model: keras.Model, images, layer_name: str = "logits", rule: str = "deconvnet"):
-    """The output of `layer_name`, computed so that its gradient follows a backward rule.
-
-    Runs the classifier's own layers (shared weights) from the input up to `layer_name` (any
-    layer: conv, pool, fc6, fc7, logits, ...) at inference (dropout off). Forward values equal
-    the model's; only the backward pass changes, so d output / d images under a
-    `tf.GradientTape` is:
-      'deconvnet': every ReLU back-propagates ReLU(upstream), contrast normalization as the
-        identity, max pools normally (the deconvnet of `build_deconvnet`, Zeiler & Fergus);
-      'guided': every ReLU back-propagates upstream * (forward input > 0) * (upstream > 0)
-        (guided backpropagation), everything else its true gradient;
-      'gradient': the true gradient.
-
-    Args:
-      model: the classifier (`zf_tf.core.model.build_model`).
-      images: (N, H, W, 3) float tensor (watched by the caller's tape).
-      layer_name: the last layer to run.
-      rule: one of BACKWARD_RULES.
-
-    Returns:
-      The layer's output tensor, e.g. (N, num_classes) logits.
-
-    Raises:
-      ValueError: unknown layer or rule.
-    """
-    if rule not in _RULES:
-        raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(BACKWARD_RULES)}")
-    return _rule_forward(_chain(model, layer_name, through_dense=True), images, rule)
-
 
 _GRADIENT_FNS = weakref.WeakKeyDictionary()
 
@@ -831,17 +1178,23 @@ def _gradient_fn(model, layer_name):
     per_model = _GRADIENT_FNS.setdefault(model, {})
     fn = per_model.get(layer_name)
     if fn is None:
-        chain = _chain(model, layer_name)
-        shape = _input_shape(model)
+        tap = rule_tap(model, layer_name, "deconvnet")
+        map_shape = _map_shape(model, layer_name)
         vec = tf.TensorSpec([None], tf.int32)
 
         @tf.function(
-            input_signature=[tf.TensorSpec([None, *shape], tf.float32), vec, vec, vec, vec]
+            input_signature=[
+                tf.TensorSpec([None, *graph._static_shape(model)], tf.float32),
+                vec,
+                vec,
+                vec,
+                vec,
+            ]
         )
         def fn(images, feature, y, x, seed_with_activation):
             with tf.GradientTape() as tape:
                 tape.watch(images)
-                fmap = _rule_forward(chain, images, "deconvnet")
+                fmap = tf.reshape(tap(images, training=False), [-1, *map_shape])
                 index = tf.range(tf.shape(images)[0])
                 act, _, _ = _select(fmap, index, feature, y, x)
             seed = tf.where(seed_with_activation > 0, tf.stop_gradient(act), tf.ones_like(act))
@@ -864,17 +1217,16 @@ def gradient_projection(
     scale_by_activation: bool = True,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """Deconvnet projections computed as gradients (the oracle for `build_deconvnet`).
+    """Deconvnet projections computed as gradients (the rule form, for any model).
 
     For each request m, the gradient of its selected activation a_m (taken on a batch where
-    every request has its own copy of its image) w.r.t. the input, through the classifier's
+    every request has its own copy of its image) w.r.t. the input, through the model's
     layers with the deconvnet rule: each ReLU back-propagates ReLU(upstream); contrast
     normalization back-propagates as the identity; max pools back-propagate normally (which is
-    unpooling with the forward switches). Convs run without their fused activation, followed by
-    the custom ReLU.
+    unpooling with the forward switches); batch normalization as its per-channel scale.
 
     Args:
-      model, layer_name: the classifier and one of its conv layers (conv1..conv5).
+      model, layer_name: the model and one of its conv, pool or activation layers.
       images, image_index, feature, y, x: as in `project` (None / negative y or x = max).
       scale_by_activation: seed the backward pass with a_m instead of 1, i.e. return
         a_m * d a_m / d input. The deconvnet projects the activation itself, so this (default)
@@ -884,8 +1236,8 @@ def gradient_projection(
     Returns:
       (M, H, W, C) float32 numpy array.
     """
-    _chain(model, layer_name)  # validates layer_name
-    map_shape = tuple(int(d) for d in model.get_layer(layer_name).output.shape[1:])
+    _check_layer(model, layer_name)
+    map_shape = _map_shape(model, layer_name)
     images, image_index, feature, y, x = _requests(images, image_index, feature, y, x, map_shape)
     fn = _gradient_fn(model, layer_name)
     parts = []
@@ -904,50 +1256,6 @@ def gradient_projection(
     return np.concatenate(parts)
 
 
-# ---------------------------------------------------------------------------------------------
-# Receptive fields
-# ---------------------------------------------------------------------------------------------
-
-
-def _geometry(model, layer_name):
-    """(steps, input (H, W), layer output (h, w)); a step is ((k, s, pad) rows, cols)."""
-    chain = _chain(model, layer_name)
-    shape = _input_shape(model)
-    size = shape[:2]
-    steps = []
-    for layer in chain:
-        geometry, size = _layer_geometry(layer, size)
-        if geometry is not None:
-            steps.append(geometry)
-    return steps, shape[:2], tuple(size)
-
-
-def receptive_field(model: keras.Model, layer_name: str, y: int, x: int) -> tuple:
-    """The input pixels unit (y, x) of conv layer `layer_name` depends on.
-
-    Computed from each lower layer's kernel, stride and padding (zero padding and TF 'same'
-    padding amounts included, from the actual sizes). Returns (y0, x0, y1, x1), inclusive-
-    exclusive, clipped to the image.
-    """
-    steps, (h_in, w_in), (h, w) = _geometry(model, layer_name)
-    if not (0 <= y < h and 0 <= x < w):
-        raise ValueError(f"unit ({y}, {x}) is outside {layer_name}'s {h}x{w} maps")
-    lo, hi = [int(y), int(x)], [int(y), int(x)]
-    for step in reversed(steps):
-        for axis, (k, s, p) in enumerate(step):
-            lo[axis] = lo[axis] * s - p
-            hi[axis] = hi[axis] * s - p + k - 1
-    return (max(lo[0], 0), max(lo[1], 0), min(hi[0] + 1, h_in), min(hi[1] + 1, w_in))
-
-
-def receptive_field_size(model: keras.Model, layer_name: str) -> int:
-    """Side length, in input pixels, of a `layer_name` unit's receptive field (unclipped).
-
-    For the rows; the same for the columns with square kernels and strides (as in ZFNet).
-    """
-    steps, _, _ = _geometry(model, layer_name)
-    r = 1
-    for step in reversed(steps):
-        k, s, _ = step[0]
-        r = (r - 1) * s + k
-    return r
+# Receptive fields (any model; see `graph`).
+receptive_field = graph.receptive_field
+receptive_field_size = graph.receptive_field_size

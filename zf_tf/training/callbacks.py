@@ -40,18 +40,19 @@ from zf_tf.training import workdirs
 
 
 def augmentation_grid(config, num_images: int = 2) -> np.ndarray:
-    """The 10 crops of the first training images as the model sees them (mean added back).
+    """The 10 crops of the first training images as the model sees them (back in RGB).
 
     Returns:
       float32 RGB in [0, 1]: one row per image, one column per crop index 0..9.
     """
     data = config.data
+    pixels = preprocess.pixels(data)
     crops = [
-        preprocess.ten_crops(encoded, data.resize_size, data.crop_size, data.mean).numpy()
+        preprocess.ten_crops(encoded, data.resize_size, data.crop_size, pixels).numpy()
         for encoded, _ in inputs.encoded_records(data, data.train_split).take(num_images)
     ]
-    crops = np.concatenate(crops) + np.asarray(data.mean, np.float32)
-    return outputs.tile(np.clip(crops / 255.0, 0, 1), ncols=preprocess.NUM_CROPS, pad=2)
+    crops = outputs.display(np.concatenate(crops), pixels)
+    return outputs.tile(crops, ncols=preprocess.NUM_CROPS, pad=2)
 
 
 class ImageSummaries(keras.callbacks.Callback):

@@ -4,8 +4,8 @@ Signatures (see `saved_model_cli show --dir WORKDIR/export --all`):
   serving_default(image_bytes: string[N])            JPEG/PNG/GIF/BMP bytes
   serve_images(images: uint8[N, H, W, 3])            decoded RGB images of one size
 Both apply the evaluation preprocessing inside (shorter side to S, center S x S, the 10
-crops, mean subtraction) and return {'probabilities': float32[N, C] averaged over the
-10 crops, 'classes': int64[N]}.
+crops, the training run's pixel normalization `config.data.preprocessing`) and return
+{'probabilities': float32[N, C] averaged over the 10 crops, 'classes': int64[N]}.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from pipelines import preprocess
 class Serving(tf.Module):
     """The model plus its evaluation preprocessing, as a tf.Module to save."""
 
-    def __init__(self, model, resize_size: int, crop_size: int, mean):
+    def __init__(self, model, resize_size: int, crop_size: int, pixels: preprocess.Pixels):
         super().__init__()
         self.model = model
-        self.S, self.s, self.mean = int(resize_size), int(crop_size), tuple(mean)
+        self.S, self.s, self.pixels = int(resize_size), int(crop_size), pixels
 
     def _predict(self, ten_crops_fn, items):
         """Maps `ten_crops_fn` over the batch, then averages the softmax over the crops."""
         spec = tf.TensorSpec((10, self.s, self.s, 3), tf.float32)
         crops = tf.map_fn(
-            lambda item: ten_crops_fn(item, self.S, self.s, self.mean),
+            lambda item: ten_crops_fn(item, self.S, self.s, self.pixels),
             items,
             fn_output_signature=spec,
         )
@@ -62,7 +62,8 @@ def export(model, config, workdir: str) -> str:
     old = os.path.join(workdir, ".export-old")
     for path in (tmp, old):
         shutil.rmtree(path, ignore_errors=True)
-    module = Serving(model, config.data.resize_size, config.data.crop_size, config.data.mean)
+    data = config.data
+    module = Serving(model, data.resize_size, data.crop_size, preprocess.pixels(data))
     tf.saved_model.save(
         module,
         tmp,

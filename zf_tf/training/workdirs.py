@@ -22,6 +22,7 @@ import shutil
 import keras
 import ml_collections
 
+from pipelines import preprocess
 from zf_tf.core.errors import UsageError
 
 CONFIG_FILE = "config.json"
@@ -30,6 +31,8 @@ CONFIG_FILE = "config.json"
 COMMAND_LINE_SECTIONS = ("analysis", "ablate", "transfer")
 # Fields that do not change the trained weights either (what is logged during training).
 LOGGING_FIELDS = (("train", "callbacks"),)
+# Fields added after some workdirs were trained, and what a config.json without them means.
+ADDED_FIELDS = {("data", "preprocessing"): preprocess.DEFAULT_PREPROCESSING}
 TRAINING_STATE = (
     "backup",
     "checkpoints",
@@ -66,6 +69,9 @@ def _run_identity(config: dict) -> dict:
     for section, key in LOGGING_FIELDS:
         if isinstance(out.get(section), dict) and key in out[section]:
             out[section] = {k: v for k, v in out[section].items() if k != key}
+    for (section, key), value in ADDED_FIELDS.items():
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section] = {**out[section], key: value}
     return out
 
 

@@ -36,6 +36,7 @@ _DATA_IDENTITY = (
     "resize_size",
     "crop_size",
     "mean",
+    "preprocessing",
 )
 
 

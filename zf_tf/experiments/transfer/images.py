@@ -57,10 +57,10 @@ def _square(data):
 
 
 def _center(data):
-    S, s, mean = data.resize_size, data.crop_size, tuple(data.mean)
+    S, s, pixels = data.resize_size, data.crop_size, preprocess.pixels(data)
     return lambda i, sq, y: (
         i,
-        preprocess.crop_of_square(sq, preprocess.CENTER_CROP, S, s, mean),
+        preprocess.crop_of_square(sq, preprocess.CENTER_CROP, S, s, pixels),
         y,
     )
 

@@ -51,7 +51,7 @@ class ScratchTrainer:
         self._logits = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
         self._run = None  # (images, labels, test images, seed) of the current run
         data = target.data
-        S, s, mean = data.resize_size, data.crop_size, tuple(data.mean)
+        S, s, pixels = data.resize_size, data.crop_size, preprocess.pixels(data)
         if target.multi_label:
             label_spec = tf.TensorSpec([target.num_classes], tf.float32)
         else:
@@ -66,7 +66,7 @@ class ScratchTrainer:
                 ),
             )
             .map(
-                lambda e, y, k: (preprocess.train_crop(e, k, S, s, mean), y),
+                lambda e, y, k: (preprocess.train_crop(e, k, S, s, pixels), y),
                 num_parallel_calls=tf.data.AUTOTUNE,
             )
             .batch(self.batch, drop_remainder=True)
@@ -77,7 +77,8 @@ class ScratchTrainer:
                 lambda: iter(self._run[2]), output_signature=tf.TensorSpec([], tf.string)
             )
             .map(
-                lambda e: preprocess.center_crop(e, S, s, mean), num_parallel_calls=tf.data.AUTOTUNE
+                lambda e: preprocess.center_crop(e, S, s, pixels),
+                num_parallel_calls=tf.data.AUTOTUNE,
             )
             .batch(self.batch)
         )

@@ -44,7 +44,7 @@ _TARGET_FIELDS = (
 class Target:
     """A resolved transfer target: a data section usable by `pipelines.inputs`, plus facts."""
 
-    data: ml_collections.ConfigDict  # the source's geometry and mean, the target's dataset
+    data: ml_collections.ConfigDict  # the source's geometry and pixels, the target's dataset
     class_names: list[str]
     multi_label: bool
     held_out: bool  # test images come from train_split (those no draw trains on)
@@ -149,7 +149,7 @@ def resolve_target(config) -> Target:
     """
     check_config(config)
     resolved = workdirs.config_json(config)
-    fields = dict(resolved["data"])  # the source's geometry and mean (and old fields)
+    fields = dict(resolved["data"])  # the source's geometry and preprocessing (and old fields)
     fields.update({k: resolved["transfer"]["data"][k] for k in _TARGET_FIELDS})
     # Features are streamed once, so keeping decoded squares of a large target is pointless.
     fields["cache"] = False

@@ -1,0 +1,232 @@
+"""Deconvnet projections on models that are not ZFNet: keras.applications VGG16 and ResNet50
+(random weights, small inputs), a Sequential Conv-BN-ReLU-pool net with average pooling, a
+nested model and a tiny residual net: the explicit deconvnet Model (windowed and not), the
+backward-rule form and an independent GradientTape oracle give the same projections."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import oracles
+from zf_tf.core import deconv, graph
+
+L = keras.layers
+
+
+def assert_close(actual, expected, rtol=2e-4, what=""):
+    scale = float(np.abs(expected).max())
+    assert scale > 0, f"{what}: the expected projection is all zero"
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale, err_msg=what)
+
+
+def strongest(model, name, images, n=1):
+    """For each image, its `n` feature maps with the highest maximum (live units)."""
+    maps = graph.tap(model, [name])(images).numpy()
+    maps = maps.reshape(len(images), -1, maps.shape[-1])
+    order = np.argsort(-maps.max(1), axis=1)[:, :n]
+    index = np.repeat(np.arange(len(images)), n).astype(np.int32)
+    return index, order.reshape(-1).astype(np.int32)
+
+
+def check_layer(model, name, images, oracle=True, windowed=(True, False)):
+    """explicit (windowed and not) == rule form == oracle at each image's strongest map."""
+    index, feature = strongest(model, name, images)
+    minus = np.full(len(index), -1, np.int32)
+    rule = deconv.project(deconv.build_deconvnet(model, name, form="rule"), images, index, feature)
+    for w in windowed:
+        explicit = deconv.project(
+            deconv.build_deconvnet(model, name, form="explicit", windowed=w),
+            images,
+            index,
+            feature,
+        )
+        assert_close(explicit["projection"], rule["projection"], what=f"{name} windowed={w}")
+        np.testing.assert_allclose(explicit["activation"], rule["activation"], rtol=1e-5)
+        np.testing.assert_array_equal(explicit["y"], rule["y"])
+    if oracle:
+        chain = graph.chain(model, name)
+        expected = oracles.chain_projection(chain, images[index], feature, minus, minus)
+        assert_close(rule["projection"], expected, what=f"{name} oracle")
+    return rule
+
+
+# ---------------------------------------------------------------------------------------------
+# VGG16
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vgg16():
+    keras.utils.set_random_seed(0)
+    return keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
+
+
+VGG_CONVS = [
+    f"block{b}_conv{c}" for b, n in zip(range(1, 6), (2, 2, 3, 3, 3)) for c in range(1, n + 1)
+]
+
+
+def test_vgg16_all_13_conv_layers(vgg16):
+    assert graph.conv_layers(vgg16) == VGG_CONVS
+    images = np.random.default_rng(0).uniform(-100, 100, (2, 32, 32, 3)).astype(np.float32)
+    for name in VGG_CONVS:
+        assert deconv.projection_form(vgg16, name) == ("explicit", "")
+        # Windowing matters where the field is smaller than the image (blocks 1-3).
+        check_layer(vgg16, name, images, windowed=(True, False) if name < "block4" else (True,))
+
+
+def test_vgg16_receptive_fields(vgg16):
+    assert deconv.receptive_field_size(vgg16, "block1_conv1") == 3
+    assert deconv.receptive_field_size(vgg16, "block2_conv1") == 10  # 3 + 2 + 1 (pool) + 4
+    assert deconv.receptive_field(vgg16, "block1_conv2", 0, 0) == (0, 0, 3, 3)
+    assert deconv.receptive_field(vgg16, "block1_pool", 3, 4) == (4, 6, 10, 12)
+
+
+# ---------------------------------------------------------------------------------------------
+# A Sequential Conv-BN-ReLU-pool net with average pooling
+# ---------------------------------------------------------------------------------------------
+
+
+def bn_net(seed=0):
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 3)),
+            L.Rescaling(1 / 127.5, offset=-1, name="scale"),
+            L.Normalization(mean=[0.1, -0.2, 0.0], variance=[0.5, 2.0, 1.0], name="norm"),
+            L.Conv2D(8, 3, padding="same", use_bias=False, name="c1"),
+            L.BatchNormalization(name="bn1"),
+            L.ReLU(name="r1"),
+            L.MaxPooling2D(3, 2, padding="same", name="p1"),
+            L.ZeroPadding2D(1, name="pad"),
+            L.Conv2D(12, 3, strides=2, name="c2"),
+            L.BatchNormalization(name="bn2"),
+            L.Activation("relu", name="r2"),
+            L.AveragePooling2D(2, name="a2"),
+            L.Conv2D(16, 3, padding="same", activation="relu", name="c3"),
+            L.Dropout(0.5, name="drop"),
+            L.AveragePooling2D(3, 2, padding="same", name="a3"),
+            L.GlobalAveragePooling2D(name="gap"),
+            L.Dense(4, name="logits"),
+        ],
+        name="bn_net",
+    )
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, c),
+                    rng.normal(0, 0.1, c),
+                    rng.normal(0, 0.2, c),
+                    rng.uniform(0.3, 3.0, c),
+                ]
+            )
+    return model
+
+
+@pytest.fixture(scope="module")
+def bnnet():
+    return bn_net()
+
+
+def test_bn_net_layers(bnnet):
+    assert deconv.valid_layers(bnnet) == ["c1", "r1", "p1", "c2", "r2", "a2", "c3", "a3", "gap"]
+    images = np.random.default_rng(1).uniform(0, 255, (3, 28, 28, 3)).astype(np.float32)
+    for name in deconv.valid_layers(bnnet):
+        assert deconv.projection_form(bnnet, name)[0] == "explicit", name
+        check_layer(bnnet, name, images)
+
+
+def test_bn_net_scale_matters(bnnet):
+    """The projection below a BN layer depends on its scale (not treated as identity)."""
+    images = np.random.default_rng(2).uniform(0, 255, (1, 28, 28, 3)).astype(np.float32)
+    net = deconv.build_deconvnet(bnnet, "r2")
+    before = deconv.project(net, images, [0], [0], 2, 2)["projection"]
+    bn = bnnet.get_layer("bn1")
+    weights = bn.get_weights()
+    try:
+        bn.set_weights([weights[0] * np.linspace(0.2, 3, len(weights[0])), *weights[1:]])
+        after = deconv.project(net, images, [0], [0], 2, 2)["projection"]
+    finally:
+        bn.set_weights(weights)
+    assert np.abs(after - before).max() > 1e-3 * np.abs(before).max()
+
+
+def test_unsupported_layer_is_named():
+    model = keras.Sequential(
+        [keras.Input((16, 16, 3)), L.Conv2D(4, 3, activation="tanh", name="c1"), L.ReLU(name="r")]
+    )
+    with pytest.raises(NotImplementedError, match=r"activation 'tanh'"):
+        deconv.build_deconvnet(model, "r", form="explicit")
+    with pytest.raises(ValueError, match="valid layers: c1, r$"):
+        deconv.build_deconvnet(model, "nope")
+    model = keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            L.Conv2D(4, 3, name="c1"),
+            L.LayerNormalization(name="ln"),
+            L.ReLU(name="r"),
+        ]
+    )
+    with pytest.raises(NotImplementedError, match=r"'ln' \(LayerNormalization\) has no deconvnet"):
+        deconv.build_deconvnet(model, "r", form="explicit")
+    assert deconv.projection_form(model, "r")[0] == "rule"  # auto falls back to the rule form
+    out = deconv.project(deconv.build_deconvnet(model, "r"), np.ones((1, 16, 16, 3)), [0], [0])
+    assert out["projection"].shape == (1, 16, 16, 3)
+
+
+def test_nested_model(vgg16):
+    """A classifier wrapping VGG16 as one layer: its inner layers can be chosen and tapped."""
+    inp = keras.Input((32, 32, 3))
+    x = vgg16(inp)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    outer = keras.Model(inp, L.Dense(3, name="head")(x))
+    assert graph.chain(outer, "block2_conv1") is not None
+    images = np.random.default_rng(3).uniform(-100, 100, (1, 32, 32, 3)).astype(np.float32)
+    a = check_layer(outer, "block2_conv1", images, windowed=(True,))
+    b = check_layer(vgg16, "block2_conv1", images, oracle=False, windowed=(True,))
+    np.testing.assert_array_equal(a["projection"], b["projection"])
+    logits = deconv.rule_forward(outer, tf.constant(images), "head", "gradient")
+    np.testing.assert_allclose(logits.numpy(), outer(images).numpy(), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# DAG models: the rule form
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", ["block1_out", "block2_out"])
+def test_residual_net_matches_hand_written_oracle(layer):
+    model = oracles.tiny_residual_net()
+    assert graph.chain(model, layer) is None
+    assert deconv.projection_form(model, layer)[0] == "rule"
+    images = np.random.default_rng(4).normal(0, 1, (2, 24, 24, 3)).astype(np.float32)
+    _, feature = strongest(model, layer, images)
+    out = deconv.project(deconv.build_deconvnet(model, layer), images, [0, 1], feature)
+    for n in range(2):
+        expected, (y, x) = oracles.residual_projection(model, images[n], layer, feature[n])
+        assert (out["y"][n], out["x"][n]) == (y, x)
+        assert_close(out["projection"][n], expected, what=f"{layer} image {n}")
+    with pytest.raises(NotImplementedError, match="not a chain"):
+        deconv.build_deconvnet(model, layer, form="explicit")
+    # The stem below the first block is a chain: explicit == rule there.
+    check_layer(model, "stem_pool", images, oracle=False)
+
+
+def test_resnet50_rule_form_at_three_depths():
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(64, 64, 3))
+    images = np.random.default_rng(5).uniform(-100, 100, (1, 64, 64, 3)).astype(np.float32)
+    for name in ("conv2_block3_out", "conv3_block4_out", "conv5_block3_out"):
+        net = deconv.build_deconvnet(model, name)
+        out = deconv.project(net, images, [0], [0])
+        proj = out["projection"][0]
+        assert proj.shape == (64, 64, 3) and np.isfinite(proj).all()
+        assert out["activation"][0] > 0 and np.abs(proj).max() > 0
+        y0, x0, y1, x1 = deconv.receptive_field(model, name, out["y"][0], out["x"][0])
+        outside = np.ones(proj.shape[:2], bool)
+        outside[y0:y1, x0:x1] = False
+        assert not np.abs(proj[outside]).any(), name  # nothing outside the receptive field
