@@ -21,13 +21,25 @@ flags.DEFINE_string("workdir", "workdir", "Where checkpoints, logs and figures g
 flags.DEFINE_enum("strategy", "default", cli.STRATEGIES, "tf.distribute strategy.")
 flags.DEFINE_bool("overwrite", False, "Allow replacing existing outputs in the workdir.")
 # deconv
-flags.DEFINE_enum("layer", "conv5", cli.CONV_LAYERS, "Layer to visualize (--mode=deconv).")
+flags.DEFINE_string(
+    "layer", "", "Layer to visualize (--mode=deconv): a conv, pool or ReLU layer; default: the "
+    "model's last conv layer (conv5 for ZFNet)."
+)
 flags.DEFINE_string("split", "", "Split to scan; default: the config's eval split.")
 flags.DEFINE_integer("top_k", 9, "Strongest activations kept per feature map.", lower_bound=1)
 flags.DEFINE_string("features", "", "Comma-separated feature maps to show, e.g. 0,5,17.")
 flags.DEFINE_integer("num_features", 16, "Seeded random feature maps to show (<= 0: all).")
 flags.DEFINE_string("image", "", "Project the strongest maps of this one image file instead.")
 flags.DEFINE_bool("untrained", False, "Use a freshly initialized model (no checkpoint needed).")
+# the model to look inside (inspection modes)
+flags.DEFINE_string(
+    "model", "", "Look inside this model instead of the workdir's: a .keras file or a "
+    "keras.applications name (vgg16, resnet50, mobilenet_v2, ...)."
+)
+flags.DEFINE_string(
+    "weights", "", "Local weights file for a keras.applications --model (nothing is "
+    "downloaded: without it the model has random weights)."
+)
 # analyses
 flags.DEFINE_integer("num_images", 0, "Images to analyse; 0: the config's analysis default.")
 flags.DEFINE_string("parts", "", "--mode=correspondence: JSON {image: {part: [y0,x0,y1,x1]}}.")

@@ -1,4 +1,5 @@
-"""An image folder in ImageNet layout: `root/<class>/<file>.{jpg,jpeg,png,...}`.
+"""An image folder in ImageNet layout: `root/<class>/<file>.{jpg,jpeg,png,...}`, or a flat
+folder of unlabeled images `root/<file>` (label UNLABELED, for the modes that need no labels).
 
 Classes are the sorted subfolder names. Files are checked once when the folder is
 indexed (in parallel threads, reading only each file's first and last bytes): empty files,
@@ -18,6 +19,7 @@ import os
 from absl import logging
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+UNLABELED = -1  # the label of every image of a flat folder
 _TAIL = 1024  # bytes at the end of a file searched for the end marker
 
 _MAGIC = {
@@ -37,6 +39,11 @@ class FolderIndex:
     labels: list[int]
     class_names: list[str]
     skipped: dict[str, list[str]]  # reason ('empty', 'corrupt', 'truncated') -> paths
+
+    @property
+    def labeled(self) -> bool:
+        """False for a flat folder (no class subfolders: every label is UNLABELED)."""
+        return bool(self.class_names)
 
     @property
     def num_skipped(self) -> int:
@@ -78,7 +85,8 @@ def index_folder(root: str, max_workers: int = 16) -> FolderIndex:
       A FolderIndex sorted by (class, file name).
 
     Raises:
-      FileNotFoundError: `root` is missing or holds no class subfolder with images.
+      FileNotFoundError: `root` is missing or holds no images (directly or in class
+        subfolders).
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder not found: {root}")
@@ -93,9 +101,16 @@ def index_folder(root: str, max_workers: int = 16) -> FolderIndex:
             for f in sorted(files):
                 if f.lower().endswith(EXTENSIONS):
                     candidates.append((os.path.join(dirpath, f), label))
+    if not candidates:  # a flat folder of unlabeled images
+        class_names = []
+        candidates = [
+            (os.path.join(root, f), UNLABELED)
+            for f in sorted(os.listdir(root))
+            if f.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(root, f))
+        ]
     if not candidates:
         raise FileNotFoundError(
-            f"no images ({', '.join(EXTENSIONS)}) in class subfolders of {root}"
+            f"no images ({', '.join(EXTENSIONS)}) in {root} or in class subfolders of it"
         )
     with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
         problems = list(pool.map(check_file, [p for p, _ in candidates]))

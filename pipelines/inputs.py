@@ -62,12 +62,15 @@ def _tfds_builder(data):
 @functools.lru_cache(maxsize=8)
 def _folder_split(root: str, split: str):
     """(paths, labels) of a folder split: root/<split>/<class> if present, else a
-    deterministic every-Nth hold-out of root/<class> as 'validation'."""
+    deterministic every-Nth hold-out of root/<class> as 'validation'; a flat folder of
+    unlabeled images is every split (labels folder.UNLABELED)."""
     split_root = os.path.join(root, split)
     if os.path.isdir(split_root):
         index = folder_lib.index_folder(split_root)
         return index.paths, index.labels
     index = folder_lib.index_folder(root)
+    if not index.labeled:  # a flat folder: every split is all of its images
+        return index.paths, index.labels
     every = int(round(1 / FOLDER_VALIDATION_FRACTION))
     held_out = [i % every == every - 1 for i in range(len(index.paths))]
     keep = [h == (split != "train") for h in held_out]
@@ -75,6 +78,14 @@ def _folder_split(root: str, split: str):
         [p for p, k in zip(index.paths, keep) if k],
         [y for y, k in zip(index.labels, keep) if k],
     )
+
+
+def is_labeled(data, split: str) -> bool:
+    """False when `split` is a flat folder of unlabeled images (labels folder.UNLABELED)."""
+    if data.source != "folder":
+        return True
+    labels = _folder_split(data.folder, split)[1]
+    return not labels or labels[0] != folder_lib.UNLABELED
 
 
 def selected_classes(data) -> tuple[int, ...]:

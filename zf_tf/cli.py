@@ -22,7 +22,6 @@ from absl import flags, logging
 from pipelines import DataError
 from zf_tf.analyses import base as analyses_base
 from zf_tf.core.errors import UsageError
-from zf_tf.core.model import CONV_LAYERS  # noqa: F401 - main.py's --layer choices
 from zf_tf.training.strategies import STRATEGIES, make_strategy  # noqa: F401 - main.py
 
 DEFAULT_CONFIG = "configs/default.py"
@@ -302,11 +301,14 @@ def _analysis(name: str):
         from zf_tf import analyses
         from zf_tf.training import workdirs
 
-        analyses_base.run(
-            analyses.get(name), workdirs.load_config(request.workdir, config), request
-        )
+        if not request.model:  # the workdir's own model: the data it was trained on
+            config = workdirs.load_config(request.workdir, config)
+        analyses_base.run(analyses.get(name), config, request)
 
-    run_analysis.__doc__ = f"--mode={name}: zf_tf.analyses.REGISTRY[{name!r}]."
+    run_analysis.__doc__ = (
+        f"--mode={name}: zf_tf.analyses.REGISTRY[{name!r}] (with --model, on the command "
+        "line's config)."
+    )
     return run_analysis
 
 
@@ -329,10 +331,13 @@ MODES = {
 }
 
 
-def request_from_flags(flag_values) -> analyses_base.Request:
-    """The typed request of main.py's mode flags (one flag per `Request` field)."""
-    fields = dataclasses.fields(analyses_base.Request)
-    return analyses_base.Request(**{f.name: getattr(flag_values, f.name) for f in fields})
+def request_from_flags(flag_values, args: list[str] = ()) -> analyses_base.Request:
+    """The typed request of main.py's mode flags (one flag per `Request` field) and the
+    config keys that `args` override."""
+    fields = [f for f in dataclasses.fields(analyses_base.Request) if f.name != "overridden"]
+    values = {f.name: getattr(flag_values, f.name) for f in fields}
+    overridden = tuple(key for key, _ in split_arguments(list(args))[0])
+    return analyses_base.Request(**values, overridden=overridden)
 
 
 def run(mode: str, config, request: analyses_base.Request, strategy_name: str = "default"):
@@ -354,6 +359,7 @@ def main(flag_values, args: list[str]):
     runs the mode; usage errors become one line on stderr and exit status 1."""
     try:
         config = resolved_config(flag_values.config, args)
-        run(flag_values.mode, config, request_from_flags(flag_values), flag_values.strategy)
+        request = request_from_flags(flag_values, args)
+        run(flag_values.mode, config, request, flag_values.strategy)
     except (UsageError, DataError, FileNotFoundError) as e:
         fail(str(e))

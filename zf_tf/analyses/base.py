@@ -12,9 +12,16 @@ An analysis is a module that defines one `Analysis` object, `ANALYSIS`, made of:
                                           writes the files in `paths` (PNG, npz, json, md)
                                           and returns the TensorBoard images and the lines
                                           to print
-`run(analysis, config, request)` checks the settings and the outputs, loads the model and
-the data, computes, renders, writes the TensorBoard images and prints, in that order, so a
-refused run (bad setting, existing outputs, unknown split) costs nothing and writes nothing.
+  resolve(settings, model, source) -> Settings
+                                          the settings completed from the model (layer
+                                          names default to the model's own: its first or
+                                          last conv layer, its penultimate dense layer)
+                                          and checked against it (UsageError)
+`run(analysis, config, request)` opens the model source (`sources`: the workdir's model or
+`--model`), checks the settings, loads the model, resolves the settings against it, checks
+the outputs, loads the data, computes, renders, writes the TensorBoard images and prints,
+in that order, so a refused run (bad setting, layer or model, existing outputs, unknown
+split) writes nothing.
 
 Adding an analysis: one module under zf_tf/analyses/ defining `ANALYSIS`, and its mode name
 in `REGISTRY` (zf_tf/analyses/__init__.py).
@@ -29,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from zf_tf import outputs
+from zf_tf.analyses import sources
 from zf_tf.core.errors import UsageError
 
 
@@ -50,13 +58,18 @@ class Request:
       untrained: use a freshly initialized model instead of the workdir's checkpoint.
       parts: correspondence: JSON file {image: {part: [y0, x0, y1, x1]}}.
       compare: filters: workdir of the AlexNet-style layer-1 model.
+      model: look inside this model instead of the workdir's: a .keras file or a
+        keras.applications name (`sources`).
+      weights: a local weights file for a keras.applications `model`.
+      overridden: the config keys set on the command line (dotted, e.g.
+        'data.crop_size'): they win over what a `model` implies.
     """
 
     workdir: str
     split: str = ""
     num_images: int = 0
     overwrite: bool = False
-    layer: str = "conv5"
+    layer: str = ""
     top_k: int = 9
     features: str = ""
     num_features: int = 16
@@ -64,6 +77,9 @@ class Request:
     untrained: bool = False
     parts: str = ""
     compare: str = ""
+    model: str = ""
+    weights: str = ""
+    overridden: tuple = ()
 
     def images(self, default: int) -> int:
         """`num_images` if set (> 0), else `default`."""
@@ -113,13 +129,18 @@ def default_load(config, settings, model):
     return None
 
 
+def default_resolve(settings, model, source):
+    """`resolve` for analyses whose settings do not depend on the model."""
+    return settings
+
+
 @dataclasses.dataclass(frozen=True)
 class Analysis:
     """One analysis: see the module docstring for the contract of each function.
 
     Attributes:
       name: the mode name (`--mode=<name>`), the TensorBoard run and the default out dir.
-      settings, outputs, load, compute, render: the parts (module docstring).
+      settings, outputs, load, compute, render, resolve: the parts (module docstring).
       needs_model: False for analyses that read only workdir files (evolution).
     """
 
@@ -129,6 +150,7 @@ class Analysis:
     compute: Callable
     render: Callable
     load: Callable = default_load
+    resolve: Callable = default_resolve
     needs_model: bool = True
 
 
@@ -143,25 +165,33 @@ def load_model(config, request: Request):
 
 
 def run(analysis: Analysis, config, request: Request) -> Result:
-    """Runs one analysis on a workdir: the shared skeleton of every analysis mode.
+    """Runs one analysis: the shared skeleton of every analysis mode.
 
     Args:
       analysis: the analysis (a module's `ANALYSIS`).
       config: the workdir's config, with `config.analysis` from the command line
-        (`workdirs.load_config`).
+        (`workdirs.load_config`); with `request.model`, the command line's config.
       request: the command line's request.
 
     Returns:
       Result(result=compute's dict, paths={name: path}, report=render's Report).
 
     Raises:
-      UsageError / DataError: a bad setting, an unknown split, outputs that exist without
-        `request.overwrite`, no trained model.
+      UsageError / DataError: a bad setting, model source or layer, an unknown split,
+        outputs that exist without `request.overwrite`, no trained model.
     """
+    source = sources.open_source(config, request) if analysis.needs_model else None
+    if source is not None:
+        config = source.config
     settings = analysis.settings(config, request)
+    model = None
+    if analysis.needs_model:
+        model = source.model if source.model is not None else load_model(config, request)
+        settings = analysis.resolve(settings, model, source)
     out_dir, names = analysis.outputs(settings)
     paths = outputs.reserve(request.workdir, out_dir, names, request.overwrite)
-    model = load_model(config, request) if analysis.needs_model else None
+    if source is not None and source.description:
+        print(source.description)
     data = analysis.load(config, settings, model)
     result = analysis.compute(model, data, settings)
     report = analysis.render(result, settings, paths)

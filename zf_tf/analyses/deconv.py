@@ -20,10 +20,8 @@ import tqdm
 from pipelines import inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base
-from zf_tf.core import deconv, topk
-from zf_tf.core import model as model_lib
+from zf_tf.core import deconv, graph, topk
 from zf_tf.core.errors import UsageError
-from zf_tf.core.model import CONV_LAYERS
 
 MODE = "deconv"
 PROJECT_BATCH = 64  # deconvnet requests per projection call
@@ -144,8 +142,8 @@ def strongest_maps(model: keras.Model, image: np.ndarray, layer: str, num: int) 
       dict: features [n] strongest first; projection (n, H, W, 3); activation, y, x (n,).
     """
     dn = deconv.build_deconvnet(model, layer)
-    tap = keras.Model(model.inputs, model.get_layer(layer).output)
-    act = tap([image[None]], training=False).numpy()[0]
+    act = graph.tap(model, [layer])(image[None], training=False).numpy()
+    act = act.reshape(act.shape[0], -1, act.shape[-1])[0]  # (h * w, C); global pools: (1, C)
     strength = act.reshape(-1, act.shape[-1]).max(axis=0)
     n = act.shape[-1] if num <= 0 else min(num, act.shape[-1])
     chosen = np.argsort(-strength)[:n].tolist()
@@ -233,23 +231,14 @@ class Settings:
         return f"top{self.top_k}_{self.split}"
 
 
-def _num_maps(model_config, layer: str) -> int:
-    filters = model_config.get("conv_filters", model_lib.CONV_FILTERS)
-    return model_lib.scaled(filters[CONV_LAYERS.index(layer)], model_config.width)
-
-
 def settings(config, request: base.Request) -> Settings:
-    """Raises UsageError: bad layer, top_k, features or image file; DataError: unknown split."""
-    layer = request.layer
-    removed = tuple(config.model.get("remove", None) or ())
-    valid = [n for n in CONV_LAYERS if n not in removed]
-    if layer not in valid:
-        raise UsageError(f"--layer={layer!r} is not valid: choose one of {', '.join(valid)}")
+    """Raises UsageError: bad top_k, features or image file; DataError: unknown split. The
+    layer and the features are checked against the model by `resolve`."""
     if request.top_k < 1:
         raise UsageError(f"--top_k must be at least 1; got {request.top_k}")
     data = config.data
     s = Settings(
-        layer=layer,
+        layer=request.layer,
         image=request.image,
         split="" if request.image else (request.split or data.eval_split),
         top_k=int(request.top_k),
@@ -264,9 +253,33 @@ def settings(config, request: base.Request) -> Settings:
         load_image(s.image, s.resize_size, s.crop_size, s.pixels)  # readable: refused now if not
     else:
         inputs.check_split(data, s.split)
-        if s.features:  # range-checked against the layer's width before the model loads
-            select_features(_num_maps(config.model, layer), s.features, s.num_features, s.seed)
+        parse_features(s.features)
     return s
+
+
+def resolve(s: Settings, model, source) -> Settings:
+    """The layer (default: the model's last conv layer) checked against the model, and the
+    features against its width.
+
+    Raises:
+      UsageError: a layer that is not a conv, pool or activation layer of the model, or
+        features out of range.
+    """
+    valid = deconv.valid_layers(model)
+    layer = s.layer or graph.conv_layers(model)[-1]
+    if layer not in valid:
+        raise UsageError(f"--layer={layer!r} is not valid: choose one of {', '.join(valid)}")
+    try:
+        form, why = deconv.projection_form(model, layer)
+        deconv.build_deconvnet(model, layer)  # a fused activation the rules cannot reach
+    except NotImplementedError as e:
+        raise UsageError(f"--layer={layer}: {e}") from None
+    if form == "rule":
+        print(f"{layer}: projections in the backward-rule form ({why})")
+    if s.features and not s.image:
+        num_maps = int(graph.find(model, layer).output.shape[-1])
+        select_features(num_maps, s.features, s.num_features, s.seed)
+    return dataclasses.replace(s, layer=layer)
 
 
 def outputs_of(s: Settings):
@@ -348,4 +361,5 @@ ANALYSIS = base.Analysis(
     load=load,
     compute=compute,
     render=render_outputs,
+    resolve=resolve,
 )

@@ -14,6 +14,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from zf_tf.core import graph
+
 
 @dataclasses.dataclass
 class TopK:
@@ -66,8 +68,9 @@ def scan(model: keras.Model, layer_name: str, dataset, k: int = 9, progress=None
     """One streaming pass: the top-k activations of every feature map of a layer.
 
     Args:
-      model: the classifier.
-      layer_name: layer to tap (its output is (B, h, w, F)).
+      model: the classifier (any Keras convnet, nested models included).
+      layer_name: layer to tap (its output is (B, h, w, F); a global pool's (B, F) counts
+        as 1x1 maps).
       dataset: batches of images, or of (images, labels); scanned in order, image
         indices count from 0 in that order.
       k: how many to keep per feature map.
@@ -76,8 +79,9 @@ def scan(model: keras.Model, layer_name: str, dataset, k: int = 9, progress=None
     Returns:
       A TopK with (k, F) arrays.
     """
-    tap = keras.Model(model.inputs, model.get_layer(layer_name).output)
-    features = tap.output.shape[-1]
+    tap = graph.tap(model, [layer_name])
+    features = int(tap.outputs[0].shape[-1])
+    maps = (-1, 1, 1, features) if len(tap.outputs[0].shape) == 2 else None  # global pools
     state = (
         tf.fill([k, features], -np.inf),
         tf.fill([k, features], tf.constant(-1, tf.int64)),
@@ -87,7 +91,8 @@ def scan(model: keras.Model, layer_name: str, dataset, k: int = 9, progress=None
 
     @tf.function(reduce_retracing=True)
     def step(images, offset, state):
-        return _merge(state, tap(images, training=False), offset, k)
+        fmap = tap(images, training=False)
+        return _merge(state, fmap if maps is None else tf.reshape(fmap, maps), offset, k)
 
     offset = 0
     for batch in dataset:

@@ -1,0 +1,205 @@
+"""Which model an inspection mode looks inside: `--model` and `--weights`.
+
+  (no --model)                the workdir's trained ZFNet (or `--untrained`: a fresh one)
+  --model=PATH.keras          a Keras model file (.keras, or a legacy .h5)
+  --model=vgg16 ...           a keras.applications builder (`APPLICATIONS`), with
+    [--weights=FILE]          a local weights file; never a download: without --weights
+                              the model is randomly initialized and the output says so
+
+The data still comes from `config.data` (the command line's config when `--model` is
+given). The model decides what the data must look like: its input size becomes
+`config.data.crop_size` (the resize size keeps the config's ratio), unless the model takes
+any size, when `--config.data.crop_size` decides; a keras.applications family brings its
+own pixel preprocessing ('caffe' for VGG and ResNet, 'tf' for MobileNet and Inception, ...)
+unless `--config.data.preprocessing` is given. keras.applications classifiers are built
+with logits outputs (`classifier_activation=None`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import keras
+import ml_collections
+
+from zf_tf.core import graph
+from zf_tf.core.errors import UsageError
+
+# --model name -> (keras.applications builder, its preprocessing, its native input size).
+APPLICATIONS = {
+    "vgg16": ("VGG16", "caffe", 224),
+    "vgg19": ("VGG19", "caffe", 224),
+    "resnet50": ("ResNet50", "caffe", 224),
+    "resnet101": ("ResNet101", "caffe", 224),
+    "resnet152": ("ResNet152", "caffe", 224),
+    "resnet50_v2": ("ResNet50V2", "tf", 224),
+    "mobilenet": ("MobileNet", "tf", 224),
+    "mobilenet_v2": ("MobileNetV2", "tf", 224),
+    "inception_v3": ("InceptionV3", "tf", 299),
+    "xception": ("Xception", "tf", 299),
+    "densenet121": ("DenseNet121", "torch", 224),
+    "efficientnet_b0": ("EfficientNetB0", "raw", 224),
+}
+MODEL_FILES = (".keras", ".h5")
+
+
+@dataclasses.dataclass
+class Source:
+    """A model to look inside and the config adapted to it.
+
+    Attributes:
+      model: the Keras model, with a static input size (None: the workdir's, loaded later).
+      config: the config whose `data` section matches the model (crop size, preprocessing).
+      description: one line saying what the model is (printed by the runner).
+      own_labels: whether the model's outputs are the classes of `config.data` (the
+        workdir's model) or unknown (a model brought along: explain the predicted class).
+    """
+
+    model: object
+    config: object
+    description: str = ""
+    own_labels: bool = True
+
+    def labels_apply(self, split: str) -> bool:
+        """Whether `split`'s labels are classes of the model: its own data (not a model
+        brought along) and not a flat folder of unlabeled images. Where they do not,
+        attribution and occlusion explain the predicted class."""
+        from pipelines import inputs
+
+        return self.own_labels and inputs.is_labeled(self.config.data, split)
+
+
+def check(request) -> None:
+    """Validates --model and --weights without loading anything.
+
+    Raises:
+      UsageError: an unknown name that is not a model file, a missing file, or --weights
+        without a keras.applications --model.
+    """
+    spec, weights = request.model, request.weights
+    if weights and not spec:
+        raise UsageError("--weights needs --model=NAME (a keras.applications model)")
+    if not spec:
+        return
+    if spec.lower() in APPLICATIONS:
+        if weights and not os.path.isfile(weights):
+            raise UsageError(f"--weights={weights}: no such file")
+        return
+    if weights:
+        raise UsageError(
+            f"--weights goes with a keras.applications --model ({', '.join(APPLICATIONS)}); "
+            f"{spec} holds its own weights"
+        )
+    if os.path.isdir(spec):
+        raise UsageError(
+            f"--model={spec} is a directory (a SavedModel?): Keras 3 cannot look inside a "
+            "SavedModel's layers; save the model as a .keras file (model.save('m.keras'))"
+        )
+    if not os.path.isfile(spec):
+        raise UsageError(
+            f"--model={spec}: no such file, and not a keras.applications name: choose a "
+            f"{' or '.join(MODEL_FILES)} file or one of {', '.join(APPLICATIONS)}"
+        )
+    if not spec.endswith(MODEL_FILES):
+        raise UsageError(f"--model={spec}: not a Keras model file ({', '.join(MODEL_FILES)})")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _build_application(name: str, weights: str, size: int, overridden: set):
+    """(model, description) of a keras.applications builder at its native size (its
+    classifier top, logits) or, when the crop size is set and differs, without its top."""
+    builder_name, _, native = APPLICATIONS[name]
+    builder = getattr(keras.applications, builder_name)
+    sized = "data.crop_size" in overridden and size != native
+    attempts = [] if sized else [dict(include_top=True, classifier_activation=None)]
+    attempts.append(dict(include_top=False, input_shape=(size, size, 3)))
+    errors = []
+    for kwargs in attempts:
+        try:
+            model = builder(weights=weights or None, **kwargs)
+        except (ValueError, OSError) as e:
+            errors.append(_first_line(e))
+            continue
+        top = "with its classifier" if kwargs["include_top"] else "without its top"
+        if weights:
+            what = f"weights from {weights}"
+        else:
+            what = "RANDOM weights (no --weights given: nothing is downloaded)"
+        return model, f"model: keras.applications.{builder_name} {top}, {what}"
+    raise UsageError(f"--weights={weights} does not fit {name}: {errors[-1]}")
+
+
+def _load_file(path: str):
+    from zf_tf.core import model as model_lib  # noqa: F401 - registers ZFNet's custom layers
+
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file can raise anything
+        raise UsageError(f"cannot load --model={path}: {_first_line(e)}") from None
+    return model, f"model: {path} ({model.name}, {model.count_params():,} parameters)"
+
+
+def _adapt(config, size: int, preprocessing: str | None, overridden: set):
+    """A copy of `config` whose data section fits a model with `size` px inputs."""
+    from zf_tf.training import workdirs
+
+    adapted = ml_collections.ConfigDict(workdirs.config_json(config))
+    data = adapted.data
+    if "data.crop_size" in overridden and int(data.crop_size) != size:
+        raise UsageError(
+            f"the model takes {size} px inputs; --config.data.crop_size={data.crop_size} differs"
+        )
+    if int(data.crop_size) != size:
+        ratio = float(data.resize_size) / float(data.crop_size)
+        data.resize_size = max(size, int(round(size * ratio)))
+        data.crop_size = size
+        if "model" in adapted and "input_size" in adapted.model:
+            adapted.model.input_size = size
+    if preprocessing and "data.preprocessing" not in overridden:
+        data.preprocessing = preprocessing
+    return adapted
+
+
+def open_source(config, request) -> Source:
+    """The model `request` asks for and the config adapted to it.
+
+    Without `request.model` the model is left to the runner (the workdir's, loaded after
+    the settings are checked) and `config` is returned as is.
+
+    Raises:
+      UsageError: bad --model / --weights (see `check`), a file that does not load, or a
+        model without image inputs.
+    """
+    check(request)
+    if not request.model:
+        return Source(model=None, config=config)
+    overridden = set(request.overridden)
+    name = request.model.lower()
+    if name in APPLICATIONS:
+        model, description = _build_application(
+            name, request.weights, int(config.data.crop_size), overridden
+        )
+        preprocessing = APPLICATIONS[name][1]
+    else:
+        model, description = _load_file(request.model)
+        preprocessing = None
+    try:
+        shape = graph.input_shape(model)
+    except ValueError as e:
+        raise UsageError(f"--model={request.model}: {e}") from None
+    if shape[2] != 3:
+        raise UsageError(f"--model={request.model} takes {shape[2]}-channel images; RGB only")
+    size = int(config.data.crop_size) if shape[0] is None else int(shape[0])
+    if shape[0] is None:
+        model = graph.fixed_input(model, size)
+    return Source(
+        model=model,
+        config=_adapt(config, size, preprocessing, overridden),
+        description=description,
+        own_labels=False,
+    )
