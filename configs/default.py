@@ -58,6 +58,7 @@ def get_config():
     config.data.input_threads = 1  # tf.data threads; 0 = as many as cores
 
     config.model = ml_collections.ConfigDict()
+    config.model.arch = "zfnet"  # or 'vgg' (a small VGG-style BN net: configs/vgg_small.py)
     config.model.input_size = crop_size
     config.model.num_classes = num_classes
     config.model.width = 0.25
@@ -100,13 +101,17 @@ def get_config():
     config.analysis.occlusion.num_images = 8
     config.analysis.occlusion.size = 0.25  # gray square side, fraction of the crop side
     config.analysis.occlusion.stride = 0.0625  # its step, fraction of the crop side
-    config.analysis.occlusion.layer = "conv5"
+    # Conv layer of maps (b) and (c); '' = the model's last conv layer (ZFNet: conv5).
+    config.analysis.occlusion.layer = ""
 
     config.analysis.invariance = ml_collections.ConfigDict()
     config.analysis.invariance.num_images = 5
     config.analysis.invariance.translations = (-0.25, -0.15, -0.05, 0.0, 0.05, 0.15, 0.25)
     config.analysis.invariance.scales = (0.6, 0.8, 1.0, 1.2, 1.4, 1.6)  # of the crop side
     config.analysis.invariance.rotations = tuple(range(0, 361, 30))  # degrees
+    # "Layer 1" and "layer 7": '' = the model's first conv layer and its penultimate dense
+    # layer (ZFNet: conv1, fc7; graph.penultimate_dense says what stands in without one).
+    config.analysis.invariance.layers = ("", "")
 
     config.analysis.correspondence = ml_collections.ConfigDict()
     config.analysis.correspondence.num_images = 5
@@ -114,7 +119,9 @@ def get_config():
     # and only for a circle is each quarter of the object box the same part in every image.
     config.analysis.correspondence.label = 0
     config.analysis.correspondence.random_draws = 10
-    config.analysis.correspondence.layers = ("conv5", "fc7")
+    # The paper's layers 5 and 7: '' = the model's last conv layer and its penultimate dense
+    # layer (ZFNet: conv5, fc7); any layer of the model can be named.
+    config.analysis.correspondence.layers = ("", "")
 
     config.analysis.evolution = ml_collections.ConfigDict()
     # Clipped to the run, plus its last epoch; () switches the training-time snapshots off.
@@ -126,13 +133,18 @@ def get_config():
     config.analysis.filters.rms_threshold = 0.01  # dead: RMS < this x the largest conv1 RMS
     config.analysis.filters.active_epsilon = 1e-6  # dead: max conv1 activation <= this
     config.analysis.filters.layer2_features = 16  # seeded conv2 maps projected
+    # Layer 1 (its filters: a conv on the RGB image) and layer 2 (projected): '' = the model's
+    # first and second conv layers (ZFNet: conv1, conv2).
+    config.analysis.filters.layers = ("", "")
 
     config.analysis.attribution = ml_collections.ConfigDict()
     config.analysis.attribution.num_images = 6  # shown in the figure
     config.analysis.attribution.pointing_images = 200  # scored by the pointing game
     config.analysis.attribution.smoothgrad_samples = 20
     config.analysis.attribution.smoothgrad_noise = 0.2
-    config.analysis.attribution.target = "true"  # class explained: 'true' or 'predicted'
+    # Class explained: 'true' or 'predicted' (always 'predicted' where the labels are not the
+    # model's classes: a model brought along with --model, or unlabeled images).
+    config.analysis.attribution.target = "true"
     config.analysis.attribution.methods = (  # figure columns after the input (attribution.py)
         "deconvnet",
         "guided_backprop",
@@ -143,7 +155,8 @@ def get_config():
         "scorecam",
         "occlusion",
     )
-    config.analysis.attribution.cam_layer = "conv5"  # Grad-CAM, Grad-CAM++, Score-CAM
+    # Conv layer of Grad-CAM, Grad-CAM++, Score-CAM; '' = the model's last (ZFNet: conv5).
+    config.analysis.attribution.cam_layer = ""
 
     # --mode=ablate (paper Table 3): every variant trains with this same budget in
     # WORKDIR/ablate/<variant>/. Not part of a run's identity (COMMAND_LINE_SECTIONS): each

@@ -230,3 +230,17 @@ def test_resnet50_rule_form_at_three_depths():
         outside = np.ones(proj.shape[:2], bool)
         outside[y0:y1, x0:x1] = False
         assert not np.abs(proj[outside]).any(), name  # nothing outside the receptive field
+
+
+@pytest.mark.slow
+def test_vgg16_at_224_with_its_classifier():
+    """The full keras.applications VGG16 (classifier top, logits) at 224 px: explicit ==
+    rule form == oracle at a deep and a middle layer; the logits through the rule form's
+    clone equal the model's."""
+    keras.utils.set_random_seed(0)
+    model = keras.applications.VGG16(weights=None, classifier_activation=None)
+    images = np.random.default_rng(6).uniform(-100, 100, (1, 224, 224, 3)).astype(np.float32)
+    for name in ("block5_conv3", "block3_conv3"):
+        check_layer(model, name, images, windowed=(True,))
+    logits = deconv.rule_forward(model, tf.constant(images), "predictions", "deconvnet")
+    np.testing.assert_allclose(logits.numpy(), model(images).numpy(), rtol=1e-4, atol=1e-4)

@@ -16,8 +16,9 @@ from pipelines import DataError
 from pipelines import examples as examples_lib
 from tests.conftest import load_config, run_analysis, workdir_with_model
 from tests.test_train import events
-from zf_tf.analyses import attribution, base
-from zf_tf.core import deconv
+from tests.tiny_models import named_convnet, saved_bn_net
+from zf_tf.analyses import attribution, base, sources
+from zf_tf.core import deconv, graph
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 
@@ -232,13 +233,18 @@ def test_settings_refuse_bad_configs_before_anything_loads(tiny_config):
     bad.analysis.occlusion.size = 0.0
     with pytest.raises(UsageError, match="config.analysis.occlusion: occluder size"):
         attribution.settings(bad, request)
-    # The CAM layer must be a conv layer the model has (an ablation may remove conv3, conv4).
+    # The CAM layer must be a conv layer the model has (an ablation may remove conv3, conv4):
+    # checked against the model itself (`resolve`).
     att.cam_layer = "conv4"
-    tiny_config.model.remove = ("conv3", "conv4")
+    tiny_config.model.width, tiny_config.model.remove = 0.125, ("conv3", "conv4")
+    ablated = model_lib.build_model(tiny_config.model)
+    own = sources.Source(model=None, config=tiny_config)
+    s = attribution.settings(tiny_config, request)
     with pytest.raises(UsageError, match="cam_layer='conv4' is not valid: choose one of conv1, "):
-        attribution.settings(tiny_config, request)
+        attribution.resolve(s, ablated, own)
     att.methods = ("saliency", "occlusion")  # no CAM method: the layer is not used
-    assert attribution.settings(tiny_config, request).maps.cam_layer == "conv4"
+    s = attribution.settings(tiny_config, request)
+    assert attribution.resolve(s, ablated, own).maps.cam_layer == "conv4"
 
 
 def test_mode_end_to_end(tiny_config, tmp_path, capsys):
@@ -338,3 +344,77 @@ def test_mode_end_to_end(tiny_config, tmp_path, capsys):
         "attribution.png",
     ]
     assert report.summary is None and list(report.images) == ["attribution/predicted_class"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Any model: the CAM layer follows the model; labels that are not its classes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resolve_picks_the_models_own_layer(tiny_config, model):
+    s = attribution.settings(tiny_config, base.Request("/nowhere"))
+    assert (s.maps.cam_layer, s.target) == ("", "true")
+    own = sources.Source(model=None, config=tiny_config)
+    r = attribution.resolve(s, model, own)
+    assert (r.maps.cam_layer, r.target, r.labels, r.class_names) == (
+        "conv5",
+        "true",
+        True,
+        s.class_names,
+    )
+    imagenet_like = named_convnet(classes=1000)
+    brought = sources.Source(model=imagenet_like, config=tiny_config, own_labels=False)
+    r = attribution.resolve(s, imagenet_like, brought)
+    assert (r.maps.cam_layer, r.target, r.labels) == ("b", "predicted", False)
+    assert len(r.class_names) == 1000 and r.class_names[-1] == "class 999"
+    named = dataclasses.replace(s, maps=dataclasses.replace(s.maps, cam_layer="a"))
+    assert attribution.resolve(named, imagenet_like, brought).maps.cam_layer == "a"
+    bad = dataclasses.replace(s, maps=dataclasses.replace(s.maps, cam_layer="h"))
+    with pytest.raises(UsageError, match=r"cam_layer='h' is not valid: choose one of a, b$"):
+        attribution.resolve(bad, imagenet_like, brought)
+
+
+def test_cams_of_nested_and_fixed_size_models_equal_the_flat_ones(images):
+    flat = named_convnet()
+    inp = keras.Input((64, 64, 3))
+    nested = keras.Model(inp, flat(inp))  # get_layer('b').output is not in its graph
+    x = keras.Input((None, None, 3))
+    free = keras.Model(x, flat(x))
+    fixed = graph.fixed_input(free, 64)  # layers shared with `flat`, rebuilt on a new input
+    classes = [6, 9]  # classes whose Grad-CAM is not all zero on these random weights
+    for method in ("gradcam", "scorecam"):
+        expected = attribution.cam_maps(flat, images, classes, method, "b")
+        assert np.abs(expected).max() > 0, method
+        for other in (nested, fixed):
+            assert_close(attribution.cam_maps(other, images, classes, method), expected)
+
+
+def test_predicted_class_where_labels_do_not_apply(tiny_config):
+    model = named_convnet()
+    brought = sources.Source(model=model, config=tiny_config, own_labels=False)
+    tiny_config.analysis.attribution.methods = ("saliency", "gradcam")
+    s = attribution.resolve(attribution.settings(tiny_config, base.Request("/x")), model, brought)
+    ex = examples_lib.load_examples(tiny_config, "validation", 2)
+    arrays = attribution.compute(model, ex, s)["arrays"]
+    probs = tf.nn.softmax(model(ex.images, training=False)).numpy()
+    np.testing.assert_array_equal(arrays["classes"], probs.argmax(axis=1))
+    np.testing.assert_allclose(arrays["probs"], probs.max(axis=1), rtol=1e-5)
+
+
+def test_mode_on_a_model_brought_along(tiny_config, tmp_path, capsys):
+    config = tiny_config
+    att = config.analysis.attribution
+    att.num_images, att.pointing_images, att.smoothgrad_samples = 2, 2, 2
+    config.analysis.occlusion.stride = 0.25
+    path = saved_bn_net(tmp_path)
+    run = run_analysis("attribution", config, tmp_path / "w", model=path)
+    assert list(run.paths) == list(attribution.OUTPUTS)
+    npz = np.load(run.paths["attribution.npz"])
+    for m in attribution.METHODS:
+        assert npz[m].shape == (2, 64, 64) and np.isfinite(npz[m]).all(), m
+    game = json.loads(open(run.paths["pointing_game.json"]).read())
+    assert game["target"] == "predicted" and game["cam_layer"] == "c2"
+    assert "not classes of this model" in game["note"]
+    with Image.open(run.paths["attribution.png"]) as png:
+        assert png.size[0] > 500
+    assert f"Note: {game['note']}" in capsys.readouterr().out.splitlines()

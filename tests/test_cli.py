@@ -128,13 +128,27 @@ def test_main_turns_library_errors_into_one_line(capsys, tmp_path):
         config, mode, strategy = cli.DEFAULT_CONFIG, "train", "default"
         workdir, split, num_images, overwrite, layer = str(tmp_path), "", 0, False, "conv5"
         top_k, features, num_features, image, untrained = 9, "", 16, "", False
-        parts, compare = "", ""
+        parts, compare, model, weights = "", "", "", ""
 
     with pytest.raises(SystemExit) as e:
         cli.main(Flags, ["--config.model.layer1=vgg"])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: config.model.layer1='vgg' is not valid: choose one of zfnet, alexnet"]
+    # Bad model sources and layers of a model brought along: one line, nothing written.
+    Flags.mode = "deconv"
+    for model, weights, layer, expected in (
+        ("vgg17", "", "", "--model=vgg17: no such file, and not a keras.applications name"),
+        ("vgg16", str(tmp_path / "none.h5"), "", f"--weights={tmp_path}/none.h5: no such file"),
+        ("", str(tmp_path / "w.h5"), "", "--weights needs --model"),
+        ("vgg16", "", "fc7", "--layer='fc7' is not valid: choose one of block1_conv1, "),
+    ):
+        Flags.model, Flags.weights, Flags.layer = model, weights, layer
+        with pytest.raises(SystemExit):
+            cli.main(Flags, ["--config.data.crop_size=32", "--config.data.resize_size=36"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {expected}"), err
+    assert os.listdir(tmp_path) == []
 
 
 def test_summary_resolves_config_overrides(tiny_data_dir, tmp_path, capsys):

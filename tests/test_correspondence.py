@@ -1,6 +1,7 @@
 """--mode=correspondence (Table 1): Delta by hand, parts JSON and its errors, box mapping to
 crop pixels, the embedded default parts, and the mode end to end on a tiny workdir."""
 
+import dataclasses
 import json
 
 import keras
@@ -13,7 +14,8 @@ from tests.conftest import run_analysis, workdir_with_model
 from tests.images import encode, random_rgb, write
 from tests.test_cli import error_lines, main_py
 from tests.test_train import events
-from zf_tf.analyses import base, correspondence
+from tests.tiny_models import named_convnet, saved_bn_net
+from zf_tf.analyses import base, correspondence, sources
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 
@@ -309,3 +311,50 @@ def test_parts_file_end_to_end_and_its_errors_through_main_py(tiny_config, tmp_p
     proc = main_py("--mode=correspondence", f"--workdir={workdir}", f"--parts={bad}", "--overwrite")
     lines = error_lines(proc)
     assert proc.returncode == 1 and len(lines) == 1 and "no part 'nose'" in lines[0], lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Any model: layers 5 and 7 follow the model; unlabeled images are refused
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resolve_picks_the_models_own_layers(tiny_config):
+    s = correspondence.settings(tiny_config, request())
+    assert s.layers == ("", "")
+    model = named_convnet()
+    brought = sources.Source(model=model, config=tiny_config, own_labels=False)
+    assert correspondence.resolve(s, model, brought).layers == ("b", "h")
+    named = dataclasses.replace(s, layers=("gap", ""))
+    assert correspondence.resolve(named, model, brought).layers == ("gap", "h")
+    with pytest.raises(UsageError) as error:
+        correspondence.resolve(dataclasses.replace(s, layers=("conv5", "fc7")), model, brought)
+    assert str(error.value) == (
+        "config.analysis.correspondence.layers: no layer 'conv5'; valid layers: a, p, b, gap, h"
+    )
+    own = sources.Source(model=None, config=tiny_config)
+    assert correspondence.resolve(s, small_model(tiny_config), own).layers == ("conv5", "fc7")
+
+
+def test_unlabeled_images_are_refused_without_parts(tiny_config, tmp_path):
+    for k in range(2):
+        write(str(tmp_path / f"img{k}.png"), encode(random_rgb(40, 40, k), "PNG"))
+    tiny_config.data.source, tiny_config.data.folder = "folder", str(tmp_path)
+    with pytest.raises(UsageError) as error:
+        correspondence.settings(tiny_config, request())
+    message = str(error.value)
+    assert "compares images of one class" in message and "holds unlabeled images" in message
+    assert "--parts=FILE.json" in message and "\n" not in message
+
+
+def test_mode_on_a_model_brought_along(tiny_config, tmp_path, capsys):
+    config = tiny_config
+    config.analysis.correspondence.random_draws = 2
+    path = saved_bn_net(tmp_path)
+    out = run_analysis("correspondence", config, tmp_path / "w", model=path, num_images=3).paths
+    assert list(out) == list(correspondence.OUTPUTS)
+    record = json.loads(open(out["correspondence.json"]).read())
+    assert record["layers"] == ["c2", "gap"] and len(record["images"]) == 3
+    assert list(record["summary"]) == ["c2", "gap"]
+    assert open(out["correspondence.md"]).read().startswith("# Correspondence")
+    with Image.open(out["correspondence.png"]) as png:
+        assert png.size[0] > 300

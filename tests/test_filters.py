@@ -13,7 +13,8 @@ from PIL import Image
 from pipelines import DataError
 from tests.conftest import load_config, run_analysis, tiny, workdir_with_model
 from tests.test_train import events
-from zf_tf.analyses import filters
+from tests.tiny_models import named_convnet, saved_bn_net
+from zf_tf.analyses import filters, sources
 from zf_tf.core import deconv
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
@@ -145,3 +146,80 @@ def test_bad_input_is_refused_first(tmp_path, tiny_config):
     with pytest.raises(DataError, match="unknown split 'nope'"):
         run_analysis("filters", tiny_config, workdir, compare=compare, split="nope")
     assert not os.path.exists(os.path.join(workdir, "filters"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Any model: layers 1 and 2 follow the model
+# ---------------------------------------------------------------------------------------------
+
+
+def _settings(**fields):
+    return filters.Settings(
+        workdir="/w",
+        compare="/c",
+        split="validation",
+        num_images=0,
+        rms_threshold=0.01,
+        active_epsilon=1e-6,
+        layer2_features=16,
+        seed=0,
+        layer1="zfnet",
+        **fields,
+    )
+
+
+def test_resolve_picks_the_models_own_layers(tiny_config):
+    assert tuple(tiny_config.analysis.filters.layers) == ("", "")
+    model = named_convnet()
+    brought = sources.Source(model=model, config=tiny_config, own_labels=False)
+    r = filters.resolve(_settings(), model, brought)
+    assert (r.layers, r.layer1, r.origin) == (("a", "b"), "named_convnet", "--model")
+    own = sources.Source(model=None, config=tiny_config)
+    r = filters.resolve(_settings(), small_model(tiny_config), own)
+    assert (r.layers, r.layer1, r.origin) == (("conv1", "conv2"), "zfnet", "this workdir")
+    assert filters.resolve(_settings(layers=("a", "a")), model, brought).layers == ("a", "a")
+    with pytest.raises(
+        UsageError,
+        match=r"layer 1 'b' is not a conv layer on the RGB image .*: "
+        r"choose one of a$",
+    ):
+        filters.resolve(_settings(layers=("b", "")), model, brought)
+    with pytest.raises(UsageError, match=r"layer 2 'h' is not valid: choose one of a, b$"):
+        filters.resolve(_settings(layers=("", "h")), model, brought)
+    one = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(2, 3, name="only")])
+    with pytest.raises(UsageError, match="needs a model with 2 conv layers; .* has 1: only$"):
+        filters.resolve(_settings(), one, brought)
+
+
+def test_dead_filters_of_any_model_are_its_first_conv_layers():
+    model = named_convnet()
+    images = np.random.default_rng(1).uniform(-120, 120, size=(6, 64, 64, 3)).astype(np.float32)
+    dataset = tf.data.Dataset.from_tensor_slices(images).batch(3)
+    dead = filters.dead_filters(model, dataset)
+    kernel = model.get_layer("a").get_weights()[0]
+    rms = np.sqrt((kernel.astype(np.float64) ** 2).mean(axis=(0, 1, 2)))
+    np.testing.assert_allclose(dead["rms"], rms, rtol=1e-6)
+    oracle = keras.Model(model.input, model.get_layer("a").output)(images).numpy()
+    np.testing.assert_allclose(dead["max_activation"], oracle.max(axis=(0, 1, 2)), rtol=1e-5)
+    assert filters.layer1_geometry(model) == {"kernel": 5, "stride": 2, "filters": 6}
+    assert filters.conv2_features(model, 4, 0) == filters.conv2_features(model, 4, 0, "b")
+
+
+def test_mode_on_a_model_brought_along(tiny_data_dir, tmp_path):
+    alex_config = tiny(load_config(), tiny_data_dir, width=0.125, **{"model.layer1": "alexnet"})
+    alex = model_lib.build_model(alex_config.model)
+    alex_dir = workdir_with_model(alex_config, alex, tmp_path / "alexnet")
+    config = tiny(load_config(), tiny_data_dir)
+    path = saved_bn_net(tmp_path)
+    run = run_analysis(
+        "filters", config, tmp_path / "w", model=path, compare=alex_dir, num_images=10
+    )
+    record = json.loads(open(run.paths["filters.json"]).read())
+    assert record == run.report.summary and record["num_images"] == 10
+    assert list(record["models"]) == ["bn_net (--model)", "alexnet (compare workdir)"]
+    mine, other = record["models"].values()
+    assert mine["layers"] == ["c1", "c2"] and other["layers"] == ["conv1", "conv2"]
+    assert mine["layer1"] == {"kernel": 5, "stride": 2, "filters": 8}
+    assert [w["feature"] for w in mine["layer2_winners"]] == list(range(12))  # all of c2's
+    png = np.asarray(Image.open(run.paths["filters.png"]))
+    assert png.ndim == 3 and min(png.shape[:2]) > 300

@@ -3,6 +3,7 @@ distances and probabilities against a direct computation, and the mode end to en
 untrained workdir."""
 
 import csv
+import dataclasses
 
 import keras
 import numpy as np
@@ -14,7 +15,8 @@ from pipelines import DataError, inputs
 from pipelines import examples as examples_lib
 from tests.conftest import run_analysis, workdir_with_model
 from tests.test_train import events
-from zf_tf.analyses import invariance
+from tests.tiny_models import named_convnet, saved_bn_net
+from zf_tf.analyses import base, invariance, sources
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 
@@ -273,3 +275,75 @@ def test_bad_settings_are_refused_before_anything_loads(tiny_config, tmp_path):
     with pytest.raises(UsageError, match="scale factors must be positive; got 0.0"):
         run_analysis("invariance", tiny_config, tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# ---------------------------------------------------------------------------------------------
+# Any model: layers 1 and 7 follow the model; labels that are not its classes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resolve_picks_the_models_own_layers(tiny_config):
+    s = invariance.settings(tiny_config, base.Request("/nowhere"))
+    assert s.layers == ("", "")
+    model = named_convnet(classes=1000)
+    brought = sources.Source(model=model, config=tiny_config, own_labels=False)
+    r = invariance.resolve(s, model, brought)
+    assert (r.layers, r.labels) == (("a", "h"), False)
+    assert len(r.class_names) == 1000 and r.class_names[999] == "class 999"
+    named = dataclasses.replace(s, layers=("b", "gap"))
+    assert invariance.resolve(named, model, brought).layers == ("b", "gap")
+    with pytest.raises(UsageError) as error:
+        invariance.resolve(dataclasses.replace(s, layers=("a", "zz")), model, brought)
+    assert str(error.value) == (
+        "config.analysis.invariance.layers: no layer 'zz'; valid layers: a, p, b, gap, h"
+    )
+    own = sources.Source(model=None, config=tiny_config)
+    r = invariance.resolve(s, small_model(tiny_config), own)
+    assert (r.layers, r.labels, r.class_names) == (("conv1", "fc7"), True, s.class_names)
+    tiny_config.analysis.invariance.layers = ("conv1",)
+    with pytest.raises(UsageError, match="give 2 names"):
+        invariance.settings(tiny_config, base.Request("/nowhere"))
+
+
+def test_layer_7_without_hidden_dense_layers(tiny_config):
+    l1, l7, note = invariance.feature_layers(small_model(tiny_config, remove=("fc6", "fc7")))
+    assert (l1, l7) == ("conv1", "flatten") and "no hidden dense layer" in note
+
+
+def test_predicted_class_where_labels_do_not_apply():
+    model = named_convnet()
+    images = random_images(2, 64, seed=1)
+    sweep = {"translation": (0.0, 0.2), "scale": (1.0,), "rotation": (0.0, 90.0)}
+    got = invariance.measure(model, images, np.array([-1, -1]), sweep, predicted=True)
+    probs = tf.nn.softmax(model(images, training=False)).numpy()
+    predicted = probs.argmax(axis=1)
+    assert got["target"] == "predicted" and (got["layer1"], got["layer7"]) == ("a", "h")
+    np.testing.assert_array_equal(got["classes"], predicted)
+    identity = probs[[0, 1], predicted]  # the untransformed copies: the clean probability
+    np.testing.assert_allclose(got["translation/p_true"][:, 0], identity, rtol=1e-5)
+    np.testing.assert_allclose(got["rotation/p_true"][:, 0], identity, rtol=1e-5)
+    text = invariance.csv_text(got, [-1, -1], [0, 1], [f"class {i}" for i in range(10)])
+    rows = list(csv.DictReader(text.splitlines()))
+    assert tuple(rows[0]) == invariance.CSV_HEADER_PREDICTED
+    assert rows[0]["predicted"] == f"class {predicted[0]}"
+
+
+def test_mode_on_a_model_brought_along(tiny_config, tmp_path, capsys):
+    config = tiny_config
+    config.analysis.invariance.translations = (0.0, 0.2)
+    config.analysis.invariance.scales = (1.0, 1.5)
+    config.analysis.invariance.rotations = (0, 90)
+    path = saved_bn_net(tmp_path)
+    out = run_analysis("invariance", config, tmp_path / "w", model=path, num_images=2)
+    assert list(out.paths) == list(invariance.OUTPUTS)
+    with np.load(out.paths["invariance.npz"]) as npz:
+        assert list(npz["layers"]) == ["c1", "gap"] and str(npz["target"]) == "predicted"
+        assert npz["translation_p_true"].shape == (2, 2)
+    with open(out.paths["invariance.csv"]) as fh:
+        assert tuple(next(csv.reader(fh))) == invariance.CSV_HEADER_PREDICTED
+    for name in ("invariance.png", "invariance_examples.png"):
+        with Image.open(out.paths[name]) as png:
+            assert png.size[0] >= 200  # decodes (the strip is 2 copies wide)
+    note = out.report.lines[-1]
+    assert note.startswith("Note: the labels of 'validation' are not classes of this model")
+    assert note in capsys.readouterr().out.splitlines()

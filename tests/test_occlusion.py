@@ -1,6 +1,7 @@
 """Occlusion sensitivity (paper Fig. 7): grid geometry, batched occlusion against a
 brute-force loop, pixel maps, the on-object test, the analysis arrays, and the mode."""
 
+import dataclasses
 import json
 
 import keras
@@ -12,8 +13,9 @@ from pipelines import DataError, preprocess
 from pipelines import examples as examples_lib
 from tests.conftest import load_config, run_analysis, workdir_with_model
 from tests.test_train import events
+from tests.tiny_models import named_convnet, saved_bn_net
 from zf_tf import cli
-from zf_tf.analyses import occlusion
+from zf_tf.analyses import base, occlusion, sources
 from zf_tf.core import deconv
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
@@ -267,11 +269,79 @@ def test_bad_input_is_a_usage_error(small, tmp_path):
     config, _, _ = small
     bad = config.copy_and_resolve_references()
     bad.analysis.occlusion.layer = "fc6"
-    with pytest.raises(UsageError, match="conv1, conv2, conv3, conv4, conv5"):
-        run_analysis("occlusion", bad, tmp_path)
+    # The layer is checked against the model (`resolve`): a fresh one, as no workdir holds one.
+    with pytest.raises(UsageError, match="choose one of conv1, conv2, conv3, conv4, conv5$"):
+        run_analysis("occlusion", bad, tmp_path, untrained=True)
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written
     with pytest.raises(DataError, match="valid splits"):
         run_analysis("occlusion", config, tmp_path, split="nope")
     bad = config.copy_and_resolve_references()
     bad.analysis.occlusion.size = 0.0
     with pytest.raises(UsageError, match="occlusion"):
         run_analysis("occlusion", bad, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any model: the layer follows the model; labels that are not its classes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resolve_picks_the_models_own_layer(small):
+    config, zfnet, _ = small
+    s = occlusion.settings(config, base.Request("/nowhere"))
+    assert s.layer == ""  # the config's default: the model's own
+    own = sources.Source(model=None, config=config)
+    r = occlusion.resolve(s, zfnet, own)
+    assert (r.layer, r.labels, r.target) == ("conv5", True, "true")
+    assert r.class_names == s.class_names
+    model = named_convnet()
+    brought = sources.Source(model=model, config=config, own_labels=False)
+    r = occlusion.resolve(s, model, brought)
+    assert (r.layer, r.labels, r.target) == ("b", False, "predicted")
+    assert r.class_names == tuple(f"class {i}" for i in range(10))
+    named = dataclasses.replace(s, layer="a")
+    assert occlusion.resolve(named, model, brought).layer == "a"
+    with pytest.raises(UsageError, match=r"layer='h' is not valid: choose one of a, b$"):
+        occlusion.resolve(dataclasses.replace(s, layer="h"), model, brought)
+    # A Table 3 ablation: the choices are the conv layers it has.
+    ablated = load_config()
+    ablated.model.width, ablated.model.remove = 0.125, ("conv3", "conv4")
+    with pytest.raises(UsageError, match="choose one of conv1, conv2, conv5$"):
+        occlusion.resolve(
+            dataclasses.replace(s, layer="conv3"), model_lib.build_model(ablated.model), own
+        )
+
+
+def test_predicted_class_where_labels_do_not_apply(small):
+    _, _, ex = small
+    model = named_convnet()
+    unknown = examples_lib.Examples(ex.images, np.full(len(ex), -1), ex.indices)  # a flat folder
+    got = occlusion.analyse(model, unknown, "", 0.25, 0.25, predicted=True)
+    predicted = model(ex.images, training=False).numpy().argmax(axis=1)
+    np.testing.assert_array_equal(got["classes"], predicted)
+    ref = occlusion.occlusion_maps(model, ex.images, predicted, "b", 16, got["ys"], got["xs"])
+    np.testing.assert_array_equal(got["prob_map"], ref["prob_map"])
+    summary = occlusion.summarize(got, "b", "validation", None, "predicted")
+    assert summary["target"] == "predicted"
+    assert [r["class"] for r in summary["images"]] == [str(c) for c in predicted]
+    assert [r["prob"] for r in summary["images"]] == pytest.approx(
+        got["clean_probs"][[0, 1], predicted].tolist()
+    )
+
+
+def test_mode_on_a_model_brought_along(tiny_config, tmp_path, capsys):
+    config = tiny_config
+    config.analysis.occlusion.stride = 0.25  # 4 x 4 positions
+    path = saved_bn_net(tmp_path)
+    out = run_analysis("occlusion", config, tmp_path / "w", model=path, num_images=2).paths
+    assert sorted(out) == sorted(occlusion.OUTPUTS)
+    with np.load(out["occlusion.npz"]) as z:
+        assert z["prob_map"].shape == (2, 4, 4)
+        np.testing.assert_array_equal(z["classes"], z["clean_probs"].argmax(axis=1))
+    summary = json.loads(open(out["occlusion.json"]).read())
+    assert summary["layer"] == "c2" and summary["target"] == "predicted"
+    assert "not classes of this model" in summary["note"]
+    with Image.open(out["occlusion.png"]) as png:
+        assert png.size[0] > 500
+    printed = capsys.readouterr().out
+    assert f"Note: {summary['note']}" in printed.splitlines()

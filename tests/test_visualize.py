@@ -101,20 +101,25 @@ def test_bad_input_is_refused_before_the_model_loads(config, tmp_path):
     # The workdir has no checkpoint: each error must come from the settings, before the
     # model loads (which would fail with "run --mode=train first").
     cases = [
-        ({"layer": "fc6"}, UsageError, "choose one of conv1, conv2, conv3, conv4, conv5"),
         ({"image": "/nonexistent/photo.jpg"}, UsageError, "cannot read image /nonexistent/"),
         ({"split": "nope"}, DataError, "unknown split 'nope': valid splits: "),
         ({"features": "1,x"}, UsageError, "comma-separated integers"),
-        ({"features": "3,32"}, UsageError, r"\[32\] out of range: the layer has maps 0..31"),
         ({"top_k": 0}, UsageError, "--top_k must be at least 1"),
     ]
     for request, error, message in cases:
         with pytest.raises(error, match=message):
             run_analysis("deconv", config, tmp_path, **request)
+    # Layers and features are checked against the model (here a fresh one), before any
+    # output is written.
+    valid = "choose one of conv1, pool1, conv2, pool2, conv3, conv4, conv5, pool5$"
+    with pytest.raises(UsageError, match=valid):
+        run_analysis("deconv", config, tmp_path, layer="fc6", untrained=True)
+    with pytest.raises(UsageError, match=r"\[32\] out of range: the layer has maps 0..31"):
+        run_analysis("deconv", config, tmp_path, features="3,32", untrained=True)
     removed = config.copy_and_resolve_references()
     removed.model.remove = ("conv3", "conv4")
-    with pytest.raises(UsageError, match="choose one of conv1, conv2, conv5$"):
-        run_analysis("deconv", removed, tmp_path, layer="conv3")
+    with pytest.raises(UsageError, match="choose one of conv1, pool1, conv2, pool2, conv5, pool5$"):
+        run_analysis("deconv", removed, tmp_path, layer="conv3", untrained=True)
     assert not (tmp_path / "deconv").exists()
     with pytest.raises(UsageError, match="run --mode=train first"):
         run_analysis("deconv", config, tmp_path)

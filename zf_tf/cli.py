@@ -209,6 +209,7 @@ def validate_config(config):
     choose("config.data.source", config.data.source, inputs.SOURCES)
     kind = config.data.get("preprocessing", preprocess.DEFAULT_PREPROCESSING)
     choose("config.data.preprocessing", kind, preprocess.PREPROCESSING)
+    choose("config.model.arch", config.model.get("arch", "zfnet"), model_lib.ARCHS)
     choose("config.model.layer1", config.model.layer1, tuple(model_lib.LAYER1))
     choose("config.model.kernel_init", config.model.kernel_init, model_lib.KERNEL_INITS)
     for name in config.model.get("remove", ()):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
+from zf_tf.core import graph
 from zf_tf.core.errors import UsageError
-from zf_tf.core.model import CONV_LAYERS
 
 PANEL_COLUMNS = 4  # feature panels per row in panel_figure
 
@@ -167,10 +168,10 @@ def filter_grid(kernel: np.ndarray, zoom: int = 4) -> np.ndarray:
 def filter_rms(model) -> dict[str, np.ndarray]:
     """Per-filter RMS of every conv layer's kernel (what renormalization caps)."""
     out = {}
-    present = {layer.name for layer in model.layers}  # ablations (Table 3) remove some
-    for name in (n for n in CONV_LAYERS if n in present):
-        k = model.get_layer(name).get_weights()[0]
-        out[name] = np.sqrt((k.astype(np.float64) ** 2).mean(axis=(0, 1, 2)))
+    for op in graph.ops_of(model):  # in execution order: conv1..conv5 for ZFNet
+        if isinstance(op.layer, keras.layers.Conv2D) and op.name not in out:
+            k = np.asarray(op.layer.kernel)
+            out[op.name] = np.sqrt((k.astype(np.float64) ** 2).mean(axis=(0, 1, 2)))
     return out
 
 

@@ -3,25 +3,28 @@
 Zeiler & Fergus explain a class decision with two tools: deconvnet projections (Sec. 2.1) and
 occlusion (Sec. 4.2, Fig. 7). Later work added many more. This mode computes, for the same
 images and the same class (the true class by default, `config.analysis.attribution.target`
-= 'true' | 'predicted'), one (s, s) map per method:
+= 'true' | 'predicted'; always the predicted class where the labels are not classes of the
+model: a model brought along with --model, or unlabeled images), one (s, s) map per method:
 
   deconvnet        d logit_c / d image where every ReLU back-propagates ReLU(upstream) and
                    contrast normalization back-propagates as the identity (the deconvnet's
-                   way down, `deconv.rule_forward`), run through fc6/fc7 too
+                   way down, `deconv.rule_forward`), run through the dense layers too
   guided_backprop  d logit_c / d image where every ReLU back-propagates
                    upstream * (forward input > 0) * (upstream > 0) (Springenberg et al.)
   saliency         |d logit_c / d image| (Simonyan et al.; tf-keras-vis Saliency)
   smoothgrad       saliency averaged over noisy copies (Smilkov et al.; tf-keras-vis)
-  gradcam          Grad-CAM on conv5 (Selvaraju et al.; tf-keras-vis)
-  gradcam++        Grad-CAM++ on conv5 (Chattopadhyay et al.; tf-keras-vis)
-  scorecam         Score-CAM on conv5: one forward pass per conv5 map (Wang et al.)
+  gradcam          Grad-CAM on the CAM layer (Selvaraju et al.; tf-keras-vis)
+  gradcam++        Grad-CAM++ on the CAM layer (Chattopadhyay et al.; tf-keras-vis)
+  scorecam         Score-CAM on the CAM layer: one forward pass per map (Wang et al.)
   occlusion        p_c(image) - p_c(occluded image) under a sliding gray square (Fig. 7 (d)),
                    each pixel the mean over the squares covering it (`analyses.occlusion`)
 
 Gradient maps (deconvnet, guided, saliency, smoothgrad) are reduced over RGB by the maximum
 absolute value per pixel, as tf-keras-vis does for saliency. The classifier's output already
 is logits, so the gradient methods differentiate the class logit (no softmax to remove);
-Score-CAM weighs its masked inputs by the softmax probability, as the library does.
+Score-CAM weighs its masked inputs by the softmax probability, as the library does. The CAM
+layer is `config.analysis.attribution.cam_layer`, by default the model's last conv layer
+(ZFNet's conv5).
 All maps are raw (not min-max normalized); the figure scales each map for display.
 
 Pointing game (Zhang et al. 2016, strict: no tolerance margin) on annotated data (the
@@ -54,9 +57,8 @@ from pipelines import examples as examples_lib
 from pipelines import inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base, occlusion
-from zf_tf.core import deconv
+from zf_tf.core import deconv, graph
 from zf_tf.core.errors import UsageError
-from zf_tf.core.model import CONV_LAYERS
 
 MODE = "attribution"
 METHODS = (
@@ -120,7 +122,7 @@ def rule_gradients(model: keras.Model, inputs, classes, rule: str) -> np.ndarray
     fn = per_model.get(rule)
     if fn is None:
         shape = tuple(model.inputs[0].shape[1:])
-        top = model.layers[-1].name
+        top = graph.output_layer(model)
 
         @tf.function(
             input_signature=[
@@ -209,10 +211,41 @@ def saliency_maps(
     return np.asarray(maps, np.float32)
 
 
+_CAM_MODELS = weakref.WeakKeyDictionary()
+CAM_MARK = "cam_layer_output"  # the marker layer of `cam_model`
+
+
+def cam_model(model: keras.Model, layer: str) -> keras.Model:
+    """The same network (shared layers and weights) with an identity layer CAM_MARK right
+    after `layer`'s output, for tf-keras-vis: the library taps `model.get_layer(...).output`,
+    which is not in the graph of a nested model or of one rebuilt on a fixed input size
+    (`graph.fixed_input`); the marker's output always is. Kept per model and layer."""
+    per_model = _CAM_MODELS.setdefault(model, {})
+    found = per_model.get(layer)
+    if found is None:
+        mark = keras.layers.Identity(name=CAM_MARK)
+        marked = []
+
+        def call(lay, *args, **kwargs):
+            out = lay(*args, **kwargs)
+            if lay.name == layer and not marked:
+                marked.append(lay)
+                out = mark(out)
+            return out
+
+        x = keras.Input(tuple(model.inputs[0].shape[1:]), name="images")
+        out, _ = graph.trace(model, x, call)
+        if not marked:
+            graph.find(model, layer)  # raises, naming the valid layers
+        found = per_model[layer] = keras.Model(x, out, name=f"{model.name}_cam")
+    return found
+
+
 def cam_maps(
-    model: keras.Model, images, classes, method: str, layer: str = "conv5", batch_size: int = 128
+    model: keras.Model, images, classes, method: str, layer: str = "", batch_size: int = 128
 ) -> np.ndarray:
-    """Grad-CAM, Grad-CAM++ or Score-CAM maps on conv layer `layer` with tf-keras-vis.
+    """Grad-CAM, Grad-CAM++ or Score-CAM maps on conv layer `layer` ('' = the model's last
+    conv layer) with tf-keras-vis.
 
     The CAM (ReLU of the weighted sum of `layer`'s maps) is upsampled to the image size by the
     library (linear spline zoom). Score-CAM runs `batch_size` masked images per forward pass.
@@ -225,18 +258,18 @@ def cam_maps(
     from tf_keras_vis.scorecam import Scorecam
     from tf_keras_vis.utils.scores import CategoricalScore
 
+    marked = cam_model(model, layer or graph.last_conv(model))
     images = np.asarray(images, np.float32)
     score = CategoricalScore([int(c) for c in classes])
+    where = dict(penultimate_layer=CAM_MARK, seek_penultimate_conv_layer=False)
     with _quiet_library():
         if method == "scorecam":
-            maps = Scorecam(_quiet_predict(model), clone=False)(
-                score, images, penultimate_layer=layer, batch_size=batch_size, normalize_cam=False
+            maps = Scorecam(_quiet_predict(marked), clone=False)(
+                score, images, batch_size=batch_size, normalize_cam=False, **where
             )
         else:
             cls = {"gradcam": Gradcam, "gradcam++": GradcamPlusPlus}[method]
-            maps = cls(model, clone=False)(
-                score, images, penultimate_layer=layer, normalize_cam=False
-            )
+            maps = cls(marked, clone=False)(score, images, normalize_cam=False, **where)
     return np.asarray(maps, np.float32)
 
 
@@ -308,7 +341,7 @@ class MapSettings:
 
     smoothgrad_samples: int  # noisy copies per SmoothGrad map
     smoothgrad_noise: float  # their noise std, fraction of each image's (max - min)
-    cam_layer: str  # Grad-CAM, Grad-CAM++, Score-CAM
+    cam_layer: str  # Grad-CAM, Grad-CAM++, Score-CAM; '' = the model's last conv layer
     occluder_size: float  # occlusion: the square's side, fraction of the crop side
     occluder_stride: float  # its step, fraction of the crop side
     batch_size: int  # occluded copies / Score-CAM masked images per forward pass
@@ -360,7 +393,8 @@ def method_maps(
         return cam_maps(model, images, classes, method, settings.cam_layer)
     if method == "scorecam":
         # Score-CAM keeps (maps x images) masked copies in memory: bound that per call.
-        maps = int(model.get_layer(settings.cam_layer).output.shape[-1])
+        layer = settings.cam_layer or graph.last_conv(model)
+        maps = int(graph.find(model, layer).output.shape[-1])
         per_call = max(1, SCORECAM_BYTES // max(1, maps * np.asarray(images[:1]).nbytes))
         parts = [
             cam_maps(
@@ -610,6 +644,9 @@ class Settings:
     crop_size: int
     pixels: preprocess.Pixels  # the model inputs' normalization (to display them)
     class_names: tuple
+    # The split's labels are the model's classes (`resolve`); False: the target is
+    # 'predicted' whatever the config says, and the outputs say why.
+    labels: bool = True
 
     @property
     def total_images(self) -> int:
@@ -617,9 +654,15 @@ class Settings:
         return max(self.num_images, self.pointing_images) if self.annotated else self.num_images
 
 
+PREDICTED_NOTE = (
+    "the labels of {split!r} are not classes of this model (a model brought along, or "
+    "unlabeled images): the maps explain the predicted class"
+)
+
+
 def settings(config, request) -> Settings:
-    """Raises UsageError: a bad method list, target, SmoothGrad sample count, occluder or
-    CAM layer; DataError: an unknown split."""
+    """Raises UsageError: a bad method list, target, SmoothGrad sample count or occluder;
+    DataError: an unknown split. The CAM layer is checked against the model by `resolve`."""
     att = config.analysis.attribution
     methods = tuple(att.methods)
     bad = [m for m in methods if m not in METHODS]
@@ -641,13 +684,6 @@ def settings(config, request) -> Settings:
             occlusion.occluder_grid(config.data.crop_size, maps.occluder_size, maps.occluder_stride)
         except ValueError as e:
             raise UsageError(f"config.analysis.occlusion: {e}") from None
-    # The conv layers the model has (an ablation may remove conv3, conv4).
-    convs = [n for n in CONV_LAYERS if n not in tuple(config.model.get("remove", ()))]
-    if set(methods) & set(CAM_METHODS) and maps.cam_layer not in convs:
-        raise UsageError(
-            f"config.analysis.attribution.cam_layer={maps.cam_layer!r} is not valid: "
-            f"choose one of {', '.join(convs)}"
-        )
     split = request.split or config.analysis.split
     inputs.check_split(config.data, split)
     return Settings(
@@ -665,6 +701,36 @@ def settings(config, request) -> Settings:
     )
 
 
+def resolve(s: Settings, model, source) -> Settings:
+    """The CAM layer ('' = the model's last conv layer) checked against the model's conv
+    layers where a CAM method uses it; where the labels are not the model's classes, the
+    target 'predicted' and class names 'class <i>' for the model's outputs.
+
+    Raises:
+      UsageError: a CAM layer that is not a conv layer of the model (naming them), or a
+        model that is not a classifier.
+    """
+    try:
+        num_classes = graph.num_outputs(model)
+    except ValueError as e:
+        raise UsageError(f"--mode=attribution: {e}") from None
+    convs = graph.conv_layers(model)
+    cam = s.maps.cam_layer or (convs[-1] if convs else "")
+    if set(s.methods) & set(CAM_METHODS) and cam not in convs:
+        raise UsageError(
+            f"config.analysis.attribution.cam_layer={cam!r} is not valid: "
+            + (f"choose one of {', '.join(convs)}" if convs else "the model has no conv layer")
+        )
+    labels = source is None or source.labels_apply(s.split)
+    return dataclasses.replace(
+        s,
+        maps=dataclasses.replace(s.maps, cam_layer=cam),
+        target=s.target if labels else "predicted",
+        labels=labels,
+        class_names=s.class_names if labels else tuple(f"class {i}" for i in range(num_classes)),
+    )
+
+
 def load(config, s: Settings, model) -> examples_lib.Examples:
     return base.load_examples(config, s.split, s.total_images)
 
@@ -674,7 +740,7 @@ def pointing_summary(game: dict, examples, classes, s: Settings) -> dict:
     size_px, stride_px, _, _ = occlusion.occluder_grid(
         s.crop_size, s.maps.occluder_size, s.maps.occluder_stride
     )
-    return {
+    summary = {
         "definition": POINTING_DEFINITION,
         "split": s.split,
         "target": s.target,
@@ -694,6 +760,9 @@ def pointing_summary(game: dict, examples, classes, s: Settings) -> dict:
             "points": {m: p.tolist() for m, p in game["points"].items()},
         },
     }
+    if not s.labels:
+        summary["note"] = PREDICTED_NOTE.format(split=s.split)
+    return summary
 
 
 def compute(model, examples: examples_lib.Examples, s: Settings) -> dict:
@@ -741,6 +810,8 @@ def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
         arrays, s.methods, paths["attribution.png"], s.pixels, list(s.class_names), s.target
     )
     report = base.Report(images={f"{MODE}/{s.target}_class": figure}, summary=result["summary"])
+    if not s.labels:
+        report.lines.append(f"Note: {PREDICTED_NOTE.format(split=s.split)}")
     if result["game"] is None:
         report.lines.append("No object boxes in this dataset: pointing game skipped.")
         return report
@@ -762,4 +833,5 @@ ANALYSIS = base.Analysis(
     load=load,
     compute=compute,
     render=render_outputs,
+    resolve=resolve,
 )

@@ -5,7 +5,8 @@ N images of one class (paper: 5 dogs). In each image the same named part (paper:
 right eye, nose) is occluded with gray (the data mean colour, `Pixels.fill`: 0 in the
 mean-subtracted model input), and so are random regions of the same size. For a layer l
 (paper: 5 and 7) and image i, eps_i = x_i - x~_i is the change of the flattened feature
-vector the occlusion causes. The paper's score is
+vector the occlusion causes (layers `config.analysis.correspondence.layers`; by default the model's
+last conv layer and its penultimate dense layer, ZFNet's conv5 and fc7). The paper's score is
 Delta_l = sum_{i != j} H(sign(eps_i), sign(eps_j)), H the Hamming distance. Lower = the
 occlusion changes the features in the same direction in every image = more consistent.
 
@@ -42,7 +43,6 @@ import dataclasses
 import json
 import os
 
-import keras
 import numpy as np
 import tensorflow as tf
 import tqdm
@@ -50,6 +50,7 @@ import tqdm
 from pipelines import examples, inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base
+from zf_tf.core import graph
 from zf_tf.core.errors import UsageError
 
 MODE = "correspondence"
@@ -334,30 +335,49 @@ def delta(sign: np.ndarray) -> tuple[float, float]:
 
 
 def check_layers(model, layers):
-    """Raises UsageError if the model lacks one of `layers`, naming the valid layers."""
-    names = [layer.name for layer in model.layers]
+    """Raises UsageError if the model lacks one of `layers`, naming its feature layers
+    (`graph.feature_layers`; any layer of the model is accepted)."""
+    names = {op.name for op in graph.ops_of(model)}
     bad = [name for name in layers if name not in names]
     if bad:
         raise UsageError(
             f"config.analysis.correspondence.layers: no layer {bad[0]!r}; valid layers: "
-            + ", ".join(n for n in names if n.startswith(("conv", "pool", "norm", "fc")))
+            + ", ".join(graph.feature_layers(model))
         )
 
 
+def model_layers(model, layers) -> tuple[str, ...]:
+    """`layers` with '' replaced by the model's own: the first by its last conv layer (the
+    paper's layer 5), the others by its penultimate dense layer (layer 7), and checked.
+
+    Raises:
+      UsageError: no such default layer, or a named layer the model lacks.
+    """
+    try:
+        filled = tuple(
+            name or (graph.last_conv(model) if i == 0 else graph.penultimate_dense(model))
+            for i, name in enumerate(layers)
+        )
+    except ValueError as e:
+        raise UsageError(f"config.analysis.correspondence.layers: {e}") from None
+    check_layers(model, filled)
+    return filled
+
+
 def _tap(model, layers):
-    check_layers(model, layers)
-    # model.input (one tensor) so calling it with an array matches its input structure.
-    return keras.Model(model.input, [model.get_layer(name).output for name in layers])
+    return graph.tap(model, list(layers), name="correspondence_tap")
 
 
-def measure(model, subjects: Subjects, random: np.ndarray, layers, batch_size: int = 128, fill=0.0):
+def measure(
+    model, subjects: Subjects, random: np.ndarray, layers=("", ""), batch_size: int = 128, fill=0.0
+):
     """Occludes every part and random region and scores sign consistency per layer.
 
     Args:
       model: the classifier.
       subjects: images and part boxes.
       random: int (R, N, 4) random boxes (`random_boxes`).
-      layers: layer names, e.g. ('conv5', 'fc7').
+      layers: layer names, e.g. ('conv5', 'fc7'); '' = the model's own (`model_layers`).
       batch_size: forward-pass batch (an image, its occluded copies; chunked).
       fill: the occluders' model-input value (`occlude`).
 
@@ -365,6 +385,7 @@ def measure(model, subjects: Subjects, random: np.ndarray, layers, batch_size: i
       {layer: {'parts': {part: float64 (N(N-1),) pair_hamming}, 'random': float64 (R,)
       mean pair_hamming per draw}}.
     """
+    layers = model_layers(model, layers)
     tap = _tap(model, layers)
     n, num_parts = subjects.boxes.shape[:2]
     eps = {layer: [] for layer in layers}  # per layer: (N, P + R, D)
@@ -480,7 +501,7 @@ class Settings:
     split: str  # without --parts: the split whose images of class `label` are used
     num_images: int  # images compared; with --parts, 0 = every image of the file
     label: int  # without --parts: the class
-    layers: tuple[str, ...]
+    layers: tuple[str, ...]  # '' = the model's own (`resolve`: last conv, penultimate dense)
     random_draws: int
     seed: int  # of the random regions
     crop_size: int
@@ -489,9 +510,10 @@ class Settings:
 
 
 def settings(config, request) -> Settings:
-    """Raises UsageError: fewer than 2 images, no --parts on a dataset without object
-    boxes, a bad --parts file (its layout; the images are read by `load`), a label that is
-    not a class; DataError: an unknown split."""
+    """Raises UsageError: fewer than 2 images, no --parts on unlabeled images or on a dataset
+    without object boxes, a bad --parts file (its layout; the images are read by `load`), a
+    label that is not a class; DataError: an unknown split. The layers are checked against
+    the model by `resolve`."""
     c = config.analysis.correspondence
     num = request.num_images or c.num_images
     if num < 2:
@@ -499,6 +521,13 @@ def settings(config, request) -> Settings:
     split = request.split or config.analysis.split
     if request.parts:
         load_parts(request.parts)
+    elif _unlabeled(config, split):
+        raise UsageError(
+            f"--mode=correspondence compares images of one class (config.analysis."
+            f"correspondence.label), but split {split!r} holds unlabeled images: give the "
+            "images and their parts with --parts=FILE.json ({image_path: {part_name: "
+            "[y0, x0, y1, x1]}})"
+        )
     elif config.data.source != "embedded":
         raise UsageError(
             "--mode=correspondence on a dataset without object boxes needs "
@@ -523,6 +552,27 @@ def settings(config, request) -> Settings:
         batch_size=int(config.analysis.batch_size),
         pixels=preprocess.pixels(config.data),
     )
+
+
+def _unlabeled(config, split: str) -> bool:
+    """A readable flat folder of unlabeled images (anything else is refused or checked on
+    its own terms)."""
+    if config.data.source != "folder":
+        return False
+    try:
+        return not inputs.is_labeled(config.data, split)
+    except (OSError, ValueError):  # no such folder or split: "needs --parts" says enough
+        return False
+
+
+def resolve(s: Settings, model, source) -> Settings:
+    """The layers ('' = the model's last conv layer, its penultimate dense layer) checked
+    against the model.
+
+    Raises:
+      UsageError: a layer the model lacks (naming its feature layers), or no default one.
+    """
+    return dataclasses.replace(s, layers=model_layers(model, s.layers))
 
 
 def load(config, s: Settings, model) -> Subjects:
@@ -597,4 +647,5 @@ ANALYSIS = base.Analysis(
     load=load,
     compute=compute,
     render=render_outputs,
+    resolve=resolve,
 )

@@ -8,11 +8,16 @@ side by side for the workdir's model and a comparison model trained with
 `--config.model.layer1=alexnet` (`--compare=DIR`, default `WORKDIR/ablate/alexnet_layer1`):
 
 - the layer-1 filters (each stretched to [0, 1] on its own);
-- layer-2 projections: for a seeded set of conv2 maps, the strongest activation over the
+- layer-2 projections: for a seeded set of layer-2 maps, the strongest activation over the
   validation split projected to pixel space by the deconvnet, cropped to its receptive field;
 - dead layer-1 filters, by two criteria: (i) near-zero weights, RMS below
   `rms_threshold` times the layer's largest filter RMS; (ii) never active, the filter's
-  maximum conv1 activation (after ReLU) over the split at most `active_epsilon`.
+  maximum layer-1 output (ZFNet: after its ReLU) over the split at most `active_epsilon`.
+
+Layer 1 and layer 2 are `config.analysis.filters.layers`, by default the model's first and
+second conv layers (ZFNet: conv1 and conv2); layer 1 must be a conv layer on the RGB image.
+With --model, the model brought along takes the workdir model's place; the comparison model
+always uses its own first and second conv layers.
 
 Outputs in `WORKDIR/filters/`: `filters.png` (one row per model: layer-1 filters, layer-2
 projections), `filters.json` (dead filters per model and criterion, layer-1 kernel/stride,
@@ -32,7 +37,7 @@ import tqdm
 from pipelines import inputs
 from zf_tf import outputs
 from zf_tf.analyses import base
-from zf_tf.core import deconv, topk
+from zf_tf.core import deconv, graph, topk
 from zf_tf.core.errors import UsageError
 from zf_tf.training import workdirs
 
@@ -40,12 +45,54 @@ MODE = "filters"
 OUTPUTS = ("filters.png", "filters.json")
 COMPARE_DEFAULT = os.path.join("ablate", "alexnet_layer1")  # where --mode=ablate trains it
 # For configs without an `analysis.filters` section (configs/zfnet_imagenet.py).
-DEFAULTS = {"rms_threshold": 0.01, "active_epsilon": 1e-6, "layer2_features": 16}
+DEFAULTS = {
+    "rms_threshold": 0.01,
+    "active_epsilon": 1e-6,
+    "layer2_features": 16,
+    "layers": ("", ""),
+}
 
 
-def layer1_geometry(model: keras.Model) -> dict:
-    """conv1's kernel size, stride and number of filters."""
-    conv1 = model.get_layer("conv1")
+def model_layers(model, layers=("", "")) -> tuple[str, str]:
+    """(layer 1, layer 2) of `layers`, '' = the model's first and second conv layers.
+
+    Raises:
+      UsageError: fewer than 2 conv layers; a layer 1 that is not a plain conv layer on the
+        RGB image (3 input channels), a layer 2 that is not a conv layer (naming the valid
+        ones).
+    """
+    convs = graph.conv_layers(model)
+    l1 = layers[0] or (convs[0] if convs else "")
+    l2 = layers[1] or second_conv(model)
+    rgb = [n for n in convs if _rgb_conv(graph.find(model, n).layer)]
+    if l1 not in rgb:
+        raise UsageError(
+            f"config.analysis.filters.layers: layer 1 {l1!r} is not a conv layer on the RGB "
+            f"image (a Conv2D with 3 input channels): choose one of {', '.join(rgb) or 'none'}"
+        )
+    if l2 not in convs:
+        raise UsageError(
+            f"config.analysis.filters.layers: layer 2 {l2!r} is not valid: choose one of "
+            + ", ".join(convs)
+        )
+    return l1, l2
+
+
+def _rgb_conv(layer) -> bool:
+    return (
+        isinstance(layer, keras.layers.Conv2D)
+        and int(layer.kernel.shape[2]) == 3
+        and int(getattr(layer, "groups", 1)) == 1
+    )
+
+
+def _conv(model, layer: str):
+    return graph.find(model, layer or graph.first_conv(model)).layer
+
+
+def layer1_geometry(model: keras.Model, layer: str = "") -> dict:
+    """Layer 1's ('' = the first conv layer) kernel size, stride and number of filters."""
+    conv1 = _conv(model, layer)
     return {
         "kernel": int(conv1.kernel_size[0]),
         "stride": int(conv1.strides[0]),
@@ -59,6 +106,7 @@ def dead_filters(
     rms_threshold: float = 0.01,
     active_epsilon: float = 1e-6,
     progress=None,
+    layer: str = "",
 ) -> dict:
     """Dead layer-1 filters of a model, by weight RMS and by activity on a dataset.
 
@@ -67,18 +115,21 @@ def dead_filters(
       dataset: batches of (images, labels) or images: the images to check activity on.
       rms_threshold: a filter is dead by weight if its RMS is below this fraction of the
         layer's largest filter RMS (all are dead if every filter is exactly zero).
-      active_epsilon: a filter is never active if its largest conv1 output (after ReLU)
-        over the whole dataset is at most this.
+      active_epsilon: a filter is never active if its largest output (ZFNet's conv1: after
+        its ReLU) over the whole dataset is at most this.
       progress: optional callable(num_images) per batch.
+      layer: layer 1 ('' = the model's first conv layer).
 
     Returns:
       {'rms': (F,) float64 per-filter RMS, 'max_activation': (F,) float32,
        'dead_rms': sorted int indices, 'never_active': sorted int indices}.
     """
-    rms = outputs.filter_rms(model)["conv1"]
+    layer = layer or graph.first_conv(model)
+    kernel = _conv(model, layer).get_weights()[0]
+    rms = np.sqrt((kernel.astype(np.float64) ** 2).mean(axis=(0, 1, 2)))
     top = rms.max()
     dead_rms = np.flatnonzero(rms < rms_threshold * top) if top > 0 else np.arange(len(rms))
-    best = topk.scan(model, "conv1", dataset, k=1, progress=progress)
+    best = topk.scan(model, layer, dataset, k=1, progress=progress)
     max_activation = np.where(best.image[0] >= 0, best.activation[0], 0.0).astype(np.float32)
     return {
         "rms": rms,
@@ -88,36 +139,56 @@ def dead_filters(
     }
 
 
-def conv2_features(model: keras.Model, num: int, seed: int) -> list[int]:
-    """A seeded subset of `num` conv2 maps (all if fewer); the same for equal widths."""
-    maps = int(model.get_layer("conv2").output.shape[-1])
+def second_conv(model) -> str:
+    """The model's second conv layer (ZFNet's conv2).
+
+    Raises:
+      UsageError: the model has fewer than 2 conv layers.
+    """
+    convs = graph.conv_layers(model)
+    if len(convs) < 2:
+        raise UsageError(
+            f"--mode=filters needs a model with 2 conv layers; {model.name!r} has "
+            f"{len(convs)}: {', '.join(convs) or 'none'}"
+        )
+    return convs[1]
+
+
+def conv2_features(model: keras.Model, num: int, seed: int, layer: str = "") -> list[int]:
+    """A seeded subset of `num` maps of layer 2 ('' = the second conv layer; all if fewer);
+    the same for equal widths."""
+    maps = int(graph.find(model, layer or second_conv(model)).output.shape[-1])
     if num <= 0 or num >= maps:
         return list(range(maps))
     rng = np.random.default_rng([int(seed), 2])
     return sorted(rng.choice(maps, size=num, replace=False).tolist())
 
 
-def layer2_projections(model: keras.Model, dataset, features, progress=None) -> dict:
-    """The strongest activation of each chosen conv2 map over a dataset, projected.
+def layer2_projections(
+    model: keras.Model, dataset, features, progress=None, layer: str = ""
+) -> dict:
+    """The strongest activation of each chosen layer-2 map over a dataset, projected.
 
     Args:
       model: the classifier.
       dataset: (images, labels) batches in a fixed order (read twice: scan, then gather).
-      features: conv2 map indices.
+      features: layer-2 map indices.
       progress: optional callable(num_images) per batch of the scan.
+      layer: layer 2 ('' = the model's second conv layer).
 
     Returns:
       {'cells': (F, side, side, 3) float32 in [0, 1], the projections cropped to their
        receptive field and stretched; 'winners': [{feature, image, y, x, activation, box}]}.
     """
-    best = topk.scan(model, "conv2", dataset, k=1, progress=progress)
+    layer = layer or second_conv(model)
+    best = topk.scan(model, layer, dataset, k=1, progress=progress)
     chosen = np.asarray(features, np.int32)
     image = best.image[0, chosen]
     found = topk.gather_images(dataset, image)
     order = sorted(found)
     slot = {i: n for n, i in enumerate(order)}
     result = deconv.project(
-        deconv.build_deconvnet(model, "conv2"),
+        deconv.build_deconvnet(model, layer),
         np.stack([found[i] for i in order]),
         np.array([slot[int(i)] for i in image], np.int32),
         chosen,
@@ -125,11 +196,11 @@ def layer2_projections(model: keras.Model, dataset, features, progress=None) -> 
         best.x[0, chosen],
     )
     crop = int(model.inputs[0].shape[1])
-    side = min(deconv.receptive_field_size(model, "conv2"), crop)
+    side = min(deconv.receptive_field_size(model, layer), crop)
     cells, winners = [], []
     for n, f in enumerate(chosen):
         y, x = int(result["y"][n]), int(result["x"][n])
-        box = deconv.receptive_field(model, "conv2", y, x)
+        box = deconv.receptive_field(model, layer, y, x)
         cells.append(outputs.field_cell(result["projection"][n], box, side))
         winners.append(
             {
@@ -163,20 +234,23 @@ def analyse(
     rms_threshold: float = DEFAULTS["rms_threshold"],
     active_epsilon: float = DEFAULTS["active_epsilon"],
     name: str = "",
+    layers=("", ""),
 ):
     """Dead filters, layer-1 filters and layer-2 projections of one model.
 
     Args:
       model: the classifier.
       dataset, total: from `scan_dataset`.
-      features: conv2 map indices to project.
+      features: layer-2 map indices to project.
       rms_threshold, active_epsilon: the dead-filter criteria (`dead_filters`).
       name: for the progress bar.
+      layers: (layer 1, layer 2), '' = the model's first and second conv layers.
 
     Returns:
-      A dict: the `dead_filters` result plus 'geometry', 'kernel' (conv1 kernel),
-      'layer2' (`layer2_projections`), 'num_images'.
+      A dict: the `dead_filters` result plus 'geometry', 'kernel' (layer-1 kernel),
+      'layer2' (`layer2_projections`), 'num_images', 'layers' (the two names).
     """
+    l1, l2 = model_layers(model, layers)
     with tqdm.tqdm(total=2 * total, desc=f"filters: {name}", unit="img") as bar:
         dead = dead_filters(
             model,
@@ -184,14 +258,16 @@ def analyse(
             rms_threshold,
             active_epsilon,
             progress=bar.update,
+            layer=l1,
         )
-        layer2 = layer2_projections(model, dataset, features, progress=bar.update)
+        layer2 = layer2_projections(model, dataset, features, progress=bar.update, layer=l2)
     return {
         **dead,
-        "geometry": layer1_geometry(model),
-        "kernel": model.get_layer("conv1").get_weights()[0],
+        "geometry": layer1_geometry(model, l1),
+        "kernel": _conv(model, l1).get_weights()[0],
         "layer2": layer2,
         "num_images": total,
+        "layers": [l1, l2],
     }
 
 
@@ -245,13 +321,16 @@ def summary_json(
             "rms": [float(v) for v in r["rms"]],
             "max_activation": [float(v) for v in r["max_activation"]],
             "layer2_winners": r["layer2"]["winners"],
+            "layers": list(r.get("layers", ("conv1", "conv2"))),
         }
+    first = {m["layers"][0] for m in models.values()}
+    layer1 = first.pop() if len(first) == 1 else "layer-1"  # ZFNet and AlexNet: conv1
     return {
         "split": split,
         "num_images": rows[0][2]["num_images"],
         "criteria": {
             "rms": f"filter RMS < {rms_threshold} x the layer's largest",
-            "never_active": f"max conv1 activation over the split <= {active_epsilon}",
+            "never_active": f"max {layer1} activation over the split <= {active_epsilon}",
         },
         "models": models,
     }
@@ -290,15 +369,24 @@ class Settings:
     active_epsilon: float
     layer2_features: int
     seed: int
-    layer1: str  # this workdir's config.model.layer1 (its row label)
+    layer1: str  # row label: config.model.layer1 (or its arch; --model: the model's name)
+    layers: tuple[str, str] = ("", "")  # layer 1, layer 2; '' = the model's (`resolve`)
+    origin: str = "this workdir"  # its row label's suffix ('--model' for a model brought along)
 
 
 def settings(config, request) -> Settings:
-    """Raises UsageError: no model in the comparison workdir; DataError: unknown split."""
+    """Raises UsageError: no model in the comparison workdir, layers not a pair; DataError:
+    unknown split. The layers are checked against the model by `resolve`."""
     compare = compare_workdir(request.workdir, request.compare)
     split = request.split or config.data.eval_split
     inputs.check_split(config.data, split)
     s = outputs.analysis_settings(config, MODE, DEFAULTS)
+    layers = tuple(str(n) for n in s["layers"])
+    if len(layers) != 2:
+        raise UsageError(
+            f"config.analysis.filters.layers={layers}: give 2 names (layer 1, layer 2; '' = "
+            "the model's own)"
+        )
     return Settings(
         workdir=request.workdir,
         compare=compare,
@@ -308,8 +396,33 @@ def settings(config, request) -> Settings:
         active_epsilon=float(s["active_epsilon"]),
         layer2_features=int(s["layer2_features"]),
         seed=int(config.seed),
-        layer1=str(config.model.layer1),
+        layer1=_row_label(config.model),
+        layers=layers,
     )
+
+
+def _row_label(model_config) -> str:
+    """config.model.layer1 ('zfnet' or 'alexnet') for ZFNet, else the architecture's name."""
+    arch = str(model_config.get("arch", "") or "zfnet")
+    return str(model_config.layer1) if arch == "zfnet" else arch
+
+
+def resolve(s: Settings, model, source) -> Settings:
+    """The layers ('' = the model's first and second conv layers) checked against the
+    model; a model brought along (--model) labels its row by its name.
+
+    Raises:
+      UsageError: as `model_layers`, or a layer 2 the deconvnet cannot project.
+    """
+    l1, l2 = model_layers(model, s.layers)
+    try:
+        deconv.build_deconvnet(model, l2)  # a fused activation the rules cannot reach
+    except NotImplementedError as e:
+        raise UsageError(f"config.analysis.filters.layers: layer 2 {l2}: {e}") from None
+    s = dataclasses.replace(s, layers=(l1, l2))
+    if source is not None and source.model is not None:  # brought along, not the workdir's
+        s = dataclasses.replace(s, layer1=model.name, origin="--model")
+    return s
 
 
 @dataclasses.dataclass
@@ -335,7 +448,7 @@ def load(config, s: Settings, model) -> Data:
         other_dataset, other_total = scan_dataset(other_config, s.split, s.num_images)
     return Data(
         other=other,
-        other_layer1=str(other_config.model.layer1),
+        other_layer1=_row_label(other_config.model),
         dataset=dataset,
         total=total,
         other_dataset=other_dataset,
@@ -344,22 +457,24 @@ def load(config, s: Settings, model) -> Data:
 
 
 def compute(model, data: Data, s: Settings) -> dict:
-    """`analyse` of both models on the same conv2 maps.
+    """`analyse` of both models on the same layer-2 maps (the comparison model: its own
+    first and second conv layers).
 
     Returns:
       {'results': [(label, workdir, `analyse` dict)] this workdir first, 'summary': the
       filters.json record}.
     """
-    features = conv2_features(model, s.layer2_features, s.seed)
-    if max(features) >= int(data.other.get_layer("conv2").output.shape[-1]):
-        features = conv2_features(data.other, s.layer2_features, s.seed)
-    labels = (f"{s.layer1} (this workdir)", f"{data.other_layer1} (compare workdir)")
+    features = conv2_features(model, s.layer2_features, s.seed, s.layers[1])
+    other_layer2 = second_conv(data.other)
+    if max(features) >= int(graph.find(data.other, other_layer2).output.shape[-1]):
+        features = conv2_features(data.other, s.layer2_features, s.seed, other_layer2)
+    labels = (f"{s.layer1} ({s.origin})", f"{data.other_layer1} (compare workdir)")
     thresholds = (s.rms_threshold, s.active_epsilon)
     results = [
         (
             labels[0],
             s.workdir,
-            analyse(model, data.dataset, data.total, features, *thresholds, labels[0]),
+            analyse(model, data.dataset, data.total, features, *thresholds, labels[0], s.layers),
         ),
         (
             labels[1],
@@ -403,4 +518,5 @@ ANALYSIS = base.Analysis(
     load=load,
     compute=compute,
     render=render_outputs,
+    resolve=resolve,
 )

@@ -4,8 +4,12 @@
 A few images are vertically translated, scaled about their center and rotated about their
 center by the amounts in `config.analysis.invariance`. For every image and amount we measure
 the Euclidean distance between the feature vectors of the original and of the transformed
-image at layer 1 (conv1's output, flattened) and layer 7 (fc7's output), and the softmax
-probability of the true class.
+image at layer 1 and layer 7 (`config.analysis.invariance.layers`; by default the model's
+first conv layer and its penultimate dense layer, `graph.penultimate_dense`: ZFNet's conv1
+and fc7, outputs flattened), and the softmax probability of the true class. Where the labels
+are not classes of the model (a model brought along with --model, or unlabeled images), the
+probability of the class the model predicts on the untransformed image instead, and the
+outputs say so.
 
 Transforms act on the model input (the normalized center crop), bilinearly, with the area
 uncovered by the transform filled with the data mean colour, i.e. gray (`Pixels.fill`: 0 in
@@ -36,6 +40,7 @@ from pipelines import examples as examples_lib
 from pipelines import inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base
+from zf_tf.core import graph
 from zf_tf.core.errors import UsageError
 
 MODE = "invariance"
@@ -47,6 +52,16 @@ AXIS_LABELS = {
     "rotation": "rotation (degrees, counterclockwise)",
 }
 CSV_HEADER = ("image", "label", "transform", "amount", "dist_layer1", "dist_layer7", "p_true")
+# Where the labels are not the model's classes: the class predicted on the original image.
+CSV_HEADER_PREDICTED = (
+    "image",
+    "predicted",
+    "transform",
+    "amount",
+    "dist_layer1",
+    "dist_layer7",
+    "p_predicted",
+)
 
 
 def transform_matrix(kind: str, amount: float, size: int) -> np.ndarray:
@@ -132,26 +147,51 @@ def transformed_copies(image: np.ndarray, sweep: dict, fill=0.0) -> tuple[np.nda
     return apply_transforms(np.repeat(image[None], len(keys), axis=0), matrices, fill), keys
 
 
-def feature_layers(model) -> tuple[str, str, str]:
-    """(layer-1 name, layer-7 name, note): fc7, or the last fc layer if the model has no fc7."""
-    names = [layer.name for layer in model.layers]
-    if "conv1" not in names:
-        raise UsageError("the model has no conv1 layer")
-    if "fc7" in names:
-        return "conv1", "fc7", ""
-    fcs = [n for n in names if n.startswith("fc")]
-    if not fcs:
-        raise UsageError("the model has neither fc7 nor any other fc layer for layer 7")
-    return "conv1", fcs[-1], f"the model has no fc7: 'layer 7' is {fcs[-1]}, its last fc layer"
+def _layer7_note(model, l7: str) -> str:
+    """'' or what stands in for fc7: said when layer 7 is the model's default one
+    (`graph.penultimate_dense`) and not called fc7."""
+    try:
+        default = graph.penultimate_dense(model)
+    except ValueError:
+        return ""
+    if l7 == "fc7" or l7 != default:
+        return ""
+    if isinstance(graph.find(model, l7).layer, keras.layers.Dense):
+        if l7.startswith("fc"):  # ZFNet without fc7 (a Table 3 ablation)
+            return f"the model has no fc7: 'layer 7' is {l7}, its last fc layer"
+        return f"'layer 7' is {l7}, the model's penultimate dense layer"
+    return f"the model has no hidden dense layer: 'layer 7' is {l7}, which feeds its classifier"
 
 
-def tap_model(model) -> keras.Model:
-    """keras.Model(model.input, [conv1, fc7 (or last fc), logits]); call it in inference
+def feature_layers(model, layers=("", "")) -> tuple[str, str, str]:
+    """(layer-1 name, layer-7 name, note) of `layers`, '' = the model's default: its first
+    conv layer for layer 1, its penultimate dense layer for layer 7 (ZFNet: conv1, fc7; fc6
+    when a Table 3 ablation removes fc7); note: '' or which layer stands in for fc7.
+
+    Raises:
+      UsageError: the model has no such default layer, or lacks a named one (naming its
+        feature layers).
+    """
+    try:
+        l1 = layers[0] or graph.first_conv(model)
+        l7 = layers[1] or graph.penultimate_dense(model)
+    except ValueError as e:
+        raise UsageError(f"--mode=invariance: {e}") from None
+    known = {op.name for op in graph.ops_of(model)}
+    for name in (l1, l7):
+        if name not in known:
+            raise UsageError(
+                f"config.analysis.invariance.layers: no layer {name!r}; valid layers: "
+                + ", ".join(graph.feature_layers(model))
+            )
+    return l1, l7, _layer7_note(model, l7)
+
+
+def tap_model(model, layers=("", "")) -> keras.Model:
+    """A Model: images -> [layer 1, layer 7, logits] (`feature_layers`); call it in inference
     mode (training=False: no dropout)."""
-    l1, l7, _ = feature_layers(model)
-    outs = [model.get_layer(l1).output, model.get_layer(l7).output, model.output]
-    # model.input (one tensor, not a list) so calling it with an array matches its structure.
-    return keras.Model(model.input, outs)
+    l1, l7, _ = feature_layers(model, layers)
+    return graph.tap(model, [l1, l7, graph.output_layer(model)], name="invariance_tap")
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -167,27 +207,35 @@ def measure(
     sweep: dict,
     batch_size: int = 128,
     fill=0.0,
+    layers=("", ""),
+    predicted: bool = False,
 ):
     """Feature distances and true-class probability of every transformed copy.
 
     Args:
-      model: the classifier (logits output, layers named as in zf_tf.core.model).
+      model: the classifier (logits output).
       images: float32 (N, s, s, 3) model inputs.
       labels: (N,) true classes.
       sweep: {transform: amounts}, as `sweeps(config)`.
       batch_size: forward-pass batch (the original and all its copies, chunked).
       fill: the model input of the mean colour, for uncovered areas (`Pixels.fill`).
+      layers: (layer 1, layer 7) names, '' = the model's defaults (`feature_layers`).
+      predicted: measure the probability of the class predicted on the original image
+        instead of `labels` (labels that are not the model's classes).
 
     Returns:
       dict with, per transform `k`: `k/amounts` (A_k,), `k/dist_layer1`, `k/dist_layer7`,
-      `k/p_true` (N, A_k) float64; `norm_layer1`, `norm_layer7` (N,): the originals'
-      feature norms (to read distances relative to them); `layer1`, `layer7` (layer
-      names) and `note` ('' or which layer stands in for fc7).
+      `k/p_true` (N, A_k) float64 (the probability of `classes`); `norm_layer1`,
+      `norm_layer7` (N,): the originals' feature norms (to read distances relative to
+      them); `classes` (N,) the class whose probability is measured; `layer1`, `layer7`
+      (layer names), `note` ('' or which layer stands in for fc7) and `target` ('true' or
+      'predicted').
     """
-    l1, l7, note = feature_layers(model)
-    tap = tap_model(model)
+    l1, l7, note = feature_layers(model, layers)
+    tap = tap_model(model, (l1, l7))
     rows = {key: [] for key in ("dist_layer1", "dist_layer7", "p_true")}
     norms = {"norm_layer1": [], "norm_layer7": []}
+    classes = []
     for image, label in tqdm.tqdm(
         list(zip(images, labels)), desc="invariance", unit="img", disable=len(images) < 2
     ):
@@ -199,13 +247,17 @@ def measure(
             for o, c in zip(outs, chunk):
                 o.append(np.asarray(c, np.float64).reshape(len(c), -1))
         f1, f7, logits = (np.concatenate(o) for o in outs)
+        c = int(np.argmax(logits[0])) if predicted else int(label)
+        classes.append(c)
         rows["dist_layer1"].append(np.linalg.norm(f1[1:] - f1[0], axis=1))
         rows["dist_layer7"].append(np.linalg.norm(f7[1:] - f7[0], axis=1))
-        rows["p_true"].append(_softmax(logits[1:])[:, int(label)])
+        rows["p_true"].append(_softmax(logits[1:])[:, c])
         norms["norm_layer1"].append(np.linalg.norm(f1[0]))
         norms["norm_layer7"].append(np.linalg.norm(f7[0]))
-    result = {"layer1": l1, "layer7": l7, "note": note}
+    target = "predicted" if predicted else "true"
+    result = {"layer1": l1, "layer7": l7, "note": note, "target": target}
     result.update({key: np.asarray(v, np.float64) for key, v in norms.items()})
+    result["classes"] = np.asarray(classes, np.int64)
     start = 0
     for kind, amounts in sweep.items():
         stop = start + len(amounts)
@@ -217,10 +269,16 @@ def measure(
 
 
 def csv_text(result: dict, labels, indices, class_names) -> str:
-    """invariance.csv: one row per image, transform and amount (header CSV_HEADER)."""
+    """invariance.csv: one row per image, transform and amount (header CSV_HEADER; with
+    `result['target']` 'predicted', CSV_HEADER_PREDICTED: the class predicted on the
+    original image and its probability)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
+    if result.get("target") == "predicted":
+        writer.writerow(CSV_HEADER_PREDICTED)
+        labels = result["classes"]
+    else:
+        writer.writerow(CSV_HEADER)
     for kind in TRANSFORMS:
         if f"{kind}/amounts" not in result:
             continue
@@ -247,7 +305,7 @@ def plot(result: dict, legend: list[str], path: str, title: str) -> np.ndarray:
     columns = (
         ("dist_layer1", f"layer 1 ({result['layer1']}) distance"),
         ("dist_layer7", f"layer 7 ({result['layer7']}) distance"),
-        ("p_true", "P(true class)"),
+        ("p_true", f"P({'predicted' if result.get('target') == 'predicted' else 'true'} class)"),
     )
     fig, axes = plt.subplots(3, 3, figsize=(11, 9), squeeze=False)
     for r, kind in enumerate(TRANSFORMS):
@@ -314,14 +372,31 @@ class Settings:
     batch_size: int  # forward-pass batch of an image and its copies
     pixels: preprocess.Pixels  # the model inputs' normalization (fill colour, display)
     class_names: tuple
+    layers: tuple[str, str] = ("", "")  # layer 1, layer 7; '' = the model's (`resolve`)
+    # The split's labels are the model's classes (`resolve`); False: the probability of the
+    # class predicted on the untransformed image.
+    labels: bool = True
 
     def sweep(self) -> dict[str, tuple[float, ...]]:
         """{transform: amounts}, as `sweeps(config)`."""
         return {"translation": self.translations, "scale": self.scales, "rotation": self.rotations}
 
 
+PREDICTED_NOTE = (
+    "the labels of {split!r} are not classes of this model (a model brought along, or "
+    "unlabeled images): the probabilities are of the class predicted on the untransformed image"
+)
+
+
 def settings(config, request) -> Settings:
-    """Raises UsageError: a non-positive scale factor; DataError: an unknown split."""
+    """Raises UsageError: a non-positive scale factor, layers not a pair; DataError: an
+    unknown split. The layers are checked against the model by `resolve`."""
+    layers = tuple(str(n) for n in config.analysis.invariance.get("layers", ("", "")))
+    if len(layers) != 2:
+        raise UsageError(
+            f"config.analysis.invariance.layers={layers}: give 2 names (layer 1, layer 7; "
+            "'' = the model's own)"
+        )
     sweep = sweeps(config)
     for kind, amounts in sweep.items():
         for amount in amounts:
@@ -337,7 +412,27 @@ def settings(config, request) -> Settings:
         batch_size=int(config.analysis.batch_size),
         pixels=preprocess.pixels(config.data),
         class_names=tuple(inputs.class_names(config.data)),
+        layers=layers,
     )
+
+
+def resolve(s: Settings, model, source) -> Settings:
+    """The layers ('' = the model's first conv layer, its penultimate dense layer) checked
+    against the model; whether the labels are the model's classes (else the predicted class'
+    probability, with class names 'class <i>' for the model's outputs).
+
+    Raises:
+      UsageError: a layer the model lacks (naming its feature layers), no default layer, or
+        a model that is not a classifier.
+    """
+    l1, l7, _ = feature_layers(model, s.layers)
+    try:
+        num_classes = graph.num_outputs(model)
+    except ValueError as e:
+        raise UsageError(f"--mode=invariance: {e}") from None
+    labels = source is None or source.labels_apply(s.split)
+    names = s.class_names if labels else tuple(f"class {i}" for i in range(num_classes))
+    return dataclasses.replace(s, layers=(l1, l7), labels=labels, class_names=names)
 
 
 def load(config, s: Settings, model) -> examples_lib.Examples:
@@ -353,7 +448,14 @@ def compute(model, examples: examples_lib.Examples, s: Settings) -> dict:
     """
     return {
         "measure": measure(
-            model, examples.images, examples.labels, s.sweep(), s.batch_size, s.pixels.fill
+            model,
+            examples.images,
+            examples.labels,
+            s.sweep(),
+            s.batch_size,
+            s.pixels.fill,
+            s.layers,
+            predicted=not s.labels,
         ),
         "labels": examples.labels,
         "indices": examples.indices,
@@ -363,7 +465,8 @@ def compute(model, examples: examples_lib.Examples, s: Settings) -> dict:
 
 def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
     """invariance.csv, invariance.npz, invariance.png, invariance_examples.png; both figures
-    for TensorBoard; a note when a layer stands in for fc7."""
+    for TensorBoard; a note when a layer stands in for fc7, and one when the probabilities
+    are of the predicted class."""
     measured, labels, indices = result["measure"], result["labels"], result["indices"]
     names = list(s.class_names)
     outputs.save_text(paths["invariance.csv"], csv_text(measured, labels, indices, names))
@@ -374,9 +477,13 @@ def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
         indices=indices,
         layers=np.array([measured["layer1"], measured["layer7"]]),
         note=np.array(measured["note"]),
+        target=np.array(measured["target"]),
         **arrays,
     )
-    legend = [f"{s.split} #{i}: {names[int(y)]}" for i, y in zip(indices, labels)]
+    shown = measured["classes"] if not s.labels else labels
+    legend = [f"{s.split} #{i}: {names[int(y)]}" for i, y in zip(indices, shown)]
+    if not s.labels:
+        legend = [f"{entry} (predicted)" for entry in legend]
     title = f"Invariance on {len(labels)} {s.split} images (paper Fig. 5)"
     if measured["note"]:
         title += f"\n{measured['note']}"
@@ -388,10 +495,10 @@ def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
         paths["invariance_examples.png"],
         f"transformed copies of {legend[0]} (gray = mean colour fill)",
     )
-    return base.Report(
-        images={f"{MODE}/curves": grid, f"{MODE}/examples": strip},
-        lines=[f"Note: {measured['note']}"] if measured["note"] else [],
-    )
+    lines = [f"Note: {measured['note']}"] if measured["note"] else []
+    if not s.labels:
+        lines.append(f"Note: {PREDICTED_NOTE.format(split=s.split)}")
+    return base.Report(images={f"{MODE}/curves": grid, f"{MODE}/examples": strip}, lines=lines)
 
 
 ANALYSIS = base.Analysis(
@@ -401,4 +508,5 @@ ANALYSIS = base.Analysis(
     load=load,
     compute=compute,
     render=render_outputs,
+    resolve=resolve,
 )

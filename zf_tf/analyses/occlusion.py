@@ -3,9 +3,13 @@
 A gray square slides over the image (the dataset's mean color: `Pixels.fill` in the model
 input, 0 with the paper's mean subtraction). For every occluder position the model is run on
 the occluded copy and we record, as maps over occluder positions:
-  (b) the total activation (sum over the map) of the layer-5 feature map that is strongest
-      (highest maximum activation) on the unoccluded image,
-  (d) the probability of the correct class (softmax of the logits),
+  (b) the total activation (sum over the map) of the feature map of a conv layer
+      (`config.analysis.occlusion.layer`; default the model's last conv layer, ZFNet's conv5,
+      the paper's layer 5) that is strongest (highest maximum activation) on the unoccluded
+      image,
+  (d) the probability of the correct class (softmax of the logits); where the labels are not
+      classes of the model (a model brought along with --model, or unlabeled images), of the
+      class the model predicts on the unoccluded image instead, and the outputs say so,
   (e) the most probable class.
 (c) is that feature map's deconvnet projection on the unoccluded image, next to the same map's
 strongest projections from other images of the split (a top-k scan).
@@ -40,9 +44,8 @@ from pipelines import examples as examples_lib
 from pipelines import inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base
-from zf_tf.core import deconv, topk
+from zf_tf.core import deconv, graph, topk
 from zf_tf.core.errors import UsageError
-from zf_tf.core.model import CONV_LAYERS
 
 MODE = "occlusion"
 OUTPUTS = ("occlusion.npz", "occlusion.png", "occlusion.json")
@@ -198,19 +201,19 @@ def pixel_map(values, ys, xs, size_px: int, crop_size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def forward_fn(model: keras.Model, layer: str):
-    """One two-output forward pass per batch: per-map sums and maxima of `layer`, and
-    the softmax probabilities.
+def forward_fn(model: keras.Model, layer: str = ""):
+    """One two-output forward pass per batch: per-map sums and maxima of `layer` ('' = the
+    model's last conv layer), and the softmax probabilities.
 
     Returns:
       fn(images (B, H, W, 3)) -> {'map_sum': (B, F), 'map_max': (B, F), 'probs': (B, C)}
       (numpy float32).
     """
-    tap = keras.Model(model.inputs, [model.get_layer(layer).output, model.output])
+    tap = graph.tap(model, [layer or graph.last_conv(model), graph.output_layer(model)])
 
     @tf.function(reduce_retracing=True)
     def forward(images):
-        fmap, logits = tap([images], training=False)
+        fmap, logits = tap(images, training=False)
         fmap = tf.cast(fmap, tf.float32)
         return {
             "map_sum": tf.reduce_sum(fmap, axis=[1, 2]),
@@ -232,6 +235,7 @@ def occlusion_maps(
     batch_size: int = 128,
     progress=None,
     fill=0.0,
+    predicted: bool = False,
 ) -> dict:
     """Maps (b), (d), (e) over occluder positions for each image.
 
@@ -239,17 +243,20 @@ def occlusion_maps(
       model: the classifier (logits output).
       images: (N, s, s, 3) model inputs.
       labels: (N,) correct classes.
-      layer: conv layer whose strongest map (b) follows.
+      layer: conv layer whose strongest map (b) follows ('' = the model's last).
       size_px, ys, xs: occluder side and positions (`occluder_grid`).
       batch_size: occluded copies per forward pass.
       progress: optional callable(1) after each image.
       fill: the occluder's model-input value (`occluded_outputs`).
+      predicted: (d) follows the class predicted on the unoccluded image, not `labels`
+        (labels that are not the model's classes).
 
     Returns:
       dict of numpy arrays: feature (N,) the map with the highest maximum on the unoccluded
-      image; clean_activation (N,) its total activation there; clean_probs (N, C);
-      activation_map (N, gh, gw) its total activation per occluder position; prob_map
-      (N, gh, gw) correct-class probability; class_map (N, gh, gw) most probable class.
+      image; clean_activation (N,) its total activation there; clean_probs (N, C); classes
+      (N,) the class (d) follows (`labels`, or the predicted ones); activation_map
+      (N, gh, gw) its total activation per occluder position; prob_map (N, gh, gw) that
+      class' probability; class_map (N, gh, gw) most probable class.
     """
     fn = forward_fn(model, layer)
     images = np.asarray(images, np.float32)
@@ -257,10 +264,14 @@ def occlusion_maps(
     clean = fn(tf.constant(images)) if n_images else None
     out = {"activation_map": [], "prob_map": [], "class_map": []}
     feature = np.argmax(clean["map_max"], axis=1) if clean is not None else np.zeros(0, np.int64)
+    if predicted and n_images:
+        classes = np.argmax(clean["probs"], axis=1)
+    else:
+        classes = np.asarray(labels, np.int64).reshape(-1)
     for n, image in enumerate(images):
         res = occluded_outputs(fn, image, size_px, 0, batch_size, ys=ys, xs=xs, fill=fill)
         out["activation_map"].append(res["map_sum"][..., feature[n]])
-        out["prob_map"].append(res["probs"][..., int(labels[n])])
+        out["prob_map"].append(res["probs"][..., int(classes[n])])
         out["class_map"].append(np.argmax(res["probs"], axis=-1))
         if progress:
             progress(1)
@@ -272,6 +283,7 @@ def occlusion_maps(
         "feature": feature.astype(np.int32),
         "clean_activation": clean["map_sum"][idx, feature] if n_images else np.zeros(0),
         "clean_probs": clean["probs"] if n_images else np.zeros((0, 0), np.float32),
+        "classes": classes.astype(np.int32),
         **maps,
     }
 
@@ -291,7 +303,7 @@ def feature_projections(
 
     Args:
       model: the classifier.
-      layer: conv layer.
+      layer: conv layer ('' = the model's last).
       images: (N, s, s, 3) model inputs.
       features: (N,) feature map per image.
       dataset: callable returning a fresh dataset of (images, labels) batches (scan order =
@@ -305,6 +317,7 @@ def feature_projections(
       (N, others, s, s, 3) (zeros where missing), others_index (N, others) positions in the
       dataset (-1: missing), others_activation (N, others).
     """
+    layer = layer or graph.last_conv(model)
     images = np.asarray(images, np.float32)
     n, features = len(images), np.asarray(features, np.int32)
     others_index = np.full((n, others), -1, np.int64)
@@ -418,13 +431,14 @@ def analyse(
     progress=None,
     scan_progress=None,
     fill=0.0,
+    predicted: bool = False,
 ) -> dict:
     """The whole Fig. 7 analysis of some examples, as arrays.
 
     Args:
       model: the classifier.
       examples: `pipelines.examples.Examples`.
-      layer: conv layer for (b) and (c).
+      layer: conv layer for (b) and (c) ('' = the model's last).
       size, stride: occluder side and step as fractions of the crop side.
       batch_size: occluded copies per forward pass.
       dataset: callable giving the split's (images, labels) batches for (c)'s other images
@@ -432,6 +446,8 @@ def analyse(
       others: other images per feature map in (c).
       progress, scan_progress: optional callables for the image loop and the scan.
       fill: the occluder's model-input value (`occluded_outputs`).
+      predicted: (d) and the on-object test follow the class predicted on the unoccluded
+        image instead of the label (`occlusion_maps`).
 
     Returns:
       dict of numpy arrays: images, labels, indices, ys, xs, size_px, stride_px, and those of
@@ -439,6 +455,7 @@ def analyse(
       `on_object` (fraction and chance as 0-d arrays).
     """
     s = examples.images.shape[1]
+    layer = layer or graph.last_conv(model)
     size_px, stride_px, ys, xs = occluder_grid(s, size, stride)
     arrays = {
         "images": examples.images,
@@ -461,6 +478,7 @@ def analyse(
             batch_size,
             progress,
             fill,
+            predicted,
         )
     )
     arrays.update(
@@ -486,8 +504,13 @@ def analyse(
     return arrays
 
 
-def summarize(arrays: dict, layer: str, split: str, class_names=None) -> dict:
-    """The per-image summary and the on-object result written to occlusion.json."""
+def summarize(arrays: dict, layer: str, split: str, class_names=None, target: str = "true") -> dict:
+    """The per-image summary and the on-object result written to occlusion.json.
+
+    `target` is 'true' (the probabilities are of the label's class) or 'predicted' (of the
+    class predicted on the unoccluded image, `arrays['classes']`): then 'class', 'prob' and
+    'positions_misclassified' refer to that class, and 'label' is the data's label only.
+    """
 
     def name(c):
         c = int(c)
@@ -496,17 +519,18 @@ def summarize(arrays: dict, layer: str, split: str, class_names=None) -> dict:
     rows = []
     for n in range(len(arrays["labels"])):
         label, probs = int(arrays["labels"][n]), arrays["clean_probs"][n]
+        explained = int(arrays["classes"][n]) if "classes" in arrays else label
         prob_map, act = arrays["prob_map"][n], arrays["activation_map"][n]
         gy, gx = np.unravel_index(int(prob_map.argmin()), prob_map.shape)
         row = {
             "index": int(arrays["indices"][n]),
             "label": label,
-            "class": name(label),
-            "prob": float(probs[label]),
+            "class": name(explained),
+            "prob": float(probs[explained]),
             "predicted": name(probs.argmax()),
             "min_prob": float(prob_map.min()),
             "min_prob_at": [int(arrays["ys"][gy]), int(arrays["xs"][gx])],
-            "positions_misclassified": float((arrays["class_map"][n] != label).mean()),
+            "positions_misclassified": float((arrays["class_map"][n] != explained).mean()),
             "feature": int(arrays["feature"][n]),
             "activation": float(arrays["clean_activation"][n]),
             "min_activation": float(act.min()),
@@ -534,6 +558,7 @@ def summarize(arrays: dict, layer: str, split: str, class_names=None) -> dict:
     return {
         "layer": layer,
         "split": split,
+        "target": target,
         "occluder_px": int(arrays["size_px"]),
         "stride_px": int(arrays["stride_px"]),
         "grid": [len(arrays["ys"]), len(arrays["xs"])],
@@ -558,11 +583,19 @@ def _edges(offsets, size_px: int) -> np.ndarray:
 
 
 def render(
-    arrays: dict, path: str, pixels, class_names=None, rows: int = FIGURE_ROWS, dpi: int = 80
+    arrays: dict,
+    path: str,
+    pixels,
+    class_names=None,
+    rows: int = FIGURE_ROWS,
+    dpi: int = 80,
+    target: str = "true",
 ):
     """Draws the Fig. 7-like figure (one row per image, columns a-e) and saves it as PNG.
 
-    `pixels` (`preprocess.Pixels`) turns the model inputs back into RGB.
+    `pixels` (`preprocess.Pixels`) turns the model inputs back into RGB. `target`: 'true'
+    (column (d) is the correct class' probability) or 'predicted' (the probability of the
+    class predicted on the unoccluded image, `arrays['classes']`).
 
     Returns:
       The figure as a uint8 (H, W, 3) array.
@@ -582,22 +615,24 @@ def render(
     name = (lambda c: class_names[c]) if class_names else str
     fig = plt.figure(figsize=(15, 2.7 * n + 0.4))
     outer = fig.add_gridspec(n, 5, width_ratios=[1, 1.15, 1.4, 1.15, 1.5], wspace=0.25)
+    predicted = target == "predicted"
     titles = [
         "(a) input",
         "(b) total activation",
         "(c) projection | other images",
-        "(d) p(correct class)",
+        "(d) p(predicted class)" if predicted else "(d) p(correct class)",
         "(e) most probable class",
     ]
+    mark = " (unoccluded)" if predicted else " (true)"
     for r in range(n):
         image = outputs.display(arrays["images"][r], pixels)
         gray = image.mean(-1)
-        label = int(arrays["labels"][r])
+        label = int(arrays["classes"][r] if "classes" in arrays else arrays["labels"][r])
         ax = fig.add_subplot(outer[r, 0])
         ax.imshow(image, interpolation="nearest")
         if "masks" in arrays:
             ax.contour(arrays["masks"][r], levels=[0.5], colors="yellow", linewidths=0.8)
-        ax.set_title(f"{titles[0]}: {name(label)}", fontsize=8)
+        ax.set_title(f"{titles[0]}{', predicted' if predicted else ''}: {name(label)}", fontsize=8)
         ax.axis("off")
         # (b) and (d): maps drawn at the occluder centers over the faded image.
         for col, key, cmap, title in (
@@ -651,15 +686,15 @@ def render(
         ax.set_yticks([])
         present = sorted(set(np.unique(classes).tolist()) | {label})
         handles = [
-            Patch(color=colors[c], label=name(c) + (" (true)" if c == label else ""))
-            for c in present
+            Patch(color=colors[c], label=name(c) + (mark if c == label else "")) for c in present
         ]
         ax.legend(
             handles=handles, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False
         )
         ax.set_title(titles[4], fontsize=8)
     fig.suptitle(
-        "Occlusion sensitivity (Zeiler & Fergus Fig. 7)",
+        "Occlusion sensitivity (Zeiler & Fergus Fig. 7)"
+        + (": (d) and (e) follow the class predicted on the unoccluded image" if predicted else ""),
         fontsize=10,
         y=1 - 0.15 / fig.get_figheight(),
     )
@@ -677,7 +712,7 @@ def render(
 class Settings:
     """Typed settings of `--mode=occlusion` (config.analysis.occlusion and the request)."""
 
-    layer: str
+    layer: str  # conv layer of (b) and (c); '' = the model's last conv layer (`resolve`)
     size: float  # occluder side, fraction of the crop side
     stride: float  # its step, fraction of the crop side
     split: str
@@ -685,16 +720,26 @@ class Settings:
     batch_size: int  # occluded copies per forward pass
     pixels: preprocess.Pixels  # the model inputs' normalization (occluder colour, display)
     class_names: tuple
+    # The split's labels are the model's classes (`resolve`); False: (d) follows the class
+    # predicted on the unoccluded image.
+    labels: bool = True
+
+    @property
+    def target(self) -> str:
+        """The class (d) follows: 'true' or 'predicted'."""
+        return "true" if self.labels else "predicted"
+
+
+PREDICTED_NOTE = (
+    "the labels of {split!r} are not classes of this model (a model brought along, or "
+    "unlabeled images): (d) is the probability of the class predicted on the unoccluded image"
+)
 
 
 def settings(config, request) -> Settings:
-    """Raises UsageError: bad layer or occluder geometry, unknown split."""
+    """Raises UsageError: bad occluder geometry; DataError: unknown split. The layer is
+    checked against the model by `resolve`."""
     cfg = config.analysis.occlusion
-    if cfg.layer not in CONV_LAYERS:
-        raise UsageError(
-            f"config.analysis.occlusion.layer={cfg.layer!r} is not valid: "
-            f"choose one of {', '.join(CONV_LAYERS)}"
-        )
     try:
         occluder_grid(config.data.crop_size, cfg.size, cfg.stride)
     except ValueError as e:
@@ -702,7 +747,7 @@ def settings(config, request) -> Settings:
     split = request.split or config.analysis.split
     inputs.check_split(config.data, split)
     return Settings(
-        layer=cfg.layer,
+        layer=str(cfg.layer),
         size=float(cfg.size),
         stride=float(cfg.stride),
         split=split,
@@ -711,6 +756,35 @@ def settings(config, request) -> Settings:
         pixels=preprocess.pixels(config.data),
         class_names=tuple(inputs.class_names(config.data)),
     )
+
+
+def resolve(s: Settings, model, source) -> Settings:
+    """The layer ('' = the model's last conv layer) checked against the model; whether the
+    labels are the model's classes (else the predicted class is explained, with class
+    names 'class <i>' for the model's outputs).
+
+    Raises:
+      UsageError: the layer is not a conv layer of the model (naming them), the deconvnet
+        cannot project it, or the model is not a classifier.
+    """
+    try:
+        num_classes = graph.num_outputs(model)
+        layer = s.layer or graph.last_conv(model)
+    except ValueError as e:
+        raise UsageError(f"--mode=occlusion: {e}") from None
+    convs = graph.conv_layers(model)
+    if layer not in convs:
+        raise UsageError(
+            f"config.analysis.occlusion.layer={layer!r} is not valid: "
+            f"choose one of {', '.join(convs)}"
+        )
+    try:
+        deconv.build_deconvnet(model, layer)  # (c): a fused activation the rules cannot reach
+    except NotImplementedError as e:
+        raise UsageError(f"config.analysis.occlusion.layer={layer}: {e}") from None
+    labels = source is None or source.labels_apply(s.split)
+    names = s.class_names if labels else tuple(f"class {i}" for i in range(num_classes))
+    return dataclasses.replace(s, layer=layer, labels=labels, class_names=names)
 
 
 @dataclasses.dataclass
@@ -748,8 +822,12 @@ def compute(model, data: Data, s: Settings) -> dict:
             progress=bar.update,
             scan_progress=scan_bar.update,
             fill=s.pixels.fill,
+            predicted=not s.labels,
         )
-    return {"arrays": arrays, "summary": summarize(arrays, s.layer, s.split, s.class_names)}
+    summary = summarize(arrays, s.layer, s.split, s.class_names, s.target)
+    if not s.labels:
+        summary["note"] = PREDICTED_NOTE.format(split=s.split)
+    return {"arrays": arrays, "summary": summary}
 
 
 def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
@@ -757,12 +835,13 @@ def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
     arrays, summary = result["arrays"], result["summary"]
     outputs.save_npz(paths["occlusion.npz"], **arrays)
     outputs.save_text(paths["occlusion.json"], json.dumps(summary, indent=1))
-    figure = render(arrays, paths["occlusion.png"], s.pixels, list(s.class_names))
-    lines = []
+    figure = render(arrays, paths["occlusion.png"], s.pixels, list(s.class_names), target=s.target)
+    lines = [] if s.labels else [f"Note: {summary['note']}"]
     if summary["on_object"]:
         r = summary["on_object"]
+        which = "correct" if s.labels else "predicted"
         lines.append(
-            f"Lowest correct-class probability with the occluder on the object: "
+            f"Lowest {which}-class probability with the occluder on the object: "
             f"{r['hits']}/{r['num_images']} images = {r['fraction']:.3f} "
             f"(chance {r['chance']:.3f}); touching the object: "
             f"{r['touching']['fraction']:.3f} (chance {r['touching']['chance']:.3f})"
@@ -777,4 +856,5 @@ ANALYSIS = base.Analysis(
     load=load,
     compute=compute,
     render=render_outputs,
+    resolve=resolve,
 )

@@ -14,6 +14,8 @@ order. The rest of the package builds on it:
                                 propagation through the graph (residual and concatenating
                                 blocks included)
   spatial_layers(model)         layers a unit can be chosen in (conv, pool, activation)
+  first_conv, last_conv,        the layers the analyses default to (ZFNet: conv1, conv5,
+  penultimate_dense(model)      fc7), whatever the model calls them
 
 Only single-input models of channels_last images are supported.
 """
@@ -39,6 +41,12 @@ __all__ = [
     "receptive_field_size",
     "conv_layers",
     "dense_layers",
+    "first_conv",
+    "last_conv",
+    "penultimate_dense",
+    "output_layer",
+    "num_outputs",
+    "feature_layers",
 ]
 
 
@@ -247,6 +255,116 @@ def conv_layers(model) -> list[str]:
 def dense_layers(model) -> list[str]:
     """Names of the Dense layers, in execution order."""
     return [op.name for op in ops_of(model) if isinstance(op.layer, keras.layers.Dense)]
+
+
+# Layers of inference-time identity (dropout, noise): never a layer worth naming as features.
+IDENTITY_TYPES = (
+    keras.layers.Dropout,  # SpatialDropout1D/2D/3D subclass it
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+)
+# Input preprocessing and reshapes: their outputs are the pixels, or another layer's values.
+_NOT_FEATURES = IDENTITY_TYPES + (
+    keras.layers.Rescaling,
+    keras.layers.Normalization,
+    keras.layers.Resizing,
+    keras.layers.CenterCrop,
+    keras.layers.Flatten,
+    keras.layers.Reshape,
+)
+
+
+def first_conv(model) -> str:
+    """The model's first conv layer in execution order ("layer 1": ZFNet's conv1, VGG16's
+    block1_conv1).
+
+    Raises:
+      ValueError: the model has no conv layer.
+    """
+    convs = conv_layers(model)
+    if not convs:
+        raise ValueError(f"model {model.name!r} has no conv layer")
+    return convs[0]
+
+
+def last_conv(model) -> str:
+    """The model's last conv layer in execution order (ZFNet's conv5, also when an ablation
+    removes conv3 and conv4; VGG16's block5_conv3).
+
+    Raises:
+      ValueError: the model has no conv layer.
+    """
+    convs = conv_layers(model)
+    if not convs:
+        raise ValueError(f"model {model.name!r} has no conv layer")
+    return convs[-1]
+
+
+def output_layer(model) -> str:
+    """The name of the layer whose output is the model's (its last call: ZFNet's logits);
+    `tap(model, [output_layer(model)])` taps the logits."""
+    return ops_of(model)[-1].name
+
+
+def num_outputs(model) -> int:
+    """A classifier's number of classes: the size of its (batch, classes) output.
+
+    Raises:
+      ValueError: the output is not (batch, classes), e.g. the feature maps of a
+        keras.applications model without its top.
+    """
+    shape = tuple(model.outputs[0].shape)
+    if len(shape) != 2:
+        raise ValueError(
+            f"model {model.name!r} is not a classifier: its output is {shape[1:]}, not "
+            "(classes,) (a keras.applications model without its top?)"
+        )
+    return int(shape[-1])
+
+
+def penultimate_dense(model) -> str:
+    """The "layer 7" of any classifier: the Dense layer before the last Dense layer (ZFNet's fc7;
+    fc6 when an ablation removes fc7; VGG16's fc2).
+
+    When the model has a single Dense layer (its classifier) or none, there is no such
+    layer: then it is the layer that feeds the classifier (with no Dense layer at all: the
+    layer that feeds the output layer), skipping dropout and noise layers (identities at
+    inference), e.g. a global pool or a Flatten (ResNet50's avg_pool; ZFNet without fc6 and
+    fc7: flatten). Never the output layer itself.
+
+    Raises:
+      ValueError: the model's output layer reads the input directly (no layer before it).
+    """
+    ops = ops_of(model)
+    dense = [op for op in ops if isinstance(op.layer, keras.layers.Dense)]
+    if len(dense) >= 2:
+        return dense[-2].name
+    head = dense[-1] if dense else ops[-1]
+    by_output = {id(op.output): op for op in ops}
+    t = head
+    while True:
+        src = by_output.get(id(t.inputs[0])) if t.inputs else None
+        if src is None:
+            raise ValueError(
+                f"model {model.name!r} has no layer before its output layer {head.name!r}"
+            )
+        if not isinstance(src.layer, IDENTITY_TYPES):
+            return src.name
+        t = src
+
+
+def feature_layers(model) -> list[str]:
+    """Names of the layers whose outputs are features worth comparing between images, in
+    execution order: every layer but input preprocessing (Rescaling, Normalization, Resizing,
+    CenterCrop), reshapes (Flatten, Reshape), dropout and noise, and the output layer (ZFNet:
+    conv1_pad, conv1, pool1, norm1, conv2, ..., pool5, fc6, fc7)."""
+    ops = ops_of(model)
+    names = []
+    for op in ops[:-1]:
+        if not isinstance(op.layer, _NOT_FEATURES) and op.name not in names:
+            names.append(op.name)
+    return names
 
 
 def chain(model, name: str):

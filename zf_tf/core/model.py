@@ -77,6 +77,7 @@ class LocalResponseNorm(keras.layers.Layer):
 
 
 KERNEL_INITS = ("paper", "he_normal")
+ARCHS = ("zfnet", "vgg")  # model.arch: the paper's net, or a small VGG-style BN net
 
 
 def _kernel_initializer(name: str, stddev: float, seed):
@@ -92,8 +93,39 @@ def scaled(units: int, width: float) -> int:
     return max(1, int(round(units * width)))
 
 
+def build_vgg(config) -> keras.Model:
+    """A small VGG-style convnet with batch normalization (not ZFNet; `model.arch='vgg'`).
+
+    Blocks of [3x3 conv (no bias) -> BatchNormalization -> ReLU] x n, each block ending in a
+    2x2 max pool; then global average pooling, dropout and the logits. Layer names:
+    block<b>_conv<c>, block<b>_bn<c>, block<b>_relu<c>, block<b>_pool, gap, drop, logits.
+    Uses `input_size`, `num_classes`, `input_scale`, `dropout`, `seed` and `vgg_blocks`
+    ((filters, convs) per block).
+    """
+    seed = int(config.seed)
+    inputs = keras.Input((config.input_size, config.input_size, 3), name="image")
+    x = keras.layers.Rescaling(float(config.input_scale), name="input_scale")(inputs)
+    for b, (filters, convs) in enumerate(config.vgg_blocks, start=1):
+        for c in range(1, int(convs) + 1):
+            x = keras.layers.Conv2D(
+                int(filters),
+                3,
+                padding="same",
+                use_bias=False,
+                kernel_initializer=keras.initializers.HeNormal(seed=seed + 10 * b + c),
+                name=f"block{b}_conv{c}",
+            )(x)
+            x = keras.layers.BatchNormalization(name=f"block{b}_bn{c}")(x)
+            x = keras.layers.ReLU(name=f"block{b}_relu{c}")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(config.dropout, seed=seed, name="drop")(x)
+    logits = keras.layers.Dense(config.num_classes, name="logits")(x)
+    return keras.Model(inputs, logits, name="vgg_small")
+
+
 def build_model(config) -> keras.Model:
-    """Builds ZFNet from a model config.
+    """Builds ZFNet (or, with `arch='vgg'`, `build_vgg`'s net) from a model config.
 
     Args:
       config: a ConfigDict (or anything with attributes) with fields `input_size`,
@@ -110,6 +142,11 @@ def build_model(config) -> keras.Model:
       An uncompiled `keras.Model` named 'zfnet' mapping (B, s, s, 3) float images (mean
       subtracted) to (B, num_classes) logits.
     """
+    arch = getattr(config, "arch", None) or "zfnet"  # configs older than `arch`: ZFNet
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}; got {arch!r}")
+    if arch == "vgg":
+        return build_vgg(config)
     if config.layer1 not in LAYER1:
         raise ValueError(f"model.layer1 must be one of {', '.join(LAYER1)}; got {config.layer1!r}")
     # Configs written before `remove` existed (older workdirs' config.json) lack the field.

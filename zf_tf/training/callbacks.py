@@ -56,7 +56,8 @@ def augmentation_grid(config, num_images: int = 2) -> np.ndarray:
 
 
 class ImageSummaries(keras.callbacks.Callback):
-    """Every epoch: conv1 filters, the 10-crop augmentation, per-layer filter RMS."""
+    """Every epoch: the first conv layer's filters (conv1), the 10-crop augmentation,
+    per-layer filter RMS."""
 
     def __init__(self, logdir: str, config):
         super().__init__()
@@ -70,9 +71,10 @@ class ImageSummaries(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         step = epoch + 1
         rms = outputs.filter_rms(self.model)
-        conv1 = self.model.get_layer("conv1").get_weights()[0]
+        first = next(iter(rms))  # the first conv layer (conv1 for ZFNet)
+        kernel = np.asarray(self.model.get_layer(first).kernel)
         with self.writer.as_default(step=step):
-            tf.summary.image("conv1_filters", outputs.filter_grid(conv1)[None])
+            tf.summary.image(f"{first}_filters", outputs.filter_grid(kernel)[None])
             tf.summary.image("train_crops", self._crops[None])
             tf.summary.image(
                 "filter_rms", outputs.rms_plot(rms, self.config.model.max_filter_rms)[None]

@@ -32,7 +32,10 @@ COMMAND_LINE_SECTIONS = ("analysis", "ablate", "transfer")
 # Fields that do not change the trained weights either (what is logged during training).
 LOGGING_FIELDS = (("train", "callbacks"),)
 # Fields added after some workdirs were trained, and what a config.json without them means.
-ADDED_FIELDS = {("data", "preprocessing"): preprocess.DEFAULT_PREPROCESSING}
+ADDED_FIELDS = {
+    ("data", "preprocessing"): preprocess.DEFAULT_PREPROCESSING,
+    ("model", "arch"): "zfnet",
+}
 TRAINING_STATE = (
     "backup",
     "checkpoints",

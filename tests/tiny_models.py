@@ -1,0 +1,50 @@
+"""Small non-ZFNet convnets for the analyses' "any model" tests: layer names unlike ZFNet's,
+so a test that passes cannot be relying on conv1/conv5/fc7."""
+
+import keras
+
+L = keras.layers
+
+
+def named_convnet(size: int = 64, classes: int = 10, seed: int = 0) -> keras.Model:
+    """Functional: Conv2D 'a' (RGB) -> pool 'p' -> Conv2D 'b' -> global pool 'gap' ->
+    Dense 'h' -> Dense 'out' (logits). First conv a, last conv b, penultimate dense h."""
+    keras.utils.set_random_seed(seed)
+    x = inp = keras.Input((size, size, 3), name="pixels")
+    x = L.Conv2D(6, 5, strides=2, padding="same", activation="relu", name="a")(x)
+    x = L.MaxPooling2D(3, 2, padding="same", name="p")(x)
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="b")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    x = L.Dense(12, activation="relu", name="h")(x)
+    return keras.Model(inp, L.Dense(classes, name="out")(x), name="named_convnet")
+
+
+def bn_net(size: int = 64, classes: int = 10, seed: int = 0) -> keras.Model:
+    """Sequential Conv-BN-ReLU-pool x 2, global pool, one Dense 'logits' (10 outputs): the
+    model brought along (a .keras file) in the end-to-end tests. Its "layer 7" is 'gap'."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((size, size, 3)),
+            L.Rescaling(1 / 64.0, name="scale"),
+            L.Conv2D(8, 5, strides=2, padding="same", use_bias=False, name="c1"),
+            L.BatchNormalization(name="bn1"),
+            L.ReLU(name="r1"),
+            L.MaxPooling2D(3, 2, padding="same", name="p1"),
+            L.Conv2D(12, 3, padding="same", use_bias=False, name="c2"),
+            L.BatchNormalization(name="bn2"),
+            L.ReLU(name="r2"),
+            L.MaxPooling2D(2, name="p2"),
+            L.GlobalAveragePooling2D(name="gap"),
+            L.Dropout(0.2, name="drop"),
+            L.Dense(classes, name="logits"),
+        ],
+        name="bn_net",
+    )
+
+
+def saved_bn_net(path) -> str:
+    """`bn_net()` saved as PATH/bn_net.keras; returns the file's path."""
+    file = str(path / "bn_net.keras")
+    bn_net().save(file)
+    return file
