@@ -22,8 +22,10 @@ flags.DEFINE_enum("strategy", "default", cli.STRATEGIES, "tf.distribute strategy
 flags.DEFINE_bool("overwrite", False, "Allow replacing existing outputs in the workdir.")
 # deconv
 flags.DEFINE_string(
-    "layer", "", "Layer to visualize (--mode=deconv): a conv, pool or ReLU layer; default: the "
-    "model's last conv layer (conv5 for ZFNet)."
+    "layer",
+    "",
+    "Layer to visualize (--mode=deconv): a conv, pool or ReLU layer; default: the "
+    "model's last conv layer (conv5 for ZFNet).",
 )
 flags.DEFINE_string("split", "", "Split to scan; default: the config's eval split.")
 flags.DEFINE_integer("top_k", 9, "Strongest activations kept per feature map.", lower_bound=1)
@@ -33,12 +35,16 @@ flags.DEFINE_string("image", "", "Project the strongest maps of this one image f
 flags.DEFINE_bool("untrained", False, "Use a freshly initialized model (no checkpoint needed).")
 # the model to look inside (inspection modes)
 flags.DEFINE_string(
-    "model", "", "Look inside this model instead of the workdir's: a .keras file or a "
-    "keras.applications name (vgg16, resnet50, mobilenet_v2, ...)."
+    "model",
+    "",
+    "Look inside this model instead of the workdir's: a .keras file or a "
+    "keras.applications name (vgg16, resnet50, mobilenet_v2, ...).",
 )
 flags.DEFINE_string(
-    "weights", "", "Local weights file for a keras.applications --model (nothing is "
-    "downloaded: without it the model has random weights)."
+    "weights",
+    "",
+    "Local weights file for a keras.applications --model (nothing is "
+    "downloaded: without it the model has random weights).",
 )
 # analyses
 flags.DEFINE_integer("num_images", 0, "Images to analyse; 0: the config's analysis default.")
