@@ -13,6 +13,12 @@ def deconv_relu(x):
     return tf.nn.relu(x), lambda up: tf.nn.relu(up)
 
 
+@tf.custom_gradient
+def deconv_relu6(x):
+    """ReLU6 forward; backward ReLU(upstream) (the deconvnet rule)."""
+    return tf.nn.relu6(x), lambda up: tf.nn.relu(up)
+
+
 def _pad(layer):
     (t, b), (l, r) = layer.padding
     return [[0, 0], [t, b], [l, r], [0, 0]]
@@ -28,6 +34,11 @@ def chain_forward(layer, t):
             z = z + layer.bias
         act = layer.activation.__name__
         return deconv_relu(z) if act == "relu" else z
+    if name == "DepthwiseConv2D":
+        z = tf.nn.depthwise_conv2d(t, layer.kernel, [1, *layer.strides, 1], layer.padding.upper())
+        return z + layer.bias if layer.use_bias else z
+    if name == "ReLU" and layer.max_value == 6:
+        return deconv_relu6(t)
     if name == "ReLU" or (name == "Activation" and layer.activation.__name__ == "relu"):
         return deconv_relu(t)
     if name == "MaxPooling2D":

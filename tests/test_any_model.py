@@ -244,3 +244,55 @@ def test_vgg16_at_224_with_its_classifier():
         check_layer(model, name, images, windowed=(True,))
     logits = deconv.rule_forward(model, tf.constant(images), "predictions", "deconvnet")
     np.testing.assert_allclose(logits.numpy(), model(images).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_relu6_chain_rule_form_matches_oracle():
+    """Depthwise convs and ReLU6 have no explicit inverse here: the rule form runs and
+    equals the GradientTape oracle (ReLU6 forward, ReLU of the signal backward)."""
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential(
+        [
+            keras.Input((20, 20, 3)),
+            L.Conv2D(8, 3, strides=2, padding="same", name="c1"),
+            L.BatchNormalization(name="bn1"),
+            L.ReLU(6.0, name="r1"),
+            L.DepthwiseConv2D(3, padding="same", name="dw"),
+            L.ReLU(6.0, name="r2"),
+            L.Conv2D(12, 1, name="pw"),
+        ]
+    )
+    assert deconv.projection_form(model, "pw")[0] == "rule"
+    images = np.random.default_rng(8).uniform(-2, 2, (2, 20, 20, 3)).astype(np.float32)
+    check_layer(model, "pw", images, windowed=())
+
+
+def test_mobilenet_v2_depthwise_relu6_rule_form():
+    """MobileNetV2: depthwise convs, ReLU6 and residual adds, through the rule form; the
+    rule form differs from the plain gradient exactly by the ReLUs' backward rule."""
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(
+        weights=None, include_top=False, input_shape=(32, 32, 3), alpha=0.35
+    )
+    name = "block_6_expand_relu"
+    assert graph.chain(model, name) is None and deconv.projection_form(model, name)[0] == "rule"
+    images = np.random.default_rng(7).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    index, feature = strongest(model, name, images)
+    out = deconv.project(deconv.build_deconvnet(model, name), images, index, feature)
+    proj = out["projection"]
+    assert proj.shape == (2, 32, 32, 3) and np.isfinite(proj).all() and np.abs(proj).max() > 0
+    x = tf.constant(images)
+    grads = {}
+    for rule in ("deconvnet", "gradient"):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            maps = deconv.rule_forward(model, x, name, rule)
+            score = tf.reduce_sum(
+                tf.reduce_max(maps, axis=(1, 2)) * tf.one_hot(feature, maps.shape[-1])
+            )
+        grads[rule] = tape.gradient(score, x).numpy()
+    forward = graph.tap(model, [name])(images).numpy()
+    np.testing.assert_allclose(maps.numpy(), forward, rtol=1e-5, atol=1e-5)  # same forward
+    assert (
+        np.abs(grads["deconvnet"] - grads["gradient"]).max()
+        > 1e-3 * np.abs(grads["gradient"]).max()
+    )
