@@ -132,15 +132,12 @@ def test_mode_end_to_end(tiny_data_dir, tmp_path, capsys):
 
 def test_bad_input_is_refused_first(tmp_path, tiny_config):
     workdir = str(tmp_path / "w")
-    expected = (
-        f"python main.py --mode=train --config.model.layer1=alexnet "
-        f"--workdir={workdir}/ablate/alexnet_layer1"
-    )
-    with pytest.raises(UsageError) as error:
+    with pytest.raises(UsageError, match="run --mode=train first"):  # no comparison needed
         run_analysis("filters", tiny_config, workdir)
-    assert expected in str(error.value) and "\n" not in str(error.value)
-    with pytest.raises(UsageError, match="--workdir=/nowhere"):
+    expected = "python main.py --mode=train --config.model.layer1=alexnet --workdir=/nowhere"
+    with pytest.raises(UsageError) as error:  # an explicit --compare must hold a model
         run_analysis("filters", tiny_config, workdir, compare="/nowhere")
+    assert expected in str(error.value) and "\n" not in str(error.value)
     # A comparison model exists, but the split does not.
     compare = workdir_with_model(tiny_config, small_model(tiny_config), tmp_path / "alexnet")
     with pytest.raises(DataError, match="unknown split 'nope'"):
@@ -222,4 +219,11 @@ def test_mode_on_a_model_brought_along(tiny_data_dir, tmp_path):
     assert mine["layer1"] == {"kernel": 5, "stride": 2, "filters": 8}
     assert [w["feature"] for w in mine["layer2_winners"]] == list(range(12))  # all of c2's
     png = np.asarray(Image.open(run.paths["filters.png"]))
+    assert png.ndim == 3 and min(png.shape[:2]) > 300
+    # Without a comparison workdir: this model's row alone, and one line saying how to add it.
+    alone = run_analysis("filters", config, tmp_path / "w2", model=path, num_images=10)
+    assert list(alone.report.summary["models"]) == ["bn_net (--model)"]
+    assert alone.report.lines[-1].startswith("No AlexNet-style layer-1 model to compare with")
+    assert "--config.model.layer1=alexnet" in alone.report.lines[-1]
+    png = np.asarray(Image.open(alone.paths["filters.png"]))
     assert png.ndim == 3 and min(png.shape[:2]) > 300

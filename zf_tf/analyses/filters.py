@@ -336,18 +336,27 @@ def summary_json(
     }
 
 
+def _train_comparison(compare: str) -> str:
+    return (
+        f"`python main.py --mode=train --config.model.layer1=alexnet --workdir={compare}` "
+        "(or pass --compare=DIR)"
+    )
+
+
 def compare_workdir(workdir: str, compare: str) -> str:
-    """The comparison workdir (`--compare`, default WORKDIR/ablate/alexnet_layer1), checked.
+    """The comparison workdir: `--compare` (which must hold a model), else
+    WORKDIR/ablate/alexnet_layer1 if it holds one, else '' (no comparison row).
 
     Raises:
-      UsageError: it has no trained model; names the command that trains one.
+      UsageError: `--compare` has no trained model; names the command that trains one.
     """
-    compare = compare or os.path.join(workdir, COMPARE_DEFAULT)
+    if not compare:
+        default = os.path.join(workdir, COMPARE_DEFAULT)
+        return default if os.path.exists(workdirs.checkpoint_path(default)) else ""
     if not os.path.exists(workdirs.checkpoint_path(compare)):
         raise UsageError(
-            f"no AlexNet-style layer-1 model in {compare}: train one with `python main.py "
-            f"--mode=train --config.model.layer1=alexnet --workdir={compare}` "
-            "(or pass --compare=DIR)"
+            f"no AlexNet-style layer-1 model in {compare}: train one with "
+            + _train_comparison(compare)
         )
     return compare
 
@@ -362,7 +371,7 @@ class Settings:
     """Typed settings of `--mode=filters` (config.analysis.filters and the request)."""
 
     workdir: str
-    compare: str  # the AlexNet-style layer-1 workdir, checked to hold a model
+    compare: str  # the AlexNet-style layer-1 workdir, checked to hold a model ('' = none)
     split: str
     num_images: int  # the first images of the split only (0: all)
     rms_threshold: float
@@ -429,7 +438,7 @@ def resolve(s: Settings, model, source) -> Settings:
 class Data:
     """The comparison model and the images each model scans."""
 
-    other: keras.Model
+    other: keras.Model | None  # None: no comparison workdir
     other_layer1: str  # the comparison workdir's config.model.layer1
     dataset: object  # this workdir's center-crop batches (`scan_dataset`)
     total: int
@@ -438,9 +447,11 @@ class Data:
 
 
 def load(config, s: Settings, model) -> Data:
+    dataset, total = scan_dataset(config, s.split, s.num_images)
+    if not s.compare:
+        return Data(None, "", dataset, total, None, 0)
     other = workdirs.load_model(s.compare)
     other_config = workdirs.load_config(s.compare, config)
-    dataset, total = scan_dataset(config, s.split, s.num_images)
     # Both models see the same images (this workdir's data), unless their inputs differ.
     if other.inputs[0].shape[1:] == model.inputs[0].shape[1:]:
         other_dataset, other_total = dataset, total
@@ -465,9 +476,10 @@ def compute(model, data: Data, s: Settings) -> dict:
       filters.json record}.
     """
     features = conv2_features(model, s.layer2_features, s.seed, s.layers[1])
-    other_layer2 = second_conv(data.other)
-    if max(features) >= int(graph.find(data.other, other_layer2).output.shape[-1]):
-        features = conv2_features(data.other, s.layer2_features, s.seed, other_layer2)
+    if data.other is not None:
+        other_layer2 = second_conv(data.other)
+        if max(features) >= int(graph.find(data.other, other_layer2).output.shape[-1]):
+            features = conv2_features(data.other, s.layer2_features, s.seed, other_layer2)
     labels = (f"{s.layer1} ({s.origin})", f"{data.other_layer1} (compare workdir)")
     thresholds = (s.rms_threshold, s.active_epsilon)
     results = [
@@ -475,15 +487,23 @@ def compute(model, data: Data, s: Settings) -> dict:
             labels[0],
             s.workdir,
             analyse(model, data.dataset, data.total, features, *thresholds, labels[0], s.layers),
-        ),
-        (
-            labels[1],
-            s.compare,
-            analyse(
-                data.other, data.other_dataset, data.other_total, features, *thresholds, labels[1]
-            ),
-        ),
+        )
     ]
+    if data.other is not None:
+        results.append(
+            (
+                labels[1],
+                s.compare,
+                analyse(
+                    data.other,
+                    data.other_dataset,
+                    data.other_total,
+                    features,
+                    *thresholds,
+                    labels[1],
+                ),
+            )
+        )
     return {"results": results, "summary": summary_json(results, s.split, *thresholds)}
 
 
@@ -508,6 +528,12 @@ def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
         for label, _, r in results
     ]
     lines = outputs.markdown_table(header, table).splitlines()
+    if not s.compare:
+        default = os.path.join(s.workdir, COMPARE_DEFAULT)
+        lines.append(
+            "No AlexNet-style layer-1 model to compare with (paper Fig. 6): train one with "
+            + _train_comparison(default)
+        )
     return base.Report(images={f"{MODE}/comparison": image}, lines=lines, summary=record)
 
 

@@ -112,12 +112,14 @@ def _first_line(e: Exception) -> str:
 
 def _build_application(name: str, weights: str, size: int, overridden: set):
     """(model, description) of a keras.applications builder at its native size (its
-    classifier top, logits) or, when the crop size is set and differs, without its top."""
+    classifier top, logits; without it when `weights` is a no-top file) or, when the
+    command line sets another crop size, without its top at that size."""
     builder_name, _, native = APPLICATIONS[name]
     builder = getattr(keras.applications, builder_name)
     sized = "data.crop_size" in overridden and size != native
     attempts = [] if sized else [dict(include_top=True, classifier_activation=None)]
-    attempts.append(dict(include_top=False, input_shape=(size, size, 3)))
+    side = size if sized else native
+    attempts.append(dict(include_top=False, input_shape=(side, side, 3)))
     errors = []
     for kwargs in attempts:
         try:
