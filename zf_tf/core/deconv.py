@@ -98,6 +98,10 @@ class SwitchMaxPool(keras.layers.Layer):
         self.padding = str(pool.padding).upper()
 
     def call(self, x):
+        # Grappler rewrites MaxPool(Relu(x)) as Relu(MaxPool(x)) and, for the argmax pool,
+        # wires the switches' consumers to the wrong output (TF 2.21: a warning, the rewrite
+        # discarded); an opaque no-op in between keeps it from matching.
+        x = tf.raw_ops.Snapshot(input=x)
         pooled, switches = tf.nn.max_pool_with_argmax(
             x,
             ksize=[1, *self.pool_size, 1],
