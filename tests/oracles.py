@@ -6,6 +6,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tests.tiny_models import randomize_batch_norm
+
 
 @tf.custom_gradient
 def deconv_relu(x):
@@ -121,19 +123,7 @@ def tiny_residual_net(size=24, seed=0):
     x = block(x, 8, 1, "block1")
     x = block(x, 12, 2, "block2")
     model = keras.Model(inp, x, name="tiny_resnet")
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, L.BatchNormalization):
-            c = layer.gamma.shape[0]
-            layer.set_weights(
-                [
-                    rng.uniform(0.5, 1.5, c),
-                    rng.normal(0, 0.1, c),
-                    rng.normal(0, 0.1, c),
-                    rng.uniform(0.5, 2.0, c),
-                ]
-            )
-    return model
+    return randomize_batch_norm(model, seed)
 
 
 def _bn_scale(layer):

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from tests import oracles
+from tests.tiny_models import randomize_batch_norm
 from zf_tf.core import deconv, graph
 
 L = keras.layers
@@ -89,7 +90,6 @@ def test_vgg16_receptive_fields(vgg16):
 
 def bn_net(seed=0):
     keras.utils.set_random_seed(seed)
-    rng = np.random.default_rng(seed)
     model = keras.Sequential(
         [
             keras.Input((28, 28, 3)),
@@ -112,18 +112,7 @@ def bn_net(seed=0):
         ],
         name="bn_net",
     )
-    for layer in model.layers:
-        if isinstance(layer, L.BatchNormalization):
-            c = layer.gamma.shape[0]
-            layer.set_weights(
-                [
-                    rng.uniform(0.5, 1.5, c),
-                    rng.normal(0, 0.1, c),
-                    rng.normal(0, 0.2, c),
-                    rng.uniform(0.3, 3.0, c),
-                ]
-            )
-    return model
+    return randomize_batch_norm(model, seed, mean_std=0.2, var=(0.3, 3.0))
 
 
 @pytest.fixture(scope="module")

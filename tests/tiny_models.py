@@ -2,8 +2,22 @@
 so a test that passes cannot be relying on conv1/conv5/fc7."""
 
 import keras
+import numpy as np
 
 L = keras.layers
+
+
+def randomize_batch_norm(model, seed: int = 0, mean_std: float = 0.1, var=(0.5, 2.0)):
+    """Random BatchNormalization statistics and affine weights (gamma in [0.5, 1.5], beta
+    and the moving mean ~ N(0, 0.1), mean_std for the mean, the moving variance uniform in
+    `var`), so that a test can tell a BN layer's scale from the identity. Returns `model`."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            c = layer.gamma.shape[0]
+            gamma, beta = rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c)
+            layer.set_weights([gamma, beta, rng.normal(0, mean_std, c), rng.uniform(*var, c)])
+    return model
 
 
 def named_convnet(size: int = 64, classes: int = 10, seed: int = 0) -> keras.Model:
