@@ -47,7 +47,9 @@ flags.DEFINE_string(
     "downloaded: without it the model has random weights).",
 )
 # analyses
-flags.DEFINE_integer("num_images", 0, "Images to analyse; 0: the config's analysis default.")
+flags.DEFINE_integer(
+    "num_images", 0, "Images to analyse; 0: the config's analysis default.", lower_bound=0
+)
 flags.DEFINE_string("parts", "", "--mode=correspondence: JSON {image: {part: [y0,x0,y1,x1]}}.")
 flags.DEFINE_string("compare", "", "--mode=filters: workdir of the AlexNet-style layer-1 model.")
 

@@ -22,6 +22,7 @@ from absl import flags, logging
 from pipelines import DataError
 from zf_tf.analyses import base as analyses_base
 from zf_tf.core.errors import UsageError
+from zf_tf.training import workdirs
 from zf_tf.training.strategies import STRATEGIES, make_strategy  # noqa: F401 - main.py
 
 DEFAULT_CONFIG = "configs/default.py"
@@ -224,12 +225,72 @@ def validate_config(config):
             f"config.data.classes keeps {len(classes)} classes but config.data.num_classes="
             f"{config.data.num_classes}: set --config.data.num_classes={len(classes)}"
         )
+    _check_ranges(config)
     if config.data.crop_size > config.data.resize_size:
         raise UsageError(
             f"config.data.crop_size ({config.data.crop_size}) must not exceed "
             f"config.data.resize_size ({config.data.resize_size})"
         )
     callbacks.check_names(config.train.get("callbacks", ()))
+
+
+# (dotted key, what it must be, test); checked before anything is written.
+RANGES = (
+    ("train.batch_size", ">= 1", lambda v: v >= 1),
+    ("train.eval_batch_size", ">= 1", lambda v: v >= 1),
+    ("train.epochs", ">= 1", lambda v: v >= 1),
+    ("train.steps_per_epoch", ">= 0 (0 = one pass)", lambda v: v >= 0),
+    ("train.learning_rate", "> 0", lambda v: v > 0),
+    ("train.momentum", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("train.lr_decay", "in (0, 1]", lambda v: 0 < v <= 1),
+    ("train.lr_patience", ">= 0", lambda v: v >= 0),
+    ("train.min_lr", ">= 0", lambda v: v >= 0),
+    ("train.cpu_replicas", ">= 1", lambda v: v >= 1),
+    ("model.dropout", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("data.crop_size", ">= 1", lambda v: v >= 1),
+    ("data.resize_size", ">= 1", lambda v: v >= 1),
+    ("data.shuffle_buffer", ">= 1", lambda v: v >= 1),
+    ("data.num_classes", ">= 2", lambda v: v >= 2),
+    ("analysis.batch_size", ">= 1", lambda v: v >= 1),
+)
+
+
+def _check_ranges(config):
+    """Raises UsageError for the first field of RANGES outside its range (fields a config
+    lacks are skipped)."""
+    for key, must, ok in RANGES:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if node is not None and not ok(node):
+            raise UsageError(f"config.{key}={node} is not valid: it must be {must}")
+
+
+def check_training(config, strategy, strategy_name: str):
+    """What training needs beyond `validate_config`: a global training batch that splits
+    evenly over the strategy's replicas (evaluation batches may split unevenly) and an input
+    large enough for the model's topology.
+
+    Raises:
+      UsageError: naming the field and the values that work.
+    """
+    from zf_tf.core import model as model_lib
+
+    replicas = strategy.num_replicas_in_sync
+    value = int(config.train.batch_size)  # evaluation batches may split unevenly
+    if value % replicas:
+        raise UsageError(
+            f"config.train.batch_size={value} does not split over the {replicas} replicas of "
+            f"--strategy={strategy_name}: use a multiple of {replicas}"
+        )
+    size = int(config.model.input_size)
+    smallest = model_lib.smallest_input_size(config.model)
+    if size < smallest:
+        raise UsageError(
+            f"config.data.crop_size={size} is too small for this model: its smallest input "
+            f"that leaves every layer non-empty is {smallest} px (--config.data.crop_size="
+            f"{smallest} or more, and resize_size at least that)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +393,10 @@ MODES = {
 }
 
 
+TRAINING_MODES = ("train", "ablate", "summary")  # build the config's model and batches
+READ_ONLY_MODES = ("summary",)  # every other mode writes the workdir: one at a time
+
+
 def request_from_flags(flag_values, args: list[str] = ()) -> analyses_base.Request:
     """The typed request of main.py's mode flags (one flag per `Request` field) and the
     config keys that `args` override."""
@@ -352,7 +417,13 @@ def run(mode: str, config, request: analyses_base.Request, strategy_name: str = 
     validate_config(config)
     strategy = make_strategy(strategy_name, config.train.cpu_replicas)
     logging.info("Strategy %s with %d replica(s)", strategy_name, strategy.num_replicas_in_sync)
-    MODES[mode](config, request, strategy)
+    if mode in TRAINING_MODES:
+        check_training(config, strategy, strategy_name)
+    if mode in READ_ONLY_MODES or not workdirs.is_chief(strategy):
+        MODES[mode](config, request, strategy)  # other workers write to temporary dirs
+        return
+    with workdirs.lock(request.workdir):
+        MODES[mode](config, request, strategy)
 
 
 def main(flag_values, args: list[str]):

@@ -252,7 +252,12 @@ def settings(config, request: base.Request) -> Settings:
     if s.image:
         load_image(s.image, s.resize_size, s.crop_size, s.pixels)  # readable: refused now if not
     else:
-        inputs.check_split(data, s.split)
+        total = inputs.check_split(data, s.split)
+        if s.top_k > total:
+            raise UsageError(
+                f"--top_k={s.top_k} exceeds the {total} images of split {s.split!r}: "
+                f"use at most {total}"
+            )
         parse_features(s.features)
     return s
 

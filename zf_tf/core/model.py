@@ -13,6 +13,8 @@ conv2 and pool5 are 'valid' (26, 6), conv3-5 are 'same' (13).
 
 from __future__ import annotations
 
+import types
+
 import keras
 import tensorflow as tf
 
@@ -217,3 +219,33 @@ def build_model(config) -> keras.Model:
         name="logits",
     )(x)
     return keras.Model(inputs, logits, name="zfnet")
+
+
+def _builds(config, size: int) -> bool:
+    """Whether the model of `config` (at 1/1000 width: the same geometry) builds at `size`."""
+    fields = dict(config.items()) if hasattr(config, "items") else dict(vars(config))
+    fields.update(input_size=int(size), width=1e-3)
+    try:
+        build_model(types.SimpleNamespace(**fields))
+    except ValueError:
+        return False
+    return True
+
+
+def smallest_input_size(config, largest: int = 1024) -> int:
+    """The smallest input side for which the topology of `config` leaves every layer
+    non-empty (ZFNet: pool5; 'vgg': the last pool), computed by building narrow copies.
+
+    Raises:
+      ValueError: not even `largest` works.
+    """
+    if not _builds(config, largest):
+        raise ValueError(f"the model does not build at any input size up to {largest}")
+    lo, hi = 1, largest  # invariant: hi builds
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _builds(config, mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi

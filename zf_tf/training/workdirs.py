@@ -15,10 +15,15 @@ Layout:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
+import sys
+import tempfile
 
+import filelock
 import keras
 import ml_collections
 
@@ -46,6 +51,55 @@ TRAINING_STATE = (
     "export",
     "evolution",
 )
+
+
+def _lock_paths(workdir: str) -> tuple[str, str]:
+    """(lock file, owner file) of a workdir: outside it, in the temp dir, keyed by its
+    real path, so that taking the lock writes nothing into the workdir."""
+    key = hashlib.sha1(os.path.realpath(workdir).encode()).hexdigest()[:16]
+    folder = os.path.join(tempfile.gettempdir(), f"zf_tf-locks-{os.getuid()}")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{key}.lock")
+    return path, path + ".owner"
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+    """Holds `workdir`'s writer lock for the block: one writing run per workdir at a time.
+
+    The operating system releases it when the holder dies (SIGKILL included); the holder's
+    PID and command are kept beside it for the message of a refused second writer. Works
+    between processes of one machine (not across machines sharing a file system).
+
+    Raises:
+      UsageError: another process holds it.
+    """
+    path, owner_path = _lock_paths(workdir)
+    held = filelock.FileLock(path, timeout=0)
+    try:
+        held.acquire()
+    except filelock.Timeout:
+        try:
+            with open(owner_path) as f:
+                owner = json.load(f)
+            who = f"PID {owner['pid']} ({owner['command']})"
+        except (OSError, ValueError, KeyError):
+            who = "another process"
+        raise UsageError(
+            f"{workdir} is in use by {who}: wait for it to finish, or use another --workdir"
+        ) from None
+    try:
+        tmp = f"{owner_path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"pid": os.getpid(), "command": " ".join(sys.argv)}, f)
+        os.replace(tmp, owner_path)
+        yield
+    finally:
+        try:
+            os.remove(owner_path)
+        except OSError:
+            pass
+        held.release()
 
 
 def checkpoint_path(workdir: str) -> str:
