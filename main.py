@@ -2,13 +2,35 @@
 
 A thin entry point: absl flags, then `zf_tf.cli.main`. Usage errors (an unknown mode,
 strategy or config key, a bad file) print one line naming the valid choices and exit 1.
+The console shows progress bars, the important lines and what was written where; logs come
+back with `--verbosity=0` (INFO) or `-v 1`.
 """
 
+import os
 import sys
 
-from absl import app, flags
+# A quiet console unless --verbosity (-v) is given. TensorFlow prints its C++ notices (oneDNN,
+# "cuInit ... UNKNOWN ERROR (303)" on machines without a GPU) straight to stderr while it is
+# imported and finds its devices, before any log level applies: that stretch runs with
+# stderr muted (a failing import still raises its error afterwards); later C++ logs below
+# ERROR are off.
+QUIET = not any(a == "-v" or a.startswith(("--verbosity", "-v=")) for a in sys.argv[1:])
+if QUIET:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _stderr, _null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(_null, 2)
+    try:
+        import tensorflow as tf
 
-from zf_tf import cli
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(_stderr, 2)
+        os.close(_stderr)
+        os.close(_null)
+
+from absl import app, flags  # noqa: E402
+
+from zf_tf import cli  # noqa: E402
 
 flags.DEFINE_enum("mode", "train", tuple(cli.MODES), "What to run.")
 flags.DEFINE_string(
@@ -57,6 +79,8 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+    if QUIET:
+        cli.quiet()
     cli.main(FLAGS, argv[1:])
 
 

@@ -124,7 +124,8 @@ def index_folder(root: str, max_workers: int = 16) -> FolderIndex:
             labels.append(label)
     index = FolderIndex(paths, labels, class_names, dict(skipped))
     detail = ", ".join(f"{len(v)} {k}" for k, v in sorted(index.skipped.items())) or "none"
-    logging.info(
+    log = logging.warning if index.num_skipped else logging.info  # skips always show
+    log(
         "Image folder %s: %d classes, %d files, %d readable, %d skipped (%s)",
         root,
         len(class_names),

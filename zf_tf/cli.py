@@ -29,6 +29,20 @@ DEFAULT_CONFIG = "configs/default.py"
 OVERRIDE_PREFIX = "--config."
 
 
+def quiet():
+    """The default console of main.py: no INFO logs (absl, TensorFlow), no retracing
+    warnings, no Keras warnings about datasets that end an epoch early (every finite
+    validation set does) or about `shuffle` with a tf.data input."""
+    import warnings
+
+    import tensorflow as tf
+
+    logging.set_verbosity(logging.WARNING)
+    tf.get_logger().setLevel("ERROR")
+    for message in ("Your input ran out of data", "`shuffle=True` was passed"):
+        warnings.filterwarnings("ignore", message=f"(?s).*{message}", category=UserWarning)
+
+
 def fail(message: str):
     """Prints `error: message` on one line to stderr and exits with status 1."""
     print(f"error: {message}", file=sys.stderr)
@@ -416,7 +430,7 @@ def run(mode: str, config, request: analyses_base.Request, strategy_name: str = 
         raise UsageError(f"unknown mode {mode!r}: valid modes: {', '.join(MODES)}")
     validate_config(config)
     strategy = make_strategy(strategy_name, config.train.cpu_replicas)
-    logging.info("Strategy %s with %d replica(s)", strategy_name, strategy.num_replicas_in_sync)
+    print(f"Strategy {strategy_name} with {strategy.num_replicas_in_sync} replica(s)")
     if mode in TRAINING_MODES:
         check_training(config, strategy, strategy_name)
     if mode in READ_ONLY_MODES or not workdirs.is_chief(strategy):

@@ -315,7 +315,6 @@ def run(base, workdir: str, strategy, overwrite: bool = False) -> list[dict]:
       UsageError: unknown variant, a bad model field, or an existing ablation of another
         budget/config without `overwrite`.
     """
-    from absl import logging
 
     from zf_tf import outputs
     from zf_tf.training import workdirs
@@ -337,25 +336,20 @@ def run(base, workdir: str, strategy, overwrite: bool = False) -> list[dict]:
         "budget": budget(base),
         "variants": variants,
     }
-    logging.info(
-        "Ablation of %d variant(s) in %s: %s",
-        len(variants),
-        out_dir,
-        ", ".join(f"{v} ({plan[v]})" for v in variants),
+    print(
+        f"Ablation of {len(variants)} variant(s) in {out_dir}: "
+        + ", ".join(f"{v} ({plan[v]})" for v in variants)
     )
     rows = []
     for n, variant in enumerate(variants, 1):
         vdir = os.path.join(out_dir, variant)
         if plan[variant] == "reuse":
-            logging.info("Ablation variant %d of %d: %s done, reused", n, len(variants), variant)
+            print(f"Ablation variant {n} of {len(variants)}: {variant} done, reused")
             rows.append(_read_json(os.path.join(vdir, RESULT_FILE)))
             continue
-        logging.info(
-            "Ablation variant %d of %d: training %s (%s parameters)",
-            n,
-            len(variants),
-            variant,
-            f"{params[variant]:,}",
+        print(
+            f"Ablation variant {n} of {len(variants)}: training {variant} "
+            f"({params[variant]:,} parameters)"
         )
         rows.append(train_variant(base, variant, vdir, strategy, plan[variant] == "retrain"))
     if not workdirs.is_chief(strategy):

@@ -116,14 +116,11 @@ def _train(config, workdir, out, strategy, chief):
         # Backups are per worker: every worker restores the same epoch after a failure.
         callbacks.SafeBackupAndRestore(os.path.join(out, "backup")),
     ]
-    logging.info(
-        "Training %d epochs x %d steps, global batch %d on %d replica(s), in %s",
-        t.epochs,
-        steps,
-        t.batch_size,
-        strategy.num_replicas_in_sync,
-        out,
-    )
+    if chief:
+        print(
+            f"Training {t.epochs} epochs x {steps} steps, global batch {t.batch_size} on "
+            f"{strategy.num_replicas_in_sync} replica(s), in {out}"
+        )
     example = keras_fixes.image_batch(config.data.crop_size)
     with keras_fixes.fit_workarounds(model, strategy, example):
         history = model.fit(

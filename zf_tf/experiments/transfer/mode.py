@@ -12,7 +12,6 @@ import time
 import keras
 import numpy as np
 import tqdm
-from absl import logging
 
 from zf_tf import outputs
 from zf_tf.experiments.transfer import features, fits, images, metrics, report, sampling
@@ -184,8 +183,8 @@ def run(config, workdir: str, model: keras.Model, overwrite: bool = False) -> di
     outputs.save_text(
         paths[f"{layer}.json"], json.dumps(report.json_safe(results), indent=2) + "\n"
     )
-    logging.info("Transfer results in %s", os.path.dirname(paths[f"{layer}.md"]))
     print(text)
+    print(f"Transfer results in {os.path.dirname(paths[f'{layer}.md'])}")
     return results
 
 
