@@ -141,4 +141,10 @@ def _train(config, workdir, out, strategy, chief):
     # chief's `out` is the workdir.
     evaluate.evaluate(config, out, model)
     export.export(model, config, out)
+    if chief:
+        logs = os.path.join(workdir, "logs")
+        print(
+            f"Wrote {workdir}: checkpoints/model.keras, history.csv, eval.json, eval.md, "
+            f"export/ (SavedModel), logs/ (tensorboard --logdir {logs})"
+        )
     return history
