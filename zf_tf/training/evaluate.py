@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines import inputs, preprocess
+from zf_tf import outputs
 
 
 def ten_crop_probabilities(model, config, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -84,9 +85,7 @@ def evaluate(config, workdir: str, model, split: str | None = None) -> dict:
         "center_crop": error_rates(probs[:, preprocess.CENTER_CROP], labels),
     }
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(workdir, "eval.md"), "w") as f:
-        f.write(table(results))
+    outputs.save_text(os.path.join(workdir, "eval.json"), json.dumps(results, indent=2))
+    outputs.save_text(os.path.join(workdir, "eval.md"), table(results))
     print(table(results))
     return results
