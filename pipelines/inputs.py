@@ -80,6 +80,64 @@ def _folder_split(root: str, split: str):
     )
 
 
+def _class_dirs(root: str) -> list[str]:
+    return sorted(
+        d
+        for d in os.listdir(root)
+        if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
+    )
+
+
+def check_folder_layout(data) -> None:
+    """Checks an image folder for training before anything is written: class subfolders
+    (root/<class>/ or root/<split>/<class>/ for the train and eval splits), each holding
+    images, at least 2 of them, as many as `data.num_classes` (or `data.classes` keeps).
+
+    Raises:
+      DataError: one line naming the folder and what to change.
+    """
+    root = data.folder
+    if not os.path.isdir(root):
+        raise DataError(f"config.data.folder={root}: no such folder")
+    splits = [data.train_split, data.eval_split]
+    present = [s for s in splits if os.path.isdir(os.path.join(root, s))]
+    if present and len(present) != len(splits):
+        missing = next(s for s in splits if s not in present)
+        raise DataError(
+            f"{root} has {present[0]}/ but no {missing}/: add {os.path.join(root, missing)}/"
+            f"<class>/ images, or put the classes directly in {root}/<class>/ (then a seeded "
+            f"1 in {int(round(1 / FOLDER_VALIDATION_FRACTION))} of each is held out)"
+        )
+    roots = [os.path.join(root, s) for s in present] or [root]
+    counts = []
+    for r in roots:
+        classes = _class_dirs(r)
+        if not classes:
+            raise DataError(f"{r} has no class subfolders: training needs {r}/<class>/ images")
+        for c in classes:
+            path = os.path.join(r, c)
+            if not any(
+                f.lower().endswith(folder_lib.EXTENSIONS) for _, _, fs in os.walk(path) for f in fs
+            ):
+                raise DataError(
+                    f"class folder {path} holds no images ({', '.join(folder_lib.EXTENSIONS)})"
+                )
+        counts.append(len(classes))
+    if len(set(counts)) > 1:
+        raise DataError(
+            f"{roots[0]} has {counts[0]} class folders but {roots[1]} has {counts[1]}: "
+            "the splits must have the same classes"
+        )
+    if counts[0] < 2:
+        raise DataError(f"{roots[0]} has 1 class folder: a classifier needs at least 2")
+    wanted = len(selected_classes(data)) or int(data.num_classes)
+    if not selected_classes(data) and counts[0] != wanted:
+        raise DataError(
+            f"{roots[0]} has {counts[0]} class folders but config.data.num_classes={wanted}: "
+            f"set --config.data.num_classes={counts[0]}"
+        )
+
+
 def is_labeled(data, split: str) -> bool:
     """False when `split` is a flat folder of unlabeled images (labels folder.UNLABELED)."""
     if data.source != "folder":
@@ -162,11 +220,7 @@ def class_names(data) -> list[str]:
             root = data.folder
             if os.path.isdir(os.path.join(root, data.train_split)):
                 root = os.path.join(root, data.train_split)
-            names = sorted(
-                d
-                for d in os.listdir(root)
-                if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
-            )
+            names = _class_dirs(root)
         else:
             names = list(_tfds_builder(data).info.features[data.label_key].names)
     except Exception:  # noqa: BLE001 - names are decoration; fall back to numbers

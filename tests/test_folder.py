@@ -1,5 +1,7 @@
 """Image folders: odd but valid files decode, broken ones are skipped and counted."""
 
+import types
+
 import numpy as np
 import pytest
 
@@ -70,3 +72,46 @@ def test_split_subfolders_are_used(tmp_path):
     inputs._folder_split.cache_clear()
     assert inputs.num_examples(config.data, "train") == 3
     assert inputs.num_examples(config.data, "validation") == 2
+
+
+def test_layout_is_checked_before_training(tmp_path):
+    """One clear line per bad layout, from the command line's checks, before anything is
+    written (the workdir is never created)."""
+    from pipelines import DataError
+    from zf_tf import cli
+    from zf_tf.analyses.base import Request
+
+    def make(layout):
+        root = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        for path, n in layout.items():
+            for i in range(n):
+                write(f"{root}/{path}/{i}.png", encode(random_rgb(40, 40, i), "PNG"))
+            if n == 0:
+                (root / path).mkdir(parents=True)
+        return str(root)
+
+    cases = [
+        ({"train/a": 2, "train/b": 2}, "has train/ but no validation/: add "),
+        ({"a": 2, "b": 0}, "class folder .*/b holds no images"),
+        ({"a": 3}, "has 1 class folder: a classifier needs at least 2"),
+        (
+            {"a": 1, "b": 1, "c": 1},
+            "has 3 class folders but config.data.num_classes=10: set --config.data.num_classes=3",
+        ),
+        ({"train/a": 1, "train/b": 1, "validation/a": 1}, "the splits must have the same classes"),
+    ]
+    for layout, message in cases:
+        config = cli.resolved_config(
+            cli.DEFAULT_CONFIG,
+            ["--config.data.source=folder", f"--config.data.folder={make(layout)}"],
+        )
+        workdir = tmp_path / "w"
+        with pytest.raises(DataError, match=message):
+            cli.run("train", config, Request(workdir=str(workdir)))
+        assert not workdir.exists()
+    # A good layout passes the checks (10 classes, as the default config says).
+    good = make({f"c{i}": 1 for i in range(10)})
+    config = cli.resolved_config(
+        cli.DEFAULT_CONFIG, ["--config.data.source=folder", f"--config.data.folder={good}"]
+    )
+    cli.check_training(config, types.SimpleNamespace(num_replicas_in_sync=1), "default")

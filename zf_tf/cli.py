@@ -287,7 +287,9 @@ def check_training(config, strategy, strategy_name: str):
 
     Raises:
       UsageError: naming the field and the values that work.
+      DataError: an image folder laid out for no classifier (`inputs.check_folder_layout`).
     """
+    from pipelines import inputs
     from zf_tf.core import model as model_lib
 
     replicas = strategy.num_replicas_in_sync
@@ -297,6 +299,8 @@ def check_training(config, strategy, strategy_name: str):
             f"config.train.batch_size={value} does not split over the {replicas} replicas of "
             f"--strategy={strategy_name}: use a multiple of {replicas}"
         )
+    if config.data.source == "folder":
+        inputs.check_folder_layout(config.data)
     size = int(config.model.input_size)
     smallest = model_lib.smallest_input_size(config.model)
     if size < smallest:
