@@ -164,6 +164,16 @@ def test_unsupported_layer_is_named():
     assert deconv.projection_form(model, "r")[0] == "rule"  # auto falls back to the rule form
     out = deconv.project(deconv.build_deconvnet(model, "r"), np.ones((1, 16, 16, 3)), [0], [0])
     assert out["projection"].shape == (1, 16, 16, 3)
+    # A fused ReLU the rule form cannot reach is refused up front, before any model is built.
+    model = keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            L.Conv2DTranspose(4, 3, activation="relu", name="up"),
+            L.ReLU(name="r"),
+        ]
+    )
+    with pytest.raises(NotImplementedError, match=r"'up' \(Conv2DTranspose\) has a fused ReLU"):
+        deconv.projection_form(model, "r")
 
 
 def test_nested_model(vgg16):

@@ -366,7 +366,6 @@ def _transfer(config, request, strategy):
     """Tables 4-6, Fig. 9: the workdir's model is the source, --config's `transfer` the
     target."""
     from zf_tf.experiments import transfer
-    from zf_tf.training import workdirs
 
     transfer.run_mode(
         workdirs.load_config(request.workdir, config), request.workdir, request.overwrite
@@ -379,7 +378,6 @@ def _analysis(name: str):
 
     def run_analysis(config, request, strategy):
         from zf_tf import analyses
-        from zf_tf.training import workdirs
 
         if not request.model:  # the workdir's own model: the data it was trained on
             config = workdirs.load_config(request.workdir, config)

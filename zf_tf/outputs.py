@@ -165,13 +165,17 @@ def filter_grid(kernel: np.ndarray, zoom: int = 4) -> np.ndarray:
     return tile(filters, int(np.ceil(np.sqrt(len(filters)))), pad=zoom // 2 or 1)
 
 
+def kernel_rms(kernel) -> np.ndarray:
+    """Per-filter RMS of a (kh, kw, c_in, c_out) kernel, over (kh, kw, c_in): (c_out,)."""
+    return np.sqrt((np.asarray(kernel).astype(np.float64) ** 2).mean(axis=(0, 1, 2)))
+
+
 def filter_rms(model) -> dict[str, np.ndarray]:
     """Per-filter RMS of every conv layer's kernel (what renormalization caps)."""
     out = {}
     for op in graph.ops_of(model):  # in execution order: conv1..conv5 for ZFNet
         if isinstance(op.layer, keras.layers.Conv2D) and op.name not in out:
-            k = np.asarray(op.layer.kernel)
-            out[op.name] = np.sqrt((k.astype(np.float64) ** 2).mean(axis=(0, 1, 2)))
+            out[op.name] = kernel_rms(op.layer.kernel)
     return out
 
 

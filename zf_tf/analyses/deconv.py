@@ -276,7 +276,6 @@ def resolve(s: Settings, model, source) -> Settings:
         raise UsageError(f"--layer={layer!r} is not valid: choose one of {', '.join(valid)}")
     try:
         form, why = deconv.projection_form(model, layer)
-        deconv.build_deconvnet(model, layer)  # a fused activation the rules cannot reach
     except NotImplementedError as e:
         raise UsageError(f"--layer={layer}: {e}") from None
     if form == "rule":

@@ -126,7 +126,7 @@ def dead_filters(
     """
     layer = layer or graph.first_conv(model)
     kernel = _conv(model, layer).get_weights()[0]
-    rms = np.sqrt((kernel.astype(np.float64) ** 2).mean(axis=(0, 1, 2)))
+    rms = outputs.kernel_rms(kernel)
     top = rms.max()
     dead_rms = np.flatnonzero(rms < rms_threshold * top) if top > 0 else np.arange(len(rms))
     best = topk.scan(model, layer, dataset, k=1, progress=progress)
@@ -425,7 +425,7 @@ def resolve(s: Settings, model, source) -> Settings:
     """
     l1, l2 = model_layers(model, s.layers)
     try:
-        deconv.build_deconvnet(model, l2)  # a fused activation the rules cannot reach
+        deconv.projection_form(model, l2)  # a fused activation the rules cannot reach
     except NotImplementedError as e:
         raise UsageError(f"config.analysis.filters.layers: layer 2 {l2}: {e}") from None
     s = dataclasses.replace(s, layers=(l1, l2))

@@ -779,7 +779,7 @@ def resolve(s: Settings, model, source) -> Settings:
             f"choose one of {', '.join(convs)}"
         )
     try:
-        deconv.build_deconvnet(model, layer)  # (c): a fused activation the rules cannot reach
+        deconv.projection_form(model, layer)  # (c): a fused activation the rules cannot reach
     except NotImplementedError as e:
         raise UsageError(f"config.analysis.occlusion.layer={layer}: {e}") from None
     labels = source is None or source.labels_apply(s.split)

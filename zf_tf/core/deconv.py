@@ -805,6 +805,16 @@ def _fused_relu(layer) -> bool:
     )
 
 
+_PRE_ACTIVATION_TYPES = (
+    keras.layers.Dense,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv2D,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+)
+
+
 def _pre_activation(layer, x):
     """A conv or dense layer's output before its fused activation (its own weights)."""
     dtype = x.dtype
@@ -856,16 +866,11 @@ class _RuleCall(keras.layers.Layer):
         if isinstance(layer, LocalResponseNorm):
             return _identity_backward(layer, x) if lrn_identity else layer(x)
         if graph.is_relu(layer):
-            plain = not isinstance(layer, keras.layers.ReLU) or (
-                layer.max_value is None and not layer.negative_slope and not layer.threshold
-            )
-            plain = (
-                plain
-                and getattr(
-                    layer.activation if hasattr(layer, "activation") else None, "__name__", "relu"
-                )
-                != "relu6"
-            )
+            if isinstance(layer, keras.layers.ReLU):
+                plain = layer.max_value is None and not layer.negative_slope
+                plain = plain and not layer.threshold
+            else:  # Activation('relu') or Activation('relu6')
+                plain = layer.activation.__name__ == "relu"
             return relu(x) if plain else _ruled_activation(layer, x, self.rule)
         return relu(_pre_activation(layer, x))
 
@@ -969,21 +974,31 @@ FORMS = ("auto", "explicit", "rule")
 
 def projection_form(model: keras.Model, layer_name: str) -> tuple[str, str]:
     """('explicit' or 'rule', why): the explicit Model when the layers below `layer_name`
-    form a chain of invertible layers, else the backward-rule form.
+    form a chain of invertible layers, else the backward-rule form. Cheap (no model is
+    built): what `build_deconvnet` will refuse is refused here.
 
     Raises:
       ValueError: `layer_name` is not a conv, pool or activation layer.
+      NotImplementedError: the rule form is needed and a layer's fused ReLU is out of its
+        reach (a layer type `_pre_activation` does not know).
     """
     _check_layer(model, layer_name)
     chain = graph.chain(model, layer_name)
-    if chain is None:
-        return "rule", "the layers below it are not a chain (residual or concatenating blocks)"
-    try:
-        for layer in chain:
-            _down_kind(layer)
-    except NotImplementedError as e:
-        return "rule", str(e).split(";")[0]
-    return "explicit", ""
+    why = "the layers below it are not a chain (residual or concatenating blocks)"
+    if chain is not None:
+        try:
+            for layer in chain:
+                _down_kind(layer)
+            return "explicit", ""
+        except NotImplementedError as e:
+            why = str(e).split(";")[0]
+    for op in graph.ops_of(model):  # the rule form's clone wraps every ReLU-bearing layer
+        if _fused_relu(op.layer) and not isinstance(op.layer, _PRE_ACTIVATION_TYPES):
+            raise NotImplementedError(
+                f"layer {op.name!r} ({type(op.layer).__name__}) has a fused ReLU that the "
+                "backward rules cannot reach; use a separate ReLU layer"
+            )
+    return "rule", why
 
 
 def build_deconvnet(
@@ -1028,7 +1043,7 @@ def build_deconvnet(
     if form == "rule":
         chosen = "rule"
     inputs = {
-        "images": keras.Input(graph._static_shape(model), dtype="float32", name="images"),
+        "images": keras.Input(graph.static_shape(model), dtype="float32", name="images"),
         "image_index": keras.Input((), dtype="int32", name="image_index"),
         "feature": keras.Input((), dtype="int32", name="feature"),
         "y": keras.Input((), dtype="int32", name="y"),
@@ -1188,7 +1203,7 @@ def _gradient_fn(model, layer_name):
 
         @tf.function(
             input_signature=[
-                tf.TensorSpec([None, *graph._static_shape(model)], tf.float32),
+                tf.TensorSpec([None, *graph.static_shape(model)], tf.float32),
                 vec,
                 vec,
                 vec,

@@ -32,6 +32,7 @@ __all__ = [
     "Op",
     "trace",
     "input_shape",
+    "static_shape",
     "fixed_input",
     "tap",
     "chain",
@@ -132,7 +133,7 @@ def input_shape(model) -> tuple:
     return shape
 
 
-def _static_shape(model) -> tuple:
+def static_shape(model) -> tuple:
     """The input shape without the batch axis; every dimension must be known."""
     if not model.inputs:
         raise ValueError(f"model {model.name!r} is not built: it has no inputs")
@@ -162,7 +163,7 @@ def ops_of(model) -> list:
     """The model's traced calls on a static input (cached per model)."""
     found = _TRACES.get(model)
     if found is None:
-        _, found = trace(model, keras.Input(_static_shape(model)))
+        _, found = trace(model, keras.Input(static_shape(model)))
         _TRACES[model] = found
     return found
 
@@ -190,12 +191,11 @@ def tap(model, names, call=None, name: str = "tap"):
       ValueError: an unknown layer name.
     """
     names = list(names)
-    x = keras.Input(_static_shape(model), name="images")
+    x = keras.Input(static_shape(model), name="images")
     final, ops = trace(model, x, call)
     outputs = {}
     for op in ops:
         outputs.setdefault(op.name, op.output)
-    outputs.setdefault("__output__", final)
     missing = [n for n in names if n not in outputs]
     if missing:
         find(model, missing[0])  # raises, naming the valid layers
@@ -491,7 +491,7 @@ def receptive_field(model, name: str, y: int, x: int) -> tuple:
     exclusive, clipped to the image. Conv, pool and zero-padding geometry ('same' padding
     amounts from the actual sizes), through residual and concatenating blocks (the union of
     the paths)."""
-    h_in, w_in, _ = _static_shape(model)
+    h_in, w_in, _ = static_shape(model)
     y0, y1, x0, x1 = _region(model, name, int(y), int(x))
     return (max(y0, 0), max(x0, 0), min(y1 + 1, h_in), min(x1 + 1, w_in))
 
