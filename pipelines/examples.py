@@ -14,6 +14,7 @@ import dataclasses
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from pipelines import inputs, preprocess
 
@@ -108,13 +109,20 @@ def load_examples(config, split: str, num: int, label: int | None = None) -> Exa
             ds = ds.map(
                 lambda im, y, b, m: (im, tf.argmax(tf.cast(tf.equal(wanted, y), tf.int32)), b, m)
             )
+        ds = ds.enumerate()
     else:
-        ds = inputs.encoded_records(data, split).map(
-            lambda e, y: (preprocess.decode_rgb(e), y, tf.zeros(4), tf.zeros((1, 1, 1), tf.uint8))
-        )
-    ds = ds.enumerate()
+        # Positions are counted before decoding, so an image that fails to decode (dropped)
+        # leaves a gap in `indices` instead of shifting every later example's index.
+        ds = inputs.encoded_records(data, split).enumerate()
     if label is not None:
         ds = ds.filter(lambda i, ex: tf.equal(tf.cast(ex[1], tf.int64), label))
+    if not annotated:
+        ds = ds.map(
+            lambda i, ex: (
+                i,
+                (preprocess.decode_rgb(ex[0]), ex[1], tf.zeros(4), tf.zeros((1, 1, 1), tf.uint8)),
+            )
+        ).ignore_errors()
     images, labels, indices, boxes, masks = [], [], [], [], []
     for i, (image, y, bbox, mask) in ds.take(num).as_numpy_iterator():
         h, w = image.shape[:2]
@@ -125,6 +133,13 @@ def load_examples(config, split: str, num: int, label: int | None = None) -> Exa
             boxes.append(box_to_crop(bbox, h, w, S, s))
             masks.append(_mask_to_crop(mask, S, s))
     n = len(labels)
+    if label is None and n and indices[-1] + 1 > n:
+        logging.warning(
+            "%d of the first %d %s images could not be decoded and were left out",
+            indices[-1] + 1 - n,
+            indices[-1] + 1,
+            split,
+        )
     return Examples(
         images=np.stack([np.asarray(x) for x in images]).astype(np.float32)
         if n

@@ -1,12 +1,18 @@
 """An image folder in ImageNet layout: `root/<class>/<file>.{jpg,jpeg,png,...}`, or a flat
 folder of unlabeled images `root/<file>` (label UNLABELED, for the modes that need no labels).
 
-Classes are the sorted subfolder names. Files are checked once when the folder is
-indexed (in parallel threads, reading only each file's first and last bytes): empty files,
-files that are no known image format, and JPEG/PNG files cut short (no end marker) are
-skipped and counted in one log line, so a bad file never crashes a run. Files that pass
-this check but still fail to decode are dropped by the pipeline (`ignore_errors`) with a
-warning.
+Classes are the sorted subfolder names. Files are checked once when the folder is indexed,
+in two steps, and every unusable file is skipped and counted in one log line (by reason), so
+a bad file never crashes a run:
+1. cheaply, in parallel threads, from each file's first and last bytes: empty files, files
+   that are no known image format ('corrupt'), JPEG/PNG files cut short ('truncated', no
+   end marker), image formats TensorFlow cannot decode ('unsupported .tif');
+2. by decoding the files that pass with TensorFlow itself (JPEG at 1/8 scale: every
+   entropy-coded byte is still read), in parallel with tf.data: 'undecodable'. The result
+   of this step is remembered per file (path, size, modification time) in
+   `cache_dir()/decode-checks/`, so a folder is decoded once, not once per run.
+Files with other extensions are ignored and counted by extension in the same line. The
+pipelines still drop a file that fails to decode later (changed since it was indexed).
 """
 
 from __future__ import annotations
@@ -14,11 +20,16 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import os
+import tempfile
 
 from absl import logging
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# Image formats tf.io.decode_image cannot read: skipped and counted, never dropped silently.
+UNSUPPORTED = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".ico", ".psd", ".svg")
 UNLABELED = -1  # the label of every image of a flat folder
 _TAIL = 1024  # bytes at the end of a file searched for the end marker
 
@@ -28,6 +39,7 @@ _MAGIC = {
     b"GIF87a": "gif",
     b"GIF89a": "gif",
     b"BM": "bmp",
+    b"RIFF": "webp",  # RIFF <size> WEBP
 }
 
 
@@ -38,7 +50,9 @@ class FolderIndex:
     paths: list[str]
     labels: list[int]
     class_names: list[str]
-    skipped: dict[str, list[str]]  # reason ('empty', 'corrupt', 'truncated') -> paths
+    # reason ('empty', 'corrupt', 'truncated', 'undecodable', 'unsupported .tif') -> paths
+    skipped: dict[str, list[str]]
+    ignored: dict[str, int] = dataclasses.field(default_factory=dict)  # other files by ext
 
     @property
     def labeled(self) -> bool:
@@ -63,7 +77,7 @@ def check_file(path: str) -> str | None:
     except OSError:
         return "corrupt"
     kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
-    if kind is None:
+    if kind is None or (kind == "webp" and head[8:12] != b"WEBP"):
         return "corrupt"
     # Entropy-coded JPEG data never contains FF D9 (FF is stuffed), so a JPEG whose tail
     # lacks the EOI marker was cut short; likewise a PNG without its IEND chunk.
@@ -74,12 +88,83 @@ def check_file(path: str) -> str | None:
     return None
 
 
+def cache_dir() -> str:
+    """Where zf_tf remembers what it learned about files: $ZF_TF_CACHE_DIR, else
+    $XDG_CACHE_HOME/zf_tf, else ~/.cache/zf_tf."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("ZF_TF_CACHE_DIR") or os.path.join(base, "zf_tf")
+
+
+def _decodes(paths: list[str]) -> list[bool]:
+    """Whether TensorFlow decodes each file (JPEG at 1/8 scale, the rest in full), in
+    parallel with tf.data."""
+    import tensorflow as tf
+
+    def probe(i, path):
+        data = tf.io.read_file(path)
+        is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+        shape = tf.cond(
+            is_jpeg,
+            lambda: tf.shape(tf.io.decode_jpeg(data, channels=3, ratio=8)),
+            lambda: tf.shape(tf.io.decode_image(data, channels=3, expand_animations=False)),
+        )
+        return i, tf.reduce_prod(shape) > 0
+
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string)).enumerate()
+    ds = ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    ok = [False] * len(paths)
+    for i, good in ds.batch(1024).as_numpy_iterator() if paths else ():
+        for j, g in zip(i, good):
+            ok[j] = bool(g)
+    return ok
+
+
+def _stamp(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def decode_check(root: str, paths: list[str]) -> list[bool]:
+    """`_decodes(paths)`, remembered per (path, size, mtime) in one JSON file per folder
+    under `cache_dir()`; a cache that cannot be read or written only costs time."""
+    cache = os.path.join(
+        cache_dir(), "decode-checks", hashlib.sha1(os.path.abspath(root).encode()).hexdigest()
+    )
+    try:
+        with open(cache + ".json") as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    stamps = {p: _stamp(p) for p in paths}
+    todo = [p for p in paths if known.get(p, [None])[:2] != stamps[p]]
+    if todo:
+        for p, good in zip(todo, _decodes(todo)):
+            known[p] = stamps[p] + [good]
+        known = {p: known[p] for p in paths}
+        tmp = None
+        try:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(known, f)
+            os.replace(tmp, cache + ".json")
+        except OSError as e:
+            logging.info("Decode check of %s not cached (%s)", root, e)
+            if tmp and os.path.exists(tmp):
+                os.remove(tmp)
+    return [bool(known[p][2]) for p in paths]
+
+
+def _extension(name: str) -> str:
+    return os.path.splitext(name)[1].lower() or "(none)"
+
+
 def index_folder(root: str, max_workers: int = 16) -> FolderIndex:
-    """Lists and checks the images of a class-subfolder tree.
+    """Lists and checks the images of a class-subfolder tree (or of a flat folder).
 
     Args:
-      root: folder holding one subfolder per class.
-      max_workers: threads used to check files.
+      root: folder holding one subfolder per class, or the images themselves.
+      max_workers: threads used for the cheap check.
 
     Returns:
       A FolderIndex sorted by (class, file name).
@@ -95,43 +180,54 @@ def index_folder(root: str, max_workers: int = 16) -> FolderIndex:
         for d in os.listdir(root)
         if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
     )
-    candidates = []
+    listed = []  # (path, label) of every file
     for label, name in enumerate(class_names):
         for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
-            for f in sorted(files):
-                if f.lower().endswith(EXTENSIONS):
-                    candidates.append((os.path.join(dirpath, f), label))
-    if not candidates:  # a flat folder of unlabeled images
-        class_names = []
-        candidates = [
+            listed.extend((os.path.join(dirpath, f), label) for f in sorted(files))
+    if not any(_extension(p) in EXTENSIONS + UNSUPPORTED for p, _ in listed):
+        class_names = []  # a flat folder of unlabeled images
+        listed = [
             (os.path.join(root, f), UNLABELED)
             for f in sorted(os.listdir(root))
-            if f.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(root, f))
+            if os.path.isfile(os.path.join(root, f))
         ]
+    candidates = [(p, y) for p, y in listed if _extension(p) in EXTENSIONS]
     if not candidates:
         raise FileNotFoundError(
             f"no images ({', '.join(EXTENSIONS)}) in {root} or in class subfolders of it"
         )
     with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
         problems = list(pool.map(check_file, [p for p, _ in candidates]))
+    passed = [p for (p, _), problem in zip(candidates, problems) if not problem]
+    decodes = dict(zip(passed, decode_check(root, passed)))
     skipped = collections.defaultdict(list)
     paths, labels = [], []
     for (path, label), problem in zip(candidates, problems):
+        problem = problem or (None if decodes[path] else "undecodable")
         if problem:
             skipped[problem].append(path)
         else:
             paths.append(path)
             labels.append(label)
-    index = FolderIndex(paths, labels, class_names, dict(skipped))
+    ignored = collections.Counter()
+    for path, _ in listed:
+        ext = _extension(path)
+        if ext in UNSUPPORTED:
+            skipped[f"unsupported {ext}"].append(path)
+        elif ext not in EXTENSIONS and not os.path.basename(path).startswith("."):
+            ignored[ext] += 1
+    index = FolderIndex(paths, labels, class_names, dict(skipped), dict(sorted(ignored.items())))
     detail = ", ".join(f"{len(v)} {k}" for k, v in sorted(index.skipped.items())) or "none"
+    others = ", ".join(f"{n} {ext}" for ext, n in index.ignored.items())
     log = logging.warning if index.num_skipped else logging.info  # skips always show
     log(
-        "Image folder %s: %d classes, %d files, %d readable, %d skipped (%s)",
+        "Image folder %s: %d classes, %d image files, %d readable, %d skipped (%s)%s",
         root,
         len(class_names),
-        len(candidates),
+        len(candidates) + sum(len(v) for k, v in skipped.items() if k.startswith("unsup")),
         len(paths),
         index.num_skipped,
         detail,
+        f"; other files ignored: {others}" if others else "",
     )
     return index

@@ -11,6 +11,19 @@ sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Decode checks of test folders are remembered in a cache of the session's own."""
+    old = os.environ.get("ZF_TF_CACHE_DIR")
+    os.environ["ZF_TF_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["ZF_TF_CACHE_DIR"]
+    else:
+        os.environ["ZF_TF_CACHE_DIR"] = old
+
+
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 
 

@@ -123,7 +123,7 @@ def test_unknown_mode_and_data_source(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_main_turns_library_errors_into_one_line(capsys, tmp_path):
+def test_main_turns_library_errors_into_one_line(capsys, tmp_path, tiny_data_dir):
     class Flags:
         config, mode, strategy = cli.DEFAULT_CONFIG, "train", "default"
         workdir, split, num_images, overwrite, layer = str(tmp_path), "", 0, False, "conv5"
@@ -145,7 +145,15 @@ def test_main_turns_library_errors_into_one_line(capsys, tmp_path):
     ):
         Flags.model, Flags.weights, Flags.layer = model, weights, layer
         with pytest.raises(SystemExit):
-            cli.main(Flags, ["--config.data.crop_size=32", "--config.data.resize_size=36"])
+            cli.main(
+                Flags,
+                [
+                    "--config.data.crop_size=32",
+                    "--config.data.resize_size=36",
+                    f"--config.data.data_dir={tiny_data_dir}",  # prepared: no tfds progress
+                    "--config.data.tfds_config=tiny",
+                ],
+            )
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {expected}"), err
     assert os.listdir(tmp_path) == []

@@ -7,7 +7,7 @@ import pytest
 
 from pipelines import folder, inputs
 from tests.conftest import load_config
-from tests.images import encode, make_messy_folder, random_rgb, write
+from tests.images import encode, make_messy_folder, random_rgb, undecodable_jpeg, write
 
 
 @pytest.fixture
@@ -22,9 +22,28 @@ def test_index_counts_and_reasons(messy, absl_caplog):
     assert index.class_names == ["cat", "dog"]
     assert len(index.paths) == expected["readable"]
     assert {k: len(v) for k, v in index.skipped.items()} == expected["skipped"]
-    assert index.num_skipped == 4
-    assert sorted(index.labels) == [0, 0, 0, 0, 1, 1, 1]
-    assert "7 readable, 4 skipped (1 corrupt, 1 empty, 2 truncated)" in absl_caplog.text
+    assert index.num_skipped == 6
+    assert sorted(index.labels) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert index.ignored == {".txt": 1}
+    assert (
+        "14 image files, 8 readable, 6 skipped (1 corrupt, 1 empty, 2 truncated, "
+        "1 undecodable, 1 unsupported .tif); other files ignored: 1 .txt"
+    ) in absl_caplog.text
+
+
+def test_decode_check_is_remembered_per_file(tmp_path, monkeypatch):
+    root = str(tmp_path / "images")
+    good = write(f"{root}/a.jpg", encode(random_rgb(40, 40, 1), "JPEG"))
+    bad = write(f"{root}/b.jpg", undecodable_jpeg())
+    calls = []
+    real = folder._decodes
+    monkeypatch.setattr(folder, "_decodes", lambda paths: calls.append(paths) or real(paths))
+    assert folder.decode_check(root, [good, bad]) == [True, False]
+    assert folder.decode_check(root, [good, bad]) == [True, False]
+    assert calls == [[good, bad]]  # the second check decoded nothing
+    write(bad, encode(random_rgb(40, 40, 2), "JPEG"))  # repaired: new size and mtime
+    assert folder.decode_check(root, [good, bad]) == [True, True]
+    assert calls[1:] == [[bad]]
 
 
 def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
@@ -47,21 +66,19 @@ def folder_config(root, **train):
 
 def test_pipeline_over_messy_folder(messy):
     root, expected = messy
-    # A file that passes the cheap check (JPEG header and end marker) but cannot decode.
-    write(f"{root}/dog/bad_middle.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 100 + b"\xff\xd9")
     config = folder_config(root)
     inputs._folder_split.cache_clear()
     # All of a folder without split subfolders: train + validation partition the files.
     n_train = inputs.num_examples(config.data, "train")
     n_val = inputs.num_examples(config.data, "validation")
-    assert n_train + n_val == expected["readable"] + 1
+    assert n_train + n_val == expected["readable"]
     seen = 0
     for split in ("train", "validation"):
         for images, _ in inputs.build_inputs(config, split, mode="ten_crop"):
             assert images.shape[1:] == (10, 64, 64, 3)
             assert np.isfinite(images.numpy()).all()
             seen += images.shape[0]
-    assert seen == expected["readable"]  # the undecodable file was dropped, not fatal
+    assert seen == expected["readable"]
 
 
 def test_split_subfolders_are_used(tmp_path):

@@ -2,6 +2,7 @@
 for the topology, batches that do not split over the replicas, --top_k beyond the split;
 one writer per workdir (the lock), in-process and across processes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -109,3 +110,225 @@ def test_second_writer_process_is_refused_in_one_line(tmp_path):
         "to finish, or use another --workdir"
     ]
     assert "Traceback" not in proc.stderr
+
+
+def test_an_undecodable_image_crashes_no_reader(tmp_path, monkeypatch, capsys):
+    """A file the pipelines cannot decode although the index let it through (changed since
+    it was indexed): training with its augmentation grid and Fig. 4 probe set, eval, the
+    analyses' example sets and transfer features skip it, and eval counts it."""
+    import tensorflow as tf
+
+    from pipelines import examples, folder, inputs
+    from tests.images import encode, random_rgb, undecodable_jpeg, write
+    from zf_tf.experiments.transfer import images as transfer_images
+    from zf_tf.experiments.transfer.target import Target
+    from zf_tf.training import train
+
+    root = tmp_path / "photos"
+    for c in range(2):
+        for i in range(10):
+            write(f"{root}/c{c}/{i}.png", encode(random_rgb(48, 48, 10 * c + i), "PNG"))
+    # First in the training split (where the augmentation grid and probe set start) and
+    # in validation (held out: every 10th file, so c0/9).
+    write(f"{root}/c0/0.png", undecodable_jpeg())
+    write(f"{root}/c0/9.png", undecodable_jpeg(seed=3))
+    monkeypatch.setattr(folder, "_decodes", lambda paths: [True] * len(paths))
+    inputs._folder_split.cache_clear()
+    config = cli.resolved_config(
+        cli.DEFAULT_CONFIG,
+        [
+            "--config.data.source=folder",
+            f"--config.data.folder={root}",
+            "--config.data.num_classes=2",
+            "--config.data.resize_size=40",
+            "--config.data.crop_size=36",
+            "--config.model.input_size=36",
+            "--config.model.width=0.125",
+            "--config.train.batch_size=4",
+            "--config.train.eval_batch_size=4",
+            "--config.train.epochs=1",
+            "--config.train.steps_per_epoch=2",
+            "--config.analysis.evolution.probe_images=4",
+        ],
+    )
+    train.train_and_evaluate(config, str(tmp_path / "w"), tf.distribute.get_strategy())
+    results = json.loads((tmp_path / "w" / "eval.json").read_text())
+    assert (results["num_images"], results["skipped_images"]) == (1, 1)
+    assert "1 of 2 validation images could not be decoded and are not scored" in (
+        capsys.readouterr().out
+    )
+    ex = examples.load_examples(config, "train", 3)
+    assert ex.indices.tolist() == [1, 2, 3]  # positions in the split: 0 is left out
+    target = Target(config.data, ["c0", "c1"], multi_label=False, held_out=False)
+    got = [i for b in transfer_images.center_crops(target, "train", 8) for i in b[0].numpy()]
+    assert got == list(range(1, 18))  # transfer features: 17 of the 18 training images
+
+
+def fault(code, path):
+    return OSError(code, os.strerror(code), str(path))
+
+
+def test_file_system_faults_are_one_line(tmp_path, capsys, monkeypatch):
+    """A path that is a file, a read-only folder, a full disk: one line naming the path and
+    the cause, exit 1, before anything is written where it can be checked up front."""
+    import errno
+
+    import tensorflow as tf
+
+    from zf_tf.core.errors import file_system_fault
+
+    class Flags:
+        config, mode, strategy = cli.DEFAULT_CONFIG, "eval", "default"
+        split, num_images, overwrite, layer = "", 0, False, ""
+        top_k, features, num_features, image, untrained = 9, "", 16, "", False
+        parts, compare, model, weights = "", "", "", ""
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for workdir, message in (
+        (a_file, f"error: --workdir={a_file} is a file, not a folder: choose another --workdir"),
+        (a_file / "w", f"error: --workdir={a_file}/w: {a_file} is a file, not a folder"),
+    ):
+        Flags.workdir = str(workdir)
+        with pytest.raises(SystemExit) as e:
+            cli.main(Flags, [])
+        assert e.value.code == 1
+        assert capsys.readouterr().err.strip().splitlines() == [message]
+    assert a_file.read_text() == "x"
+    # A folder this user cannot write (root ignores permission bits, so os.access stands in).
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(UsageError, match=f"cannot write {tmp_path}: (Permission denied|Read-only)"):
+        workdirs.check_writable(str(tmp_path / "new"))
+    monkeypatch.undo()
+    # Faults met while writing (a full disk): main() says where and why in one line.
+    Flags.workdir = str(tmp_path / "w")
+    for raised, message in (
+        (
+            fault(errno.ENOSPC, tmp_path / "w" / "eval.json.tmp"),
+            f"error: cannot write {tmp_path}/w/eval.json.tmp: No space left on device "
+            "(free some space, or choose another --workdir)",
+        ),
+        (
+            tf.errors.UnknownError(None, None, "/x/export/.tmp: Read-only file system"),
+            "error: cannot write: /x/export/.tmp: Read-only file system",
+        ),
+    ):
+
+        def run(*args, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(cli, "run", run)
+        with pytest.raises(SystemExit) as e:
+            cli.main(Flags, [])
+        assert capsys.readouterr().err.strip().splitlines() == [message]
+    assert file_system_fault(ValueError("a bug")) is None  # bugs keep their traceback
+
+
+def test_a_full_disk_leaves_no_temporary_and_the_old_outputs(tmp_path, monkeypatch):
+    import errno
+
+    import keras
+    import tensorflow as tf
+
+    from zf_tf import outputs
+    from zf_tf.training import export
+
+    model = keras.Sequential(
+        [keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(2)]
+    )
+    path = workdirs.checkpoint_path(str(tmp_path))
+    workdirs.save_model_atomic(model, path, epochs_done=1)
+    before = open(path, "rb").read()
+
+    def half_then_full(self, filepath, *a, **k):
+        open(filepath, "wb").write(b"PK\x03\x04 half a model")
+        raise fault(errno.ENOSPC, filepath)
+
+    monkeypatch.setattr(keras.Model, "save", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        workdirs.save_model_atomic(model, path, epochs_done=2)
+    assert open(path, "rb").read() == before
+    assert sorted(os.listdir(os.path.dirname(path))) == ["model.epochs.json", "model.keras"]
+    monkeypatch.undo()
+    # The export: its temporary folder goes, the previous export stays.
+    config = load_config()
+    config.data.resize_size, config.data.crop_size = 5, 4
+    export.export(model, config, str(tmp_path))
+    saved = sorted(os.listdir(tmp_path / "export"))
+    real_save = tf.saved_model.save
+
+    def fill_disk(module, directory, **kw):
+        real_save(module, directory, **kw)
+        raise fault(errno.ENOSPC, os.path.join(directory, "variables"))
+
+    monkeypatch.setattr(tf.saved_model, "save", fill_disk)
+    with pytest.raises(OSError):
+        export.export(model, config, str(tmp_path))
+    assert not (tmp_path / ".export-tmp").exists()
+    assert sorted(os.listdir(tmp_path / "export")) == saved
+    # Every atomic writer: text, arrays, figures.
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(fault(errno.EROFS, b)))
+    for write in (
+        lambda p: outputs.save_text(p, "new"),
+        lambda p: outputs.save_npz(p, x=[1]),
+    ):
+        target = tmp_path / "out.txt"
+        target.write_text("old")
+        with pytest.raises(OSError):
+            write(str(target))
+        assert target.read_text() == "old"
+        assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+
+
+def test_damaged_workdir_files_are_named(tmp_path, tiny_config):
+    from tests.conftest import workdir_with_model
+    from zf_tf.core import model as model_lib
+
+    model = model_lib.build_model(tiny_config.model)
+    workdir = workdir_with_model(tiny_config, model, tmp_path / "w")
+    config_path = os.path.join(workdir, workdirs.CONFIG_FILE)
+    good_config = open(config_path).read()
+    open(config_path, "w").write(good_config[: len(good_config) // 2])
+    for run in (
+        lambda: workdirs.load_config(workdir, tiny_config),
+        lambda: workdirs.prepare_for_training(tiny_config, workdir, False),
+    ):
+        with pytest.raises(UsageError, match=f"{config_path} is damaged .*--overwrite"):
+            run()
+    workdirs.prepare_for_training(tiny_config, workdir, True)  # --overwrite: afresh
+    assert json.load(open(config_path)) == workdirs.config_json(tiny_config)
+    assert not os.path.exists(workdirs.checkpoint_path(workdir))  # old state removed
+    workdir = workdir_with_model(tiny_config, model, tmp_path / "w2")
+    checkpoint = workdirs.checkpoint_path(workdir)
+    data = open(checkpoint, "rb").read()
+    for damaged in (data[: len(data) // 2], data[:100] + b"\0" * 100 + data[200:], b""):
+        open(checkpoint, "wb").write(damaged)
+        with pytest.raises(UsageError, match=f"{checkpoint} is damaged .*rerun --mode=train"):
+            workdirs.load_model(workdir)
+
+
+def test_malformed_tf_config(monkeypatch):
+    from zf_tf.training import strategies
+
+    for text, why in (
+        ("{not json", "not JSON"),
+        ('{"task": {"type": "worker", "index": 0}}', "no 'cluster' object"),
+        ('{"cluster": {"worker": "localhost:1"}, "task": {}}', "list of 'host:port'"),
+        ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "chief"}}', "task.type"),
+        ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}', "0..1"),
+    ):
+        monkeypatch.setenv("TF_CONFIG", text)
+        with pytest.raises(UsageError, match=f"TF_CONFIG is not valid \\(.*{why}"):
+            strategies.make_strategy("multi_worker")
+    strategies.check_tf_config("")
+    strategies.check_tf_config(
+        '{"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", '
+        '"index": 1}}'
+    )
+
+
+def test_unknown_split_in_deconv(tiny_config, tmp_path):
+    with pytest.raises(Exception, match="unknown split 'tain': valid splits: "):
+        run_analysis("deconv", tiny_config, tmp_path / "w", split="tain", untrained=True)
+    assert not (tmp_path / "w").exists()

@@ -7,6 +7,7 @@ export in a fresh process."""
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -206,7 +207,7 @@ def test_export_is_atomic(trained, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         export.export(model, config, str(workdir))
     assert (workdir / "export" / "saved_model.pb").stat().st_mtime_ns == stamp
-    assert (workdir / ".export-tmp").exists()  # the interrupted one, never export/
+    assert not (workdir / ".export-tmp").exists()  # the interrupted one is removed
     monkeypatch.setattr(tf.saved_model, "save", real_save)
     assert export.export(model, config, str(workdir)) == str(workdir / "export")
     assert (workdir / "export" / "saved_model.pb").stat().st_mtime_ns != stamp
@@ -226,6 +227,58 @@ def test_rerun_resumes_and_other_config_is_refused(trained):
     with pytest.raises(UsageError, match=r"differs in train\.epochs.*--overwrite"):
         train.train_and_evaluate(other, str(workdir), tf.distribute.get_strategy())
     assert json.loads((workdir / "config.json").read_text())["train"]["epochs"] == EPOCHS
+
+
+def test_serving_an_empty_batch(trained):
+    workdir, config, _ = trained
+    served = tf.saved_model.load(str(workdir / "export"))
+    out = served.signatures["serving_default"](image_bytes=tf.constant([], tf.string))
+    assert out["probabilities"].shape == (0, config.data.num_classes)
+    assert out["classes"].shape == (0,)
+    out = served.signatures["serve_images"](images=tf.zeros((0, 80, 90, 3), tf.uint8))
+    assert out["probabilities"].shape == (0, config.data.num_classes)
+
+
+def test_damaged_backup_or_checkpoint_resumes_from_what_is_good(trained, tmp_path, capsys):
+    """Both backups damaged: resume from the checkpoint and the epoch count beside it; that
+    damaged too: one line; only the checkpoint damaged: the rerun rewrites it."""
+    source, config, _ = trained
+    weights = workdirs.load_model(str(source)).get_weights()
+
+    def copy(name):
+        shutil.copytree(source, tmp_path / name)
+        return tmp_path / name
+
+    def truncate(path):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+
+    workdir = copy("a")
+    backups = sorted((workdir / "backup").glob("latest.weights.h5*"))
+    assert [p.name for p in backups] == ["latest.weights.h5", "latest.weights.h5.bkp"]
+    for p in backups:
+        truncate(p)
+    capsys.readouterr()
+    history = train.train_and_evaluate(config, str(workdir), tf.distribute.get_strategy())
+    out = capsys.readouterr().out
+    assert "is damaged" in out and "resuming from the last good checkpoint" in out
+    assert f"after epoch {EPOCHS}" in out
+    assert history.history.get("loss", []) == []  # all epochs were done: none more
+    assert epochs_in_history(workdir) == list(range(EPOCHS))
+    for a, b in zip(weights, workdirs.load_model(str(workdir)).get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for p in backups:
+        truncate(p)
+    truncate(workdir / "checkpoints" / "model.keras")
+    with pytest.raises(UsageError, match="is damaged .* no good checkpoint .*--overwrite"):
+        train.train_and_evaluate(config, str(workdir), tf.distribute.get_strategy())
+    workdir = copy("b")
+    truncate(workdir / "checkpoints" / "model.keras")
+    with pytest.raises(UsageError, match="model.keras is damaged"):
+        workdirs.load_model(str(workdir))
+    train.train_and_evaluate(config, str(workdir), tf.distribute.get_strategy())
+    for a, b in zip(weights, workdirs.load_model(str(workdir)).get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow

@@ -3,9 +3,10 @@
 `main.py` defines the absl flags and calls `parse_flags` and `main`. absl parses the flags
 it knows; what is left of the command line is the config's overrides (`--config.a.b=v`),
 which `apply_overrides` sets on the config loaded from `--config=FILE[:ARG]`
-(`load_config`). A library error (`UsageError`, `pipelines.DataError`, a missing file)
-becomes `error: <message>` on stderr and exit status 1; anything else is a bug and keeps
-its traceback.
+(`load_config`). A library error (`UsageError`, `pipelines.DataError`, a missing file) or a
+file-system fault (a read-only or full disk: `errors.file_system_fault`) becomes
+`error: <message>` on stderr and exit status 1; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from absl import flags, logging
 
 from pipelines import DataError
 from zf_tf.analyses import base as analyses_base
-from zf_tf.core.errors import UsageError
+from zf_tf.core.errors import UsageError, file_system_fault
 from zf_tf.training import workdirs
 from zf_tf.training.strategies import STRATEGIES, make_strategy  # noqa: F401 - main.py
 
@@ -438,6 +439,7 @@ def run(mode: str, config, request: analyses_base.Request, strategy_name: str = 
     if mode in READ_ONLY_MODES or not workdirs.is_chief(strategy):
         MODES[mode](config, request, strategy)  # other workers write to temporary dirs
         return
+    workdirs.check_writable(request.workdir)
     with workdirs.lock(request.workdir):
         MODES[mode](config, request, strategy)
 
@@ -451,3 +453,8 @@ def main(flag_values, args: list[str]):
         run(flag_values.mode, config, request, flag_values.strategy)
     except (UsageError, DataError, FileNotFoundError) as e:
         fail(str(e))
+    except Exception as e:  # a read-only or full disk is one line too; the rest are bugs
+        message = file_system_fault(e)
+        if message is None:
+            raise
+        fail(message)

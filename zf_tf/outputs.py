@@ -8,7 +8,9 @@ Every mode writes under `WORKDIR/<mode>/` and never replaces an existing file un
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -77,30 +79,45 @@ def reserve(workdir: str, mode: str, names, overwrite: bool) -> dict[str, str]:
     return paths
 
 
+@contextlib.contextmanager
+def atomic(path: str, suffix: str = ".tmp"):
+    """Yields a temporary path beside `path` (a file or a folder) to write; renamed to
+    `path` when the block succeeds, deleted when it fails (a full disk, a kill): `path` is
+    always either the old or the new version, never half of one, and no temporary stays."""
+    tmp = path + suffix
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_figure(fig, path: str, dpi: int = 100) -> np.ndarray:
     """Saves a matplotlib figure as PNG (atomically) and returns it as uint8 (H, W, 3)."""
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=dpi)
-    pyplot().close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic(path, ".tmp.png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        pyplot().close(fig)
     # Decode the file rather than rendering the figure a second time (seconds for big ones).
     with open(path, "rb") as fh:
         return tf.io.decode_png(fh.read(), channels=3).numpy()
 
 
-def save_npz(path: str, **arrays):
-    """np.savez_compressed, atomically (a crash never leaves half a file at `path`)."""
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+def save_npz(path: str, compressed: bool = True, **arrays):
+    """np.savez(_compressed), atomically (a crash never leaves half a file at `path`)."""
+    with atomic(path, ".tmp.npz") as tmp:
+        (np.savez_compressed if compressed else np.savez)(tmp, **arrays)
 
 
-def save_text(path: str, text: str):
-    """Writes a text file atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
+def save_text(path: str, text: str, suffix: str = ".tmp"):
+    """Writes a text file atomically (through `path + suffix`)."""
+    with atomic(path, suffix) as tmp, open(tmp, "w") as fh:
         fh.write(text)
-    os.replace(tmp, path)
 
 
 def panel_figure(panels, titles, path: str, suptitle: str, columns: int = PANEL_COLUMNS):

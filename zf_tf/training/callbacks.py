@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -47,10 +48,10 @@ def augmentation_grid(config, num_images: int = 2) -> np.ndarray:
     """
     data = config.data
     pixels = preprocess.pixels(data)
-    crops = [
-        preprocess.ten_crops(encoded, data.resize_size, data.crop_size, pixels).numpy()
-        for encoded, _ in inputs.encoded_records(data, data.train_split).take(num_images)
-    ]
+    ds = inputs.encoded_records(data, data.train_split).map(
+        lambda e, _: preprocess.ten_crops(e, data.resize_size, data.crop_size, pixels)
+    )
+    crops = list(ds.ignore_errors().take(num_images).as_numpy_iterator())  # undecodable: next
     crops = outputs.display(np.concatenate(crops), pixels)
     return outputs.tile(crops, ncols=preprocess.NUM_CROPS, pad=2)
 
@@ -309,14 +310,52 @@ def _finite(logs) -> bool:
 
 
 class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that never backs up a diverged (NaN/inf loss) model.
+    """BackupAndRestore that never backs up a diverged (NaN/inf loss) model, and resumes
+    from what is good when the backup is damaged.
 
     The backup is kept after training (delete_checkpoint=False): rerunning a finished
-    command restores the final epoch and trains no more.
+    command restores the final epoch and trains no more. It keeps the previous epoch's
+    backup too (double_checkpoint): a damaged latest backup falls back to it (Keras), and
+    where both are damaged, to the last good checkpoint `checkpoint` and the epoch count
+    saved beside it (`workdirs.epochs_path`).
+
+    Raises (at the start of training):
+      UsageError: the backup is damaged and there is no good checkpoint to resume from.
     """
 
-    def __init__(self, backup_dir):
-        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
+    def __init__(self, backup_dir, checkpoint: str | None = None):
+        super().__init__(
+            backup_dir, save_freq="epoch", delete_checkpoint=False, double_checkpoint=True
+        )
+        self.checkpoint = checkpoint
+
+    def on_train_begin(self, logs=None):
+        try:
+            super().on_train_begin(logs)
+        except (OSError, ValueError, KeyError) as e:
+            self._resume_from_checkpoint(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+
+    def _resume_from_checkpoint(self, why: str):
+        path = self.checkpoint
+        epochs = workdirs.epochs_path(path) if path else ""
+        if (
+            not path
+            or not os.path.exists(path)
+            or workdirs.damage(path)
+            or not (os.path.exists(epochs))
+        ):
+            raise UsageError(
+                f"the backup in {self.backup_dir} is damaged ({why}) and there is no good "
+                "checkpoint to resume from: start afresh with --overwrite"
+            )
+        with open(epochs) as f:
+            done = int(json.load(f)["epochs_done"])
+        self.model.load_weights(path)
+        self.model._initial_epoch = done
+        print(
+            f"The backup in {self.backup_dir} is damaged ({why}): resuming from the last "
+            f"good checkpoint {path} after epoch {done}"
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         if _finite(logs):
@@ -324,7 +363,8 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
 
 
 class LastGoodCheckpoint(keras.callbacks.Callback):
-    """Saves the full model to `path` after every epoch whose loss is finite, atomically."""
+    """Saves the full model to `path` after every epoch whose loss is finite, atomically,
+    and the number of epochs done beside it."""
 
     def __init__(self, path: str):
         super().__init__()
@@ -334,7 +374,7 @@ class LastGoodCheckpoint(keras.callbacks.Callback):
         if not _finite(logs):
             logging.warning("Epoch %d diverged (loss %s): checkpoint not updated", epoch + 1, logs)
             return
-        workdirs.save_model_atomic(self.model, self.path)
+        workdirs.save_model_atomic(self.model, self.path, epochs_done=epoch + 1)
 
 
 # Optional callbacks by name (config.train.callbacks): name -> factory(config, out_dir).

@@ -74,13 +74,20 @@ def evaluate(config, workdir: str, model, split: str | None = None) -> dict:
     """Evaluates `model` on a split; writes eval.json and eval.md into the workdir.
 
     Returns:
-      {'split', 'num_images', 'ten_crop': {...}, 'center_crop': {...}} with error rates.
+      {'split', 'num_images', 'skipped_images', 'ten_crop': {...}, 'center_crop': {...}}
+      with error rates; `skipped_images` counts images of the split that failed to decode
+      (dropped by the pipeline, not counted as errors).
     """
     split = split or config.data.eval_split
+    expected = inputs.num_examples(config.data, split)
     probs, labels = ten_crop_probabilities(model, config, split)
+    skipped = expected - len(labels)
+    if skipped:
+        print(f"{skipped} of {expected} {split} images could not be decoded and are not scored")
     results = {
         "split": split,
         "num_images": int(len(labels)),
+        "skipped_images": int(skipped),
         "ten_crop": error_rates(probs.mean(axis=1), labels),
         "center_crop": error_rates(probs[:, preprocess.CENTER_CROP], labels),
     }

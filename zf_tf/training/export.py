@@ -36,7 +36,9 @@ class Serving(tf.Module):
         )
         flat = tf.reshape(crops, [-1, self.s, self.s, 3])
         probs = tf.nn.softmax(self.model(flat, training=False))
-        probs = tf.reduce_mean(tf.reshape(probs, [tf.shape(crops)[0], 10, -1]), axis=1)
+        # The class count is spelled out: -1 cannot be inferred for an empty batch.
+        shape = [tf.shape(crops)[0], 10, self.model.output_shape[-1]]
+        probs = tf.reduce_mean(tf.reshape(probs, shape), axis=1)
         return {"probabilities": probs, "classes": tf.argmax(probs, axis=1)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
@@ -51,8 +53,9 @@ class Serving(tf.Module):
 def export(model, config, workdir: str) -> str:
     """Writes `workdir/export` atomically: a temporary dir, then a rename.
 
-    An interrupted export leaves at most a stale `.export-tmp` dir, never a broken
-    `export/`; the previous export is replaced only once the new one is complete.
+    A failed export (a full disk) removes its `.export-tmp` dir; one killed outright leaves
+    at most that dir (removed by the next export), never a broken `export/`. The previous
+    export is replaced only once the new one is complete.
 
     Returns:
       The export path.
@@ -64,11 +67,15 @@ def export(model, config, workdir: str) -> str:
         shutil.rmtree(path, ignore_errors=True)
     data = config.data
     module = Serving(model, data.resize_size, data.crop_size, preprocess.pixels(data))
-    tf.saved_model.save(
-        module,
-        tmp,
-        signatures={"serving_default": module.from_bytes, "serve_images": module.from_images},
-    )
+    try:
+        tf.saved_model.save(
+            module,
+            tmp,
+            signatures={"serving_default": module.from_bytes, "serve_images": module.from_images},
+        )
+    except BaseException:  # a full disk, a kill signal turned exception: no half export stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(final):
         os.replace(final, old)
     os.replace(tmp, final)

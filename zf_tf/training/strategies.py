@@ -3,9 +3,47 @@ devices), multi_worker (TF_CONFIG), tpu."""
 
 from __future__ import annotations
 
+import json
+import os
+
 from zf_tf.core.errors import UsageError
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+
+TF_CONFIG_FORM = (
+    '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", "index": 0}}'
+)
+
+
+def check_tf_config(text: str):
+    """Raises UsageError unless TF_CONFIG (if set) is a cluster spec with this task in it.
+
+    Unset (or empty) is one worker on its own, as tf.distribute has it."""
+    if not text.strip():
+        return
+
+    def bad(why):
+        return UsageError(f"TF_CONFIG is not valid ({why}): it must look like {TF_CONFIG_FORM}")
+
+    try:
+        spec = json.loads(text)
+    except ValueError as e:
+        raise bad(f"not JSON: {e}") from None
+    cluster = spec.get("cluster") if isinstance(spec, dict) else None
+    if not isinstance(cluster, dict) or not cluster:
+        raise bad("no 'cluster' object")
+    for job, hosts in cluster.items():
+        if not isinstance(hosts, list) or not all(
+            isinstance(h, str) and h.rpartition(":")[2].isdigit() for h in hosts
+        ):
+            raise bad(f"cluster.{job} must be a list of 'host:port' strings")
+    task = spec.get("task")
+    if not isinstance(task, dict) or task.get("type") not in cluster:
+        raise bad(f"task.type must be one of {', '.join(cluster)}")
+    index = task.get("index")
+    if not isinstance(index, int) or not 0 <= index < len(cluster[task["type"]]):
+        raise bad(f"task.index must be 0..{len(cluster[task['type']]) - 1}")
 
 
 def make_strategy(name: str, cpu_replicas: int = 2):
@@ -17,7 +55,8 @@ def make_strategy(name: str, cpu_replicas: int = 2):
         many logical devices so that MirroredStrategy really runs that many replicas.
 
     Raises:
-      UsageError: unknown name, or no TPU reachable for 'tpu'.
+      UsageError: unknown name, a malformed TF_CONFIG for 'multi_worker', or no TPU
+        reachable for 'tpu'.
     """
     import tensorflow as tf
 
@@ -34,6 +73,7 @@ def make_strategy(name: str, cpu_replicas: int = 2):
         devices = [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
     if name == "multi_worker":
+        check_tf_config(os.environ.get("TF_CONFIG", ""))
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
         try:

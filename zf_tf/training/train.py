@@ -114,7 +114,7 @@ def _train(config, workdir, out, strategy, chief):
         *callbacks.from_config(config, out),  # image summaries, Fig. 4 snapshots, ...
         # Last, so an epoch counts as done only once its checkpoint and logs are written.
         # Backups are per worker: every worker restores the same epoch after a failure.
-        callbacks.SafeBackupAndRestore(os.path.join(out, "backup")),
+        callbacks.SafeBackupAndRestore(os.path.join(out, "backup"), workdirs.checkpoint_path(out)),
     ]
     if chief:
         print(
@@ -133,10 +133,18 @@ def _train(config, workdir, out, strategy, chief):
         )
     logging.info("Final weights checksum: %.10e", weights_checksum(model))
     losses = history.history.get("loss", [])
+    checkpoint = workdirs.checkpoint_path(out)
     if losses and not math.isfinite(losses[-1]):
-        raise UsageError(
-            f"training diverged (NaN loss); the last good checkpoint is kept in {workdir}"
+        kept = (
+            f"the last good checkpoint is kept in {checkpoint}"
+            if os.path.exists(checkpoint)
+            else "no epoch finished with a finite loss, so there is no checkpoint"
         )
+        raise UsageError(f"training diverged (NaN loss); {kept}: lower config.train.learning_rate")
+    if not os.path.exists(checkpoint) or workdirs.damage(checkpoint):
+        # A finished run restored from its backup trains no more epochs: rewrite a missing
+        # or damaged checkpoint from the restored model.
+        workdirs.save_model_atomic(model, checkpoint, epochs_done=t.epochs)
     # Every worker exports (saving distributed variables may need all of them); only the
     # chief's `out` is the workdir.
     evaluate.evaluate(config, out, model)

@@ -28,6 +28,7 @@ import keras
 import ml_collections
 
 from pipelines import preprocess
+from zf_tf import outputs
 from zf_tf.core.errors import UsageError
 
 CONFIG_FILE = "config.json"
@@ -89,10 +90,8 @@ def lock(workdir: str):
             f"{workdir} is in use by {who}: wait for it to finish, or use another --workdir"
         ) from None
     try:
-        tmp = f"{owner_path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"pid": os.getpid(), "command": " ".join(sys.argv)}, f)
-        os.replace(tmp, owner_path)
+        owner = {"pid": os.getpid(), "command": " ".join(sys.argv)}
+        outputs.save_text(owner_path, json.dumps(owner), suffix=f".{os.getpid()}")
         yield
     finally:
         try:
@@ -100,6 +99,24 @@ def lock(workdir: str):
         except OSError:
             pass
         held.release()
+
+
+def check_writable(workdir: str):
+    """Raises UsageError, before anything is written, when `workdir` cannot be a writable
+    folder: it (or a folder above it) is a file, or the nearest existing folder is on a
+    read-only file system or not writable by this user."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--workdir={workdir} is a file, not a folder: choose another --workdir")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--workdir={workdir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        cause = "Read-only file system" if read_only else "Permission denied"
+        raise UsageError(f"cannot write {existing}: {cause} (choose a --workdir you can write)")
 
 
 def checkpoint_path(workdir: str) -> str:
@@ -146,14 +163,28 @@ def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _read_json(path: str, what: str = "") -> dict:
+    """A workdir's JSON file; a damaged one (truncated, not JSON) is one UsageError line."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        return value
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(
+            f"{path} is damaged ({e}){what}: restore it, or start afresh with --mode=train "
+            "--overwrite"
+        ) from None
+
+
 def run_differences(workdir: str, config) -> list[str]:
     """Dotted config keys in which `workdir`'s run (config.json) differs from `config`,
     ignoring the COMMAND_LINE_SECTIONS; [] if the workdir holds no run yet."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        old = json.load(f)
+    old = _read_json(path)
     return differences(_run_identity(old), _run_identity(config_json(config)))
 
 
@@ -169,8 +200,12 @@ def prepare_for_training(config, workdir: str, overwrite: bool):
     path = os.path.join(workdir, CONFIG_FILE)
     new = config_json(config)
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            old = _read_json(path)
+        except UsageError:
+            if not overwrite:
+                raise
+            old = {}  # damaged: with --overwrite, a run of another config
         diff = differences(_run_identity(old), _run_identity(new))
         if diff and not overwrite:
             raise UsageError(
@@ -186,10 +221,7 @@ def prepare_for_training(config, workdir: str, overwrite: bool):
                 elif os.path.exists(p):
                     os.remove(p)
     os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(new, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    outputs.save_text(path, json.dumps(new, indent=2, sort_keys=True))
 
 
 def load_config(workdir: str, fallback=None):
@@ -201,8 +233,7 @@ def load_config(workdir: str, fallback=None):
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return fallback
-    with open(path) as f:
-        config = _run_identity(json.load(f))
+    config = _run_identity(_read_json(path))
     if fallback is not None:
         for section in COMMAND_LINE_SECTIONS:
             if section in fallback:
@@ -210,23 +241,54 @@ def load_config(workdir: str, fallback=None):
     return ml_collections.ConfigDict(config)
 
 
-def save_model_atomic(model: keras.Model, path: str):
-    """Saves a Keras model so that `path` is always either the old or the new file."""
+def save_model_atomic(model: keras.Model, path: str, epochs_done: int | None = None):
+    """Saves a Keras model so that `path` is always either the old or the new file; with
+    `epochs_done`, also the number of epochs it has trained, beside it (`epochs_path`),
+    from which a run with a damaged backup resumes."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path[: -len(".keras")] + ".tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, path)
+    with outputs.atomic(path, ".tmp.keras") as tmp:
+        model.save(tmp)
+    if epochs_done is not None:
+        outputs.save_text(epochs_path(path), json.dumps({"epochs_done": int(epochs_done)}))
+
+
+def epochs_path(checkpoint: str) -> str:
+    return checkpoint[: -len(".keras")] + ".epochs.json"
+
+
+def damage(path: str) -> str | None:
+    """Why a .keras file is damaged (truncated, bad CRC, not a zip archive), or None. Reads
+    the file's archive, not the model (no layers are built)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            names = set(archive.namelist())
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        return str(e) or type(e).__name__
+    if bad is not None:
+        return f"member {bad} fails its CRC check"
+    if "config.json" not in names:
+        return "no config.json in the archive"
+    return None
 
 
 def load_model(workdir: str, compile: bool = False) -> keras.Model:
     """The last good model of a workdir.
 
     Raises:
-      UsageError: no checkpoint there.
+      UsageError: no checkpoint there, or a damaged one.
     """
     path = checkpoint_path(workdir)
     if not os.path.exists(path):
         raise UsageError(f"no trained model in {workdir} ({path} missing): run --mode=train first")
+    why = damage(path)
+    if why:
+        raise UsageError(
+            f"{path} is damaged ({why}): rerun --mode=train with this --workdir to rewrite it "
+            "from the backup, or start afresh with --overwrite"
+        )
     from zf_tf.core import model as _  # noqa: F401 - registers the custom layers
 
     return keras.models.load_model(path, compile=compile)

@@ -16,6 +16,7 @@ import tqdm
 from absl import logging
 
 from pipelines import inputs
+from zf_tf import outputs
 from zf_tf.core.errors import UsageError
 from zf_tf.experiments.transfer import images
 from zf_tf.experiments.transfer.target import MODE, Target
@@ -129,7 +130,6 @@ def cached_features(
     logging.info("Feature cache miss: extracting %s features of %s into %s", layer, split, path)
     arrays = extract_features(model, layer, images.center_crops(target, split, batch_size))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)  # uncompressed: read back often, rarely shrinks much
-    os.replace(tmp, path)
+    # Uncompressed: read back often, rarely shrinks much.
+    outputs.save_npz(path, compressed=False, **arrays)
     return arrays, path, False
