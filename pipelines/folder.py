@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import sys
 import tempfile
 
 from absl import logging
@@ -113,10 +115,30 @@ def _decodes(paths: list[str]) -> list[bool]:
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string)).enumerate()
     ds = ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     ok = [False] * len(paths)
-    for i, good in ds.batch(1024).as_numpy_iterator() if paths else ():
-        for j, g in zip(i, good):
-            ok[j] = bool(g)
+    with _libjpeg_muted():
+        for i, good in ds.batch(1024).as_numpy_iterator() if paths else ():
+            for j, g in zip(i, good):
+                ok[j] = bool(g)
     return ok
+
+
+@contextlib.contextmanager
+def _libjpeg_muted():
+    """libjpeg prints a line per broken file ("Corrupt JPEG data: ...") straight to stderr;
+    the index's own line counts those files, so below INFO logging (main.py's quiet console)
+    stderr is muted while they are decoded."""
+    if logging.level_info():
+        yield
+        return
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def _stamp(path: str) -> list[int]:
