@@ -345,6 +345,7 @@ def _eval(config, request, strategy):
 
     config = workdirs.load_config(request.workdir, config)
     evaluate.evaluate(config, request.workdir, workdirs.load_model(request.workdir))
+    print(f"Wrote {os.path.join(request.workdir, 'eval.json')}, eval.md")
 
 
 def _export(config, request, strategy):
@@ -352,7 +353,7 @@ def _export(config, request, strategy):
 
     config = workdirs.load_config(request.workdir, config)
     path = export.export(workdirs.load_model(request.workdir), config, request.workdir)
-    print(f"SavedModel written to {path}")
+    print(f"Wrote {path} (SavedModel: saved_model_cli show --dir {path} --all)")
 
 
 def _ablate(config, request, strategy):
