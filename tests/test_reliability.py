@@ -112,6 +112,7 @@ def test_second_writer_process_is_refused_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_an_undecodable_image_crashes_no_reader(tmp_path, monkeypatch, capsys):
     """A file the pipelines cannot decode although the index let it through (changed since
     it was indexed): training with its augmentation grid and Fig. 4 probe set, eval, the

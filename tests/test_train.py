@@ -239,6 +239,7 @@ def test_serving_an_empty_batch(trained):
     assert out["probabilities"].shape == (0, config.data.num_classes)
 
 
+@pytest.mark.slow
 def test_damaged_backup_or_checkpoint_resumes_from_what_is_good(trained, tmp_path, capsys):
     """Both backups damaged: resume from the checkpoint and the epoch count beside it; that
     damaged too: one line; only the checkpoint damaged: the rerun rewrites it."""
