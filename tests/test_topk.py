@@ -1,7 +1,10 @@
-"""Streaming top-k equals a brute-force sort over all activations."""
+"""Streaming top-k equals a brute-force sort over all activations; several layers in one
+pass equal one scan per layer; ties break by image index; merging is exact; a scan split
+over 2 mirrored replicas equals the single-device scan."""
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tests.conftest import load_config
@@ -55,3 +58,104 @@ def test_records_and_gather():
     found = topk.gather_images(tf.data.Dataset.from_tensor_slices(images).batch(4), best.image)
     assert sorted(found) == [0, 2, 4]
     np.testing.assert_array_equal(found[4], images[4])
+
+
+def random_images(n, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, size, size, 3)) * 60).astype("float32")
+
+
+def assert_same(a: topk.TopK, b: topk.TopK):
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.y, b.y)
+    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(a.activation, b.activation)
+
+
+def test_multi_layer_scan_equals_one_scan_per_layer():
+    model = model_lib.build_model(load_config().model)
+    ds = tf.data.Dataset.from_tensor_slices(random_images(21)).batch(8)
+    seen = []
+    layers = ["conv1", "conv3", "conv5", "pool5"]
+    every = topk.scan_layers(model, layers, ds, k=3, progress=seen.append)
+    assert list(every) == layers and seen == [8, 8, 5]  # one pass over the data
+    for layer in layers:
+        assert_same(every[layer], topk.scan(model, layer, ds, k=3))
+    assert every["conv3"].activation.shape == (3, model.get_layer("conv3").output.shape[-1])
+
+
+def test_ties_break_by_image_index_and_merging_is_exact():
+    model = model_lib.build_model(load_config().model)
+    one = random_images(1)
+    same = tf.data.Dataset.from_tensor_slices(np.repeat(one, 7, 0)).batch(3)
+    best = topk.scan(model, "conv2", same, k=4)
+    # Seven identical images: every map ties 7 ways; the first four images win, in order.
+    assert (best.image == np.arange(4)[:, None]).all()
+    # Merging the top-k's of two halves (indices shifted to the second half's) is the
+    # top-k of the whole, whatever the order of the parts.
+    images = random_images(30, seed=1)
+    images[20] = images[3]  # a tie across the halves: image 3 ranks before image 20
+    whole = topk.scan(model, "conv4", tf.data.Dataset.from_tensor_slices(images).batch(8), k=5)
+    a = topk.scan(model, "conv4", tf.data.Dataset.from_tensor_slices(images[:13]).batch(8), k=5)
+    b = topk.scan(model, "conv4", tf.data.Dataset.from_tensor_slices(images[13:]).batch(8), k=5)
+    b.image = np.where(b.image >= 0, b.image + 13, -1)
+    for parts in ([a, b], [b, a]):
+        merged = topk.merge(parts)
+        np.testing.assert_array_equal(merged.image, whole.image)
+        np.testing.assert_array_equal(merged.y, whole.y)
+        np.testing.assert_array_equal(merged.x, whole.x)
+        np.testing.assert_allclose(merged.activation, whole.activation, rtol=1e-6)
+
+
+MIRRORED_SCAN = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {root!r})
+from zf_tf.training import strategies
+strategy = strategies.make_strategy("mirrored", 2)
+import tensorflow as tf
+from tests.conftest import load_config
+from tests.test_topk import random_images
+from zf_tf.core import model as model_lib, topk
+with strategy.scope():
+    model = model_lib.build_model(load_config().model)
+images = random_images(37, seed=2)
+labels = np.arange(37) % 10
+ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)  # last batch: 3 + 2
+layers = ["conv2", "conv5", "fc7"]
+seen = []
+split = topk.scan_layers(model, layers, ds, k=4, progress=seen.append, strategy=strategy)
+alone = topk.scan_layers(model, layers, ds, k=4)
+out = {{"replicas": strategy.num_replicas_in_sync, "seen": seen}}
+for layer in layers:
+    a, b = split[layer], alone[layer]
+    # Relative to the layer's scale: the replicas' smaller batches round differently.
+    rel = np.abs(a.activation - b.activation) / np.abs(b.activation).max()
+    out[layer] = [bool((a.image == b.image).all()), bool((a.y == b.y).all()),
+                  bool((a.x == b.x).all()), float(rel.max())]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_scan_split_over_two_mirrored_replicas_equals_one_device():
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCAN.format(root=ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["replicas"] == 2 and sum(out["seen"]) == 37
+    for layer in ("conv2", "conv5", "fc7"):
+        same_image, same_y, same_x, rel = out[layer]
+        assert same_image and same_y and same_x, layer
+        assert rel < 1e-5, layer

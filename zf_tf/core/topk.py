@@ -1,9 +1,11 @@
-"""Streaming top-k of every feature map of a layer over a dataset (paper Fig. 2).
+"""Streaming top-k of every feature map of one or several layers over a dataset (paper
+Fig. 2), on one device or split over the replicas of a tf.distribute strategy.
 
-One pass keeps, for each of the F feature maps, the k strongest activations seen so far
-(value, image index, y, x) in (k, F) arrays: memory does not grow with the dataset. Each
-image contributes at most one entry per feature map (its maximum), so the k winners of a
-map are k different images, as in the paper's figures.
+One pass keeps, for each of the F feature maps of each layer, the k strongest activations
+seen so far (value, image index, y, x) in (k, F) arrays: memory does not grow with the
+dataset. Each image contributes at most one entry per feature map (its maximum), so the k
+winners of a map are k different images, as in the paper's figures. Ties break by image
+index, so a scan's result does not depend on how it was split.
 """
 
 from __future__ import annotations
@@ -48,61 +50,166 @@ class TopK:
         ]
 
 
-def _merge(state, act, offset, k):
-    """Merges a batch of activations (B, h, w, F) into the running (k, F) top-k."""
-    b, w = tf.shape(act)[0], tf.shape(act)[2]
-    flat = tf.reshape(act, [b, -1, tf.shape(act)[3]])  # (B, h*w, F)
+def _merge(state, act, index, k):
+    """Merges a batch of activations (B, h, w, F) of images `index` (B,) into the running
+    (k, F) top-k; the state stays ordered by (activation descending, image ascending)."""
+    w = tf.shape(act)[2]
+    flat = tf.reshape(act, [tf.shape(act)[0], -1, tf.shape(act)[3]])  # (B, h*w, F)
     best = tf.reduce_max(flat, axis=1)  # (B, F)
     where = tf.cast(tf.argmax(flat, axis=1), tf.int32)  # (B, F)
-    images = tf.broadcast_to(tf.range(b, dtype=tf.int64)[:, None] + offset, tf.shape(where))
-    values = tf.concat([state[0], best], 0)  # (k + B, F)
-    index = tf.concat([state[1], images], 0)
-    pos = tf.concat([state[2] * w + state[3], where], 0)  # y*w+x keeps one tensor
-    top = tf.math.top_k(tf.transpose(values), k=k)  # (F, k), ties: lower index first
+    images = tf.broadcast_to(index[:, None], tf.shape(where))
+    # Candidates: the state (images below this batch's, in order) then the batch (images
+    # ascending); top_k keeps the lower position first among ties, so ties keep the lower
+    # image index.
+    return _top(
+        tf.concat([state[0], best], 0),
+        tf.concat([state[1], images], 0),
+        tf.concat([state[2] * w + state[3], where], 0),  # y*w+x keeps one tensor
+        w,
+        k,
+    )
+
+
+def _top(values, images, pos, w, k):
+    """The k largest of (n, F) candidates per column, ties to the lower position."""
+    top = tf.math.top_k(tf.transpose(values), k=k)  # (F, k)
     pick = lambda t: tf.transpose(tf.gather(tf.transpose(t), top.indices, batch_dims=1))
     pos = pick(pos)
-    return pick(values), pick(index), pos // w, pos % w
+    return pick(values), pick(images), pos // w, pos % w
 
 
-def scan(model: keras.Model, layer_name: str, dataset, k: int = 9, progress=None) -> TopK:
-    """One streaming pass: the top-k activations of every feature map of a layer.
+def merge(parts: list[TopK], k: int | None = None) -> TopK:
+    """The exact top-k of several top-k's of disjoint image sets (replicas, workers):
+    ordered by activation descending, then image index ascending."""
+    activation = np.concatenate([p.activation for p in parts])
+    image = np.concatenate([p.image for p in parts])
+    y, x = np.concatenate([p.y for p in parts]), np.concatenate([p.x for p in parts])
+    k = k or parts[0].k
+    # lexsort: the last key is the primary one; empty slots (-inf, image -1) sort last.
+    order = np.lexsort((np.where(image < 0, np.iinfo(np.int64).max, image), -activation), axis=0)
+    order = order[:k]
+    take = lambda a: np.take_along_axis(a, order, 0)
+    return TopK(take(activation), take(image), take(y), take(x))
+
+
+def scan_layers(
+    model: keras.Model,
+    layers: list[str],
+    dataset,
+    k: int = 9,
+    progress=None,
+    strategy: tf.distribute.Strategy | None = None,
+) -> dict[str, TopK]:
+    """One streaming pass: the top-k activations of every feature map of several layers,
+    from one forward pass per batch (one multi-output tap).
+
+    Memory is O(layers x maps x k) whatever the dataset's size. Ties break by image index
+    (the earlier image first); an image counts once per map (at its first maximum in
+    row-major order).
 
     Args:
       model: the classifier (any Keras convnet, nested models included).
-      layer_name: layer to tap (its output is (B, h, w, F); a global pool's (B, F) counts
-        as 1x1 maps).
-      dataset: batches of images, or of (images, labels); scanned in order, image
-        indices count from 0 in that order.
+      layers: layers to tap (each output (B, h, w, F); a global pool's (B, F) counts as 1x1
+        maps).
+      dataset: batches of images, or of (images, labels); image indices count from 0 in
+        dataset order.
       k: how many to keep per feature map.
       progress: optional callable(num_images) called after each batch.
+      strategy: a tf.distribute strategy to split the scan over (mirrored replicas, the
+        workers of a multi-worker cluster: each worker must pass the same dataset); every
+        replica keeps its own top-k, merged exactly at the end (`merge`): the result equals
+        the single-device scan's. The model must have been built in `strategy.scope()`
+        for the replicas to hold copies; otherwise they read it from where it lives.
 
     Returns:
-      A TopK with (k, F) arrays.
+      {layer: TopK with (k, F) arrays}.
     """
-    tap = graph.tap(model, [layer_name])
-    features = int(tap.outputs[0].shape[-1])
-    maps = (-1, 1, 1, features) if len(tap.outputs[0].shape) == 2 else None  # global pools
-    state = (
-        tf.fill([k, features], -np.inf),
-        tf.fill([k, features], tf.constant(-1, tf.int64)),
-        tf.zeros([k, features], tf.int32),
-        tf.zeros([k, features], tf.int32),
-    )
+    layers = list(layers)
+    tap = graph.tap(model, layers)
+    outputs = tap.outputs if isinstance(tap.outputs, (list, tuple)) else [tap.outputs]
+    shapes = [tuple(o.shape) for o in outputs]
+
+    def init():
+        return tuple(
+            (
+                tf.fill([k, s[-1]], -np.inf),
+                tf.fill([k, s[-1]], tf.constant(-1, tf.int64)),
+                tf.zeros([k, s[-1]], tf.int32),
+                tf.zeros([k, s[-1]], tf.int32),
+            )
+            for s in shapes
+        )
+
+    def step(index, images, state):
+        maps = tap(images, training=False)
+        maps = maps if isinstance(maps, (list, tuple)) else [maps]
+        return tuple(
+            _merge(st, m if len(m.shape) == 4 else m[:, None, None, :], index, k)
+            for st, m in zip(state, maps)
+        )
+
+    def batches():
+        for batch in dataset:
+            yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+    if strategy is None:
+        step_fn = tf.function(step, reduce_retracing=True)
+        state, offset = init(), 0
+        for images in batches():
+            n = int(images.shape[0])
+            state = step_fn(tf.range(offset, offset + n, dtype=tf.int64), images, state)
+            offset += n
+            if progress:
+                progress(n)
+        results = [[_numpy(st) for st in state]]
+    else:
+        results = _scan_distributed(strategy, step, init, dataset, progress)
+    return {
+        layer: merge([r[i] for r in results]) if len(results) > 1 else results[0][i]
+        for i, layer in enumerate(layers)
+    }
+
+
+def _numpy(state) -> TopK:
+    activation, image, y, x = (np.asarray(t) for t in state)
+    return TopK(activation.astype(np.float32), image, y, x)
+
+
+def _scan_distributed(strategy, step, init, dataset, progress) -> list[list[TopK]]:
+    """Per-replica scans of `strategy.experimental_distribute_dataset` batches carrying
+    their global image indices; returns every replica's states (all workers' replicas,
+    gathered, so each worker can merge them)."""
+    first = next(iter(dataset))
+    first = first[0] if isinstance(first, (tuple, list)) else first
+    batch_size = int(first.shape[0])
+    images = dataset.map(lambda *b: b[0]) if isinstance(dataset.element_spec, tuple) else dataset
+    indexed = images.unbatch().enumerate().batch(batch_size)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dist = strategy.experimental_distribute_dataset(indexed.with_options(options))
+    state = strategy.experimental_distribute_values_from_function(lambda _: init())
 
     @tf.function(reduce_retracing=True)
-    def step(images, offset, state):
-        fmap = tap(images, training=False)
-        return _merge(state, fmap if maps is None else tf.reshape(fmap, maps), offset, k)
+    def run(index, images, state):
+        return strategy.run(step, args=(index, images, state))
 
-    offset = 0
-    for batch in dataset:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        state = step(images, tf.constant(offset, tf.int64), state)
-        offset += int(images.shape[0])
+    for index, batch in dist:
+        state = run(index, batch, state)
         if progress:
-            progress(int(images.shape[0]))
-    activation, image, y, x = (t.numpy() for t in state)
-    return TopK(activation.astype(np.float32), image, y, x)
+            progress(int(sum(int(t.shape[0]) for t in strategy.experimental_local_results(index))))
+    num = strategy.num_replicas_in_sync
+    flat = tf.nest.flatten(state)
+    gathered = [np.asarray(strategy.gather(t, axis=0)) for t in flat]  # (replicas * k, F)
+    states = tf.nest.pack_sequence_as(init(), gathered)
+    k = int(np.asarray(init()[0][0]).shape[0])
+    return [
+        [_numpy(tuple(t[r * k : (r + 1) * k] for t in st)) for st in states] for r in range(num)
+    ]
+
+
+def scan(model: keras.Model, layer_name: str, dataset, k: int = 9, progress=None) -> TopK:
+    """`scan_layers` of one layer: the top-k activations of every feature map of it."""
+    return scan_layers(model, [layer_name], dataset, k, progress)[layer_name]
 
 
 def gather_images(dataset, indices) -> dict[int, np.ndarray]:
