@@ -2,12 +2,16 @@
 pass equal one scan per layer; ties break by image index; merging is exact; a scan split
 over 2 mirrored replicas equals the single-device scan."""
 
+import json
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import load_config
+from tests.conftest import ROOT, load_config
 from zf_tf.core import model as model_lib
 from zf_tf.core import topk
 
@@ -107,14 +111,14 @@ def test_ties_break_by_image_index_and_merging_is_exact():
         np.testing.assert_allclose(merged.activation, whole.activation, rtol=1e-6)
 
 
-MIRRORED_SCAN = """
+SPLIT_SCAN = """
 import json, sys
 import numpy as np
 sys.path.insert(0, {root!r})
 from zf_tf.training import strategies
-strategy = strategies.make_strategy("mirrored", 2)
+strategy = strategies.make_strategy({strategy!r}, 2)
 import tensorflow as tf
-from tests.conftest import load_config
+from tests.conftest import ROOT, load_config
 from tests.test_topk import random_images
 from zf_tf.core import model as model_lib, topk
 with strategy.scope():
@@ -137,25 +141,34 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.slow
-def test_scan_split_over_two_mirrored_replicas_equals_one_device():
-    import json
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    proc = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCAN.format(root=ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.splitlines()[-1])
-    assert out["replicas"] == 2 and sum(out["seen"]) == 37
+def check_split_scan(stdout):
+    out = json.loads(stdout.splitlines()[-1])
+    assert out["replicas"] == 2
     for layer in ("conv2", "conv5", "fc7"):
         same_image, same_y, same_x, rel = out[layer]
         assert same_image and same_y and same_x, layer
         assert rel < 1e-5, layer
+    return out
+
+
+@pytest.mark.slow
+def test_scan_split_over_two_mirrored_replicas_equals_one_device():
+    script = SPLIT_SCAN.format(root=ROOT, strategy="mirrored")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sum(check_split_scan(proc.stdout)["seen"]) == 37
+
+
+@pytest.mark.slow
+def test_scan_split_over_two_workers_equals_one_device(tmp_path):
+    from tests.test_train import run_workers
+
+    script = SPLIT_SCAN.format(root=ROOT, strategy="multi_worker")
+    outs = run_workers(tmp_path, [sys.executable, "-c", script], timeout=300)
+    seen = 0
+    for returncode, stdout, stderr in outs:
+        assert returncode == 0, stderr[-3000:]
+        seen += sum(check_split_scan(stdout)["seen"])
+    assert seen == 37  # each worker scans (and counts) its own share

@@ -114,7 +114,8 @@ def scan_layers(
       dataset: batches of images, or of (images, labels); image indices count from 0 in
         dataset order.
       k: how many to keep per feature map.
-      progress: optional callable(num_images) called after each batch.
+      progress: optional callable(num_images) called after each batch (with a
+        multi-worker strategy: the images this worker scanned).
       strategy: a tf.distribute strategy to split the scan over (mirrored replicas, the
         workers of a multi-worker cluster: each worker must pass the same dataset); every
         replica keeps its own top-k, merged exactly at the end (`merge`): the result equals
