@@ -214,6 +214,7 @@ def index_folder(root: str, max_workers: int = 16) -> FolderIndex:
             if os.path.isfile(os.path.join(root, f))
         ]
     candidates = [(p, y) for p, y in listed if _extension(p) in EXTENSIONS]
+    unsupported = [p for p, _ in listed if _extension(p) in UNSUPPORTED]
     if not candidates:
         raise FileNotFoundError(
             f"no images ({', '.join(EXTENSIONS)}) in {root} or in class subfolders of it"
@@ -231,13 +232,13 @@ def index_folder(root: str, max_workers: int = 16) -> FolderIndex:
         else:
             paths.append(path)
             labels.append(label)
-    ignored = collections.Counter()
-    for path, _ in listed:
-        ext = _extension(path)
-        if ext in UNSUPPORTED:
-            skipped[f"unsupported {ext}"].append(path)
-        elif ext not in EXTENSIONS and not os.path.basename(path).startswith("."):
-            ignored[ext] += 1
+    for path in unsupported:
+        skipped[f"unsupported {_extension(path)}"].append(path)
+    ignored = collections.Counter(
+        _extension(p)
+        for p, _ in listed
+        if _extension(p) not in EXTENSIONS + UNSUPPORTED and not os.path.basename(p).startswith(".")
+    )
     index = FolderIndex(paths, labels, class_names, dict(skipped), dict(sorted(ignored.items())))
     detail = ", ".join(f"{len(v)} {k}" for k, v in sorted(index.skipped.items())) or "none"
     others = ", ".join(f"{n} {ext}" for ext, n in index.ignored.items())
@@ -246,7 +247,7 @@ def index_folder(root: str, max_workers: int = 16) -> FolderIndex:
         "Image folder %s: %d classes, %d image files, %d readable, %d skipped (%s)%s",
         root,
         len(class_names),
-        len(candidates) + sum(len(v) for k, v in skipped.items() if k.startswith("unsup")),
+        len(candidates) + len(unsupported),
         len(paths),
         index.num_skipped,
         detail,

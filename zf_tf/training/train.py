@@ -141,9 +141,9 @@ def _train(config, workdir, out, strategy, chief):
             else "no epoch finished with a finite loss, so there is no checkpoint"
         )
         raise UsageError(f"training diverged (NaN loss); {kept}: lower config.train.learning_rate")
-    if not os.path.exists(checkpoint) or workdirs.damage(checkpoint):
-        # A finished run restored from its backup trains no more epochs: rewrite a missing
-        # or damaged checkpoint from the restored model.
+    if not losses and (not os.path.exists(checkpoint) or workdirs.damage(checkpoint)):
+        # A finished run restored from its backup trains no more epochs (so nothing rewrote
+        # the checkpoint): rewrite a missing or damaged one from the restored model.
         workdirs.save_model_atomic(model, checkpoint, epochs_done=t.epochs)
     # Every worker exports (saving distributed variables may need all of them); only the
     # chief's `out` is the workdir.

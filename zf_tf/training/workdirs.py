@@ -163,7 +163,7 @@ def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _read_json(path: str, what: str = "") -> dict:
+def _read_json(path: str) -> dict:
     """A workdir's JSON file; a damaged one (truncated, not JSON) is one UsageError line."""
     try:
         with open(path) as f:
@@ -173,8 +173,7 @@ def _read_json(path: str, what: str = "") -> dict:
         return value
     except (ValueError, UnicodeDecodeError) as e:
         raise UsageError(
-            f"{path} is damaged ({e}){what}: restore it, or start afresh with --mode=train "
-            "--overwrite"
+            f"{path} is damaged ({e}): restore it, or start afresh with --mode=train --overwrite"
         ) from None
 
 
@@ -283,12 +282,15 @@ def load_model(workdir: str, compile: bool = False) -> keras.Model:
     path = checkpoint_path(workdir)
     if not os.path.exists(path):
         raise UsageError(f"no trained model in {workdir} ({path} missing): run --mode=train first")
-    why = damage(path)
-    if why:
+    from zf_tf.core import model as _  # noqa: F401 - registers the custom layers
+
+    try:
+        return keras.models.load_model(path, compile=compile)
+    except Exception:  # noqa: BLE001 - a damaged archive can fail anywhere; say so if it is
+        why = damage(path)  # read only when loading failed: no second read of a good file
+        if why is None:
+            raise
         raise UsageError(
             f"{path} is damaged ({why}): rerun --mode=train with this --workdir to rewrite it "
             "from the backup, or start afresh with --overwrite"
-        )
-    from zf_tf.core import model as _  # noqa: F401 - registers the custom layers
-
-    return keras.models.load_model(path, compile=compile)
+        ) from None
