@@ -73,6 +73,11 @@ flags.DEFINE_integer(
     "num_images", 0, "Images to analyse; 0: the config's analysis default.", lower_bound=0
 )
 flags.DEFINE_string("parts", "", "--mode=correspondence: JSON {image: {part: [y0,x0,y1,x1]}}.")
+flags.DEFINE_string(
+    "layers",
+    "",
+    "--mode=atlas: comma-separated layers to scan, e.g. conv3,conv5; default: every conv layer.",
+)
 flags.DEFINE_string("compare", "", "--mode=filters: workdir of the AlexNet-style layer-1 model.")
 
 FLAGS = flags.FLAGS

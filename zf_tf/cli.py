@@ -383,7 +383,7 @@ def _analysis(name: str):
 
         if not request.model:  # the workdir's own model: the data it was trained on
             config = workdirs.load_config(request.workdir, config)
-        analyses_base.run(analyses.get(name), config, request)
+        analyses_base.run(analyses.get(name), config, request, strategy)
 
     run_analysis.__doc__ = (
         f"--mode={name}: zf_tf.analyses.REGISTRY[{name!r}] (with --model, on the command "

@@ -14,6 +14,7 @@ REGISTRY = {
     "evolution": "zf_tf.analyses.evolution",
     "filters": "zf_tf.analyses.filters",
     "attribution": "zf_tf.analyses.attribution",
+    "atlas": "zf_tf.analyses.atlas",
 }
 
 

@@ -58,6 +58,7 @@ class Request:
       untrained: use a freshly initialized model instead of the workdir's checkpoint.
       parts: correspondence: JSON file {image: {part: [y0, x0, y1, x1]}}.
       compare: filters: workdir of the AlexNet-style layer-1 model.
+      layers: atlas: comma-separated layers ('' = every conv layer).
       model: look inside this model instead of the workdir's: a .keras file or a
         keras.applications name (`sources`).
       weights: a local weights file for a keras.applications `model`.
@@ -77,6 +78,7 @@ class Request:
     untrained: bool = False
     parts: str = ""
     compare: str = ""
+    layers: str = ""
     model: str = ""
     weights: str = ""
     overridden: tuple = ()
@@ -142,6 +144,8 @@ class Analysis:
       name: the mode name (`--mode=<name>`), the TensorBoard run and the default out dir.
       settings, outputs, load, compute, render, resolve: the parts (module docstring).
       needs_model: False for analyses that read only workdir files (evolution).
+      distributed: `compute` takes the run's tf.distribute strategy as a fourth argument
+        (atlas: the scan is split over its replicas and workers).
     """
 
     name: str
@@ -152,6 +156,7 @@ class Analysis:
     load: Callable = default_load
     resolve: Callable = default_resolve
     needs_model: bool = True
+    distributed: bool = False
 
 
 def load_model(config, request: Request):
@@ -164,7 +169,7 @@ def load_model(config, request: Request):
     return workdirs.load_model(request.workdir)
 
 
-def run(analysis: Analysis, config, request: Request) -> Result:
+def run(analysis: Analysis, config, request: Request, strategy=None) -> Result:
     """Runs one analysis: the shared skeleton of every analysis mode.
 
     Args:
@@ -172,6 +177,7 @@ def run(analysis: Analysis, config, request: Request) -> Result:
       config: the workdir's config, with `config.analysis` from the command line
         (`workdirs.load_config`); with `request.model`, the command line's config.
       request: the command line's request.
+      strategy: the tf.distribute strategy of `--strategy`, for `distributed` analyses.
 
     Returns:
       Result(result=compute's dict, paths={name: path}, report=render's Report).
@@ -193,13 +199,17 @@ def run(analysis: Analysis, config, request: Request) -> Result:
     if source is not None and source.description:
         print(source.description)
     data = analysis.load(config, settings, model)
-    result = analysis.compute(model, data, settings)
+    if analysis.distributed:
+        result = analysis.compute(model, data, settings, strategy)
+    else:
+        result = analysis.compute(model, data, settings)
     report = analysis.render(result, settings, paths)
     for tag, image in report.images.items():
         outputs.write_tensorboard(request.workdir, analysis.name, tag, image)
     for line in report.lines:
         print(line)
     written = [p for p in paths.values() if os.path.exists(p)]
-    print(f"Wrote {', '.join(written)}")
+    if written:
+        print(f"Wrote {', '.join(written)}")
     kept = {name: path for name, path in paths.items() if path in written}
     return Result(result=result, paths=kept, report=report)

@@ -215,8 +215,15 @@ def scan(model: keras.Model, layer_name: str, dataset, k: int = 9, progress=None
 
 def gather_images(dataset, indices) -> dict[int, np.ndarray]:
     """Second pass: the images at the given scan-order indices, {index: image}."""
+    return gather_examples(dataset, indices)[0]
+
+
+def gather_examples(dataset, indices) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+    """Second pass: the images at the given scan-order indices and their labels, ({index:
+    image}, {index: label}); no labels where the dataset has none. Stops once all are
+    found."""
     wanted = set(int(i) for i in np.ravel(indices) if i >= 0)
-    found, offset = {}, 0
+    found, labels, offset = {}, {}, 0
     for batch in dataset:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         n = int(images.shape[0])
@@ -224,7 +231,11 @@ def gather_images(dataset, indices) -> dict[int, np.ndarray]:
         if hits:
             array = images.numpy()
             found.update({i: array[i - offset] for i in hits})
+            if isinstance(batch, (tuple, list)) and len(batch) > 1:
+                label = np.asarray(batch[1])
+                if label.ndim == 1:  # class ids (not multi-hot)
+                    labels.update({i: int(label[i - offset]) for i in hits})
         offset += n
         if len(found) == len(wanted):
             break
-    return found
+    return found, labels

@@ -1,0 +1,391 @@
+"""`--mode=atlas`: every unit of every selected layer, scanned once, projected and browsable
+as an offline web site, `WORKDIR/atlas/index.html`.
+
+Three stages, each cached under `WORKDIR/atlas/cache/` so that a killed run resumes where it
+stopped, and re-rendering or adding a layer does not redo what is done:
+
+1. **scan**: one streaming pass over the split keeps the top-k activations of every feature
+   map of every selected layer not scanned yet (`topk.scan_layers`: one forward pass per
+   batch of a multi-output tap), split over the replicas or workers of `--strategy`;
+   `cache/<layer>/scan.npz`.
+2. **projections**: the deconvnet projection of every winner (each unit's k), batched, with
+   the input patch under its receptive field, both on the layer's receptive-field canvas;
+   `cache/<layer>/units_<first>.npz` per chunk of `UNITS_PER_CHUNK` units.
+3. **site** (`atlas_site`): an index, a page per layer, a page per unit.
+
+Each cache file records a key of what it was computed from (the model's weights, the data
+config, the split, k, the layer); a file with another key is recomputed. The site replaces
+an existing one only with `--overwrite`; the cache never needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import tqdm
+
+from pipelines import inputs, preprocess
+from zf_tf import outputs
+from zf_tf.analyses import atlas_site, base
+from zf_tf.core import deconv, graph, topk
+from zf_tf.core.errors import UsageError
+
+MODE = "atlas"
+UNITS_PER_CHUNK = 16  # units projected and cached together (the resume granularity)
+MAX_POOL_IMAGES = 1024  # distinct winner images held in memory at once (224 px: 0.6 GB)
+PROJECT_BATCH = 64  # deconvnet requests per call
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Typed settings of `--mode=atlas`."""
+
+    layers: tuple  # () = every conv layer of the model (filled in by `resolve`)
+    split: str
+    top_k: int
+    num_images: int  # images in the split
+    pixels: preprocess.Pixels
+    crop_size: int
+    resize_size: int
+    cache_dir: str
+    data: dict  # the data config (JSON-able): what the cache keys and the index page show
+    description: str = ""  # what the model is (index page)
+    command: str = ""  # how the atlas was made (index page)
+
+
+def parse_layers(text: str) -> tuple:
+    """`--layers` as a tuple of names ('' = ())."""
+    names = [n.strip() for n in text.split(",")]
+    if text.strip() and not all(names):
+        raise UsageError(f"--layers={text!r} has an empty entry: give comma-separated names")
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
+def settings(config, request: base.Request) -> Settings:
+    """Raises UsageError: bad --top_k or --layers, k larger than the split; DataError: an
+    unknown split. The layers are checked against the model by `resolve`."""
+    if request.top_k < 1:
+        raise UsageError(f"--top_k must be at least 1; got {request.top_k}")
+    data = config.data
+    split = request.split or data.eval_split
+    total = inputs.check_split(data, split)
+    if request.top_k > total:
+        raise UsageError(
+            f"--top_k={request.top_k} exceeds the {total} images of split {split!r}: use at "
+            f"most {total}"
+        )
+    return Settings(
+        layers=parse_layers(request.layers),
+        split=split,
+        top_k=int(request.top_k),
+        num_images=int(total),
+        pixels=preprocess.pixels(data),
+        crop_size=int(data.crop_size),
+        resize_size=int(data.resize_size),
+        cache_dir=os.path.join(request.workdir, MODE, "cache"),
+        data=json.loads(data.to_json_best_effort(sort_keys=True)),
+        description=request.model or f"the model of {request.workdir}",
+        command=" ".join(["python"] + [os.path.basename(sys.argv[0])] + sys.argv[1:])
+        if sys.argv and sys.argv[0].endswith("main.py")
+        else "",
+    )
+
+
+def resolve(s: Settings, model, source) -> Settings:
+    """The layers (default: every conv layer) checked against the model: each must be a
+    conv, pool or activation layer with a deconvnet inverse.
+
+    Raises:
+      UsageError: an unknown layer, or one with no deconvnet inverse (naming the valid ones).
+    """
+    valid = deconv.valid_layers(model)
+    layers = s.layers or tuple(graph.conv_layers(model))
+    if not layers:
+        raise UsageError("the model has no conv layer: name layers with --layers")
+    names = {op.name for op in graph.ops_of(model)}
+    for layer in layers:
+        if layer not in names:
+            raise UsageError(
+                f"--layers: {layer!r} is not a layer of the model: choose from {', '.join(valid)}"
+            )
+        if layer not in valid:
+            raise UsageError(
+                f"--layers: {layer!r} has no deconvnet inverse (not a conv, pool or activation "
+                f"layer with image-shaped maps): choose from {', '.join(valid)}"
+            )
+        try:
+            deconv.projection_form(model, layer)
+        except NotImplementedError as e:
+            raise UsageError(f"--layers: {layer!r}: {e}") from None
+    description = getattr(source, "description", "") or s.description
+    return dataclasses.replace(s, layers=tuple(layers), description=description)
+
+
+def outputs_of(s: Settings):
+    """WORKDIR/atlas/index.html (the site's other pages lie beside it)."""
+    return MODE, ("index.html",)
+
+
+@dataclasses.dataclass
+class Data:
+    dataset: object  # callable -> a fresh tf.data.Dataset of (images, labels) center crops
+    class_names: list
+
+
+def load(config, s: Settings, model) -> Data:
+    return Data(
+        dataset=lambda: inputs.build_inputs(config, s.split, mode="center"),
+        class_names=inputs.class_names(config.data),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+# ---------------------------------------------------------------------------------------------
+
+
+def weights_fingerprint(model) -> str:
+    """A digest of the model's weights (names, shapes, values): changes when they do."""
+    digest = hashlib.sha1()
+    for w in model.weights:
+        value = np.ascontiguousarray(np.asarray(w))
+        digest.update(f"{w.path}:{value.shape}:{value.dtype}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(fingerprint: str, s: Settings, layer: str) -> str:
+    """What a layer's cached scan and projections were computed from."""
+    what = {
+        "weights": fingerprint,
+        "data": s.data,
+        "split": s.split,
+        "k": s.top_k,
+        "layer": layer,
+        "num_images": s.num_images,
+    }
+    return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def layer_dir(s: Settings, layer: str) -> str:
+    return os.path.join(s.cache_dir, atlas_site.slug(layer))
+
+
+def _read(path: str, key: str) -> dict | None:
+    """The arrays of a cache file made with `key`; None if absent, stale or damaged."""
+    try:
+        with np.load(path) as f:
+            if str(f["key"]) != key:
+                return None
+            return {name: f[name] for name in f.files if name != "key"}
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def _write(path: str, key: str, **arrays):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    outputs.save_npz(path, compressed=True, key=np.array(key), **arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Computing: scan, then projections
+# ---------------------------------------------------------------------------------------------
+
+
+def scan(model, data: Data, s: Settings, keys: dict, strategy=None, chief=True) -> dict:
+    """{layer: TopK}: cached scans, and one pass over the split for the layers without one."""
+    found, missing = {}, []
+    for layer in s.layers:
+        cached = _read(os.path.join(layer_dir(s, layer), "scan.npz"), keys[layer])
+        if cached is None:
+            missing.append(layer)
+        else:
+            found[layer] = topk.TopK(**cached)
+    if missing:
+        replicas = getattr(strategy, "num_replicas_in_sync", 1)
+        distributed = strategy is not None and (replicas > 1 or _multi(strategy))
+        desc = f"scan {len(missing)} layer(s) on {s.split}"
+        with tqdm.tqdm(total=s.num_images, desc=desc, unit="img") as bar:
+            scanned = topk.scan_layers(
+                model,
+                missing,
+                data.dataset(),
+                k=s.top_k,
+                progress=bar.update,
+                strategy=strategy if distributed else None,
+            )
+        for layer, best in scanned.items():
+            if chief:
+                _write(
+                    os.path.join(layer_dir(s, layer), "scan.npz"),
+                    keys[layer],
+                    **dataclasses.asdict(best),
+                )
+            found[layer] = best
+    return {layer: found[layer] for layer in s.layers}
+
+
+def _multi(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return bool(resolver is not None and resolver.task_type)
+
+
+def _chunks(num_units: int) -> list[range]:
+    return [
+        range(a, min(a + UNITS_PER_CHUNK, num_units)) for a in range(0, num_units, UNITS_PER_CHUNK)
+    ]
+
+
+def _chunk_path(s: Settings, layer: str, units: range) -> str:
+    return os.path.join(layer_dir(s, layer), f"units_{units.start:05d}.npz")
+
+
+def _groups(best: topk.TopK, chunks: list[range]) -> list[list[range]]:
+    """Chunks grouped so that each group's winners need at most MAX_POOL_IMAGES images
+    (a chunk bigger than that forms a group of its own)."""
+    groups, current, images = [], [], set()
+    for units in chunks:
+        wanted = set(best.image[:, units.start : units.stop].ravel().tolist()) - {-1}
+        if current and len(images | wanted) > MAX_POOL_IMAGES:
+            groups.append(current)
+            current, images = [], set()
+        current.append(units)
+        images |= wanted
+    return groups + ([current] if current else [])
+
+
+def project_units(model, dn, best: topk.TopK, units: range, layer: str, pool, labels, s) -> dict:
+    """Projections and input patches of the winners of `units` on the layer's receptive
+    field canvas (uint8 (n, k, side, side, 3); empty slots gray), and their labels."""
+    side = min(int(deconv.receptive_field_size(model, layer)), s.crop_size)
+    k, n = best.k, len(units)
+    proj = np.full((n, k, side, side, 3), 128, np.uint8)
+    patch = np.full((n, k, side, side, 3), 128, np.uint8)
+    label = np.full((n, k), -1, np.int64)
+    box = np.zeros((n, k, 4), np.int32)
+    rows = [(i, r) for i, u in enumerate(units) for r in range(k) if best.image[r, u] >= 0]
+    if not rows:
+        return {"projection": proj, "patch": patch, "label": label, "box": box}
+    order = sorted({int(best.image[r, units[i]]) for i, r in rows})
+    where = {image: j for j, image in enumerate(order)}
+    stack = np.stack([pool[i] for i in order])
+    result = deconv.project(
+        dn,
+        stack,
+        np.array([where[int(best.image[r, units[i]])] for i, r in rows], np.int32),
+        np.array([units[i] for i, r in rows], np.int32),
+        np.array([best.y[r, units[i]] for i, r in rows], np.int32),
+        np.array([best.x[r, units[i]] for i, r in rows], np.int32),
+        batch_size=PROJECT_BATCH,
+    )
+    shown = outputs.display(stack, s.pixels)
+    to_uint8 = lambda a: np.clip(np.round(a * 255), 0, 255).astype(np.uint8)
+    for m, (i, r) in enumerate(rows):
+        u, image = units[i], int(best.image[r, units[i]])
+        b = tuple(int(v) for v in deconv.receptive_field(model, layer, best.y[r, u], best.x[r, u]))
+        box[i, r] = b
+        proj[i, r] = to_uint8(outputs.field_cell(result["projection"][m], b, side))
+        patch[i, r] = to_uint8(outputs.field_patch(shown[where[image]], b, side))
+        label[i, r] = labels.get(image, -1)
+    return {"projection": proj, "patch": patch, "label": label, "box": box}
+
+
+def projections(model, data: Data, s: Settings, scans: dict, keys: dict) -> dict:
+    """{layer: {projection, patch, label, box}} of every unit: cached chunks, the rest
+    projected (one deconvnet per layer, a gather pass per group of chunks) and cached."""
+    todo = {
+        layer: [
+            u
+            for u in _chunks(best.activation.shape[1])
+            if _read(_chunk_path(s, layer, u), keys[layer]) is None
+        ]
+        for layer, best in scans.items()
+    }
+    total = sum(best.activation.shape[1] for best in scans.values())
+    remaining = sum(len(u) for chunks in todo.values() for u in chunks)
+    with tqdm.tqdm(
+        total=total, initial=total - remaining, desc="project units", unit="unit"
+    ) as bar:
+        for layer, chunks in todo.items():
+            if not chunks:
+                continue
+            best, dn = scans[layer], deconv.build_deconvnet(model, layer)
+            for group in _groups(best, chunks):
+                wanted = np.concatenate([best.image[:, u.start : u.stop].ravel() for u in group])
+                pool, labels = topk.gather_examples(data.dataset(), wanted)
+                for units in group:
+                    cells = project_units(model, dn, best, units, layer, pool, labels, s)
+                    _write(_chunk_path(s, layer, units), keys[layer], **cells)
+                    bar.update(len(units))
+    out = {}
+    for layer, best in scans.items():
+        parts = [
+            _read(_chunk_path(s, layer, u), keys[layer]) for u in _chunks(best.activation.shape[1])
+        ]
+        out[layer] = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return out
+
+
+def compute(model, data: Data, s: Settings, strategy=None) -> dict:
+    """The scans and projections of every selected layer (cached stages skipped).
+
+    Returns:
+      dict: layers {layer: {scan: TopK, projection, patch (F, k, side, side, 3) uint8,
+      label (F, k), box (F, k, 4), map_shape, receptive_field, form}}, timings (seconds of
+      each stage run here), chief (False on a non-chief worker: it helps scan, writes
+      nothing).
+    """
+    from zf_tf.training import workdirs
+
+    chief = strategy is None or workdirs.is_chief(strategy)
+    fingerprint = weights_fingerprint(model)
+    keys = {layer: cache_key(fingerprint, s, layer) for layer in s.layers}
+    start = time.perf_counter()
+    scans = scan(model, data, s, keys, strategy, chief)
+    scanned = time.perf_counter()
+    if not chief:
+        return {"chief": False, "layers": {}, "timings": {"scan": scanned - start}}
+    cells = projections(model, data, s, scans, keys)
+    layers = {}
+    for layer in s.layers:
+        shape = tuple(int(d) for d in graph.find(model, layer).output.shape[1:])
+        layers[layer] = {
+            "scan": scans[layer],
+            **cells[layer],
+            "map_shape": shape if len(shape) == 3 else (1, 1, shape[-1]),
+            "receptive_field": int(deconv.receptive_field_size(model, layer)),
+            "form": deconv.projection_form(model, layer)[0],
+        }
+    timings = {"scan": scanned - start, "projections": time.perf_counter() - scanned}
+    return {"chief": True, "layers": layers, "timings": timings, "class_names": data.class_names}
+
+
+def render(result: dict, s: Settings, paths: dict) -> base.Report:
+    """The site (`atlas_site.write`); on a non-chief worker, nothing."""
+    if not result["chief"]:
+        return base.Report(lines=["Scanned as a non-chief worker: the chief writes the atlas"])
+    summary = atlas_site.write(os.path.dirname(paths["index.html"]), result, s)
+    lines = [
+        f"Atlas: {summary['units']} units of {len(s.layers)} layer(s), "
+        f"{summary['files']} files, {summary['bytes'] / 1e6:.1f} MB; largest page "
+        f"{summary['largest_page']} ({summary['largest_page_bytes'] / 1e6:.2f} MB with its images)"
+    ]
+    return base.Report(lines=lines, summary=summary)
+
+
+ANALYSIS = base.Analysis(
+    name=MODE,
+    settings=settings,
+    outputs=outputs_of,
+    load=load,
+    compute=compute,
+    render=render,
+    resolve=resolve,
+    distributed=True,
+)

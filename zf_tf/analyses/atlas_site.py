@@ -1,0 +1,334 @@
+"""The atlas' static site: plain HTML, one CSS file and PNGs, no script, no network.
+
+Layout under `WORKDIR/atlas/`:
+  index.html                          model, data, layers, units by class, how it was made
+  style.css
+  atlas.json                          what the site holds (units, sizes, timings)
+  layers/<layer>/index.html           every unit as a thumbnail of its strongest projection
+  layers/<layer>/unit_<u>.html        the unit's k projections beside its k input patches,
+                                      activations, image ids, classes; prev/next/up links
+  layers/<layer>/img/<u>_p<r>.png     projection of rank r (on the receptive-field canvas)
+  layers/<layer>/img/<u>_x<r>.png     the input patch under it
+
+Every link is relative and names a file (no directory index), so the site works from
+`file://` as from `python -m http.server`. The site is written into a temporary folder and
+moved into place when complete, `index.html` last: an existing index.html means a whole
+site, and a failed render leaves the previous one as it was.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import html
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import tqdm
+from PIL import Image
+
+CELL = 96  # displayed side (CSS px) of a projection or patch on a unit page
+THUMB = 64  # displayed side of a layer page's thumbnails
+TOP_CLASS_UNITS = 8  # units listed per class on the index
+
+STYLE = """\
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
+a { color: #0645ad; text-decoration: none; } a:hover { text-decoration: underline; }
+nav { margin-bottom: 1em; } nav a { margin-right: 1.2em; }
+h1 { font-size: 1.5em; margin: 0.2em 0; } h2 { font-size: 1.15em; margin-top: 1.5em; }
+table { border-collapse: collapse; } td, th { padding: 2px 8px; text-align: left; }
+tr:nth-child(even) td { background: #f0f0f0; } .num { text-align: right; }
+img { image-rendering: pixelated; background: #888; }
+.grid { display: flex; flex-wrap: wrap; gap: 6px; }
+.unit { display: inline-block; width: %(thumb)dpx; font-size: 11px; text-align: center;
+        color: #333; }
+.unit img { width: %(thumb)dpx; height: %(thumb)dpx; display: block; }
+.unit small { display: block; color: #777; white-space: nowrap; overflow: hidden;
+              text-overflow: ellipsis; }
+.pair { display: flex; gap: 24px; align-items: flex-start; }
+.cells { display: grid; grid-template-columns: repeat(%(columns)s, %(cell)dpx); gap: 3px; }
+.cells img { width: %(cell)dpx; height: %(cell)dpx; display: block; }
+.bar { background: #4a7fb5; height: 12px; display: inline-block; vertical-align: middle; }
+.meta td:first-child { color: #555; }
+"""
+
+
+def slug(name: str) -> str:
+    """A layer name as a file name (nested models' names may hold '/')."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def _page(title: str, body: str, css: str) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<title>{html.escape(title)}</title><link rel="stylesheet" href="{css}">'
+        f"</head><body>\n{body}\n</body></html>\n"
+    )
+
+
+def _png(path: str, image: np.ndarray):
+    Image.fromarray(image).save(path, format="PNG")
+
+
+def _class_counts(labels: np.ndarray) -> collections.Counter:
+    return collections.Counter(int(v) for v in labels if v >= 0)
+
+
+def _name(names: list, label: int) -> str:
+    return names[label] if 0 <= label < len(names) else f"class {label}"
+
+
+def _dominant(labels: np.ndarray, names: list) -> tuple[str, int] | None:
+    """(class name, count) of the commonest label among a unit's winners; None: no labels."""
+    counts = _class_counts(labels)
+    if not counts:
+        return None
+    label, count = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return _name(names, label), count
+
+
+def _layer_page(layer: str, info: dict, s, names: list, prev_next) -> str:
+    best, k = info["scan"], info["scan"].k
+    num_units = best.activation.shape[1]
+    prev_layer, next_layer = prev_next
+    links = ['<a href="../../index.html">&uarr; atlas</a>']
+    if prev_layer:
+        links.append(
+            f'<a href="../{slug(prev_layer)}/index.html">&larr; {html.escape(prev_layer)}</a>'
+        )
+    if next_layer:
+        links.append(
+            f'<a href="../{slug(next_layer)}/index.html">{html.escape(next_layer)} &rarr;</a>'
+        )
+    h, w, _ = info["map_shape"]
+    cells = []
+    for u in range(num_units):
+        dominant = _dominant(info["label"][u], names)
+        note = f"{html.escape(dominant[0])} {dominant[1]}/{k}" if dominant else ""
+        top = best.activation[0, u]
+        cells.append(
+            f'<a class="unit" href="unit_{u:04d}.html" title="unit {u}: strongest {top:.3g}'
+            f'{"; " + note if note else ""}"><img src="img/{u:04d}_p0.png" alt="unit {u}">'
+            f"{u}<small>{note or f'{top:.3g}'}</small></a>"
+        )
+    body = (
+        f"<nav>{' '.join(links)}</nav>\n<h1>{html.escape(layer)}: {num_units} units</h1>\n"
+        f"<p>Each unit's strongest activation over the {s.num_images} images of split "
+        f"<b>{html.escape(s.split)}</b>, projected to pixel space by the deconvnet and cropped "
+        f"to its {info['receptive_field']} px receptive field (maps {h}&times;{w}). Under each: "
+        f"the commonest class of its top {k} images. Click a unit for its top {k}.</p>\n"
+        f'<div class="grid">\n' + "\n".join(cells) + "\n</div>"
+    )
+    return _page(f"{layer} · atlas", body, "../../style.css")
+
+
+def _unit_page(layer: str, u: int, info: dict, s, names: list) -> str:
+    best, k = info["scan"], info["scan"].k
+    num_units = best.activation.shape[1]
+    links = [f'<a href="index.html">&uarr; {html.escape(layer)}</a>']
+    if u > 0:
+        links.append(f'<a href="unit_{u - 1:04d}.html" rel="prev">&larr; unit {u - 1}</a>')
+    if u + 1 < num_units:
+        links.append(f'<a href="unit_{u + 1:04d}.html" rel="next">unit {u + 1} &rarr;</a>')
+    ranks = [r for r in range(k) if best.image[r, u] >= 0]
+    what = {"p": "projection", "x": "patch"}
+    grid = lambda kind: "".join(
+        f'<img src="img/{u:04d}_{kind}{r}.png" alt="rank {r} {what[kind]}"'
+        f' title="rank {r}: {best.activation[r, u]:.4g}">'
+        for r in ranks
+    )
+    rows = []
+    for r in ranks:
+        label = int(info["label"][u, r])
+        y0, x0, y1, x1 = (int(v) for v in info["box"][u, r])
+        rows.append(
+            f'<tr><td class="num">{r}</td><td class="num">{best.activation[r, u]:.4g}</td>'
+            f'<td class="num">{int(best.image[r, u])}</td>'
+            f"<td>{html.escape(_name(names, label)) if label >= 0 else '&ndash;'}</td>"
+            f"<td>({int(best.y[r, u])}, {int(best.x[r, u])})</td>"
+            f"<td>[{y0}:{y1}, {x0}:{x1}]</td></tr>"
+        )
+    counts = _class_counts(info["label"][u])
+    histogram = ""
+    if counts:
+        bars = "".join(
+            f'<tr><td>{html.escape(_name(names, label))}</td><td class="num">{n}</td>'
+            f'<td><span class="bar" style="width:{int(160 * n / len(ranks))}px"></span></td></tr>'
+            for label, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        )
+        histogram = f"<h2>Classes of its top {len(ranks)} images</h2>\n<table>{bars}</table>"
+    body = (
+        f"<nav>{' '.join(links)}</nav>\n<h1>{html.escape(layer)} &middot; unit {u}</h1>\n"
+        f"<p>Its top {len(ranks)} activations over the {s.num_images} images of split "
+        f"<b>{html.escape(s.split)}</b>: deconvnet projections (left) beside the input patches "
+        f"under their {info['receptive_field']} px receptive fields (right), strongest first.</p>\n"
+        f'<div class="pair"><div class="cells projections">{grid("p")}</div>'
+        f'<div class="cells patches">{grid("x")}</div></div>\n'
+        "<h2>Activations</h2>\n<table><tr><th>rank</th><th>activation</th><th>image</th>"
+        "<th>class</th><th>map (y, x)</th><th>input box [y, x]</th></tr>\n"
+        + "\n".join(rows)
+        + f"</table>\n<p>image: the position in split {html.escape(s.split)} "
+        "(center crops, in dataset order).</p>\n" + histogram
+    )
+    return _page(f"{layer} unit {u} · atlas", body, "../../style.css")
+
+
+def _index_page(result: dict, s, names: list) -> str:
+    layers = result["layers"]
+    rows = []
+    for layer, info in layers.items():
+        h, w, f = info["map_shape"]
+        rows.append(
+            f'<tr><td><a href="layers/{slug(layer)}/index.html">{html.escape(layer)}</a></td>'
+            f'<td class="num">{f}</td><td class="num">{h}&times;{w}</td>'
+            f'<td class="num">{info["receptive_field"]}</td><td>{info["form"]}</td></tr>'
+        )
+    total = sum(info["map_shape"][2] for info in layers.values())
+    k = next(iter(layers.values()))["scan"].k
+    # Units by class: for each class, the units whose top-k it fills most.
+    by_class = collections.defaultdict(list)
+    for layer, info in layers.items():
+        for u in range(info["map_shape"][2]):
+            for label, n in _class_counts(info["label"][u]).items():
+                by_class[label].append((-n, layer, u))
+    class_rows = []
+    for label in sorted(by_class):
+        picks = sorted(by_class[label], key=lambda t: (t[0], list(layers).index(t[1]), t[2]))
+        links = " ".join(
+            f'<a href="layers/{slug(layer)}/unit_{u:04d}.html" title="{-n}/{k} of its top {k}">'
+            f"{html.escape(layer)}/{u}&nbsp;({-n})</a>"
+            for n, layer, u in picks[:TOP_CLASS_UNITS]
+        )
+        class_rows.append(f"<tr><td>{html.escape(_name(names, label))}</td><td>{links}</td></tr>")
+    data = s.data
+    source = data.get("source", "")
+    dataset = data.get("folder") if source == "folder" else data.get("name", "")
+    timings = result.get("timings", {})
+    made = [
+        ("model", html.escape(s.description)),
+        (
+            "data",
+            f"{html.escape(str(source))} {html.escape(str(dataset))}, split "
+            f"<b>{html.escape(s.split)}</b>: {s.num_images} images "
+            f"({s.crop_size} px center crops of {s.resize_size} px)",
+        ),
+        ("units", f"{total} in {len(layers)} layers, top {k} each"),
+        (
+            "how",
+            "one streaming pass over the split keeps each unit's top activations (each "
+            "image once per unit, ties to the earlier image); every winner is projected "
+            "to pixel space by the deconvnet (Zeiler &amp; Fergus 2014, Fig. 2)",
+        ),
+        ("command", f"<code>{html.escape(s.command)}</code>" if s.command else "&ndash;"),
+        (
+            "made",
+            datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+            + "".join(f"; {name} {seconds:.1f} s" for name, seconds in timings.items()),
+        ),
+    ]
+    meta = "".join(f"<tr><td>{a}</td><td>{b}</td></tr>" for a, b in made)
+    body = (
+        f'<h1>Atlas</h1>\n<table class="meta">{meta}</table>\n'
+        "<h2>Layers</h2>\n<table><tr><th>layer</th><th>units</th><th>maps</th>"
+        "<th>receptive field (px)</th><th>projection</th></tr>\n"
+        + "\n".join(rows)
+        + "</table>\n"
+        + (
+            f"<h2>Units by class</h2>\n<p>For each class, the units whose top {k} images it "
+            "fills most (count in brackets).</p>\n<table>" + "\n".join(class_rows) + "</table>"
+            if class_rows
+            else ""
+        )
+    )
+    return _page("Atlas", body, "style.css")
+
+
+def _page_weight(page: str) -> int:
+    """A page's bytes with the images it shows."""
+    with open(page, encoding="utf-8") as f:
+        text = f.read()
+    folder = os.path.dirname(page)
+    images = set(re.findall(r'src="([^"]+)"', text))
+    return os.path.getsize(page) + sum(os.path.getsize(os.path.join(folder, i)) for i in images)
+
+
+def write(atlas_dir: str, result: dict, s) -> dict:
+    """Writes the site under `atlas_dir` (see the module docstring); returns what atlas.json
+    holds: units, files, bytes, the largest page and its bytes with its images, timings."""
+    names = list(result.get("class_names") or [])
+    layers = result["layers"]
+    tmp = os.path.join(atlas_dir, ".site-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed render's leftovers
+    try:
+        os.makedirs(tmp)
+        k = next(iter(layers.values()))["scan"].k
+        css = STYLE % {"thumb": THUMB, "cell": CELL, "columns": int(np.ceil(np.sqrt(k)))}
+        with open(os.path.join(tmp, "style.css"), "w", encoding="utf-8") as f:
+            f.write(css)
+        order = list(layers)
+        total = sum(info["map_shape"][2] for info in layers.values())
+        with tqdm.tqdm(total=total, desc="render atlas", unit="unit") as bar:
+            for i, (layer, info) in enumerate(layers.items()):
+                folder = os.path.join(tmp, "layers", slug(layer))
+                os.makedirs(os.path.join(folder, "img"))
+                neighbours = (
+                    order[i - 1] if i else None,
+                    order[i + 1] if i + 1 < len(order) else None,
+                )
+                with open(os.path.join(folder, "index.html"), "w", encoding="utf-8") as f:
+                    f.write(_layer_page(layer, info, s, names, neighbours))
+                best = info["scan"]
+                for u in range(best.activation.shape[1]):
+                    for r in range(best.k):
+                        if best.image[r, u] < 0:
+                            continue
+                        _png(
+                            os.path.join(folder, "img", f"{u:04d}_p{r}.png"),
+                            info["projection"][u, r],
+                        )
+                        _png(os.path.join(folder, "img", f"{u:04d}_x{r}.png"), info["patch"][u, r])
+                    with open(
+                        os.path.join(folder, f"unit_{u:04d}.html"), "w", encoding="utf-8"
+                    ) as f:
+                        f.write(_unit_page(layer, u, info, s, names))
+                    bar.update(1)
+        with open(os.path.join(tmp, "index.html"), "w", encoding="utf-8") as f:
+            f.write(_index_page(result, s, names))
+        files, size, pages = 0, 0, []
+        for root, _, found in os.walk(tmp):
+            for name in found:
+                files += 1
+                size += os.path.getsize(os.path.join(root, name))
+                if name.endswith(".html"):
+                    pages.append(os.path.join(root, name))
+        weights = {p: _page_weight(p) for p in pages}
+        largest = max(weights, key=weights.get)
+        summary = {
+            "units": total,
+            "layers": {layer: info["map_shape"][2] for layer, info in layers.items()},
+            "k": k,
+            "split": s.split,
+            "num_images": s.num_images,
+            "files": files + 1,  # and atlas.json
+            "bytes": size,
+            "largest_page": os.path.relpath(largest, tmp),
+            "largest_page_bytes": weights[largest],
+            "timings": {name: round(t, 2) for name, t in result.get("timings", {}).items()},
+        }
+        with open(os.path.join(tmp, "atlas.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        # Into place: the old pages out, the new in, index.html last.
+        for name in ("layers", "style.css", "atlas.json"):
+            old = os.path.join(atlas_dir, name)
+            if os.path.isdir(old):
+                shutil.rmtree(old)
+            elif os.path.exists(old):
+                os.remove(old)
+            os.replace(os.path.join(tmp, name), old)
+        os.replace(os.path.join(tmp, "index.html"), os.path.join(atlas_dir, "index.html"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
