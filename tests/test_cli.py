@@ -128,7 +128,7 @@ def test_main_turns_library_errors_into_one_line(capsys, tmp_path, tiny_data_dir
         config, mode, strategy = cli.DEFAULT_CONFIG, "train", "default"
         workdir, split, num_images, overwrite, layer = str(tmp_path), "", 0, False, "conv5"
         top_k, features, num_features, image, untrained = 9, "", 16, "", False
-        parts, compare, model, weights = "", "", "", ""
+        parts, compare, model, weights, layers = "", "", "", "", ""
 
     with pytest.raises(SystemExit) as e:
         cli.main(Flags, ["--config.model.layer1=vgg"])

@@ -182,7 +182,7 @@ def test_file_system_faults_are_one_line(tmp_path, capsys, monkeypatch):
         config, mode, strategy = cli.DEFAULT_CONFIG, "eval", "default"
         split, num_images, overwrite, layer = "", 0, False, ""
         top_k, features, num_features, image, untrained = 9, "", 16, "", False
-        parts, compare, model, weights = "", "", "", ""
+        parts, compare, model, weights, layers = "", "", "", "", ""
 
     a_file = tmp_path / "notes.txt"
     a_file.write_text("x")

@@ -35,10 +35,15 @@ class Serving(tf.Module):
             fn_output_signature=spec,
         )
         flat = tf.reshape(crops, [-1, self.s, self.s, 3])
-        probs = tf.nn.softmax(self.model(flat, training=False))
-        # The class count is spelled out: -1 cannot be inferred for an empty batch.
-        shape = [tf.shape(crops)[0], 10, self.model.output_shape[-1]]
-        probs = tf.reduce_mean(tf.reshape(probs, shape), axis=1)
+        n, classes = tf.shape(crops)[0], self.model.output_shape[-1]
+
+        def average():
+            probs = tf.nn.softmax(self.model(flat, training=False))
+            return tf.reduce_mean(tf.reshape(probs, [n, 10, classes]), axis=1)
+
+        # An empty batch never reaches the model: some CPU kernels (Eigen's, without
+        # AVX-512) reject a conv on zero images.
+        probs = tf.cond(n > 0, average, lambda: tf.zeros([0, classes]))
         return {"probabilities": probs, "classes": tf.argmax(probs, axis=1)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
