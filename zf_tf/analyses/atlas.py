@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 import tqdm
@@ -184,7 +185,7 @@ def _read(path: str, key: str) -> dict | None:
             if str(f["key"]) != key:
                 return None
             return {name: f[name] for name in f.files if name != "key"}
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
 
 
