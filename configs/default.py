@@ -137,6 +137,13 @@ def get_config():
     # first and second conv layers (ZFNet: conv1, conv2).
     config.analysis.filters.layers = ("", "")
 
+    # --mode=atlas: receptive-field canvases up to 48 px are exact PNGs; larger ones are JPEG,
+    # shrunk to at most `pixel_density` x the size they are shown at (a unit page's 96 px
+    # cells, a layer page's 64 px thumbnails).
+    config.analysis.atlas = ml_collections.ConfigDict()
+    config.analysis.atlas.pixel_density = 2  # 2: sharp on high-density screens
+    config.analysis.atlas.jpeg_quality = 90
+
     config.analysis.attribution = ml_collections.ConfigDict()
     config.analysis.attribution.num_images = 6  # shown in the figure
     config.analysis.attribution.pointing_images = 200  # scored by the pointing game

@@ -11,11 +11,23 @@ from PIL import Image
 
 from tests import browser
 from tests.conftest import load_config, run_analysis, tiny, workdir_with_model
+from zf_tf.analyses import atlas, atlas_site
 from zf_tf.core import deconv, topk
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 
 WIDTH = 0.125  # conv1 12 maps, conv2 32, conv3 48
+SETTINGS = dict(
+    layers=(),
+    split="validation",
+    top_k=4,
+    num_images=50,
+    pixels=None,
+    crop_size=64,
+    resize_size=72,
+    cache_dir="",
+    data={},
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +96,13 @@ def test_adding_a_layer_scans_only_it_and_a_killed_run_resumes(site, monkeypatch
     )
     assert scanned == [["conv3"]] and sum(projected) == 48 * 4
     assert result.report.summary["units"] == 92
+    # conv3's canvas (its 64 px crop: more than atlas_site.EXACT) is JPEG, at its own size.
+    img = os.path.join(workdir, "atlas", "layers", "conv3", "img")
+    assert sorted(os.listdir(img))[:2] == ["0000_p0.jpg", "0000_p1.jpg"]
+    with Image.open(os.path.join(img, "0000_x0.jpg")) as im:
+        assert im.format == "JPEG" and im.size == (64, 64)
+    layer_page = open(os.path.join(workdir, "atlas", "layers", "conv3", "index.html")).read()
+    assert 'src="img/0047_p0.jpg"' in layer_page
     # A kill after the scan and some projections: no index.html, a chunk missing.
     cache = os.path.join(workdir, "atlas", "cache", "conv3")
     os.remove(os.path.join(workdir, "atlas", "index.html"))
@@ -95,6 +114,44 @@ def test_adding_a_layer_scans_only_it_and_a_killed_run_resumes(site, monkeypatch
     scanned.clear()
     run_analysis("atlas", config, workdir, layers="conv1", top_k=3, overwrite=True)
     assert scanned == [["conv1"]]
+
+
+@pytest.mark.parametrize("density", [1, 2])
+def test_images_exact_when_small_and_shrunk_jpeg_when_large(tmp_path, density):
+    s = atlas.Settings(**{**SETTINGS, "pixel_density": density})
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (atlas_site.EXACT, atlas_site.EXACT, 3), np.uint8)
+    atlas_site._save(str(tmp_path / "small.png"), small, atlas_site.CELL, s)
+    with Image.open(tmp_path / "small.png") as im:
+        assert im.format == "PNG" and np.array_equal(np.asarray(im), small)
+    assert atlas_site._ext(atlas_site.EXACT) == "png" and atlas_site._ext(49) == "jpg"
+    large = np.full((224, 224, 3), 200, np.uint8)
+    for shown in (atlas_site.CELL, atlas_site.THUMB):
+        atlas_site._save(str(tmp_path / "large.jpg"), large, shown, s)
+        with Image.open(tmp_path / "large.jpg") as im:
+            assert im.format == "JPEG" and im.size == (shown * density,) * 2
+            assert np.abs(np.asarray(im).astype(int) - 200).max() <= 2
+    # A layer page reuses the strongest projection while it is small enough to be one.
+    assert atlas_site._thumbnail(3, 64 * density, s) == "0003_p0.jpg"
+    assert atlas_site._thumbnail(3, 64 * density + 1, s) == "0003_t.jpg"
+    assert atlas_site._thumbnail(3, 7, s) == "0003_p0.png"
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("pixel_density", 0, "pixel_density=0: give 1, 2, 3 or 4"),
+        ("pixel_density", 5, "pixel_density=5: give 1, 2, 3 or 4"),
+        ("jpeg_quality", 100, "jpeg_quality=100: give an integer from 1 to 95"),
+    ],
+)
+def test_bad_image_settings(tiny_data_dir, tmp_path, field, value, message):
+    config = tiny(load_config(), tiny_data_dir, width=WIDTH)
+    config.analysis.atlas[field] = value
+    from zf_tf.analyses import base
+
+    with pytest.raises(UsageError, match=message):
+        atlas.settings(config, base.Request(workdir=str(tmp_path)))
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ an existing one only with `--overwrite`; the cache never needs it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -41,6 +42,8 @@ MODE = "atlas"
 UNITS_PER_CHUNK = 16  # units projected and cached together (the resume granularity)
 MAX_POOL_IMAGES = 1024  # distinct winner images held in memory at once (224 px: 0.6 GB)
 PROJECT_BATCH = 64  # deconvnet requests per call
+# config.analysis.atlas (configs without that section get these).
+DEFAULTS = {"pixel_density": 2, "jpeg_quality": 90}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,8 @@ class Settings:
     data: dict  # the data config (JSON-able): what the cache keys and the index page show
     description: str = ""  # what the model is (index page)
     command: str = ""  # how the atlas was made (index page)
+    pixel_density: int = 2  # stored image px per displayed px (larger canvases are shrunk)
+    jpeg_quality: int = 90  # of the shrunk images (canvases shown as they are stay PNG)
 
 
 def parse_layers(text: str) -> tuple:
@@ -81,6 +86,17 @@ def settings(config, request: base.Request) -> Settings:
             f"--top_k={request.top_k} exceeds the {total} images of split {split!r}: use at "
             f"most {total}"
         )
+    look = outputs.analysis_settings(config, MODE, DEFAULTS)
+    density, quality = look["pixel_density"], look["jpeg_quality"]
+    if not isinstance(density, int) or not 1 <= density <= 4:
+        raise UsageError(
+            f"config.analysis.atlas.pixel_density={density!r}: give 1, 2, 3 or 4 (stored image "
+            "pixels per displayed pixel)"
+        )
+    if not isinstance(quality, int) or not 1 <= quality <= 95:
+        raise UsageError(
+            f"config.analysis.atlas.jpeg_quality={quality!r}: give an integer from 1 to 95"
+        )
     return Settings(
         layers=parse_layers(request.layers),
         split=split,
@@ -95,6 +111,8 @@ def settings(config, request: base.Request) -> Settings:
         command=" ".join(["python"] + [os.path.basename(sys.argv[0])] + sys.argv[1:])
         if sys.argv and sys.argv[0].endswith("main.py")
         else "",
+        pixel_density=density,
+        jpeg_quality=quality,
     )
 
 
@@ -178,13 +196,16 @@ def layer_dir(s: Settings, layer: str) -> str:
     return os.path.join(s.cache_dir, atlas_site.slug(layer))
 
 
-def _read(path: str, key: str) -> dict | None:
-    """The arrays of a cache file made with `key`; None if absent, stale or damaged."""
+def _read(path: str, key: str, names=None) -> dict | None:
+    """The arrays (all, or those `names`) of a cache file made with `key`; None if absent,
+    stale or damaged. An npz member is decompressed only when read: `names=()` checks the
+    key alone."""
     try:
         with np.load(path) as f:
             if str(f["key"]) != key:
                 return None
-            return {name: f[name] for name in f.files if name != "key"}
+            wanted = [n for n in f.files if n != "key"] if names is None else names
+            return {name: f[name] for name in wanted}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
 
@@ -298,13 +319,14 @@ def project_units(model, dn, best: topk.TopK, units: range, layer: str, pool, la
 
 
 def projections(model, data: Data, s: Settings, scans: dict, keys: dict) -> dict:
-    """{layer: {projection, patch, label, box}} of every unit: cached chunks, the rest
-    projected (one deconvnet per layer, a gather pass per group of chunks) and cached."""
+    """{layer: {label, box, chunks}} of every unit: cached chunks, the rest projected (one
+    deconvnet per layer, a gather pass per group of chunks) and cached. The images stay on
+    disk: `chunks` is [(units, read)], `read()` -> {projection, patch} of those units."""
     todo = {
         layer: [
             u
             for u in _chunks(best.activation.shape[1])
-            if _read(_chunk_path(s, layer, u), keys[layer]) is None
+            if _read(_chunk_path(s, layer, u), keys[layer], names=()) is None
         ]
         for layer, best in scans.items()
     }
@@ -326,10 +348,17 @@ def projections(model, data: Data, s: Settings, scans: dict, keys: dict) -> dict
                     bar.update(len(units))
     out = {}
     for layer, best in scans.items():
-        parts = [
-            _read(_chunk_path(s, layer, u), keys[layer]) for u in _chunks(best.activation.shape[1])
-        ]
-        out[layer] = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        chunks = _chunks(best.activation.shape[1])
+        paths = [_chunk_path(s, layer, u) for u in chunks]
+        small = [_read(p, keys[layer], names=("label", "box")) for p in paths]
+        out[layer] = {
+            "label": np.concatenate([c["label"] for c in small]),
+            "box": np.concatenate([c["box"] for c in small]),
+            "chunks": [
+                (u, functools.partial(_read, p, keys[layer], ("projection", "patch")))
+                for u, p in zip(chunks, paths)
+            ],
+        }
     return out
 
 
@@ -337,8 +366,9 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
     """The scans and projections of every selected layer (cached stages skipped).
 
     Returns:
-      dict: layers {layer: {scan: TopK, projection, patch (F, k, side, side, 3) uint8,
-      label (F, k), box (F, k, 4), map_shape, receptive_field, form}}, timings (seconds of
+      dict: layers {layer: {scan: TopK, label (F, k), box (F, k, 4), chunks [(units,
+      read)] with read() -> {projection, patch (units, k, side, side, 3) uint8}, side,
+      map_shape, receptive_field, form}}, timings (seconds of
       each stage run here), chief (False on a non-chief worker: it helps scan, writes
       nothing).
     """
@@ -361,6 +391,7 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
             **cells[layer],
             "map_shape": shape if len(shape) == 3 else (1, 1, shape[-1]),
             "receptive_field": int(deconv.receptive_field_size(model, layer)),
+            "side": min(int(deconv.receptive_field_size(model, layer)), s.crop_size),
             "form": deconv.projection_form(model, layer)[0],
         }
     timings = {"scan": scanned - start, "projections": time.perf_counter() - scanned}
