@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -45,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import fresh  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -99,8 +99,7 @@ def build(name: str):
     return keras.applications.VGG16(weights=None, include_top=False, input_shape=(224, 224, 3))
 
 
-def log(*args):
-    print(*args, file=sys.stderr, flush=True)
+log = fresh.log
 
 
 def timed(fn):
@@ -328,18 +327,7 @@ def main():
             )
         )
         return
-    passed = [a for a in sys.argv[1:] if not a.startswith("--repeats")]
-    runs = {name: [] for name in CONFIGS}
-    for r in range(args.repeats):  # interleaved: A, B, C, A, B, C, ...
-        for name in CONFIGS:
-            log(f"round {r + 1}/{args.repeats}: {name} (fresh process)")
-            done = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), f"--only={name}", *passed],
-                stdout=subprocess.PIPE,
-                check=True,
-                text=True,
-            )
-            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    runs = fresh.interleaved(__file__, CONFIGS, args.repeats, fresh.passed_args())
     report = {name: summarize(r) for name, r in runs.items()}
     report["targets"] = TARGETS
     report["meets_targets"] = {name: report[name]["meets_targets"] for name in CONFIGS}

@@ -4,13 +4,14 @@ resumes), the refusals, and the pages in headless Chromium."""
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests import browser
-from tests.conftest import load_config, run_analysis, tiny, workdir_with_model
+from tests.conftest import ROOT, load_config, run_analysis, tiny, workdir_with_model
 from zf_tf.analyses import atlas, atlas_site
 from zf_tf.core import deconv, topk
 from zf_tf.core import model as model_lib
@@ -170,6 +171,38 @@ def test_bad_input_writes_nothing(site, request_, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         run_analysis("atlas", config, workdir, **request_)
     assert sorted(os.walk(os.path.join(workdir, "atlas"))) == before
+
+
+@pytest.mark.slow
+def test_two_workers_make_the_atlas_one_device_makes(site, tmp_path):
+    """--mode=atlas --strategy=multi_worker as 2 local processes: each scans its share of
+    the split, the chief writes the atlas, whose scan equals the single-device one."""
+    from tests.test_train import run_workers
+
+    _, original, _ = site
+    workdir = tmp_path / "w"
+    shutil.copytree(original, workdir, ignore=shutil.ignore_patterns("atlas"))
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "main.py"),
+        "--mode=atlas",
+        "--strategy=multi_worker",
+        f"--workdir={workdir}",
+        "--layers=conv1,conv2",
+        "--top_k=4",
+    ]
+    outs = run_workers(tmp_path, command, timeout=300)
+    for returncode, _, err in outs:
+        assert returncode == 0, err[-3000:]
+    assert "Wrote" in outs[0][1] and "Scanned as a non-chief worker" in outs[1][1]
+    scans = lambda w, layer: np.load(os.path.join(w, "atlas", "cache", layer, "scan.npz"))
+    for layer in ("conv1", "conv2"):
+        one, two = scans(original, layer), scans(workdir, layer)
+        for name in ("image", "y", "x"):
+            np.testing.assert_array_equal(two[name], one[name], err_msg=f"{layer} {name}")
+        np.testing.assert_allclose(two["activation"], one["activation"], rtol=1e-6)
+    summary = json.load(open(os.path.join(workdir, "atlas", "atlas.json")))
+    assert summary["units"] == 44 and summary["files"] > 2 * 4 * 44
 
 
 @pytest.mark.skipif(bool(browser.missing()), reason=browser.missing() or "browser present")
