@@ -53,21 +53,35 @@ class TopK:
 def _merge(state, act, index, k):
     """Merges a batch of activations (B, h, w, F) of images `index` (B,) into the running
     (k, F) top-k; the state stays ordered by (activation descending, image ascending)."""
+    best, y, x = _first_maximum(act)
     w = tf.shape(act)[2]
-    flat = tf.reshape(act, [tf.shape(act)[0], -1, tf.shape(act)[3]])  # (B, h*w, F)
-    best = tf.reduce_max(flat, axis=1)  # (B, F)
-    where = tf.cast(tf.argmax(flat, axis=1), tf.int32)  # (B, F)
-    images = tf.broadcast_to(index[:, None], tf.shape(where))
+    images = tf.broadcast_to(index[:, None], tf.shape(y))
     # Candidates: the state (images below this batch's, in order) then the batch (images
     # ascending); top_k keeps the lower position first among ties, so ties keep the lower
     # image index.
     return _top(
         tf.concat([state[0], best], 0),
         tf.concat([state[1], images], 0),
-        tf.concat([state[2] * w + state[3], where], 0),  # y*w+x keeps one tensor
+        tf.concat([state[2] * w + state[3], y * w + x], 0),  # y*w+x keeps one tensor
         w,
         k,
     )
+
+
+def _first_maximum(act):
+    """(maximum, y, x) of each (image, map) of act (B, h, w, F), each (B, F): the first
+    maximum in row-major order. In two stages, reading the maps once: the maximum of each
+    row, then the first row holding the map's maximum, then its first maximal column read
+    from that row alone (a fused max + argmax over h*w read them 3x slower)."""
+    shape = tf.shape(act)
+    b, h, w, f = (tf.cast(shape[i], tf.int64) for i in range(4))  # int64: no overflow
+    rows = tf.reduce_max(act, axis=2)  # (B, h, F)
+    best = tf.reduce_max(rows, axis=1)
+    y = tf.argmax(rows, axis=1, output_type=tf.int32)  # (B, F): the first row with the max
+    start = tf.range(b)[:, None, None] * h + tf.cast(y, tf.int64)[:, :, None]
+    at = (start * w + tf.range(w)[None, None, :]) * f + tf.range(f)[None, :, None]
+    row = tf.gather(tf.reshape(act, [-1]), at)  # (B, F, w): each map's row of its maximum
+    return best, y, tf.argmax(row, axis=2, output_type=tf.int32)
 
 
 def _top(values, images, pos, w, k):
