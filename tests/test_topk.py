@@ -45,6 +45,18 @@ def test_scan_matches_brute_force():
     assert len(set(best.image[:, 0].tolist())) == 4  # k different images
 
 
+def test_first_maximum_is_numpys_argmax_in_row_major_order():
+    rng = np.random.default_rng(1)
+    # Few distinct values: many ties inside each map, and maps that are all one value.
+    act = rng.integers(0, 4, size=(5, 7, 9, 6)).astype("float32")
+    act[2, :, :, 3] = 1.0
+    best, y, x = (np.asarray(t) for t in topk._first_maximum(tf.constant(act)))
+    flat = act.reshape(5, 7 * 9, 6)
+    np.testing.assert_array_equal(best, flat.max(axis=1))
+    np.testing.assert_array_equal(y * 9 + x, flat.argmax(axis=1))  # numpy: the first maximum
+    assert (y[2, 3], x[2, 3]) == (0, 0)
+
+
 def test_records_and_gather():
     best = topk.TopK(
         activation=np.array([[3.0, 2.0], [1.0, -np.inf]], np.float32),
