@@ -68,6 +68,7 @@ VGG_CONVS = [
 ]
 
 
+@pytest.mark.slow
 def test_vgg16_all_13_conv_layers(vgg16):
     assert graph.conv_layers(vgg16) == VGG_CONVS
     images = np.random.default_rng(0).uniform(-100, 100, (2, 32, 32, 3)).astype(np.float32)
@@ -120,6 +121,7 @@ def bnnet():
     return bn_net()
 
 
+@pytest.mark.slow
 def test_bn_net_layers(bnnet):
     assert deconv.valid_layers(bnnet) == ["c1", "r1", "p1", "c2", "r2", "a2", "c3", "a3", "gap"]
     images = np.random.default_rng(1).uniform(0, 255, (3, 28, 28, 3)).astype(np.float32)
@@ -214,6 +216,7 @@ def test_residual_net_matches_hand_written_oracle(layer):
     check_layer(model, "stem_pool", images, oracle=False)
 
 
+@pytest.mark.slow
 def test_resnet50_rule_form_at_three_depths():
     keras.utils.set_random_seed(0)
     model = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(64, 64, 3))

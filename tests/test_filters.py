@@ -202,6 +202,7 @@ def test_dead_filters_of_any_model_are_its_first_conv_layers():
     assert filters.conv2_features(model, 4, 0) == filters.conv2_features(model, 4, 0, "b")
 
 
+@pytest.mark.slow
 def test_mode_on_a_model_brought_along(tiny_data_dir, tmp_path):
     alex_config = tiny(load_config(), tiny_data_dir, width=0.125, **{"model.layer1": "alexnet"})
     alex = model_lib.build_model(alex_config.model)

@@ -88,6 +88,7 @@ def test_one_writer_per_workdir(tmp_path):
     assert not os.path.exists(workdir)
 
 
+@pytest.mark.slow
 def test_second_writer_process_is_refused_in_one_line(tmp_path):
     workdir = str(tmp_path / "w")
     with workdirs.lock(workdir):

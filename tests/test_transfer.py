@@ -335,6 +335,7 @@ def _mean_per_class_accuracy(scores, labels, num_classes):
     return 100 * np.mean([np.mean(pred[labels == c] == c) for c in range(num_classes)])
 
 
+@pytest.mark.slow
 def test_end_to_end_tiny(source, tiny_data_dir):
     config = shapes_config(tiny_data_dir, source)
     results = transfer.run_mode(config, source, False)

@@ -49,7 +49,7 @@ nav { margin-bottom: 1em; } nav a { margin-right: 1.2em; }
 h1 { font-size: 1.5em; margin: 0.2em 0; } h2 { font-size: 1.15em; margin-top: 1.5em; }
 table { border-collapse: collapse; } td, th { padding: 2px 8px; text-align: left; }
 tr:nth-child(even) td { background: #f0f0f0; } .num { text-align: right; }
-img { image-rendering: pixelated; background: #888; }
+img { background: #888; } img[src$=".png"] { image-rendering: pixelated; }
 .grid { display: flex; flex-wrap: wrap; gap: 6px; }
 .unit { display: inline-block; width: %(thumb)dpx; font-size: 11px; text-align: center;
         color: #333; }
