@@ -165,6 +165,13 @@ def get_config():
     # Conv layer of Grad-CAM, Grad-CAM++, Score-CAM; '' = the model's last (ZFNet: conv5).
     config.analysis.attribution.cam_layer = ""
 
+    # --mode=sanity (Adebayo et al. 2018): the attribution methods' maps of `num_images`
+    # images of analysis.split under cascading / independent layer randomization and for
+    # another class (maps as config.analysis.attribution makes them).
+    config.analysis.sanity = ml_collections.ConfigDict()
+    config.analysis.sanity.num_images = 8
+    config.analysis.sanity.methods = config.analysis.attribution.methods
+
     # --mode=ablate (paper Table 3): every variant trains with this same budget in
     # WORKDIR/ablate/<variant>/. Not part of a run's identity (COMMAND_LINE_SECTIONS): each
     # variant's own config.json records the budget it was trained with.

@@ -15,6 +15,7 @@ REGISTRY = {
     "filters": "zf_tf.analyses.filters",
     "attribution": "zf_tf.analyses.attribution",
     "atlas": "zf_tf.analyses.atlas",
+    "sanity": "zf_tf.analyses.sanity",
 }
 
 

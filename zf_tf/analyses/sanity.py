@@ -1,0 +1,442 @@
+"""`--mode=sanity`: do the attribution maps depend on the model and on the class at all?
+
+Adebayo et al. 2018 ("Sanity Checks for Saliency Maps"): re-initialize the trained model's
+weights layer by layer from the logits down (**cascading randomization**), and each layer
+alone (**independent randomization**), and compare every method's maps of the same images
+with the trained model's maps. A method whose maps barely change explains the image, not the
+model. **Class sensitivity**: the maps for the true class against those for a random other
+class (Nie, Zhang & Patel 2018: guided backprop and the deconvnet hardly change).
+
+Similarities, each the mean over the images (scipy and scikit-image, not hand-written):
+  spearman       Spearman rank correlation of the two maps (signed values)
+  spearman_abs   the same on absolute values
+  ssim           structural similarity of the two maps, each scaled to [0, 1]
+  hog            Pearson correlation of the HOG features of the two [0, 1] maps
+A pair with a constant map has no correlation: it is left out of the mean and counted
+(`undefined` in sanity.json).
+
+The trained model is never modified: the randomized models are one copy of it whose weights
+are reset to the trained ones and re-drawn (from each layer's own initializers, seeded) for
+the layers of each step.
+
+Outputs (WORKDIR/sanity/): sanity.json (every figure), sanity.md (the table), sanity.png
+(similarity against the randomized layers, one curve per method: Adebayo's Fig. 2),
+cascade.png (one image's maps through the cascade).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import keras
+import numpy as np
+import tqdm
+
+from zf_tf import outputs
+from zf_tf.analyses import attribution, base
+from zf_tf.core import graph
+from zf_tf.core.errors import UsageError
+
+MODE = "sanity"
+OUTPUTS = ("sanity.json", "sanity.md", "sanity.png", "cascade.png")
+METRICS = ("spearman", "spearman_abs", "ssim", "hog")
+TITLES = {
+    "spearman": "Spearman rank corr.",
+    "spearman_abs": "Spearman rank corr. (abs)",
+    "ssim": "SSIM",
+    "hog": "HOG corr.",
+}
+MIN_SIDE = 7  # maps smaller than this have no SSIM and no HOG similarity (NaN)
+# config.analysis.sanity (configs without that section get these).
+DEFAULTS = {"num_images": 8, "methods": attribution.METHODS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Similarity of two maps
+# ---------------------------------------------------------------------------------------------
+
+
+def unit_scale(m) -> np.ndarray:
+    """A map scaled to [0, 1] by its min and max (a constant map: zeros)."""
+    m = np.nan_to_num(np.asarray(m, np.float64))
+    span = m.max() - m.min()
+    return (m - m.min()) / span if span > 0 else np.zeros_like(m)
+
+
+def _hog(m) -> np.ndarray:
+    from skimage.feature import hog
+
+    side = min(m.shape)
+    cell = max(2, side // 8)
+    return hog(m, orientations=9, pixels_per_cell=(cell, cell), cells_per_block=(2, 2))
+
+
+def similarity(a, b) -> dict:
+    """{metric: value} of two (H, W) maps; NaN where a correlation is undefined (a constant
+    map or feature vector) and SSIM and HOG of maps under MIN_SIDE px."""
+    from scipy import stats
+    from skimage.metrics import structural_similarity
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+
+    def corr(fn, x, y):
+        if np.ptp(x) == 0 or np.ptp(y) == 0:
+            return float("nan")
+        return float(fn(x, y).statistic)
+
+    ua, ub = unit_scale(np.abs(a)), unit_scale(np.abs(b))
+    out = {
+        "spearman": corr(stats.spearmanr, a.ravel(), b.ravel()),
+        "spearman_abs": corr(stats.spearmanr, np.abs(a).ravel(), np.abs(b).ravel()),
+        "ssim": float("nan"),
+        "hog": float("nan"),
+    }
+    if min(a.shape) >= MIN_SIDE:  # SSIM's 7 x 7 window; HOG's 2 x 2 cells of >= 2 px
+        out["ssim"] = float(structural_similarity(ua, ub, data_range=1.0))
+        out["hog"] = corr(stats.pearsonr, _hog(ua), _hog(ub))
+    return out
+
+
+def mean_similarity(maps_a, maps_b) -> dict:
+    """{metric: mean over the images}, and {'undefined': {metric: pairs left out}}."""
+    rows = [similarity(a, b) for a, b in zip(maps_a, maps_b)]
+    out, undefined = {}, {}
+    for metric in METRICS:
+        values = np.array([r[metric] for r in rows], np.float64)
+        defined = values[np.isfinite(values)]
+        out[metric] = float(defined.mean()) if len(defined) else float("nan")
+        undefined[metric] = int(len(values) - len(defined))
+    out["undefined"] = undefined
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomized copies
+# ---------------------------------------------------------------------------------------------
+
+
+def weight_layers(model) -> list[str]:
+    """Names of the layers holding weights, from the output down (the cascade's order)."""
+    names = []
+    for op in graph.ops_of(model):
+        layer = op.layer
+        if getattr(layer, "weights", None) and layer.name not in names:
+            names.append(layer.name)
+    return names[::-1]
+
+
+def _layer(model, name: str):
+    return graph.find(model, name).layer
+
+
+def _initializer(layer, variable, seed: int):
+    """The layer's own initializer of `variable` (kernel_initializer for 'kernel', ...),
+    seeded; None where the layer has none."""
+    init = getattr(layer, f"{variable.name}_initializer", None)
+    if init is None:
+        return None
+    init = keras.initializers.get(init)
+    config = init.get_config()
+    if "seed" in config:
+        config["seed"] = seed
+    return type(init).from_config(config)
+
+
+class Randomizer:
+    """One copy of the model whose named layers can be re-initialized; `model` itself is
+    only read."""
+
+    def __init__(self, model, seed: int):
+        self.seed, self.order = seed, weight_layers(model)
+        self.copy = keras.models.clone_model(model)
+        self.trained = [np.array(w) for w in model.get_weights()]
+        self.copy.set_weights(self.trained)
+
+    def randomize(self, layers) -> keras.Model:
+        """The copy with the trained weights, except `layers`: re-drawn (seeded by layer)."""
+        self.copy.set_weights(self.trained)
+        for name in layers:
+            layer = _layer(self.copy, name)
+            base_seed = self.seed + 1000 * self.order.index(name)
+            for j, variable in enumerate(layer.weights):
+                init = _initializer(layer, variable, base_seed + j)
+                if init is not None:
+                    value = init(tuple(variable.shape), dtype=variable.dtype)
+                else:  # no initializer: a normal draw of the trained values' scale
+                    rng = np.random.default_rng(base_seed + j)
+                    std = float(np.std(np.asarray(variable))) or 1.0
+                    value = rng.normal(0.0, std, tuple(variable.shape))
+                variable.assign(np.asarray(value, variable.dtype))
+        return self.copy
+
+
+# ---------------------------------------------------------------------------------------------
+# The analysis
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    methods: tuple
+    split: str
+    num_images: int
+    maps: attribution.MapSettings
+    seed: int
+    pixels: object
+    num_classes: int
+    class_names: tuple = ()
+    labels: bool = True  # the split's labels are the model's classes; False: predicted ones
+
+
+def settings(config, request: base.Request) -> Settings:
+    """Raises UsageError: unknown methods, fewer than 2 images or classes."""
+    from pipelines import inputs, preprocess
+
+    s = outputs.analysis_settings(config, MODE, DEFAULTS)
+    methods = tuple(str(m) for m in s["methods"])
+    bad = [m for m in methods if m not in attribution.METHODS]
+    if bad or not methods:
+        raise UsageError(
+            f"config.analysis.sanity.methods: {bad[0] if bad else 'empty'!r} is not a method: "
+            f"choose from {', '.join(attribution.METHODS)}"
+        )
+    num = request.images(s["num_images"])
+    if num < 2:
+        raise UsageError(f"--num_images={num}: the sanity checks need at least 2 images")
+    split = request.split or config.analysis.split
+    inputs.check_split(config.data, split)
+    return Settings(
+        methods=methods,
+        split=split,
+        num_images=num,
+        maps=attribution.map_settings(config),
+        seed=int(config.seed),
+        pixels=preprocess.pixels(config.data),
+        num_classes=int(config.data.num_classes),
+        class_names=tuple(inputs.class_names(config.data)),
+    )
+
+
+def resolve(s: Settings, model, source) -> Settings:
+    """The CAM layer and the classes as `attribution.resolve` checks them."""
+    try:
+        num_classes = graph.num_outputs(model)
+    except ValueError as e:
+        raise UsageError(f"--mode=sanity: {e}") from None
+    if num_classes < 2:
+        raise UsageError("--mode=sanity: class sensitivity needs a model with 2 or more classes")
+    convs = graph.conv_layers(model)
+    cam = s.maps.cam_layer or (convs[-1] if convs else "")
+    if set(s.methods) & set(attribution.CAM_METHODS) and cam not in convs:
+        raise UsageError(
+            f"config.analysis.attribution.cam_layer={cam!r} is not valid: "
+            + (f"choose one of {', '.join(convs)}" if convs else "the model has no conv layer")
+        )
+    return dataclasses.replace(
+        s,
+        maps=dataclasses.replace(s.maps, cam_layer=cam),
+        num_classes=num_classes,
+        labels=source is None or source.labels_apply(s.split),
+    )
+
+
+def outputs_of(s: Settings):
+    return MODE, OUTPUTS
+
+
+def load(config, s: Settings, model):
+    return base.load_examples(config, s.split, s.num_images)
+
+
+def other_classes(labels, num_classes: int, seed: int) -> np.ndarray:
+    """For each label a different class, drawn uniformly (seeded)."""
+    rng = np.random.default_rng(seed)
+    shift = rng.integers(1, num_classes, size=len(labels))
+    return (np.asarray(labels) + shift) % num_classes
+
+
+def compute(model, examples, s: Settings) -> dict:
+    """Maps of the trained model, of each cascade step and each layer alone, and of other
+    classes; their similarities to the trained model's maps.
+
+    Returns:
+      dict: layers (from the output down), original {method: (N, s, s)}, cascade
+      [{method: maps}] (step i: layers[: i + 1] randomized), independent [{method: maps}]
+      (step i: layers[i] alone), other_class {method: maps}, classes, others, and
+      similarity {cascade: {method: [per-step {metric...}]}, independent: ..., class: {method:
+      {metric...}}}.
+    """
+    layers = weight_layers(model)
+    if s.labels:
+        classes = np.asarray(examples.labels, np.int64)
+    else:  # a model brought along, or unlabeled images: the predicted class
+        classes = attribution._probabilities_fn(model)(examples.images).argmax(axis=1)
+    others = other_classes(classes, s.num_classes, s.seed)
+    randomizer = Randomizer(model, s.seed)
+    steps = 2 + 2 * len(layers)
+    with tqdm.tqdm(total=steps * len(examples), desc="sanity", unit="img") as bar:
+        maps = lambda m, c: attribution.attribution_maps(
+            m, examples.images, c, s.methods, s.maps, s.seed, bar.update
+        )
+        original = maps(model, classes)
+        other = maps(model, others)
+        cascade = [maps(randomizer.randomize(layers[: i + 1]), classes) for i in range(len(layers))]
+        independent = [maps(randomizer.randomize([layer]), classes) for layer in layers]
+    sim = {
+        "cascade": {m: [mean_similarity(original[m], st[m]) for st in cascade] for m in s.methods},
+        "independent": {
+            m: [mean_similarity(original[m], st[m]) for st in independent] for m in s.methods
+        },
+        "class": {m: mean_similarity(original[m], other[m]) for m in s.methods},
+    }
+    return {
+        "layers": layers,
+        "images": examples.images,
+        "indices": examples.indices,
+        "classes": classes,
+        "others": others,
+        "original": original,
+        "other_class": other,
+        "cascade": cascade,
+        "independent": independent,
+        "similarity": sim,
+    }
+
+
+def _round(x, digits=3):
+    return None if not np.isfinite(x) else round(float(x), digits)
+
+
+def table(result: dict, s: Settings) -> str:
+    """One row per method: the similarities after the full cascade (every layer random),
+    the mean over the independent steps, and for another class."""
+    sim, rows = result["similarity"], []
+    f = lambda x: "–" if not np.isfinite(x) else f"{x:.2f}"
+    for m in s.methods:
+        full = sim["cascade"][m][-1]
+        alone = {k: np.nanmean([st[k] for st in sim["independent"][m]]) for k in METRICS}
+        other = sim["class"][m]
+        rows.append(
+            [attribution.TITLES[m]]
+            + [f(full[k]) for k in METRICS]
+            + [f(alone["spearman_abs"]), f(alone["ssim"])]
+            + [f(other["spearman_abs"]), f(other["ssim"])]
+        )
+    header = (
+        ["method"]
+        + [f"all random: {TITLES[k]}" for k in METRICS]
+        + ["one layer random: Spearman (abs)", "one layer random: SSIM"]
+        + ["other class: Spearman (abs)", "other class: SSIM"]
+    )
+    return outputs.markdown_table(header, rows)
+
+
+def _curves(result: dict, s: Settings, path: str) -> np.ndarray:
+    plt = outputs.pyplot()
+    layers, sim = result["layers"], result["similarity"]
+    fig, axes = plt.subplots(2, len(METRICS), figsize=(3.3 * len(METRICS), 6.4), squeeze=False)
+    x = np.arange(len(layers) + 1)
+    for row, kind in enumerate(("cascade", "independent")):
+        for col, metric in enumerate(METRICS):
+            ax = axes[row, col]
+            for m in s.methods:
+                values = [1.0] + [st[metric] for st in sim[kind][m]]
+                ax.plot(x, values, marker="o", markersize=3, label=attribution.TITLES[m])
+            ax.axhline(0, color="#999", lw=0.6)
+            ax.set_xticks(x)
+            ax.set_xticklabels(["none"] + layers, rotation=60, fontsize=7)
+            ax.set_ylim(-0.3 if metric != "ssim" else 0, 1.05)
+            title = "cascade, from the logits down" if kind == "cascade" else "one layer alone"
+            ax.set_title(f"{TITLES[metric]}: {title}", fontsize=8)
+    axes[0, 0].set_ylabel("similarity to the trained model's maps", fontsize=8)
+    axes[0, -1].legend(fontsize=6, loc="lower left")
+    fig.suptitle(
+        f"Model randomization test (Adebayo et al. 2018): mean over {len(result['classes'])} "
+        f"images of split {s.split}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return outputs.save_figure(fig, path)
+
+
+def _cascade_grid(result: dict, s: Settings, path: str, image: int = 0) -> np.ndarray:
+    plt = outputs.pyplot()
+    layers = result["layers"]
+    cols = 2 + len(layers)
+    fig, axes = plt.subplots(
+        len(s.methods), cols, figsize=(1.2 * cols, 1.25 * len(s.methods) + 0.6), squeeze=False
+    )
+    shown = outputs.display(result["images"][image], s.pixels)
+    for r, m in enumerate(s.methods):
+        panels = [result["original"][m][image]] + [st[m][image] for st in result["cascade"]]
+        axes[r, 0].imshow(shown, interpolation="nearest")
+        axes[r, 0].set_ylabel(attribution.TITLES[m], fontsize=7)
+        for c, panel in enumerate(panels, start=1):
+            axes[r, c].imshow(attribution.display_scale(np.abs(panel)), cmap="gray", vmin=0, vmax=1)
+            if r == 0:
+                axes[r, c].set_title("trained" if c == 1 else f"..{layers[c - 2]}", fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("Cascading randomization of one image's maps (columns: randomized down to)")
+    fig.tight_layout()
+    return outputs.save_figure(fig, path)
+
+
+def render(result: dict, s: Settings, paths: dict) -> base.Report:
+    sim = result["similarity"]
+    summary = {
+        "split": s.split,
+        "num_images": int(len(result["classes"])),
+        "image_indices": np.asarray(result["indices"]).tolist(),
+        "methods": list(s.methods),
+        "layers_from_the_output_down": result["layers"],
+        "metrics": list(METRICS),
+        "cascade": {
+            m: [
+                {"randomized_down_to": layer, **{k: _round(v[k]) for k in METRICS}}
+                | {"undefined": v["undefined"]}
+                for layer, v in zip(result["layers"], sim["cascade"][m])
+            ]
+            for m in s.methods
+        },
+        "independent": {
+            m: [
+                {"randomized": layer, **{k: _round(v[k]) for k in METRICS}}
+                | {"undefined": v["undefined"]}
+                for layer, v in zip(result["layers"], sim["independent"][m])
+            ]
+            for m in s.methods
+        },
+        "other_class": {m: {k: _round(sim["class"][m][k]) for k in METRICS} for m in s.methods},
+        "cam_layer": s.maps.cam_layer,
+        "seed": s.seed,
+    }
+    text = table(result, s)
+    target = "true" if s.labels else "predicted"
+    summary["target"] = target
+    header = (
+        f"Sanity checks, split {s.split}, {summary['num_images']} images, {target} class; "
+        "similarity of each method's maps to the trained model's (1: unchanged).\n\n"
+    )
+    outputs.save_text(paths["sanity.md"], header + text)
+    outputs.save_text(paths["sanity.json"], json.dumps(summary, indent=1))
+    curves = _curves(result, s, paths["sanity.png"])
+    grid = _cascade_grid(result, s, paths["cascade.png"])
+    return base.Report(
+        images={f"{MODE}/randomization": curves, f"{MODE}/cascade": grid},
+        lines=[text],
+        summary=summary,
+    )
+
+
+ANALYSIS = base.Analysis(
+    name=MODE,
+    settings=settings,
+    outputs=outputs_of,
+    load=load,
+    compute=compute,
+    render=render,
+    resolve=resolve,
+)
