@@ -171,6 +171,7 @@ def get_config():
     config.analysis.sanity = ml_collections.ConfigDict()
     config.analysis.sanity.num_images = 8
     config.analysis.sanity.methods = config.analysis.attribution.methods
+    config.analysis.sanity.steps = 20  # deletion / insertion steps (Petsiuk et al. 2018)
 
     # --mode=ablate (paper Table 3): every variant trains with this same budget in
     # WORKDIR/ablate/<variant>/. Not part of a run's identity (COMMAND_LINE_SECTIONS): each

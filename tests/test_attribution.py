@@ -205,6 +205,23 @@ def test_pointing_game_hand_made():
     assert "| chance (mean box area) | - | 4 | 0.188 |" in table
 
 
+def test_pointing_game_tolerance_is_15_px_at_224_scaled():
+    assert [attribution.tolerance_px(s) for s in (224, 64, 448)] == [15, 4, 30]
+    box = np.array([[100, 100, 120, 120]])  # pixels 100..119
+    points = [[100 - 15, 110], [100 - 16, 110], [119 + 9, 119 + 12], [100 - 11, 100 - 11]]
+    hits = [attribution.in_box([p], box, 15)[0] for p in points]
+    assert hits == [True, False, True, False]  # distances 15, 16, 15, 15.56
+    assert not attribution.in_box([[85, 110]], box)[0]  # strict: outside
+    # Chance with a tolerance: the box dilated by a disk, counted on the crop.
+    assert attribution.chance_level(np.array([[0, 0, 1, 1]]), 4, 1) == pytest.approx(3 / 16)
+    assert attribution.chance_level(np.array([[0, 0, 1, 1]]), 4, 0) == pytest.approx(1 / 16)
+    maps = np.zeros((1, 224, 224))
+    maps[0, 85, 110] = 1.0
+    game = attribution.pointing_game({"m": maps}, box, 224)
+    assert game["methods"]["m"]["hits"] == 0 and game["tolerant"]["methods"]["m"]["hits"] == 1
+    assert "| m | 0 | 1 | 0.000 | 1 | 1.000 |" in attribution.pointing_table(game)
+
+
 # ---------------------------------------------------------------------------------------------
 # The mode
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +327,16 @@ def test_mode_end_to_end(tiny_config, tmp_path, capsys):
     ]
     expected.append(f"| center pixel (baseline) | {center} | 4 | {center / 4:.3f} |")
     expected.append(f"| chance (mean box area) | - | 4 | {np.mean(areas):.3f} |")
-    assert rows == expected
+    assert [row.rsplit(" | ", 2)[0] + " |" for row in rows] == expected
+    # With the tolerance (4 px at 64): hits by hand, distance to the box's nearest pixel.
+    tolerant = game["tolerant"]
+    assert tolerant["tolerance_px"] == 4
+    for m in attribution.METHODS:
+        hits = sum(
+            int(max(y0 - y, 0, y - y1 + 1) ** 2 + max(x0 - x, 0, x - x1 + 1) ** 2 <= 16)
+            for (y, x), (y0, x0, y1, x1) in zip(points[m], ex.boxes.tolist())
+        )
+        assert tolerant["methods"][m]["hits"] == hits >= game["methods"][m]["hits"], m
     assert "attribution/true_class" in events(tmp_path / "w" / "logs" / "attribution")
 
     # Again without --overwrite: refused in one line, nothing replaced.

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipelines import examples as examples_lib
 from tests.conftest import load_config, run_analysis, workdir_with_model
-from zf_tf.analyses import base, sanity
+from zf_tf.analyses import attribution, base, sanity
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 
@@ -98,6 +98,8 @@ def test_mode_end_to_end(tiny_config, tmp_path):
         assert result["original"][m].shape == (2, 64, 64)
     assert np.all(result["others"] != result["classes"])
 
+    assert set(result["faithfulness"]) == {"saliency", "gradcam", "random"}
+    assert result["faithfulness"]["random"]["deletion"].shape == (2, 21)
     paths = run_analysis("sanity", config, workdir).paths
     assert list(paths) == list(sanity.OUTPUTS)
     summary = json.load(open(paths["sanity.json"]))
@@ -107,8 +109,10 @@ def test_mode_end_to_end(tiny_config, tmp_path):
     want = result["similarity"]["cascade"]["saliency"][-1]["ssim"]
     assert summary["cascade"]["saliency"][-1]["ssim"] == pytest.approx(want, abs=1e-3)
     table = open(paths["sanity.md"]).read()
-    assert table.count("\n| ") == 3 and "| saliency |" in table  # header + 2 methods
-    for name in ("sanity.png", "cascade.png"):
+    # Two tables: header + 2 methods; header + 2 methods + the random order.
+    assert table.count("\n| ") == 3 + 4 and "| random order (baseline) |" in table
+    assert len(summary["faithfulness"]["saliency"]["deletion_curve"]) == 21
+    for name in ("sanity.png", "cascade.png", "faithfulness.png"):
         with Image.open(paths[name]) as im:
             assert im.size[0] > 400 and np.asarray(im).std() > 0
 
@@ -128,3 +132,46 @@ def test_bad_settings_write_nothing(tiny_config, tmp_path, small, field, value, 
     with pytest.raises(UsageError, match=message):
         run_analysis("sanity", config, workdir)
     assert not os.path.exists(os.path.join(workdir, "sanity"))
+
+
+def evidence_model(size=16, region=4):
+    """Logit 0 = the sum of the image over its top-left region x region pixels (all
+    channels); logit 1 = 0: the evidence for class 0 is that region alone."""
+    x = keras.Input((size, size, 3))
+    logits = keras.layers.Dense(2)(keras.layers.Flatten()(x))
+    model = keras.Model(x, logits)
+    kernel = np.zeros((size, size, 3, 2), np.float32)
+    kernel[:region, :region, :, 0] = 1.0
+    model.layers[-1].set_weights([kernel.reshape(-1, 2), np.zeros(2, np.float32)])
+    return model
+
+
+def test_deletion_curve_of_a_model_whose_evidence_is_one_region():
+    size, region, steps = 16, 4, 16
+    model = evidence_model(size, region)
+    probabilities = attribution.probabilities_fn(model)
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.5, 1.0, (size, size, 3)).astype(np.float32)
+    relevant = np.zeros((size, size))
+    relevant[:region, :region] = 1.0  # the right map: the region, nothing else
+    order = sanity.relevance_order(relevant)
+    assert set(order[: region * region]) == {y * size + x for y in range(4) for x in range(4)}
+    base = sanity.blurred(image, 1.0)
+    deletion, insertion = sanity.deletion_insertion(
+        probabilities, image, 0, order, np.zeros(3), base, steps
+    )
+    # By hand: 16 pixels go per step, the region's 16 first, so from step 1 on logit 0 is 0.
+    logit = image[:region, :region].sum()
+    np.testing.assert_allclose(deletion, [1 / (1 + np.exp(-logit))] + [0.5] * steps, rtol=1e-5)
+    inserted = 1 / (1 + np.exp(-base[:region, :region].sum()))
+    np.testing.assert_allclose(insertion[0], inserted, rtol=1e-5)
+    np.testing.assert_allclose(insertion[1:], 1 / (1 + np.exp(-logit)), rtol=1e-5)
+    by_hand = (deletion[0] + deletion[1]) / 2 / 16 + 0.5 * 15 / 16  # trapezoids
+    assert sanity.auc(deletion) == pytest.approx(by_hand)
+    # A random order removes the region gradually: a larger deletion area.
+    shuffled = rng.permutation(size * size)
+    random_deletion, _ = sanity.deletion_insertion(
+        probabilities, image, 0, shuffled, np.zeros(3), base, steps
+    )
+    assert sanity.auc(random_deletion) > sanity.auc(deletion) + 0.2
+    assert sanity.auc([1.0, 1.0, 1.0]) == 1.0 and sanity.auc([0.0, 1.0]) == 0.5

@@ -85,10 +85,12 @@ CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
 TARGETS = ("true", "predicted")
 OUTPUTS = ("attribution.npz", "attribution.png", "pointing_game.md", "pointing_game.json")
 IMAGES_PER_BATCH = 16  # images per call of each method (the pointing game runs many)
+TOLERANCE_AT_224 = 15  # the pointing game's tolerance (Zhang et al. 2016), px at 224
 SCORECAM_BYTES = 256 << 20  # Score-CAM holds (maps x images) masked copies at once
 POINTING_DEFINITION = (
     "a hit when the map's maximum (argmax pixel, first in row-major order on ties) lies inside "
-    "the object's bounding box (no tolerance margin); chance = mean box area / crop area; "
+    "the object's bounding box; with tolerance: at most 15 px (at 224 px, scaled to the crop) "
+    "from the box, Zhang et al. 2016; chance = mean fraction of the crop counted as a hit; "
     "center = the crop's center pixel (s // 2, s // 2) as the point"
 )
 
@@ -276,7 +278,7 @@ def cam_maps(
 _PROB_FNS = weakref.WeakKeyDictionary()
 
 
-def _probabilities_fn(model: keras.Model):
+def probabilities_fn(model: keras.Model):
     """x (B, H, W, 3) -> softmax probabilities (B, C) as numpy; one trace per model."""
     fn = _PROB_FNS.get(model)
     if fn is None:
@@ -316,7 +318,7 @@ def occlusion_maps(
     images = np.asarray(images, np.float32)
     crop = images.shape[1]
     size_px, stride_px, ys, xs = occlusion.occluder_grid(crop, size, stride)
-    probs = _probabilities_fn(model)
+    probs = probabilities_fn(model)
     clean = probs(tf.constant(images)) if len(images) else np.zeros((0, 1))
     out = np.zeros(images.shape[:3], np.float32)
     for n, (image, c) in enumerate(zip(images, classes)):
@@ -471,22 +473,45 @@ def pointing_points(maps) -> np.ndarray:
     return np.stack(np.unravel_index(idx, maps.shape[1:]), axis=1).astype(np.int32)
 
 
-def in_box(points, boxes) -> np.ndarray:
-    """(N,) bool: point (y, x) inside box (y0, x0, y1, x1), the ends exclusive."""
+def in_box(points, boxes, tolerance: float = 0) -> np.ndarray:
+    """(N,) bool: point (y, x) inside box (y0, x0, y1, x1), the ends exclusive, or at most
+    `tolerance` px from it (Euclidean distance to the box's nearest pixel)."""
     points, boxes = np.asarray(points), np.asarray(boxes)
     y, x = points[:, 0], points[:, 1]
-    return (boxes[:, 0] <= y) & (y < boxes[:, 2]) & (boxes[:, 1] <= x) & (x < boxes[:, 3])
+    dy = np.maximum.reduce([boxes[:, 0] - y, np.zeros_like(y), y - (boxes[:, 2] - 1)])
+    dx = np.maximum.reduce([boxes[:, 1] - x, np.zeros_like(x), x - (boxes[:, 3] - 1)])
+    return dy.astype(np.float64) ** 2 + dx.astype(np.float64) ** 2 <= float(tolerance) ** 2
 
 
-def chance_level(boxes, crop_size: int) -> float:
-    """Mean box area fraction: the expected hit rate of a uniformly random pixel."""
-    boxes = np.asarray(boxes, np.float64)
-    area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
-    return float(np.mean(area / (crop_size * crop_size))) if len(boxes) else float("nan")
+def tolerance_px(crop_size: int) -> int:
+    """The pointing game's tolerance (Zhang et al. 2016: 15 px at 224), scaled to the crop."""
+    return int(round(TOLERANCE_AT_224 * crop_size / 224))
+
+
+def chance_level(boxes, crop_size: int, tolerance: float = 0) -> float:
+    """Mean fraction of the crop's pixels that count as hits (the box, and with a tolerance
+    the pixels within it): the expected hit rate of a uniformly random pixel."""
+    boxes = np.asarray(boxes)
+    if not len(boxes):
+        return float("nan")
+    yy, xx = np.mgrid[:crop_size, :crop_size]
+    points = np.stack([yy.ravel(), xx.ravel()], axis=1)
+    hits = [in_box(points, np.repeat(b[None], len(points), 0), tolerance).mean() for b in boxes]
+    return float(np.mean(hits))
+
+
+def _score(hit) -> dict:
+    n = len(hit)
+    return {
+        "hits": int(np.sum(hit)),
+        "images": n,
+        "score": float(np.mean(hit)) if n else float("nan"),
+    }
 
 
 def pointing_game(maps: dict, boxes, crop_size: int) -> dict:
-    """Scores each method's maps, plus the chance and center baselines.
+    """Scores each method's maps, plus the chance and center baselines, strictly (inside the
+    box) and with Zhang et al.'s tolerance (`tolerance_px`).
 
     Args:
       maps: {method: (N, s, s)}.
@@ -496,43 +521,56 @@ def pointing_game(maps: dict, boxes, crop_size: int) -> dict:
     Returns:
       {'methods': {method: {'hits', 'images', 'score'}}, 'chance': {'score'},
        'center': {'hits', 'images', 'score', 'point'}, 'points': {method: (N, 2) int},
-       'hit': {method: (N,) bool}}.
+       'hit': {method: (N,) bool}, 'tolerant': {'tolerance_px', 'methods', 'center',
+       'chance'} (the same scores with the tolerance)}.
     """
     boxes = np.asarray(boxes)
-    n = len(boxes)
+    tol = tolerance_px(crop_size)
     result = {"methods": {}, "points": {}, "hit": {}}
+    tolerant = {"tolerance_px": tol, "methods": {}}
     for method, m in maps.items():
         points = pointing_points(m)
         hit = in_box(points, boxes)
         result["points"][method], result["hit"][method] = points, hit
-        result["methods"][method] = {
-            "hits": int(hit.sum()),
-            "images": n,
-            "score": float(hit.mean()) if n else float("nan"),
-        }
-    center = np.full((n, 2), crop_size // 2, np.int32)
-    center_hit = in_box(center, boxes)
-    result["center"] = {
-        "hits": int(center_hit.sum()),
-        "images": n,
-        "score": float(center_hit.mean()) if n else float("nan"),
-        "point": [crop_size // 2, crop_size // 2],
-    }
+        result["methods"][method] = _score(hit)
+        tolerant["methods"][method] = _score(in_box(points, boxes, tol))
+    center = np.full((len(boxes), 2), crop_size // 2, np.int32)
+    result["center"] = {**_score(in_box(center, boxes)), "point": [crop_size // 2] * 2}
     result["chance"] = {"score": chance_level(boxes, crop_size)}
+    tolerant["center"] = _score(in_box(center, boxes, tol))
+    tolerant["chance"] = {"score": chance_level(boxes, crop_size, tol)}
+    result["tolerant"] = tolerant
     return result
 
 
 def pointing_table(game: dict) -> str:
-    """The pointing game as a markdown table (method, hits, images, score)."""
-    rows = [
-        [TITLES.get(m, m), r["hits"], r["images"], f"{r['score']:.3f}"]
-        for m, r in game["methods"].items()
+    """The pointing game as a markdown table (method, hits, images, score; then the hits and
+    score with the tolerance)."""
+    tol = game["tolerant"]
+    row = lambda name, r, t: [
+        name,
+        r["hits"],
+        r["images"],
+        f"{r['score']:.3f}",
+        t["hits"],
+        f"{t['score']:.3f}",
     ]
-    c = game["center"]
-    rows.append(["center pixel (baseline)", c["hits"], c["images"], f"{c['score']:.3f}"])
-    n = c["images"]
-    rows.append(["chance (mean box area)", "-", n, f"{game['chance']['score']:.3f}"])
-    return outputs.markdown_table(["method", "hits", "images", "score"], rows)
+    rows = [row(TITLES.get(m, m), r, tol["methods"][m]) for m, r in game["methods"].items()]
+    rows.append(row("center pixel (baseline)", game["center"], tol["center"]))
+    n = game["center"]["images"]
+    rows.append(
+        [
+            "chance (mean box area)",
+            "-",
+            n,
+            f"{game['chance']['score']:.3f}",
+            "-",
+            f"{tol['chance']['score']:.3f}",
+        ]
+    )
+    within = f"within {tol['tolerance_px']} px"
+    header = ["method", "hits", "images", "score", f"hits {within}", f"score {within}"]
+    return outputs.markdown_table(header, rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,6 +790,7 @@ def pointing_summary(game: dict, examples, classes, s: Settings) -> dict:
         "methods": game["methods"],
         "center": game["center"],
         "chance": game["chance"],
+        "tolerant": game["tolerant"],
         "images": {
             "index": examples.indices.tolist(),
             "label": examples.labels.tolist(),
@@ -775,7 +814,7 @@ def compute(model, examples: examples_lib.Examples, s: Settings) -> dict:
     """
     probs = np.concatenate(
         [
-            _probabilities_fn(model)(tf.constant(examples.images[i : i + 256]))
+            probabilities_fn(model)(tf.constant(examples.images[i : i + 256]))
             for i in range(0, len(examples), 256)
         ]
     )

@@ -21,7 +21,12 @@ the layers of each step.
 
 Outputs (WORKDIR/sanity/): sanity.json (every figure), sanity.md (the table), sanity.png
 (similarity against the randomized layers, one curve per method: Adebayo's Fig. 2),
-cascade.png (one image's maps through the cascade).
+cascade.png (one image's maps through the cascade), faithfulness.png (mean deletion and
+insertion curves).
+
+**Deletion / insertion** (Petsiuk et al. 2018): the class probability as the trained model's
+most relevant pixels (by each method's map) are replaced by the data mean, or inserted into a
+blurred copy of the image, in `steps` steps; the area under each curve, beside a random order.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from zf_tf.core import graph
 from zf_tf.core.errors import UsageError
 
 MODE = "sanity"
-OUTPUTS = ("sanity.json", "sanity.md", "sanity.png", "cascade.png")
+OUTPUTS = ("sanity.json", "sanity.md", "sanity.png", "cascade.png", "faithfulness.png")
 METRICS = ("spearman", "spearman_abs", "ssim", "hog")
 TITLES = {
     "spearman": "Spearman rank corr.",
@@ -49,7 +54,8 @@ TITLES = {
 }
 MIN_SIDE = 7  # maps smaller than this have no SSIM and no HOG similarity (NaN)
 # config.analysis.sanity (configs without that section get these).
-DEFAULTS = {"num_images": 8, "methods": attribution.METHODS}
+DEFAULTS = {"num_images": 8, "methods": attribution.METHODS, "steps": 20}
+BLUR_SIGMA_AT_224 = 5.0  # insertion starts from the image blurred so (Petsiuk et al. 2018)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +178,68 @@ class Randomizer:
 
 
 # ---------------------------------------------------------------------------------------------
+# Deletion and insertion (Petsiuk et al. 2018)
+# ---------------------------------------------------------------------------------------------
+
+
+def relevance_order(m) -> np.ndarray:
+    """Pixel indices (row-major) from the most relevant down (ties: the earlier pixel; NaN
+    last)."""
+    flat = np.nan_to_num(np.asarray(m, np.float64).ravel(), nan=-np.inf)
+    return np.argsort(-flat, kind="stable")
+
+
+def blurred(image, sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(np.asarray(image, np.float32), sigma=(sigma, sigma, 0))
+
+
+def deletion_insertion(probabilities, image, label: int, order, fill, base, steps: int):
+    """(deletion, insertion) curves, each (steps + 1,): the probability of class `label` as
+    the pixels of `order` are replaced by `fill` (deletion) / put into `base` (insertion),
+    len(order) * i / steps of them at step i."""
+    h, w, _ = image.shape
+    counts = np.round(np.linspace(0, h * w, steps + 1)).astype(int)
+    rank = np.empty(h * w, np.int64)
+    rank[order] = np.arange(h * w)
+    masks = (rank[None, :] < counts[:, None]).reshape(steps + 1, h, w, 1)  # moved pixels
+    deleted = np.where(masks, np.asarray(fill, np.float32), image)
+    inserted = np.where(masks, image, base)
+    probs = probabilities(np.concatenate([deleted, inserted]).astype(np.float32))[:, label]
+    return probs[: steps + 1], probs[steps + 1 :]
+
+
+def auc(curve) -> float:
+    """Area under a curve sampled at evenly spaced fractions 0..1 (trapezoids)."""
+    curve = np.asarray(curve, np.float64)
+    return float(np.sum((curve[1:] + curve[:-1]) / 2) / (len(curve) - 1))
+
+
+def faithfulness(model, images, classes, maps: dict, s) -> dict:
+    """{order: {'deletion', 'insertion': (N, steps + 1)}} for each method's maps and for a
+    random order (seeded): the class probability as pixels go, most relevant first."""
+    probabilities = attribution.probabilities_fn(model)
+    rng = np.random.default_rng(s.seed)
+    size = images.shape[1]
+    sigma = BLUR_SIGMA_AT_224 * size / 224
+    fill = np.asarray(s.maps.occluder_fill, np.float32)  # the data mean, as model input
+    orders = {m: [relevance_order(v) for v in maps[m]] for m in maps}
+    orders["random"] = [rng.permutation(size * size) for _ in images]
+    out = {}
+    for name, per_image in orders.items():
+        curves = [
+            deletion_insertion(probabilities, x, int(c), o, fill, blurred(x, sigma), s.steps)
+            for x, c, o in zip(images, classes, per_image)
+        ]
+        out[name] = {
+            "deletion": np.stack([d for d, _ in curves]),
+            "insertion": np.stack([i for _, i in curves]),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The analysis
 # ---------------------------------------------------------------------------------------------
 
@@ -185,6 +253,7 @@ class Settings:
     seed: int
     pixels: object
     num_classes: int
+    steps: int = 20  # deletion / insertion: pixels removed / inserted in this many steps
     class_names: tuple = ()
     labels: bool = True  # the split's labels are the model's classes; False: predicted ones
 
@@ -201,6 +270,9 @@ def settings(config, request: base.Request) -> Settings:
             f"config.analysis.sanity.methods: {bad[0] if bad else 'empty'!r} is not a method: "
             f"choose from {', '.join(attribution.METHODS)}"
         )
+    steps = s["steps"]
+    if not isinstance(steps, int) or steps < 2:
+        raise UsageError(f"config.analysis.sanity.steps={steps!r}: give an integer of at least 2")
     num = request.images(s["num_images"])
     if num < 2:
         raise UsageError(f"--num_images={num}: the sanity checks need at least 2 images")
@@ -214,6 +286,7 @@ def settings(config, request: base.Request) -> Settings:
         seed=int(config.seed),
         pixels=preprocess.pixels(config.data),
         num_classes=int(config.data.num_classes),
+        steps=steps,
         class_names=tuple(inputs.class_names(config.data)),
     )
 
@@ -271,7 +344,7 @@ def compute(model, examples, s: Settings) -> dict:
     if s.labels:
         classes = np.asarray(examples.labels, np.int64)
     else:  # a model brought along, or unlabeled images: the predicted class
-        classes = attribution._probabilities_fn(model)(examples.images).argmax(axis=1)
+        classes = attribution.probabilities_fn(model)(examples.images).argmax(axis=1)
     others = other_classes(classes, s.num_classes, s.seed)
     randomizer = Randomizer(model, s.seed)
     steps = 2 + 2 * len(layers)
@@ -283,6 +356,7 @@ def compute(model, examples, s: Settings) -> dict:
         other = maps(model, others)
         cascade = [maps(randomizer.randomize(layers[: i + 1]), classes) for i in range(len(layers))]
         independent = [maps(randomizer.randomize([layer]), classes) for layer in layers]
+    faith = faithfulness(model, examples.images, classes, original, s)
     sim = {
         "cascade": {m: [mean_similarity(original[m], st[m]) for st in cascade] for m in s.methods},
         "independent": {
@@ -301,6 +375,7 @@ def compute(model, examples, s: Settings) -> dict:
         "cascade": cascade,
         "independent": independent,
         "similarity": sim,
+        "faithfulness": faith,
     }
 
 
@@ -330,6 +405,38 @@ def table(result: dict, s: Settings) -> str:
         + ["other class: Spearman (abs)", "other class: SSIM"]
     )
     return outputs.markdown_table(header, rows)
+
+
+def faithfulness_table(result: dict, s: Settings) -> str:
+    """One row per method and one for a random order: mean AUC of the deletion curve (lower:
+    the map found the evidence) and of the insertion curve (higher is better)."""
+    rows = []
+    for name, curves in result["faithfulness"].items():
+        title = attribution.TITLES.get(name, "random order (baseline)")
+        d = np.mean([auc(c) for c in curves["deletion"]])
+        i = np.mean([auc(c) for c in curves["insertion"]])
+        rows.append([title, f"{d:.3f}", f"{i:.3f}"])
+    return outputs.markdown_table(["method", "deletion AUC (lower: better)", "insertion AUC"], rows)
+
+
+def _faithfulness_figure(result: dict, s: Settings, path: str) -> np.ndarray:
+    plt = outputs.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), squeeze=False)
+    x = np.linspace(0, 1, s.steps + 1)
+    for col, kind in enumerate(("deletion", "insertion")):
+        ax = axes[0, col]
+        for name, curves in result["faithfulness"].items():
+            mean = curves[kind].mean(axis=0)
+            style = dict(color="black", ls="--") if name == "random" else {}
+            label = attribution.TITLES.get(name, "random order")
+            ax.plot(x, mean, label=f"{label} ({auc(mean):.2f})", **style)
+        ax.set_xlabel(f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}")
+        ax.set_ylabel("class probability")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{kind} (mean over {len(result['classes'])} images; AUC)", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return outputs.save_figure(fig, path)
 
 
 def _curves(result: dict, s: Settings, path: str) -> np.ndarray:
@@ -410,10 +517,26 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
             for m in s.methods
         },
         "other_class": {m: {k: _round(sim["class"][m][k]) for k in METRICS} for m in s.methods},
+        "faithfulness": {
+            name: {
+                "deletion_auc": _round(np.mean([auc(c) for c in curves["deletion"]])),
+                "insertion_auc": _round(np.mean([auc(c) for c in curves["insertion"]])),
+                "deletion_curve": [_round(v) for v in curves["deletion"].mean(axis=0)],
+                "insertion_curve": [_round(v) for v in curves["insertion"].mean(axis=0)],
+            }
+            for name, curves in result["faithfulness"].items()
+        },
+        "steps": s.steps,
         "cam_layer": s.maps.cam_layer,
         "seed": s.seed,
     }
-    text = table(result, s)
+    text = (
+        "Randomization and class sensitivity:\n\n"
+        + table(result, s)
+        + "\nDeletion (pixels replaced by the data mean, most relevant first) and insertion "
+        f"(into the image blurred with sigma {BLUR_SIGMA_AT_224:g} px at 224), {s.steps} "
+        "steps:\n\n" + faithfulness_table(result, s)
+    )
     target = "true" if s.labels else "predicted"
     summary["target"] = target
     header = (
@@ -424,8 +547,13 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
     outputs.save_text(paths["sanity.json"], json.dumps(summary, indent=1))
     curves = _curves(result, s, paths["sanity.png"])
     grid = _cascade_grid(result, s, paths["cascade.png"])
+    faith = _faithfulness_figure(result, s, paths["faithfulness.png"])
     return base.Report(
-        images={f"{MODE}/randomization": curves, f"{MODE}/cascade": grid},
+        images={
+            f"{MODE}/randomization": curves,
+            f"{MODE}/cascade": grid,
+            f"{MODE}/faithfulness": faith,
+        },
         lines=[text],
         summary=summary,
     )
