@@ -172,6 +172,10 @@ def get_config():
     config.analysis.sanity.num_images = 8
     config.analysis.sanity.methods = config.analysis.attribution.methods
     config.analysis.sanity.steps = 20  # deletion / insertion steps (Petsiuk et al. 2018)
+    # Also compared: the deconvnet projections of the top activations (over those images) of
+    # the most active `projection_units` maps of `projection_layer` ("" = the last conv).
+    config.analysis.sanity.projection_layer = ""
+    config.analysis.sanity.projection_units = 8
 
     # --mode=ablate (paper Table 3): every variant trains with this same budget in
     # WORKDIR/ablate/<variant>/. Not part of a run's identity (COMMAND_LINE_SECTIONS): each

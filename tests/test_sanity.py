@@ -97,6 +97,15 @@ def test_mode_end_to_end(tiny_config, tmp_path):
     for m in s.methods:
         assert result["original"][m].shape == (2, 64, 64)
     assert np.all(result["others"] != result["classes"])
+    # conv5 units' projections go down from conv5: randomizing the layers above changes
+    # nothing (exactly), conv5 itself or a layer below does.
+    proj = [st["spearman"] for st in result["similarity"]["cascade"][sanity.PROJECTION]]
+    assert result["layers"][:4] == ["logits", "fc7", "fc6", "conv5"]
+    assert proj[:3] == [pytest.approx(1.0, abs=1e-12)] * 3 and proj[3] < 0.99
+    alone = [st["spearman"] for st in result["similarity"]["independent"][sanity.PROJECTION]]
+    assert alone[:3] == [pytest.approx(1.0, abs=1e-12)] * 3 and max(alone[3:]) < 0.99
+    assert result["original"][sanity.PROJECTION].shape == (8, 64, 64)
+    assert sanity.PROJECTION not in result["similarity"]["class"]
 
     assert set(result["faithfulness"]) == {"saliency", "gradcam", "random"}
     assert result["faithfulness"]["random"]["deletion"].shape == (2, 21)
@@ -110,7 +119,8 @@ def test_mode_end_to_end(tiny_config, tmp_path):
     assert summary["cascade"]["saliency"][-1]["ssim"] == pytest.approx(want, abs=1e-3)
     table = open(paths["sanity.md"]).read()
     # Two tables: header + 2 methods; header + 2 methods + the random order.
-    assert table.count("\n| ") == 3 + 4 and "| random order (baseline) |" in table
+    assert table.count("\n| ") == 4 + 4 and "| random order (baseline) |" in table
+    assert "| deconvnet projection of 8 conv5 units |" in table
     assert len(summary["faithfulness"]["saliency"]["deletion_curve"]) == 21
     for name in ("sanity.png", "cascade.png", "faithfulness.png"):
         with Image.open(paths[name]) as im:
@@ -122,6 +132,9 @@ def test_mode_end_to_end(tiny_config, tmp_path):
     [
         ("methods", ("saliency", "lime"), "'lime' is not a method: choose from deconvnet, "),
         ("num_images", 1, "--num_images=1: the sanity checks need at least 2 images"),
+        ("projection_layer", "fc6", "projection_layer='fc6' is not valid: choose one of "),
+        ("projection_units", 33, "projection_units=33 exceeds the 32 maps of conv5"),
+        ("steps", 1, "steps=1: give an integer of at least 2"),
     ],
 )
 def test_bad_settings_write_nothing(tiny_config, tmp_path, small, field, value, message):
@@ -175,3 +188,18 @@ def test_deletion_curve_of_a_model_whose_evidence_is_one_region():
     )
     assert sanity.auc(random_deletion) > sanity.auc(deletion) + 0.2
     assert sanity.auc([1.0, 1.0, 1.0]) == 1.0 and sanity.auc([0.0, 1.0]) == 0.5
+
+
+def test_mode_on_a_model_brought_along(tiny_config, tmp_path):
+    from tests.tiny_models import saved_bn_net
+
+    config = tiny_config
+    config.analysis.sanity.num_images = 2
+    config.analysis.sanity.methods = ("guided_backprop", "gradcam")
+    config.analysis.sanity.projection_units = 2
+    run = run_analysis("sanity", config, tmp_path / "w", model=saved_bn_net(tmp_path))
+    summary = json.load(open(run.paths["sanity.json"]))
+    assert summary["target"] == "predicted"  # its classes are not the data's
+    layers = summary["layers_from_the_output_down"]
+    assert len(summary["cascade"]["guided_backprop"]) == len(layers) >= 3
+    assert summary["projection"]["layer"] == summary["cam_layer"] == "c2"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import weakref
 
 import keras
 import numpy as np
@@ -40,7 +41,7 @@ import tqdm
 
 from zf_tf import outputs
 from zf_tf.analyses import attribution, base
-from zf_tf.core import graph
+from zf_tf.core import deconv, graph
 from zf_tf.core.errors import UsageError
 
 MODE = "sanity"
@@ -54,7 +55,14 @@ TITLES = {
 }
 MIN_SIDE = 7  # maps smaller than this have no SSIM and no HOG similarity (NaN)
 # config.analysis.sanity (configs without that section get these).
-DEFAULTS = {"num_images": 8, "methods": attribution.METHODS, "steps": 20}
+DEFAULTS = {
+    "num_images": 8,
+    "methods": attribution.METHODS,
+    "steps": 20,
+    "projection_layer": "",
+    "projection_units": 8,
+}
+PROJECTION = "projection"  # the deconvnet projections of chosen units' top activations
 BLUR_SIGMA_AT_224 = 5.0  # insertion starts from the image blurred so (Petsiuk et al. 2018)
 
 
@@ -254,6 +262,8 @@ class Settings:
     pixels: object
     num_classes: int
     steps: int = 20  # deletion / insertion: pixels removed / inserted in this many steps
+    projection_layer: str = ""  # its units' projections are compared too ('' = last conv)
+    projection_units: int = 8  # how many (its most active on the images); 0 = none
     class_names: tuple = ()
     labels: bool = True  # the split's labels are the model's classes; False: predicted ones
 
@@ -273,6 +283,9 @@ def settings(config, request: base.Request) -> Settings:
     steps = s["steps"]
     if not isinstance(steps, int) or steps < 2:
         raise UsageError(f"config.analysis.sanity.steps={steps!r}: give an integer of at least 2")
+    units = s["projection_units"]
+    if not isinstance(units, int) or units < 0:
+        raise UsageError(f"config.analysis.sanity.projection_units={units!r}: give 0 or more")
     num = request.images(s["num_images"])
     if num < 2:
         raise UsageError(f"--num_images={num}: the sanity checks need at least 2 images")
@@ -287,6 +300,8 @@ def settings(config, request: base.Request) -> Settings:
         pixels=preprocess.pixels(config.data),
         num_classes=int(config.data.num_classes),
         steps=steps,
+        projection_layer=str(s["projection_layer"]),
+        projection_units=units,
         class_names=tuple(inputs.class_names(config.data)),
     )
 
@@ -306,8 +321,23 @@ def resolve(s: Settings, model, source) -> Settings:
             f"config.analysis.attribution.cam_layer={cam!r} is not valid: "
             + (f"choose one of {', '.join(convs)}" if convs else "the model has no conv layer")
         )
+    layer = s.projection_layer or (convs[-1] if convs else "")
+    if s.projection_units:
+        valid = deconv.valid_layers(model)
+        if layer not in valid:
+            raise UsageError(
+                f"config.analysis.sanity.projection_layer={layer!r} is not valid: choose one "
+                f"of {', '.join(valid)} (or projection_units=0)"
+            )
+        maps = graph.find(model, layer).output.shape[-1]
+        if s.projection_units > maps:
+            raise UsageError(
+                f"config.analysis.sanity.projection_units={s.projection_units} exceeds the "
+                f"{maps} maps of {layer}"
+            )
     return dataclasses.replace(
         s,
+        projection_layer=layer,
         maps=dataclasses.replace(s.maps, cam_layer=cam),
         num_classes=num_classes,
         labels=source is None or source.labels_apply(s.split),
@@ -329,6 +359,45 @@ def other_classes(labels, num_classes: int, seed: int) -> np.ndarray:
     return (np.asarray(labels) + shift) % num_classes
 
 
+def unit_requests(model, layer: str, images, num_units: int) -> dict:
+    """The `num_units` maps of `layer` with the largest maxima over the images (the trained
+    model's), each with the image and location of its maximum (first in row-major order)."""
+    act = graph.tap(model, [layer])(images, training=False)
+    act = np.asarray(act[0] if isinstance(act, (list, tuple)) else act, np.float32)
+    n, h, w, f = act.shape
+    flat = act.transpose(3, 0, 1, 2).reshape(f, -1)  # (F, N*h*w)
+    where = flat.argmax(axis=1)
+    units = np.argsort(-flat.max(axis=1), kind="stable")[:num_units]
+    image, y, x = np.unravel_index(where[units], (n, h, w))
+    return {"unit": units, "image": image, "y": y, "x": x}
+
+
+_DECONVNETS = weakref.WeakKeyDictionary()
+
+
+def unit_projections(model, layer: str, images, requests: dict) -> np.ndarray:
+    """(U, s, s) max over channels of |deconvnet projection| of each request, by `model`.
+
+    The explicit deconvnet reuses the model's layers, so one built on the randomized copy
+    projects with whatever weights the copy holds now: built once per model. The rule form
+    runs a clone of the weights it was built with: rebuilt on every call.
+    """
+    dn = _DECONVNETS.get(model)
+    if dn is None or dn[0] != layer:
+        dn = (layer, deconv.build_deconvnet(model, layer))
+        if deconv.projection_form(model, layer)[0] == "explicit":
+            _DECONVNETS[model] = dn
+    out = deconv.project(
+        dn[1],
+        images,
+        requests["image"].astype(np.int32),
+        requests["unit"].astype(np.int32),
+        requests["y"].astype(np.int32),
+        requests["x"].astype(np.int32),
+    )
+    return attribution.max_abs_channels(out["projection"])
+
+
 def compute(model, examples, s: Settings) -> dict:
     """Maps of the trained model, of each cascade step and each layer alone, and of other
     classes; their similarities to the trained model's maps.
@@ -347,24 +416,36 @@ def compute(model, examples, s: Settings) -> dict:
         classes = attribution.probabilities_fn(model)(examples.images).argmax(axis=1)
     others = other_classes(classes, s.num_classes, s.seed)
     randomizer = Randomizer(model, s.seed)
+    compared, requests = list(s.methods), None
+    if s.projection_units:
+        requests = unit_requests(model, s.projection_layer, examples.images, s.projection_units)
+        compared.append(PROJECTION)
     steps = 2 + 2 * len(layers)
     with tqdm.tqdm(total=steps * len(examples), desc="sanity", unit="img") as bar:
-        maps = lambda m, c: attribution.attribution_maps(
-            m, examples.images, c, s.methods, s.maps, s.seed, bar.update
-        )
+
+        def maps(m, c, projections=True):
+            out = attribution.attribution_maps(
+                m, examples.images, c, s.methods, s.maps, s.seed, bar.update
+            )
+            if requests is not None and projections:
+                out[PROJECTION] = unit_projections(m, s.projection_layer, examples.images, requests)
+            return out
+
         original = maps(model, classes)
-        other = maps(model, others)
+        other = maps(model, others, projections=False)  # a unit's projection has no class
         cascade = [maps(randomizer.randomize(layers[: i + 1]), classes) for i in range(len(layers))]
         independent = [maps(randomizer.randomize([layer]), classes) for layer in layers]
-    faith = faithfulness(model, examples.images, classes, original, s)
+    faith = faithfulness(model, examples.images, classes, {m: original[m] for m in s.methods}, s)
     sim = {
-        "cascade": {m: [mean_similarity(original[m], st[m]) for st in cascade] for m in s.methods},
+        "cascade": {m: [mean_similarity(original[m], st[m]) for st in cascade] for m in compared},
         "independent": {
-            m: [mean_similarity(original[m], st[m]) for st in independent] for m in s.methods
+            m: [mean_similarity(original[m], st[m]) for st in independent] for m in compared
         },
         "class": {m: mean_similarity(original[m], other[m]) for m in s.methods},
     }
     return {
+        "compared": compared,
+        "requests": requests,
         "layers": layers,
         "images": examples.images,
         "indices": examples.indices,
@@ -383,17 +464,25 @@ def _round(x, digits=3):
     return None if not np.isfinite(x) else round(float(x), digits)
 
 
+def _title(m: str, s, short: bool = False) -> str:
+    if m != PROJECTION:
+        return attribution.TITLES[m]
+    if short:
+        return f"{s.projection_layer} projection"
+    return f"deconvnet projection of {s.projection_units} {s.projection_layer} units"
+
+
 def table(result: dict, s: Settings) -> str:
     """One row per method: the similarities after the full cascade (every layer random),
     the mean over the independent steps, and for another class."""
     sim, rows = result["similarity"], []
     f = lambda x: "–" if not np.isfinite(x) else f"{x:.2f}"
-    for m in s.methods:
+    for m in result["compared"]:
         full = sim["cascade"][m][-1]
         alone = {k: np.nanmean([st[k] for st in sim["independent"][m]]) for k in METRICS}
-        other = sim["class"][m]
+        other = sim["class"].get(m, {"spearman_abs": np.nan, "ssim": np.nan})
         rows.append(
-            [attribution.TITLES[m]]
+            [_title(m, s)]
             + [f(full[k]) for k in METRICS]
             + [f(alone["spearman_abs"]), f(alone["ssim"])]
             + [f(other["spearman_abs"]), f(other["ssim"])]
@@ -447,9 +536,10 @@ def _curves(result: dict, s: Settings, path: str) -> np.ndarray:
     for row, kind in enumerate(("cascade", "independent")):
         for col, metric in enumerate(METRICS):
             ax = axes[row, col]
-            for m in s.methods:
+            for m in result["compared"]:
                 values = [1.0] + [st[metric] for st in sim[kind][m]]
-                ax.plot(x, values, marker="o", markersize=3, label=attribution.TITLES[m])
+                style = dict(color="black", ls=":") if m == PROJECTION else {}
+                ax.plot(x, values, marker="o", markersize=3, label=_title(m, s), **style)
             ax.axhline(0, color="#999", lw=0.6)
             ax.set_xticks(x)
             ax.set_xticklabels(["none"] + layers, rotation=60, fontsize=7)
@@ -472,13 +562,18 @@ def _cascade_grid(result: dict, s: Settings, path: str, image: int = 0) -> np.nd
     layers = result["layers"]
     cols = 2 + len(layers)
     fig, axes = plt.subplots(
-        len(s.methods), cols, figsize=(1.2 * cols, 1.25 * len(s.methods) + 0.6), squeeze=False
+        len(result["compared"]),
+        cols,
+        figsize=(1.2 * cols, 1.25 * len(result["compared"]) + 0.6),
+        squeeze=False,
     )
-    shown = outputs.display(result["images"][image], s.pixels)
-    for r, m in enumerate(s.methods):
-        panels = [result["original"][m][image]] + [st[m][image] for st in result["cascade"]]
+    for r, m in enumerate(result["compared"]):
+        # A method's maps of the image; the projection row: unit 0's, on its top image.
+        row, shown = (0, int(result["requests"]["image"][0])) if m == PROJECTION else (image,) * 2
+        shown = outputs.display(result["images"][shown], s.pixels)
+        panels = [result["original"][m][row]] + [st[m][row] for st in result["cascade"]]
         axes[r, 0].imshow(shown, interpolation="nearest")
-        axes[r, 0].set_ylabel(attribution.TITLES[m], fontsize=7)
+        axes[r, 0].set_ylabel(_title(m, s, short=True), fontsize=7)
         for c, panel in enumerate(panels, start=1):
             axes[r, c].imshow(attribution.display_scale(np.abs(panel)), cmap="gray", vmin=0, vmax=1)
             if r == 0:
@@ -506,7 +601,7 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
                 | {"undefined": v["undefined"]}
                 for layer, v in zip(result["layers"], sim["cascade"][m])
             ]
-            for m in s.methods
+            for m in result["compared"]
         },
         "independent": {
             m: [
@@ -514,7 +609,7 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
                 | {"undefined": v["undefined"]}
                 for layer, v in zip(result["layers"], sim["independent"][m])
             ]
-            for m in s.methods
+            for m in result["compared"]
         },
         "other_class": {m: {k: _round(sim["class"][m][k]) for k in METRICS} for m in s.methods},
         "faithfulness": {
@@ -529,6 +624,12 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
         "steps": s.steps,
         "cam_layer": s.maps.cam_layer,
         "seed": s.seed,
+        "projection": None
+        if result["requests"] is None
+        else {
+            "layer": s.projection_layer,
+            **{k: np.asarray(v).tolist() for k, v in result["requests"].items()},
+        },
     }
     text = (
         "Randomization and class sensitivity:\n\n"
