@@ -78,7 +78,12 @@ flags.DEFINE_string(
     "",
     "--mode=atlas: comma-separated layers to scan, e.g. conv3,conv5; default: every conv layer.",
 )
-flags.DEFINE_string("compare", "", "--mode=filters: workdir of the AlexNet-style layer-1 model.")
+flags.DEFINE_string(
+    "compare",
+    "",
+    "--mode=filters: workdir of the AlexNet-style layer-1 model; --mode=sanity: a workdir "
+    "whose model's maps are compared too (e.g. one trained on random labels).",
+)
 
 FLAGS = flags.FLAGS
 

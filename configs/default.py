@@ -55,6 +55,10 @@ def get_config():
     config.data.preprocessing = "zfnet"
     config.data.shuffle_buffer = 4096
     config.data.cache = True  # decode once, keep S x S squares in memory (small datasets)
+    # >= 0: train on random labels (Zhang et al. 2017): each training image's label replaced by
+    # a uniform class drawn from a hash of its bytes and this seed, fixed across epochs,
+    # whatever the file order; a model that memorizes noise, for --mode=sanity --compare.
+    config.data.random_labels_seed = -1
     config.data.input_threads = 1  # tf.data threads; 0 = as many as cores
 
     config.model = ml_collections.ConfigDict()

@@ -279,6 +279,13 @@ def check_split(data, split: str) -> int:
         raise DataError(f"unknown split {split!r}: valid splits: {choices}") from None
 
 
+def random_label(encoded, seed: int, num_classes: int):
+    """A label drawn uniformly from a keyed hash of an image's encoded bytes: random, but the
+    same for the same image in every epoch, file order and input pipeline."""
+    key = [int(seed) & 0xFFFFFFFFFFFFFFFF, 0x5A17]  # the seed keys the hash
+    return tf.strings.to_hash_bucket_strong(encoded, int(num_classes), key)
+
+
 def build_inputs(
     config,
     split: str,
@@ -304,6 +311,8 @@ def build_inputs(
     data = config.data
     training = mode == "train"
     ds = encoded_records(data, split, shuffle_files=training)
+    if training and data.get("random_labels_seed", -1) >= 0:
+        ds = ds.map(lambda e, y: (e, random_label(e, data.random_labels_seed, data.num_classes)))
     if input_context and input_context.num_input_pipelines > 1:
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     S, s, pixels = data.resize_size, data.crop_size, preprocess.pixels(data)

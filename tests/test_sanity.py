@@ -91,7 +91,7 @@ def test_mode_end_to_end(tiny_config, tmp_path):
     examples = examples_lib.load_examples(config, "validation", 2)
     s = sanity.resolve(sanity.settings(config, base.Request(workdir=workdir)), model, None)
     trained = [np.array(w) for w in model.weights]
-    result = sanity.compute(model, examples, s)
+    result = sanity.compute(model, sanity.Data(examples), s)
     assert all(np.array_equal(np.array(w), t) for w, t in zip(model.weights, trained))
     assert len(result["cascade"]) == len(result["independent"]) == 8
     for m in s.methods:
@@ -203,3 +203,52 @@ def test_mode_on_a_model_brought_along(tiny_config, tmp_path):
     layers = summary["layers_from_the_output_down"]
     assert len(summary["cascade"]["guided_backprop"]) == len(layers) >= 3
     assert summary["projection"]["layer"] == summary["cam_layer"] == "c2"
+
+
+def test_random_labels_are_fixed_per_image_uniform_and_seeded(tiny_config):
+    import tensorflow as tf
+
+    from pipelines import inputs
+
+    encoded = tf.constant([str(i).encode() for i in range(5000)])
+    labels = inputs.random_label(encoded, 0, 10).numpy()
+    np.testing.assert_array_equal(labels, inputs.random_label(encoded[::-1], 0, 10).numpy()[::-1])
+    counts = np.bincount(labels, minlength=10)
+    assert counts.min() > 420 and counts.max() < 580  # 500 each, within 3.5 sd
+    assert np.mean(inputs.random_label(encoded, 1, 10).numpy() == labels) < 0.15
+    # The training pipeline carries them; evaluation keeps the true labels.
+    config = tiny_config
+    config.data.random_labels_seed = 3
+    records = list(inputs.encoded_records(config.data, "train").as_numpy_iterator())
+    true = np.array([y for _, y in records])
+    drawn = inputs.random_label(tf.constant([e for e, _ in records]), 3, 10).numpy()
+    assert np.mean(drawn == true) < 0.3
+    batch = next(iter(inputs.build_inputs(config, "train")))[1].numpy()
+    assert set(batch) <= set(drawn) and len(batch) == config.train.batch_size
+    center = inputs.build_inputs(config, "validation", mode="center")
+    evaluated = np.concatenate([y for _, y in center.as_numpy_iterator()])
+    want = [y for _, y in inputs.encoded_records(config.data, "validation").as_numpy_iterator()]
+    np.testing.assert_array_equal(evaluated, want)
+
+
+def test_compare_with_another_workdirs_model(tiny_config, tmp_path, small):
+    config = tiny_config
+    config.model.width = 0.125
+    config.analysis.sanity.num_images = 2
+    config.analysis.sanity.methods = ("saliency",)
+    config.analysis.sanity.projection_units = 0
+    workdir = workdir_with_model(config, small[1], tmp_path / "w")
+    seeded = config.copy_and_resolve_references()
+    seeded.model.seed = 1  # other initial weights
+    other = workdir_with_model(config, model_lib.build_model(seeded.model), tmp_path / "o")
+    with pytest.raises(UsageError, match="--compare=.*: no trained model there"):
+        run_analysis("sanity", config, workdir, compare=str(tmp_path / "none"))
+    assert not os.path.exists(os.path.join(workdir, "sanity"))
+    run = run_analysis("sanity", config, workdir, compare=other)
+    summary = json.load(open(run.paths["sanity.json"]))
+    assert summary["compare"]["workdir"] == other and summary["projection"] is None
+    assert -1 <= summary["compare"]["saliency"]["spearman"] < 0.99
+    assert "--compare model: SSIM" in open(run.paths["sanity.md"]).read()
+    # Against itself: identical maps.
+    same = run_analysis("sanity", config, workdir, compare=workdir, overwrite=True)
+    assert same.report.summary["compare"]["saliency"]["spearman"] == pytest.approx(1.0)

@@ -57,7 +57,8 @@ class Request:
       image: deconv: project the strongest maps of this image file instead of a scan.
       untrained: use a freshly initialized model instead of the workdir's checkpoint.
       parts: correspondence: JSON file {image: {part: [y0, x0, y1, x1]}}.
-      compare: filters: workdir of the AlexNet-style layer-1 model.
+      compare: filters: workdir of the AlexNet-style layer-1 model; sanity: a workdir whose
+        model's maps are compared too.
       layers: atlas: comma-separated layers ('' = every conv layer).
       model: look inside this model instead of the workdir's: a .keras file or a
         keras.applications name (`sources`).

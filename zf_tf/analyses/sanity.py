@@ -24,6 +24,9 @@ Outputs (WORKDIR/sanity/): sanity.json (every figure), sanity.md (the table), sa
 cascade.png (one image's maps through the cascade), faithfulness.png (mean deletion and
 insertion curves).
 
+**--compare=DIR**: the same maps by the model of another workdir (e.g. one trained on random
+labels, `config.data.random_labels_seed`: a model that memorized noise) against this one's.
+
 **Deletion / insertion** (Petsiuk et al. 2018): the class probability as the trained model's
 most relevant pixels (by each method's map) are replaced by the data mean, or inserted into a
 blurred copy of the image, in `steps` steps; the area under each curve, beside a random order.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import weakref
 
 import keras
@@ -43,6 +47,7 @@ from zf_tf import outputs
 from zf_tf.analyses import attribution, base
 from zf_tf.core import deconv, graph
 from zf_tf.core.errors import UsageError
+from zf_tf.training import workdirs
 
 MODE = "sanity"
 OUTPUTS = ("sanity.json", "sanity.md", "sanity.png", "cascade.png", "faithfulness.png")
@@ -266,6 +271,7 @@ class Settings:
     projection_units: int = 8  # how many (its most active on the images); 0 = none
     class_names: tuple = ()
     labels: bool = True  # the split's labels are the model's classes; False: predicted ones
+    compare: str = ""  # --compare: a workdir whose model's maps are compared too
 
 
 def settings(config, request: base.Request) -> Settings:
@@ -291,7 +297,15 @@ def settings(config, request: base.Request) -> Settings:
         raise UsageError(f"--num_images={num}: the sanity checks need at least 2 images")
     split = request.split or config.analysis.split
     inputs.check_split(config.data, split)
+    compare = request.compare
+    if compare and not os.path.exists(workdirs.checkpoint_path(compare)):
+        raise UsageError(
+            f"--compare={compare}: no trained model there ({workdirs.checkpoint_path(compare)} "
+            "missing); a model that memorized random labels: python main.py --mode=train "
+            f"--workdir={compare} --config.data.random_labels_seed=0"
+        )
     return Settings(
+        compare=compare,
         methods=methods,
         split=split,
         num_images=num,
@@ -348,8 +362,30 @@ def outputs_of(s: Settings):
     return MODE, OUTPUTS
 
 
-def load(config, s: Settings, model):
-    return base.load_examples(config, s.split, s.num_images)
+@dataclasses.dataclass
+class Data:
+    examples: object  # pipelines.examples.Examples
+    compare: object = None  # the --compare workdir's model
+
+
+def load(config, s: Settings, model) -> Data:
+    """The images, and the --compare model (which must take the same inputs and classes).
+
+    Raises:
+      UsageError: a --compare model of another input shape or number of classes.
+    """
+    other = None
+    if s.compare:
+        other = workdirs.load_model(s.compare)
+        if tuple(other.input_shape) != tuple(model.input_shape) or graph.num_outputs(
+            other
+        ) != graph.num_outputs(model):
+            raise UsageError(
+                f"--compare={s.compare}: its model takes {other.input_shape} with "
+                f"{graph.num_outputs(other)} classes, this one {model.input_shape} with "
+                f"{graph.num_outputs(model)}: compare models of the same data"
+            )
+    return Data(base.load_examples(config, s.split, s.num_images), other)
 
 
 def other_classes(labels, num_classes: int, seed: int) -> np.ndarray:
@@ -398,7 +434,7 @@ def unit_projections(model, layer: str, images, requests: dict) -> np.ndarray:
     return attribution.max_abs_channels(out["projection"])
 
 
-def compute(model, examples, s: Settings) -> dict:
+def compute(model, data: Data, s: Settings) -> dict:
     """Maps of the trained model, of each cascade step and each layer alone, and of other
     classes; their similarities to the trained model's maps.
 
@@ -407,8 +443,9 @@ def compute(model, examples, s: Settings) -> dict:
       [{method: maps}] (step i: layers[: i + 1] randomized), independent [{method: maps}]
       (step i: layers[i] alone), other_class {method: maps}, classes, others, and
       similarity {cascade: {method: [per-step {metric...}]}, independent: ..., class: {method:
-      {metric...}}}.
+      {metric...}}, compare (with --compare): {method: {metric...}}}.
     """
+    examples = data.examples
     layers = weight_layers(model)
     if s.labels:
         classes = np.asarray(examples.labels, np.int64)
@@ -420,7 +457,7 @@ def compute(model, examples, s: Settings) -> dict:
     if s.projection_units:
         requests = unit_requests(model, s.projection_layer, examples.images, s.projection_units)
         compared.append(PROJECTION)
-    steps = 2 + 2 * len(layers)
+    steps = 2 + 2 * len(layers) + (data.compare is not None)
     with tqdm.tqdm(total=steps * len(examples), desc="sanity", unit="img") as bar:
 
         def maps(m, c, projections=True):
@@ -435,6 +472,7 @@ def compute(model, examples, s: Settings) -> dict:
         other = maps(model, others, projections=False)  # a unit's projection has no class
         cascade = [maps(randomizer.randomize(layers[: i + 1]), classes) for i in range(len(layers))]
         independent = [maps(randomizer.randomize([layer]), classes) for layer in layers]
+        compare = None if data.compare is None else maps(data.compare, classes)
     faith = faithfulness(model, examples.images, classes, {m: original[m] for m in s.methods}, s)
     sim = {
         "cascade": {m: [mean_similarity(original[m], st[m]) for st in cascade] for m in compared},
@@ -443,6 +481,8 @@ def compute(model, examples, s: Settings) -> dict:
         },
         "class": {m: mean_similarity(original[m], other[m]) for m in s.methods},
     }
+    if compare is not None:
+        sim["compare"] = {m: mean_similarity(original[m], compare[m]) for m in compared}
     return {
         "compared": compared,
         "requests": requests,
@@ -486,12 +526,14 @@ def table(result: dict, s: Settings) -> str:
             + [f(full[k]) for k in METRICS]
             + [f(alone["spearman_abs"]), f(alone["ssim"])]
             + [f(other["spearman_abs"]), f(other["ssim"])]
+            + ([f(sim["compare"][m][k]) for k in ("spearman_abs", "ssim")] if s.compare else [])
         )
     header = (
         ["method"]
         + [f"all random: {TITLES[k]}" for k in METRICS]
         + ["one layer random: Spearman (abs)", "one layer random: SSIM"]
         + ["other class: Spearman (abs)", "other class: SSIM"]
+        + (["--compare model: Spearman (abs)", "--compare model: SSIM"] if s.compare else [])
     )
     return outputs.markdown_table(header, rows)
 
@@ -620,6 +662,15 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
                 "insertion_curve": [_round(v) for v in curves["insertion"].mean(axis=0)],
             }
             for name, curves in result["faithfulness"].items()
+        },
+        "compare": None
+        if not s.compare
+        else {
+            "workdir": s.compare,
+            **{
+                m: {k: _round(v[k]) for k in METRICS} | {"undefined": v["undefined"]}
+                for m, v in sim["compare"].items()
+            },
         },
         "steps": s.steps,
         "cam_layer": s.maps.cam_layer,

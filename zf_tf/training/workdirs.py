@@ -41,6 +41,7 @@ LOGGING_FIELDS = (("train", "callbacks"),)
 ADDED_FIELDS = {
     ("data", "preprocessing"): preprocess.DEFAULT_PREPROCESSING,
     ("model", "arch"): "zfnet",
+    ("data", "random_labels_seed"): -1,
 }
 TRAINING_STATE = (
     "backup",
