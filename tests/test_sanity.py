@@ -80,6 +80,7 @@ def test_randomization_changes_exactly_the_intended_layers(small):
     assert all(np.array_equal(np.array(w), trained[w.path]) for w in model.weights)
 
 
+@pytest.mark.slow
 def test_mode_end_to_end(tiny_config, tmp_path):
     config = tiny_config
     config.model.width = 0.125
@@ -190,6 +191,7 @@ def test_deletion_curve_of_a_model_whose_evidence_is_one_region():
     assert sanity.auc([1.0, 1.0, 1.0]) == 1.0 and sanity.auc([0.0, 1.0]) == 0.5
 
 
+@pytest.mark.slow
 def test_mode_on_a_model_brought_along(tiny_config, tmp_path):
     from tests.tiny_models import saved_bn_net
 
@@ -231,6 +233,7 @@ def test_random_labels_are_fixed_per_image_uniform_and_seeded(tiny_config):
     np.testing.assert_array_equal(evaluated, want)
 
 
+@pytest.mark.slow
 def test_compare_with_another_workdirs_model(tiny_config, tmp_path, small):
     config = tiny_config
     config.model.width = 0.125

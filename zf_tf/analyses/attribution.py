@@ -739,6 +739,23 @@ def settings(config, request) -> Settings:
     )
 
 
+def cam_layer(model, methods, layer: str) -> str:
+    """The CAM methods' layer ('' = the model's last conv layer), checked where one of
+    `methods` uses it.
+
+    Raises:
+      UsageError: not a conv layer of the model (naming them).
+    """
+    convs = graph.conv_layers(model)
+    cam = layer or (convs[-1] if convs else "")
+    if set(methods) & set(CAM_METHODS) and cam not in convs:
+        raise UsageError(
+            f"config.analysis.attribution.cam_layer={cam!r} is not valid: "
+            + (f"choose one of {', '.join(convs)}" if convs else "the model has no conv layer")
+        )
+    return cam
+
+
 def resolve(s: Settings, model, source) -> Settings:
     """The CAM layer ('' = the model's last conv layer) checked against the model's conv
     layers where a CAM method uses it; where the labels are not the model's classes, the
@@ -752,13 +769,7 @@ def resolve(s: Settings, model, source) -> Settings:
         num_classes = graph.num_outputs(model)
     except ValueError as e:
         raise UsageError(f"--mode=attribution: {e}") from None
-    convs = graph.conv_layers(model)
-    cam = s.maps.cam_layer or (convs[-1] if convs else "")
-    if set(s.methods) & set(CAM_METHODS) and cam not in convs:
-        raise UsageError(
-            f"config.analysis.attribution.cam_layer={cam!r} is not valid: "
-            + (f"choose one of {', '.join(convs)}" if convs else "the model has no conv layer")
-        )
+    cam = cam_layer(model, s.methods, s.maps.cam_layer)
     labels = source is None or source.labels_apply(s.split)
     return dataclasses.replace(
         s,

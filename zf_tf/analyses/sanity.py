@@ -328,13 +328,8 @@ def resolve(s: Settings, model, source) -> Settings:
         raise UsageError(f"--mode=sanity: {e}") from None
     if num_classes < 2:
         raise UsageError("--mode=sanity: class sensitivity needs a model with 2 or more classes")
+    cam = attribution.cam_layer(model, s.methods, s.maps.cam_layer)
     convs = graph.conv_layers(model)
-    cam = s.maps.cam_layer or (convs[-1] if convs else "")
-    if set(s.methods) & set(attribution.CAM_METHODS) and cam not in convs:
-        raise UsageError(
-            f"config.analysis.attribution.cam_layer={cam!r} is not valid: "
-            + (f"choose one of {', '.join(convs)}" if convs else "the model has no conv layer")
-        )
     layer = s.projection_layer or (convs[-1] if convs else "")
     if s.projection_units:
         valid = deconv.valid_layers(model)
@@ -628,6 +623,19 @@ def _cascade_grid(result: dict, s: Settings, path: str, image: int = 0) -> np.nd
     return outputs.save_figure(fig, path)
 
 
+def _rounded(v: dict) -> dict:
+    return {k: _round(v[k]) for k in METRICS} | {"undefined": v["undefined"]}
+
+
+def _steps(result: dict, kind: str, key: str) -> dict:
+    """{method: [{key: layer, metric: value..., undefined}]} of one kind of randomization."""
+    sim = result["similarity"][kind]
+    return {
+        m: [{key: layer, **_rounded(v)} for layer, v in zip(result["layers"], sim[m])]
+        for m in result["compared"]
+    }
+
+
 def render(result: dict, s: Settings, paths: dict) -> base.Report:
     sim = result["similarity"]
     summary = {
@@ -637,22 +645,8 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
         "methods": list(s.methods),
         "layers_from_the_output_down": result["layers"],
         "metrics": list(METRICS),
-        "cascade": {
-            m: [
-                {"randomized_down_to": layer, **{k: _round(v[k]) for k in METRICS}}
-                | {"undefined": v["undefined"]}
-                for layer, v in zip(result["layers"], sim["cascade"][m])
-            ]
-            for m in result["compared"]
-        },
-        "independent": {
-            m: [
-                {"randomized": layer, **{k: _round(v[k]) for k in METRICS}}
-                | {"undefined": v["undefined"]}
-                for layer, v in zip(result["layers"], sim["independent"][m])
-            ]
-            for m in result["compared"]
-        },
+        "cascade": _steps(result, "cascade", "randomized_down_to"),
+        "independent": _steps(result, "independent", "randomized"),
         "other_class": {m: {k: _round(sim["class"][m][k]) for k in METRICS} for m in s.methods},
         "faithfulness": {
             name: {
@@ -667,10 +661,7 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
         if not s.compare
         else {
             "workdir": s.compare,
-            **{
-                m: {k: _round(v[k]) for k in METRICS} | {"undefined": v["undefined"]}
-                for m, v in sim["compare"].items()
-            },
+            **{m: _rounded(v) for m, v in sim["compare"].items()},
         },
         "steps": s.steps,
         "cam_layer": s.maps.cam_layer,
