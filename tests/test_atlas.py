@@ -72,6 +72,7 @@ def test_site_files_and_winners(site):
     assert "Classes of its top 4 images" in page
 
 
+@pytest.mark.slow
 def test_adding_a_layer_scans_only_it_and_a_killed_run_resumes(site, monkeypatch, tmp_path):
     config, original, _ = site
     workdir = str(tmp_path / "w")

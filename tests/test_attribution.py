@@ -264,6 +264,7 @@ def test_settings_refuse_bad_configs_before_anything_loads(tiny_config):
     assert attribution.resolve(s, ablated, own).maps.cam_layer == "conv4"
 
 
+@pytest.mark.slow
 def test_mode_end_to_end(tiny_config, tmp_path, capsys):
     config = tiny_config
     config.model.width = 0.125

@@ -329,6 +329,7 @@ def test_predicted_class_where_labels_do_not_apply(small):
     )
 
 
+@pytest.mark.slow
 def test_mode_on_a_model_brought_along(tiny_config, tmp_path, capsys):
     config = tiny_config
     config.analysis.occlusion.stride = 0.25  # 4 x 4 positions
