@@ -62,7 +62,7 @@ class Settings:
     description: str = ""  # what the model is (index page)
     command: str = ""  # how the atlas was made (index page)
     pixel_density: int = 2  # stored image px per displayed px (larger canvases are shrunk)
-    jpeg_quality: int = 90  # of the shrunk images (canvases shown as they are stay PNG)
+    jpeg_quality: int = 90  # of canvases over atlas_site.EXACT px (smaller ones are PNGs)
 
 
 def parse_layers(text: str) -> tuple:
@@ -386,12 +386,13 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
     layers = {}
     for layer in s.layers:
         shape = tuple(int(d) for d in graph.find(model, layer).output.shape[1:])
+        field = int(deconv.receptive_field_size(model, layer))
         layers[layer] = {
             "scan": scans[layer],
             **cells[layer],
             "map_shape": shape if len(shape) == 3 else (1, 1, shape[-1]),
-            "receptive_field": int(deconv.receptive_field_size(model, layer)),
-            "side": min(int(deconv.receptive_field_size(model, layer)), s.crop_size),
+            "receptive_field": field,
+            "side": min(field, s.crop_size),  # the canvas of its images
             "form": deconv.projection_form(model, layer)[0],
         }
     timings = {"scan": scanned - start, "projections": time.perf_counter() - scanned}

@@ -239,11 +239,12 @@ def faithfulness(model, images, classes, maps: dict, s) -> dict:
     fill = np.asarray(s.maps.occluder_fill, np.float32)  # the data mean, as model input
     orders = {m: [relevance_order(v) for v in maps[m]] for m in maps}
     orders["random"] = [rng.permutation(size * size) for _ in images]
+    bases = [blurred(x, sigma) for x in images]  # each image's insertion start, once
     out = {}
     for name, per_image in orders.items():
         curves = [
-            deletion_insertion(probabilities, x, int(c), o, fill, blurred(x, sigma), s.steps)
-            for x, c, o in zip(images, classes, per_image)
+            deletion_insertion(probabilities, x, int(c), o, fill, b, s.steps)
+            for x, c, o, b in zip(images, classes, per_image, bases)
         ]
         out[name] = {
             "deletion": np.stack([d for d, _ in curves]),
