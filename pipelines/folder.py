@@ -1,16 +1,19 @@
 """An image folder in ImageNet layout: `root/<class>/<file>.{jpg,jpeg,png,...}`, or a flat
 folder of unlabeled images `root/<file>` (label UNLABELED, for the modes that need no labels).
 
-Classes are the sorted subfolder names. Files are checked once when the folder is indexed,
+Classes are the sorted subfolder names. Files are checked when the folder is first indexed,
 in two steps, and every unusable file is skipped and counted in one log line (by reason), so
 a bad file never crashes a run:
 1. cheaply, in parallel threads, from each file's first and last bytes: empty files, files
    that are no known image format ('corrupt'), JPEG/PNG files cut short ('truncated', no
    end marker), image formats TensorFlow cannot decode ('unsupported .tif');
 2. by decoding the files that pass with TensorFlow itself (JPEG at 1/8 scale: every
-   entropy-coded byte is still read), in parallel with tf.data: 'undecodable'. The result
-   of this step is remembered per file (path, size, modification time) in
-   `cache_dir()/decode-checks/`, so a folder is decoded once, not once per run.
+   entropy-coded byte is still read), in parallel with tf.data: 'undecodable'.
+Both verdicts are remembered per file (path, size, modification time) in
+`cache_dir()/file-checks/`, so a folder's files are opened once, not on every run: a later
+run only lists the tree and stats each file (`file_checks`). Within one process the whole
+index is kept per folder (`indexed`), so the pipelines, `num_examples` and the analyses of a
+run list the tree once.
 Files with other extensions are ignored and counted by extension in the same line. The
 pipelines still drop a file that fails to decode later (changed since it was indexed).
 """
@@ -21,6 +24,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -141,40 +145,63 @@ def _libjpeg_muted():
         os.close(null)
 
 
-def _stamp(path: str) -> list[int]:
-    st = os.stat(path)
+def _stamp(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
     return [st.st_size, st.st_mtime_ns]
 
 
-def decode_check(root: str, paths: list[str]) -> list[bool]:
-    """`_decodes(paths)`, remembered per (path, size, mtime) in one JSON file per folder
-    under `cache_dir()`; a cache that cannot be read or written only costs time."""
-    cache = os.path.join(
-        cache_dir(), "decode-checks", hashlib.sha1(os.path.abspath(root).encode()).hexdigest()
-    )
+def _cache_file(root: str) -> str:
+    digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()
+    return os.path.join(cache_dir(), "file-checks", digest + ".json")
+
+
+def file_checks(root: str, paths: list[str], max_workers: int = 16) -> list[str | None]:
+    """Why each file is unusable ('empty', 'corrupt', 'truncated', 'undecodable') or None.
+
+    Both checks (`check_file`, then decoding the files that pass, `_decodes`) run only for
+    files not seen before: each verdict is remembered with the file's size and modification
+    time in one JSON file per folder under `cache_dir()/file-checks/`, so a folder that did
+    not change costs one `stat` per file (in parallel threads) and no reads. A cache that
+    cannot be read or written only costs time.
+    """
+    cache = _cache_file(root)
     try:
-        with open(cache + ".json") as f:
+        with open(cache) as f:
             known = json.load(f)
     except (OSError, ValueError):
         known = {}
-    stamps = {p: _stamp(p) for p in paths}
-    todo = [p for p in paths if known.get(p, [None])[:2] != stamps[p]]
+    base = os.path.abspath(root)
+    keys = [os.path.relpath(os.path.abspath(p), base) for p in paths]
+    with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
+        stamps = list(pool.map(_stamp, paths))
+        todo = [
+            i
+            for i, (k, st) in enumerate(zip(keys, stamps))
+            if st is None or (known.get(k) or [None])[:2] != st
+        ]
+        problems = list(pool.map(check_file, [paths[i] for i in todo]))
+    passed = [i for i, problem in zip(todo, problems) if not problem]
+    decoded = dict(zip(passed, _decodes([paths[i] for i in passed]) if passed else []))
+    for i, problem in zip(todo, problems):
+        problem = problem or (None if decoded[i] else "undecodable")
+        known[keys[i]] = (stamps[i] or [-1, -1]) + [problem]
     if todo:
-        for p, good in zip(todo, _decodes(todo)):
-            known[p] = stamps[p] + [good]
-        known = {p: known[p] for p in paths}
+        known = {k: known[k] for k in keys}
         tmp = None
         try:
             os.makedirs(os.path.dirname(cache), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".tmp")
             with os.fdopen(fd, "w") as f:
                 json.dump(known, f)
-            os.replace(tmp, cache + ".json")
+            os.replace(tmp, cache)
         except OSError as e:
-            logging.info("Decode check of %s not cached (%s)", root, e)
+            logging.info("File checks of %s not cached (%s)", root, e)
             if tmp and os.path.exists(tmp):
                 os.remove(tmp)
-    return [bool(known[p][2]) for p in paths]
+    return [known[k][2] for k in keys]
 
 
 def _extension(name: str) -> str:
@@ -186,7 +213,7 @@ def index_folder(root: str, max_workers: int = 16) -> FolderIndex:
 
     Args:
       root: folder holding one subfolder per class, or the images themselves.
-      max_workers: threads used for the cheap check.
+      max_workers: threads that stat and cheaply check the files.
 
     Returns:
       A FolderIndex sorted by (class, file name).
@@ -219,14 +246,10 @@ def index_folder(root: str, max_workers: int = 16) -> FolderIndex:
         raise FileNotFoundError(
             f"no images ({', '.join(EXTENSIONS)}) in {root} or in class subfolders of it"
         )
-    with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
-        problems = list(pool.map(check_file, [p for p, _ in candidates]))
-    passed = [p for (p, _), problem in zip(candidates, problems) if not problem]
-    decodes = dict(zip(passed, decode_check(root, passed)))
+    problems = file_checks(root, [p for p, _ in candidates], max_workers)
     skipped = collections.defaultdict(list)
     paths, labels = [], []
     for (path, label), problem in zip(candidates, problems):
-        problem = problem or (None if decodes[path] else "undecodable")
         if problem:
             skipped[problem].append(path)
         else:
@@ -254,3 +277,10 @@ def index_folder(root: str, max_workers: int = 16) -> FolderIndex:
         f"; other files ignored: {others}" if others else "",
     )
     return index
+
+
+@functools.lru_cache(maxsize=16)
+def indexed(root: str) -> FolderIndex:
+    """`index_folder(root)`, once per process per folder: every pipeline build, split count
+    and analysis of a run shares it. `indexed.cache_clear()` forgets (a folder changed)."""
+    return index_folder(root)

@@ -66,9 +66,9 @@ def _folder_split(root: str, split: str):
     unlabeled images is every split (labels folder.UNLABELED)."""
     split_root = os.path.join(root, split)
     if os.path.isdir(split_root):
-        index = folder_lib.index_folder(split_root)
+        index = folder_lib.indexed(split_root)
         return index.paths, index.labels
-    index = folder_lib.index_folder(root)
+    index = folder_lib.indexed(root)
     if not index.labeled:  # a flat folder: every split is all of its images
         return index.paths, index.labels
     every = int(round(1 / FOLDER_VALIDATION_FRACTION))
@@ -78,6 +78,12 @@ def _folder_split(root: str, split: str):
         [p for p, k in zip(index.paths, keep) if k],
         [y for y, k in zip(index.labels, keep) if k],
     )
+
+
+def forget_folders() -> None:
+    """Drops the in-process folder indexes (after files were added, removed or changed)."""
+    _folder_split.cache_clear()
+    folder_lib.indexed.cache_clear()
 
 
 def _class_dirs(root: str) -> list[str]:

@@ -31,19 +31,45 @@ def test_index_counts_and_reasons(messy, absl_caplog):
     ) in absl_caplog.text
 
 
-def test_decode_check_is_remembered_per_file(tmp_path, monkeypatch):
+def test_file_checks_are_remembered_per_file(tmp_path, monkeypatch):
+    """Each file is opened (cheap check) and decoded once: a second index of an unchanged
+    folder only stats it; a changed file (new size and mtime) is checked again."""
     root = str(tmp_path / "images")
     good = write(f"{root}/a.jpg", encode(random_rgb(40, 40, 1), "JPEG"))
     bad = write(f"{root}/b.jpg", undecodable_jpeg())
-    calls = []
-    real = folder._decodes
-    monkeypatch.setattr(folder, "_decodes", lambda paths: calls.append(paths) or real(paths))
-    assert folder.decode_check(root, [good, bad]) == [True, False]
-    assert folder.decode_check(root, [good, bad]) == [True, False]
-    assert calls == [[good, bad]]  # the second check decoded nothing
+    cut = write(f"{root}/c.jpg", encode(random_rgb(40, 40, 3), "JPEG")[:-200])
+    decoded, opened = [], []
+    real_decodes, real_check = folder._decodes, folder.check_file
+    monkeypatch.setattr(folder, "_decodes", lambda p: decoded.append(p) or real_decodes(p))
+    monkeypatch.setattr(folder, "check_file", lambda p: opened.append(p) or real_check(p))
+    expected = [None, "undecodable", "truncated"]
+    assert folder.file_checks(root, [good, bad, cut]) == expected
+    assert folder.file_checks(root, [good, bad, cut]) == expected
+    assert sorted(opened) == [good, bad, cut] and decoded == [[good, bad]]  # once each
     write(bad, encode(random_rgb(40, 40, 2), "JPEG"))  # repaired: new size and mtime
-    assert folder.decode_check(root, [good, bad]) == [True, True]
-    assert calls[1:] == [[bad]]
+    assert folder.file_checks(root, [good, bad, cut]) == [None, None, "truncated"]
+    assert opened[3:] == [bad] and decoded[1:] == [[bad]]
+
+
+def test_a_folder_is_indexed_once_per_process(tmp_path, monkeypatch):
+    """The train and validation splits of a folder without split subfolders, and every
+    count of them, share one listing of the tree."""
+    root = str(tmp_path / "images")
+    for c in range(2):
+        for i in range(10):
+            write(f"{root}/c{c}/{i}.png", encode(random_rgb(40, 40, 10 * c + i), "PNG"))
+    listings = []
+    real = folder.index_folder
+    monkeypatch.setattr(folder, "index_folder", lambda r: listings.append(r) or real(r))
+    inputs.forget_folders()
+    config = folder_config(root)
+    assert inputs.num_examples(config.data, "train") == 18
+    assert inputs.num_examples(config.data, "validation") == 2
+    next(iter(inputs.build_inputs(config, "train", mode="train")))
+    assert listings == [root]
+    inputs.forget_folders()
+    assert inputs.num_examples(config.data, "validation") == 2
+    assert listings == [root, root]
 
 
 def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
@@ -67,7 +93,7 @@ def folder_config(root, **train):
 def test_pipeline_over_messy_folder(messy):
     root, expected = messy
     config = folder_config(root)
-    inputs._folder_split.cache_clear()
+    inputs.forget_folders()
     # All of a folder without split subfolders: train + validation partition the files.
     n_train = inputs.num_examples(config.data, "train")
     n_val = inputs.num_examples(config.data, "validation")
@@ -86,7 +112,7 @@ def test_split_subfolders_are_used(tmp_path):
         for i in range(n):
             write(f"{tmp_path}/{split}/a/{i}.png", encode(random_rgb(40, 40, i), "PNG"))
     config = folder_config(str(tmp_path))
-    inputs._folder_split.cache_clear()
+    inputs.forget_folders()
     assert inputs.num_examples(config.data, "train") == 3
     assert inputs.num_examples(config.data, "validation") == 2
 

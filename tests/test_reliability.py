@@ -135,7 +135,7 @@ def test_an_undecodable_image_crashes_no_reader(tmp_path, monkeypatch, capsys):
     write(f"{root}/c0/0.png", undecodable_jpeg())
     write(f"{root}/c0/9.png", undecodable_jpeg(seed=3))
     monkeypatch.setattr(folder, "_decodes", lambda paths: [True] * len(paths))
-    inputs._folder_split.cache_clear()
+    inputs.forget_folders()
     config = cli.resolved_config(
         cli.DEFAULT_CONFIG,
         [
