@@ -49,4 +49,12 @@ def median_range(values, digits: int = 3) -> dict:
 def passed_args(argv=None) -> list[str]:
     """The command line's arguments without --repeats/--only, for the children."""
     argv = sys.argv[1:] if argv is None else argv
-    return [a for a in argv if not a.startswith(("--repeats", "--only"))]
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.startswith(("--repeats", "--only")):
+            skip = "=" not in a  # `--repeats 3`: its value too
+        else:
+            out.append(a)
+    return out

@@ -1,24 +1,34 @@
-"""Input-pipeline throughput: our training pipeline vs bare JPEG decoding vs Keras.
+"""Input-pipeline throughput and folder indexing, one configuration per fresh process.
 
-On the same files, interleaved pass by pass (a, b, c, a, b, c, ...) so that machine
-noise hits all three alike:
-  a. `pipelines.inputs.build_inputs(config, 'train', mode='train')` on a class folder at
-     S=256, s=224 (read, shuffle, decode the crop window, resize, flip, mean, batch);
-     it repeats forever, so a pass takes num_images // batch_size batches;
-  b. bare `decode_jpeg(read_file(path), channels=3)`, parallel map, unbatched, no resize;
-  c. `keras.utils.image_dataset_from_directory(root, image_size=(224, 224), shuffle=False)`.
-A pass iterates a fresh iterator, timed from the first request (creating the iterator
-is a one-time cost), and only counts. Pass 0 is warm-up; rates are medians of the rest.
-CPU ms per image (all threads of this process) are reported too: on a shared machine
-they vary far less than wall-clock rates.
+On the same photos, each configuration runs in its own Python process, interleaved round by
+round (A, B, C, ..., A, B, C, ...), `--repeats` rounds; in a process one warm-up pass, then
+`--passes` timed passes of `--epochs` epochs' worth of images each, all from one iterator
+(the steady state: every reader repeats; median). The JSON gives each figure's median and
+range over the rounds. CPU ms per image count every thread of the process: images/s per
+core = 1000 / that.
 
-Target: pipeline >= 0.8x the bare-decode rate (`meets_target`).
+  original              `build_inputs(config, 'train')` on the class folder of original JPEGs
+                        at S=256, s=224 (read, shuffle, decode the crop window, resize, flip,
+                        normalize, batch)
+  prepared              the same on shards that `--mode=prepare` wrote from those photos
+                        (`config.data.source='prepared'`: decode a 224 window of a 256 JPEG)
+  bare_decode_original  `decode_jpeg(read_file(path))` of the originals, nothing else
+  bare_decode_prepared  read + parse + `decode_jpeg` of the prepared shards, nothing else
+  image_dataset_from_directory  Keras' own folder reader at 224 x 224, for reference
+  service               `original` through the tf.data service: a dispatcher and 2 local
+                        workers as processes (`python -m pipelines.service`); the trainer's
+                        process only receives batches
+  index_cold, index_warm  `folder.index_folder` of a generated tree of `--index_files` tiny
+                        JPEGs in 100 classes: with no cache (every file opened and decoded),
+                        then in a new process with the cache the first left (stat only),
+                        and a second time in that process (`folder.indexed`: no work)
 
-Images: ../shared/data/imagenet-samples (from the repo root) if present, else 300
-generated JPEGs; --images DIR overrides. They are symlinked round robin into
-TMP/train/c0..c9 so both readers see class folders (the 'train' split = all files).
+Targets: prepared vs original >= 5x images/s per core; prepared vs bare decode of the
+prepared files >= 0.8x (images/s).
 
-Run from the repo root:  .venv/bin/python bench/pipeline.py [--repeats 5] [--batch_size 64]
+Images: ../shared/data/imagenet-samples if present, else 300 generated JPEGs; --images DIR
+overrides. Run from the repo root:
+    .venv/bin/python bench/pipeline.py [--repeats 3] [--passes 3] [--batch_size 64]
 Prints one JSON object on stdout; logs go to stderr.
 """
 
@@ -26,27 +36,34 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from configs import default  # noqa: E402
-from pipelines import inputs  # noqa: E402
+from fresh import interleaved, log, median_range, passed_args  # noqa: E402
 
 SAMPLES = os.path.join(ROOT, "..", "shared", "data", "imagenet-samples")
-TARGET = 0.8
-
-
-def log(*args):
-    print(*args, file=sys.stderr, flush=True)
+S, CROP = 256, 224
+TARGETS = {"prepared_vs_original_per_core": 5.0, "prepared_vs_bare_decode_prepared": 0.8}
+PIPELINES = (
+    "original",
+    "prepared",
+    "bare_decode_original",
+    "bare_decode_prepared",
+    "image_dataset_from_directory",
+    "service",
+)
+INDEX = ("index_cold", "index_warm")
 
 
 def generate_images(folder, count=300, seed=0):
@@ -65,124 +82,247 @@ def generate_images(folder, count=300, seed=0):
 
 
 def class_tree(source, train_root, num_classes=10):
-    """Symlinks the images of `source` round robin into train_root/c<k>/; returns paths."""
+    """Symlinks the images of `source` round robin into train_root/c<k>/."""
     files = sorted(f for f in os.listdir(source) if f.lower().endswith((".jpg", ".jpeg")))
-    paths = []
     for i, name in enumerate(files):
         os.makedirs(os.path.join(train_root, f"c{i % num_classes}"), exist_ok=True)
-        paths.append(os.path.join(train_root, f"c{i % num_classes}", name))
-        os.symlink(os.path.join(source, name), paths[-1])
-    return paths
+        os.symlink(
+            os.path.join(source, name), os.path.join(train_root, f"c{i % num_classes}", name)
+        )
+    return len(files)
 
 
-def timed_pass(dataset, count_fn, steps=None):
-    """(wall s, CPU s, images) of one pass over a fresh iterator; `steps` caps elements."""
-    iterator = iter(dataset)
-    start, cpu, images = time.perf_counter(), time.process_time(), 0
-    for element in iterator:
-        images += count_fn(element)
-        steps = None if steps is None else steps - 1
-        if steps == 0:
-            break
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    del iterator
-    return seconds, cpu, images
+def index_tree(root, count):
+    """`count` distinct tiny valid JPEGs in 100 class folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        folder = os.path.join(root, f"c{i % 100:03d}")
+        if i < 100:
+            os.makedirs(folder)
+        pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i:06d}.jpg"), quality=75)
+
+
+def config_for(workspace, source, batch):
+    from configs import default
+
+    config = default.get_config()
+    config.data.source, config.data.folder = source, os.path.join(workspace, "photos")
+    config.data.prepared_dir = os.path.join(workspace, "prepared")
+    config.data.cache, config.data.num_classes = False, 10
+    config.data.resize_size, config.data.crop_size = S, CROP
+    config.data.input_threads = 0  # all cores for the input pipeline alone (as on ImageNet)
+    config.train.batch_size = batch
+    return config
+
+
+def setup(workspace, images, index_files):
+    """Photos as a class tree, their prepared shards, and the index tree (parent only)."""
+    from pipelines import prepared
+
+    source = images or (SAMPLES if os.path.isdir(SAMPLES) else None)
+    if source is None:
+        source = os.path.join(workspace, "generated")
+        os.makedirs(source)
+        log(f"{SAMPLES} not found: generating JPEGs in {source}")
+        generate_images(source)
+    n = class_tree(os.path.abspath(source), os.path.join(workspace, "photos", "train"))
+    config = config_for(workspace, "folder", 64)
+    with contextlib.redirect_stdout(sys.stderr):
+        prepared.prepare(config.data, config.data.prepared_dir, ["train"], progress=False)
+    if index_files:
+        log(f"generating {index_files} files for the index benchmark ...")
+        index_tree(os.path.join(workspace, "index"), index_files)
+    origin = "generated" if source.startswith(workspace) else os.path.realpath(source)
+    return n, origin
+
+
+def timed_pass(iterator, count_fn, images):
+    """(wall s, CPU s, images) of the next `images` (or a little more) of an iterator."""
+    start, cpu, seen = time.perf_counter(), time.process_time(), 0
+    while seen < images:
+        seen += count_fn(next(iterator))
+    return time.perf_counter() - start, time.process_time() - cpu, seen
+
+
+def _start_service(workspace):
+    def start(*args):
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipelines.service", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+
+    dispatcher = start("dispatcher", "--port=0")
+    address = dispatcher.stdout.readline().split("dispatcher at ")[1].split(":")[:2]
+    address = ":".join(address)
+    workers = [start("worker", f"--dispatcher={address}") for _ in range(2)]
+    for w in workers:
+        w.stdout.readline()
+    return address, [dispatcher, *workers]
+
+
+def measure_pipeline(name, workspace, batch, passes, epochs):
+    import tensorflow as tf
+
+    from pipelines import inputs, prepared
+
+    config = config_for(workspace, "prepared" if name == "prepared" else "folder", batch)
+    n = inputs.num_examples(config.data, "train")
+    per_batch = lambda e: int(e[0].shape[0])  # noqa: E731
+    procs = []
+    if name in ("original", "prepared", "service"):
+        if name == "service":
+            config.data.service_address, procs = _start_service(workspace)
+        ds, count = inputs.build_inputs(config, "train"), per_batch
+    elif name == "bare_decode_original":
+        paths = inputs._folder_split(config.data.folder, "train")[0]
+        ds = tf.data.Dataset.from_tensor_slices(paths).map(
+            lambda p: tf.io.decode_jpeg(tf.io.read_file(p), channels=3),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        ds, count = ds.repeat().prefetch(tf.data.AUTOTUNE), lambda e: 1
+    elif name == "bare_decode_prepared":
+        pconfig = config_for(workspace, "prepared", batch)
+        ds = prepared.records(pconfig.data, "train").map(
+            lambda e, y: tf.io.decode_jpeg(e, channels=3), num_parallel_calls=tf.data.AUTOTUNE
+        )
+        ds, count = ds.repeat().prefetch(tf.data.AUTOTUNE), lambda e: 1
+    else:
+        import keras
+
+        with contextlib.redirect_stdout(sys.stderr):  # "Found N files ..."
+            ds = keras.utils.image_dataset_from_directory(
+                os.path.join(config.data.folder, "train"),
+                image_size=(CROP, CROP),
+                batch_size=batch,
+                shuffle=False,
+            )
+        ds, count = ds.repeat(), per_batch
+    try:
+        rates, cpu_ms, iterator = [], [], iter(ds)
+        for p in range(passes + 1):
+            seconds, cpu, images = timed_pass(iterator, count, epochs * n)
+            log(
+                f"  {name} pass {p}: {images} images, {images / seconds:.1f}/s, "
+                f"{1000 * cpu / images:.2f} cpu-ms/image" + (" (warm-up)" if p == 0 else "")
+            )
+            if p:
+                rates.append(images / seconds)
+                cpu_ms.append(1000 * cpu / images)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            proc.wait(timeout=30)
+    return {"images_per_s": statistics.median(rates), "cpu_ms_per_image": statistics.median(cpu_ms)}
+
+
+def measure_index(name, workspace):
+    from pipelines import folder
+
+    root = os.path.join(workspace, "index")
+    cache = os.path.join(os.environ["ZF_TF_CACHE_DIR"], "file-checks")
+    if name == "index_cold":
+        shutil.rmtree(cache, ignore_errors=True)
+    start = time.perf_counter()
+    index = folder.indexed(root)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    again = folder.indexed(root)
+    second = time.perf_counter() - start
+    assert again is index
+    return {"files": len(index.paths), "seconds": first, "in_process_again_s": second}
+
+
+def child(args):
+    if args.only in INDEX:
+        result = measure_index(args.only, args.workspace)
+    else:
+        result = measure_pipeline(
+            args.only, args.workspace, args.batch_size, args.passes, args.epochs
+        )
+    print(json.dumps(result))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", default=None, help="flat folder of JPEGs")
-    parser.add_argument("--repeats", type=int, default=5, help="passes, incl. 1 warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh-process rounds")
+    parser.add_argument("--passes", type=int, default=3, help="timed passes per process")
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=4, help="over the photos per pass")
+    parser.add_argument("--index_files", type=int, default=100_000, help="0 = skip")
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workspace", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    repeats, batch = max(2, args.repeats), args.batch_size
+    if args.only:
+        return child(args)
 
-    with tempfile.TemporaryDirectory(prefix="zf_bench_") as tmp:
-        source = args.images or (SAMPLES if os.path.isdir(SAMPLES) else None)
-        if source is None:
-            source = os.path.join(tmp, "generated")
-            os.makedirs(source)
-            log(f"{SAMPLES} not found: generating JPEGs in {source}")
-            generate_images(source)
-        train_root = os.path.join(tmp, "train")
-        paths = class_tree(os.path.abspath(source), train_root)
-        source = "generated" if source.startswith(tmp) else os.path.realpath(source)
-        n = len(paths)
-        if n < batch:
-            raise SystemExit(f"need at least --batch_size={batch} JPEGs in {source}, have {n}")
-        log(f"{n} images from {source}")
-
-        config = default.get_config()
-        config.data.source, config.data.folder, config.data.cache = "folder", tmp, False
-        config.data.resize_size, config.data.crop_size = 256, 224
-        config.data.input_threads = 0  # all cores for the input pipeline alone (as on ImageNet)
-        config.train.batch_size = batch
-        pipeline = inputs.build_inputs(config, "train", mode="train")
-        bare = (
-            tf.data.Dataset.from_tensor_slices(paths)
-            .map(
-                lambda p: tf.io.decode_jpeg(tf.io.read_file(p), channels=3),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
-            .prefetch(tf.data.AUTOTUNE)
+    workspace = tempfile.mkdtemp(prefix="zf_bench_pipeline_")
+    os.environ["ZF_TF_CACHE_DIR"] = os.path.join(workspace, "cache")
+    try:
+        n, origin = setup(workspace, args.images, args.index_files)
+        if n < args.batch_size:
+            raise SystemExit(f"need at least --batch_size={args.batch_size} JPEGs, have {n}")
+        log(f"{n} photos from {origin}; prepared shards at S={S}")
+        names = list(PIPELINES) + (list(INDEX) if args.index_files else [])
+        runs = interleaved(
+            __file__, names, max(1, args.repeats), [*passed_args(), f"--workspace={workspace}"]
         )
-        import keras
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
 
-        with contextlib.redirect_stdout(sys.stderr):  # "Found N files ..."
-            keras_ds = keras.utils.image_dataset_from_directory(
-                train_root, image_size=(224, 224), batch_size=batch, shuffle=False
-            )
+    def figure(name, key, digits=1):
+        return median_range([r[key] for r in runs[name]], digits)
 
-        per_batch = lambda e: int(e[0].shape[0])  # noqa: E731
-        runs = {
-            "pipeline": (pipeline, per_batch, n // batch),
-            "bare_decode": (bare, lambda e: 1, None),
-            "image_dataset_from_directory": (keras_ds, per_batch, None),
+    def per_round(a, b, key, invert=False):
+        ratios = [
+            (y[key] / x[key]) if invert else (x[key] / y[key]) for x, y in zip(runs[a], runs[b])
+        ]
+        return median_range(ratios, 3)
+
+    per_core = per_round("prepared", "original", "cpu_ms_per_image", invert=True)
+    vs_bare = per_round("prepared", "bare_decode_prepared", "images_per_s")
+    out = {
+        "images_per_s": {k: figure(k, "images_per_s") for k in PIPELINES},
+        "cpu_ms_per_image": {k: figure(k, "cpu_ms_per_image", 3) for k in PIPELINES},
+        "prepared_vs_original_per_core": per_core,
+        "prepared_vs_original_wall": per_round("prepared", "original", "images_per_s"),
+        "prepared_vs_bare_decode_prepared": vs_bare,
+        "original_vs_bare_decode_original": per_round(
+            "original", "bare_decode_original", "images_per_s"
+        ),
+        "service_vs_original_wall": per_round("service", "original", "images_per_s"),
+        "targets": TARGETS,
+        "meets_targets": bool(
+            per_core["median"] >= TARGETS["prepared_vs_original_per_core"]
+            and vs_bare["median"] >= TARGETS["prepared_vs_bare_decode_prepared"]
+        ),
+        "num_images": n,
+        "source": origin,
+        "batch_size": args.batch_size,
+        "resize_size": S,
+        "crop_size": CROP,
+        "rounds": max(1, args.repeats),
+        "timed_passes_per_process": args.passes,
+        "cpu_count": os.cpu_count(),
+    }
+    if args.index_files:
+        out["index"] = {
+            "files": runs["index_cold"][0]["files"],
+            "cold_s": figure("index_cold", "seconds", 2),
+            "warm_new_process_s": figure("index_warm", "seconds", 2),
+            "in_process_again_s": figure("index_warm", "in_process_again_s", 6),
         }
-        rates, cpu_ms = {k: [] for k in runs}, {k: [] for k in runs}
-        for r in range(repeats):
-            for name, (ds, count_fn, steps) in runs.items():
-                seconds, cpu, images = timed_pass(ds, count_fn, steps)
-                log(
-                    f"pass {r} {name}: {images} images, {seconds:.2f} s, "
-                    f"{images / seconds:.1f}/s, {1000 * cpu / images:.2f} cpu-ms/image"
-                    + (" (warm-up)" if r == 0 else "")
-                )
-                if r > 0:
-                    rates[name].append(images / seconds)
-                    cpu_ms[name].append(1000 * cpu / images)
+    import tensorflow as tf
 
-    rate = {k: statistics.median(v) for k, v in rates.items()}
-    cpu = {k: round(statistics.median(v), 3) for k, v in cpu_ms.items()}
-    ratio = rate["pipeline"] / rate["bare_decode"]
-    print(
-        json.dumps(
-            {
-                "pipeline_images_per_s": round(rate["pipeline"], 1),
-                "bare_decode_images_per_s": round(rate["bare_decode"], 1),
-                "image_dataset_from_directory_images_per_s": round(
-                    rate["image_dataset_from_directory"], 1
-                ),
-                "pipeline_vs_bare_decode": round(ratio, 3),
-                "pipeline_vs_image_dataset_from_directory": round(
-                    rate["pipeline"] / rate["image_dataset_from_directory"], 3
-                ),
-                "target_pipeline_vs_bare_decode": TARGET,
-                "meets_target": bool(ratio >= TARGET),
-                "cpu_ms_per_image": cpu,
-                "pipeline_vs_bare_decode_by_cpu": round(cpu["bare_decode"] / cpu["pipeline"], 3),
-                "num_images": n,
-                "timed_passes": repeats - 1,
-                "source": source,
-                "batch_size": batch,
-                "resize_size": 256,
-                "crop_size": 224,
-                "cpu_count": os.cpu_count(),
-                "tf_version": tf.__version__,
-            },
-            indent=2,
-        )
-    )
+    out["tf_version"] = tf.__version__
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -30,13 +30,17 @@ def get_config():
 
     config.data = ml_collections.ConfigDict()
     # 'embedded' (generated zf_shapes), 'tfds' (any tfds image dataset by name) or 'folder'
-    # (a folder of class subfolders holding JPEG/PNG files, ImageNet layout).
+    # (a folder of class subfolders holding JPEG/PNG files, ImageNet layout), or 'prepared'
+    # (shards of S x S JPEG squares written by --mode=prepare: the fast way to feed a GPU).
     config.data.source = "embedded"
     config.data.name = "zf_shapes"  # tfds name when source == 'tfds'
     config.data.tfds_config = "default"  # builder config of the embedded dataset
     config.data.data_dir = ""  # tfds data dir; '' = $ZF_TF_DATA_DIR or ~/tensorflow_datasets
     config.data.manual_dir = ""  # tfds manual-download dir (imagenet2012)
     config.data.folder = ""  # root of class subfolders when source == 'folder'
+    # source == 'prepared': a folder of shards written once by --mode=prepare (from the
+    # source named above at the same resize_size); --mode=prepare writes it.
+    config.data.prepared_dir = ""
     config.data.train_split = "train"
     config.data.eval_split = "validation"
     config.data.image_key = "image"
@@ -60,6 +64,10 @@ def get_config():
     # whatever the file order; a model that memorizes noise, for --mode=sanity --compare.
     config.data.random_labels_seed = -1
     config.data.input_threads = 1  # tf.data threads; 0 = as many as cores
+    # "HOST:PORT" of a tf.data service dispatcher: the training pipeline runs on its workers
+    # (pipelines/service.py: `python -m pipelines.service dispatcher|worker`); '' = here.
+    # Where it runs does not change the data: not part of a run's identity.
+    config.data.service_address = ""
 
     config.model = ml_collections.ConfigDict()
     config.model.arch = "zfnet"  # or 'vgg' (a small VGG-style BN net: configs/vgg_small.py)
@@ -89,6 +97,11 @@ def get_config():
     config.train.lr_decay = 0.1  # ReduceLROnPlateau on validation loss: factor,
     config.train.lr_patience = 2  # epochs without improvement,
     config.train.min_lr = 1e-5  # and floor
+    # Dtype policy of the layers: float32 | mixed_bfloat16 | mixed_float16 (with dynamic loss
+    # scaling). Variables, logits, loss and LRN stay float32; analyses load the checkpoint
+    # as a float32 model. For GPUs/TPUs: on the 2-core CPU float16 is several times slower.
+    config.train.precision = "float32"
+    config.train.jit_compile = False  # XLA (model.compile(jit_compile=...))
     # Optional training callbacks (zf_tf/training/callbacks.py OPTIONAL); checkpoints, resume,
     # CSV and TensorBoard scalars are always on. Not part of a run's identity: they log, they
     # do not change the weights.
@@ -180,6 +193,14 @@ def get_config():
     # the most active `projection_units` maps of `projection_layer` ("" = the last conv).
     config.analysis.sanity.projection_layer = ""
     config.analysis.sanity.projection_units = 8
+
+    # --mode=prepare (pipelines/prepared.py): the source's splits resized to S and
+    # center-cropped once, as JPEG TFRecord shards in data.prepared_dir. Not part of a run's
+    # identity: prepared.json records how the shards were made.
+    config.prepare = ml_collections.ConfigDict()
+    config.prepare.splits = ()  # () = data.train_split and data.eval_split
+    config.prepare.jpeg_quality = 90
+    config.prepare.shard_size = 1024  # images per TFRecord shard (about 25 MB at S = 256)
 
     # --mode=ablate (paper Table 3): every variant trains with this same budget in
     # WORKDIR/ablate/<variant>/. Not part of a run's identity (COMMAND_LINE_SECTIONS): each

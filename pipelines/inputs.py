@@ -13,7 +13,9 @@ Sources (`config.data.source`):
 - 'embedded': the generated `zf_shapes` tfds dataset (pipelines/embedded.py), no download;
 - 'tfds': any tfds image-classification dataset by `config.data.name`, for example
   `imagenet2012` prepared from `config.data.manual_dir`;
-- 'folder': class subfolders of JPEG/PNG files under `config.data.folder`.
+- 'folder': class subfolders of JPEG/PNG files under `config.data.folder`;
+- 'prepared': shards written once by `--mode=prepare` from any of the above into
+  `config.data.prepared_dir` (pipelines/prepared.py): S x S center squares, re-encoded.
 Images always arrive as encoded bytes so that decoding can be limited to the crop.
 `config.data.classes` (original label ids; empty = all) keeps only those classes and
 relabels them 0..k-1 in the listed order, e.g. to pretrain on some classes and transfer
@@ -31,8 +33,9 @@ from absl import logging
 
 from pipelines import DataError, preprocess
 from pipelines import folder as folder_lib
+from pipelines import prepared as prepared_lib
 
-SOURCES = ("embedded", "tfds", "folder")
+SOURCES = ("embedded", "tfds", "folder", "prepared")
 MODES = ("train", "ten_crop", "center")
 # Fraction of a folder's images held out as the 'validation' split when the folder has
 # no split subfolders (root/train/<class>, root/validation/<class>).
@@ -57,6 +60,13 @@ def _tfds_builder(data):
         download_config = tfds.download.DownloadConfig(manual_dir=data.manual_dir or None)
         builder.download_and_prepare(download_config=download_config)
     return builder
+
+
+def folder_index(data, split: str) -> folder_lib.FolderIndex:
+    """The index (with its skipped files) that a folder split is drawn from: of
+    folder/<split>/ when the folder has split subfolders, else of the whole folder."""
+    split_root = os.path.join(data.folder, split)
+    return folder_lib.indexed(split_root if os.path.isdir(split_root) else data.folder)
 
 
 @functools.lru_cache(maxsize=8)
@@ -168,13 +178,16 @@ def _select_classes(ds: tf.data.Dataset, classes) -> tf.data.Dataset:
     )
 
 
-def encoded_records(data, split: str, shuffle_files: bool = False) -> tf.data.Dataset:
+def encoded_records(
+    data, split: str, shuffle_files: bool = False, seed: int = 0
+) -> tf.data.Dataset:
     """(encoded image bytes, int64 label) pairs of a split, undecoded.
 
     Args:
       data: the `config.data` ConfigDict.
       split: split name ('train', 'validation', 'test', or a tfds split expression).
-      shuffle_files: let tfds interleave its files in random order (training).
+      shuffle_files: let tfds (or prepared shards) interleave files in random order.
+      seed: of the prepared shards' file order.
 
     Returns:
       The pairs in split order; with `data.classes`, only those classes, relabelled 0..k-1.
@@ -193,6 +206,9 @@ def encoded_records(data, split: str, shuffle_files: bool = False) -> tf.data.Da
             (tf.constant(paths, tf.string), tf.constant(labels, tf.int64))
         )
         return ds.map(lambda p, y: (tf.io.read_file(p), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if data.source == "prepared":
+        ds = prepared_lib.records(data, split, shuffle_files, seed=int(seed))
+        return _select_classes(ds, classes) if classes else ds
     if data.source in ("embedded", "tfds"):
         import tensorflow_datasets as tfds
 
@@ -227,6 +243,8 @@ def class_names(data) -> list[str]:
             if os.path.isdir(os.path.join(root, data.train_split)):
                 root = os.path.join(root, data.train_split)
             names = _class_dirs(root)
+        elif data.source == "prepared":
+            names = list(prepared_lib.metadata(data)["class_names"])
         else:
             names = list(_tfds_builder(data).info.features[data.label_key].names)
     except Exception:  # noqa: BLE001 - names are decoration; fall back to numbers
@@ -261,6 +279,10 @@ def num_examples(data, split: str) -> int:
     if data.source == "folder":
         labels = _folder_split(data.folder, split)[1]
         return sum(y in classes for y in labels) if classes else len(labels)
+    if data.source == "prepared":
+        info = prepared_lib.split_info(data, split)
+        counts = info["class_counts"]
+        return sum(counts.get(str(c), 0) for c in classes) if classes else int(info["examples"])
     if classes:
         counts = _tfds_class_counts(data, split)
         return sum(counts[c] for c in classes if c < len(counts))
@@ -273,9 +295,13 @@ def check_split(data, split: str) -> int:
 
     try:
         return num_examples(data, split)
+    except DataError:
+        raise
     except (KeyError, ValueError, tf.errors.OpError) as e:
         if data.source == "folder":
             choices = "train, validation"
+        elif data.source == "prepared":
+            choices = ", ".join(prepared_lib.metadata(data)["splits"])
         else:
             try:
                 choices = ", ".join(_tfds_builder(data).info.splits)
@@ -316,11 +342,14 @@ def build_inputs(
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     data = config.data
     training = mode == "train"
-    ds = encoded_records(data, split, shuffle_files=training)
+    ds = encoded_records(data, split, shuffle_files=training, seed=config.seed)
     if training and data.get("random_labels_seed", -1) >= 0:
         ds = ds.map(lambda e, y: (e, random_label(e, data.random_labels_seed, data.num_classes)))
-    if input_context and input_context.num_input_pipelines > 1:
-        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    if pipelines > 1 and not (training and data.get("service_address", "")):
+        ds = ds.shard(pipelines, input_context.input_pipeline_id)
+    # Crops stay 0..255 (uint8 where the source allows) until batched; `pixels` then
+    # normalizes the whole batch in one op.
     S, s, pixels = data.resize_size, data.crop_size, preprocess.pixels(data)
     if data.cache:
         # Small datasets: decode and resize each image once and keep its S x S center
@@ -330,18 +359,25 @@ def build_inputs(
             num_parallel_calls=tf.data.AUTOTUNE,
         )
         ds = ds.ignore_errors(log_warning=True).cache()
-        crop = lambda sq, i: preprocess.crop_of_square(sq, i, S, s, pixels)
-        ten = lambda sq: preprocess.ten_crops_of_square(sq, S, s, pixels)
+        crop = lambda sq, i: preprocess.crop_of_square(sq, i, S, s, None)
+        ten = lambda sq: preprocess.ten_crops_of_square(sq, S, s, None)
+    elif data.source == "prepared":  # S x S JPEGs: decode only a crop's window, no resize
+        crop = lambda e, i: prepared_lib.crop_of_prepared(e, i, S, s, None)
+        ten = lambda e: preprocess.ten_crops(e, S, s, None)
     else:
-        crop = lambda e, i: preprocess.train_crop(e, i, S, s, pixels)
-        ten = lambda e: preprocess.ten_crops(e, S, s, pixels)
+        crop = lambda e, i: preprocess.train_crop(e, i, S, s, None)
+        ten = lambda e: preprocess.ten_crops(e, S, s, None)
     batch_size = config.train.batch_size if training else config.train.eval_batch_size
     if input_context:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
 
+    # Through the tf.data service (pipelines/service.py) the workers run one epoch per job
+    # (so each example is produced exactly once per epoch); the trainer repeats and rebatches.
+    service_address = data.get("service_address", "") if training else ""
     if training:
         seed = config.seed + (input_context.input_pipeline_id if input_context else 0)
-        ds = ds.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        ds = ds.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        ds = ds if service_address else ds.repeat()
         # A seeded random stream picks the crop: reproducible for a given seed.
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed)))
 
@@ -362,11 +398,26 @@ def build_inputs(
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
     # Files that passed the folder check but still fail to decode are dropped, not fatal.
     ds = ds.ignore_errors(log_warning=True)
-    ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
+    drop = training and not service_address
+    ds = ds.batch(batch_size, drop_remainder=drop, num_parallel_calls=tf.data.AUTOTUNE)
+    normalize = lambda x, y: (pixels.normalize(x), y)  # noqa: E731
+    if not service_address:
+        ds = ds.map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     # The model's ops already use every core; input ops that split themselves over threads
     # too would oversubscribe the CPU (measured: a slower step on 2 cores).
     options.threading.max_intra_op_parallelism = 1
     if data.input_threads:
         options.threading.private_threadpool_size = data.input_threads
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+    ds = ds.with_options(options)
+    if service_address:
+        from pipelines import service
+
+        # Several input pipelines (multi-worker training) share one job: its epoch is
+        # split between them, as `shard` would.
+        job = f"zf_tf_train_{config.seed}" if pipelines > 1 else None
+        ds = service.distribute(ds, service_address, job_name=job)
+        # Batches travel as uint8 where the crops are (a quarter of float32's bytes).
+        ds = ds.repeat().rebatch(batch_size, drop_remainder=True)
+        ds = ds.map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

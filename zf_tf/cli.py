@@ -230,6 +230,12 @@ def validate_config(config):
     choose("config.model.kernel_init", config.model.kernel_init, model_lib.KERNEL_INITS)
     for name in config.model.get("remove", ()):
         choose("config.model.remove entry", name, model_lib.REMOVABLE)
+    choose("config.train.precision", config.train.get("precision", "float32"), model_lib.PRECISIONS)
+    if config.data.source == "prepared" and not config.data.get("prepared_dir"):
+        raise UsageError(
+            "config.data.source='prepared' needs config.data.prepared_dir=DIR (a folder "
+            "written by --mode=prepare)"
+        )
     if config.data.source == "folder" and not config.data.folder:
         raise UsageError("config.data.source='folder' needs config.data.folder=/path/to/images")
     classes = inputs.selected_classes(config.data)
@@ -267,6 +273,8 @@ RANGES = (
     ("data.shuffle_buffer", ">= 1", lambda v: v >= 1),
     ("data.num_classes", ">= 2", lambda v: v >= 2),
     ("analysis.batch_size", ">= 1", lambda v: v >= 1),
+    ("prepare.jpeg_quality", "in 1..100", lambda v: 1 <= v <= 100),
+    ("prepare.shard_size", ">= 1", lambda v: v >= 1),
 )
 
 
@@ -374,6 +382,34 @@ def _transfer(config, request, strategy):
     )
 
 
+def _prepare(config, request, strategy):
+    """Writes the source's splits once as shards of S x S JPEG squares (pipelines/prepared.py)
+    in config.data.prepared_dir; the workdir is not read or touched."""
+    from pipelines import prepared
+
+    out = config.data.prepared_dir
+    if not out:
+        raise UsageError("--mode=prepare needs --config.data.prepared_dir=DIR (where shards go)")
+    data = config.data
+    splits = tuple(config.prepare.splits) or tuple(
+        dict.fromkeys((data.train_split, data.eval_split))
+    )
+    workdirs.check_writable(out)
+    with workdirs.lock(out):
+        prepared.prepare(
+            data,
+            out,
+            splits,
+            jpeg_quality=config.prepare.jpeg_quality,
+            shard_size=config.prepare.shard_size,
+            overwrite=request.overwrite,
+        )
+    print(
+        f"Wrote {out} ({', '.join(splits)}); train on it with --config.data.source=prepared "
+        f"--config.data.prepared_dir={out}"
+    )
+
+
 def _analysis(name: str):
     """The mode of analysis `name`: `analyses.base.run` on the workdir's config (data,
     model, train from its config.json; `analysis` from the command line)."""
@@ -407,12 +443,14 @@ MODES = {
     "summary": _summary,
     "ablate": _ablate,
     "transfer": _transfer,
+    "prepare": _prepare,
     **_analysis_modes(),
 }
 
 
 TRAINING_MODES = ("train", "ablate", "summary")  # build the config's model and batches
 READ_ONLY_MODES = ("summary",)  # every other mode writes the workdir: one at a time
+OWN_FOLDER_MODES = ("prepare",)  # write (and lock) a folder of their own, not the workdir
 
 
 def request_from_flags(flag_values, args: list[str] = ()) -> analyses_base.Request:
@@ -437,7 +475,7 @@ def run(mode: str, config, request: analyses_base.Request, strategy_name: str = 
     print(f"Strategy {strategy_name} with {strategy.num_replicas_in_sync} replica(s)")
     if mode in TRAINING_MODES:
         check_training(config, strategy, strategy_name)
-    if mode in READ_ONLY_MODES or not workdirs.is_chief(strategy):
+    if mode in READ_ONLY_MODES + OWN_FOLDER_MODES or not workdirs.is_chief(strategy):
         MODES[mode](config, request, strategy)  # other workers write to temporary dirs
         return
     workdirs.check_writable(request.workdir)

@@ -137,12 +137,13 @@ def _build_application(name: str, weights: str, size: int, overridden: set):
 
 
 def _load_file(path: str):
-    from zf_tf.core import model as model_lib  # noqa: F401 - registers ZFNet's custom layers
+    from zf_tf.core import model as model_lib  # also registers ZFNet's custom layers
 
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file can raise anything
         raise UsageError(f"cannot load --model={path}: {_first_line(e)}") from None
+    model = model_lib.as_float32(model)  # a mixed-precision model is inspected in float32
     return model, f"model: {path} ({model.name}, {model.count_params():,} parameters)"
 
 

@@ -80,6 +80,49 @@ class LocalResponseNorm(keras.layers.Layer):
 
 KERNEL_INITS = ("paper", "he_normal")
 ARCHS = ("zfnet", "vgg")  # model.arch: the paper's net, or a small VGG-style BN net
+# config.train.precision: Keras dtype policies. The mixed ones compute in 16 bits and keep
+# float32 variables; `build_model` keeps the logits (and so the loss) and LRN in float32.
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+def _policies(precision: str) -> tuple[keras.DTypePolicy, keras.DTypePolicy]:
+    """(policy of most layers, float32 policy) for `precision`; per layer, not global, so
+    that one process can hold float32 and mixed-precision models side by side."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    return keras.DTypePolicy(precision), keras.DTypePolicy("float32")
+
+
+def precision_of(model: keras.Model) -> str:
+    """The mixed policy some layer of `model` computes with, else 'float32'."""
+    for layer in model.layers:
+        name = layer.dtype_policy.name
+        if name.startswith("mixed_"):
+            return name
+        inner = precision_of(layer) if isinstance(layer, keras.Model) else "float32"
+        if inner != "float32":  # a nested model's layers
+            return inner
+    return "float32"
+
+
+def as_float32(model: keras.Model) -> keras.Model:
+    """`model` computing in float32 throughout: the model itself if no layer has a mixed
+    policy, else a float32 clone holding its weights (variables are float32 under every
+    policy, so they carry over exactly). Analyses inspect models this way: deconvnet
+    projections and activations are then computed in full precision.
+    """
+    if precision_of(model) == "float32":
+        return model
+
+    def clone(layer):
+        config = layer.get_config()
+        if "dtype" in config:
+            config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def _kernel_initializer(name: str, stddev: float, seed):
@@ -95,18 +138,20 @@ def scaled(units: int, width: float) -> int:
     return max(1, int(round(units * width)))
 
 
-def build_vgg(config) -> keras.Model:
+def build_vgg(config, precision: str = "float32") -> keras.Model:
     """A small VGG-style convnet with batch normalization (not ZFNet; `model.arch='vgg'`).
 
     Blocks of [3x3 conv (no bias) -> BatchNormalization -> ReLU] x n, each block ending in a
     2x2 max pool; then global average pooling, dropout and the logits. Layer names:
     block<b>_conv<c>, block<b>_bn<c>, block<b>_relu<c>, block<b>_pool, gap, drop, logits.
     Uses `input_size`, `num_classes`, `input_scale`, `dropout`, `seed` and `vgg_blocks`
-    ((filters, convs) per block).
+    ((filters, convs) per block). `precision` as in `build_model` (BatchNormalization
+    keeps its statistics in float32 by itself).
     """
+    dtype, float32 = _policies(precision)
     seed = int(config.seed)
     inputs = keras.Input((config.input_size, config.input_size, 3), name="image")
-    x = keras.layers.Rescaling(float(config.input_scale), name="input_scale")(inputs)
+    x = keras.layers.Rescaling(float(config.input_scale), name="input_scale", dtype=dtype)(inputs)
     for b, (filters, convs) in enumerate(config.vgg_blocks, start=1):
         for c in range(1, int(convs) + 1):
             x = keras.layers.Conv2D(
@@ -116,17 +161,18 @@ def build_vgg(config) -> keras.Model:
                 use_bias=False,
                 kernel_initializer=keras.initializers.HeNormal(seed=seed + 10 * b + c),
                 name=f"block{b}_conv{c}",
+                dtype=dtype,
             )(x)
-            x = keras.layers.BatchNormalization(name=f"block{b}_bn{c}")(x)
-            x = keras.layers.ReLU(name=f"block{b}_relu{c}")(x)
-        x = keras.layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    x = keras.layers.Dropout(config.dropout, seed=seed, name="drop")(x)
-    logits = keras.layers.Dense(config.num_classes, name="logits")(x)
+            x = keras.layers.BatchNormalization(name=f"block{b}_bn{c}", dtype=dtype)(x)
+            x = keras.layers.ReLU(name=f"block{b}_relu{c}", dtype=dtype)(x)
+        x = keras.layers.MaxPooling2D(2, name=f"block{b}_pool", dtype=dtype)(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap", dtype=dtype)(x)
+    x = keras.layers.Dropout(config.dropout, seed=seed, name="drop", dtype=dtype)(x)
+    logits = keras.layers.Dense(config.num_classes, name="logits", dtype=float32)(x)
     return keras.Model(inputs, logits, name="vgg_small")
 
 
-def build_model(config) -> keras.Model:
+def build_model(config, precision: str = "float32") -> keras.Model:
     """Builds ZFNet (or, with `arch='vgg'`, `build_vgg`'s net) from a model config.
 
     Args:
@@ -139,16 +185,22 @@ def build_model(config) -> keras.Model:
         of layers left out (Table 3 ablations; absent = none). A removed layer is simply
         absent; the next layer takes the previous one's output, so e.g. conv5 reads norm2
         when conv3 and conv4 are removed.
+      precision: the dtype policy of the layers, one of PRECISIONS (`config.train.precision`
+        at training time; a model section holds none). Under the mixed policies the layers
+        compute in bfloat16/float16 with float32 variables, except the logits (so the loss
+        is computed from float32 logits) and contrast normalization (TF has no bfloat16 LRN
+        kernel on CPU, and XLA compiles no float16 one): those compute in float32.
 
     Returns:
       An uncompiled `keras.Model` named 'zfnet' mapping (B, s, s, 3) float images (mean
-      subtracted) to (B, num_classes) logits.
+      subtracted) to (B, num_classes) float32 logits.
     """
     arch = getattr(config, "arch", None) or "zfnet"  # configs older than `arch`: ZFNet
     if arch not in ARCHS:
         raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}; got {arch!r}")
+    dtype, float32 = _policies(precision)
     if arch == "vgg":
-        return build_vgg(config)
+        return build_vgg(config, precision)
     if config.layer1 not in LAYER1:
         raise ValueError(f"model.layer1 must be one of {', '.join(LAYER1)}; got {config.layer1!r}")
     # Configs written before `remove` existed (older workdirs' config.json) lack the field.
@@ -179,28 +231,29 @@ def build_model(config) -> keras.Model:
             bias_initializer="zeros",
             kernel_constraint=constraint,
             name=CONV_LAYERS[i],
+            dtype=dtype,
         )(x)
 
     k1, s1, p1 = LAYER1[config.layer1]
     inputs = keras.Input((config.input_size, config.input_size, 3), name="image")
     # The paper feeds mean-subtracted pixels (about +-128) straight into conv1 (scale 1);
     # a smaller scale lets variance-preserving inits (He) start at a sane loss.
-    x = keras.layers.Rescaling(float(config.input_scale), name="input_scale")(inputs)
-    x = keras.layers.ZeroPadding2D(p1, name="conv1_pad")(x)
+    x = keras.layers.Rescaling(float(config.input_scale), name="input_scale", dtype=dtype)(inputs)
+    x = keras.layers.ZeroPadding2D(p1, name="conv1_pad", dtype=dtype)(x)
     x = conv(0, x, k1, s1, "valid")
-    x = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool1")(x)
-    x = LocalResponseNorm(**lrn, name="norm1")(x)
+    x = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool1", dtype=dtype)(x)
+    x = LocalResponseNorm(**lrn, name="norm1", dtype=float32)(x)
     x = conv(1, x, 5, 2, "valid")
-    x = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool2")(x)
-    x = LocalResponseNorm(**lrn, name="norm2")(x)
+    x = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool2", dtype=dtype)(x)
+    x = LocalResponseNorm(**lrn, name="norm2", dtype=float32)(x)
     for i in (2, 3, 4):
         if CONV_LAYERS[i] not in remove:
             x = conv(i, x, 3, 1, "same")
     # At the paper's sizes conv5 is 13x13 and pool5 a 3x3/2 window. Smaller inputs (the
     # AlexNet-style layer 1 at CPU scale leaves conv5 1x1) clip the window to the map.
     window = min(3, int(x.shape[1]), int(x.shape[2]))
-    x = keras.layers.MaxPooling2D(window, 2, padding="valid", name="pool5")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.MaxPooling2D(window, 2, padding="valid", name="pool5", dtype=dtype)(x)
+    x = keras.layers.Flatten(name="flatten", dtype=dtype)(x)
     for i, (name, units) in enumerate(zip(("fc6", "fc7"), fc_units)):
         if name in remove:
             continue
@@ -210,13 +263,17 @@ def build_model(config) -> keras.Model:
             kernel_initializer=init(5 + i),
             bias_initializer="zeros",
             name=name,
+            dtype=dtype,
         )(x)
-        x = keras.layers.Dropout(config.dropout, seed=seed + 10 + i, name=f"drop{6 + i}")(x)
+        x = keras.layers.Dropout(
+            config.dropout, seed=seed + 10 + i, name=f"drop{6 + i}", dtype=dtype
+        )(x)
     logits = keras.layers.Dense(
         config.num_classes,
         kernel_initializer=init(7),
         bias_initializer="zeros",
         name="logits",
+        dtype=float32,
     )(x)
     return keras.Model(inputs, logits, name="zfnet")
 

@@ -30,18 +30,34 @@ def compile_model(model: keras.Model, config) -> keras.Model:
 
     Keras scales the per-replica mean loss by the number of replicas, so the gradient
     equals that of the global batch's mean loss whatever the replica count.
+
+    A model with mixed_float16 layers (`build_model(..., precision='mixed_float16')`) gets
+    dynamic loss scaling: float16 gradients of an unscaled loss underflow. Keras wraps the
+    optimizer itself only when the *model's* dtype policy is mixed_float16; a functional
+    model whose layers carry the policy is float32 itself, so it is wrapped here.
+    `config.train.jit_compile` turns XLA on (Keras' "auto" would turn it on on a single GPU
+    and off on CPU and under tf.distribute: here it is always the config's choice).
     """
+    optimizer = keras.optimizers.SGD(
+        learning_rate=config.train.learning_rate, momentum=config.train.momentum
+    )
+    if model_lib.precision_of(model) == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
-        optimizer=keras.optimizers.SGD(
-            learning_rate=config.train.learning_rate, momentum=config.train.momentum
-        ),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="top1"),
             keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5"),
         ],
+        jit_compile=bool(config.train.get("jit_compile", False)),
     )
     return model
+
+
+def precision(config) -> str:
+    """The run's dtype policy, `config.train.precision` ('float32' in configs without it)."""
+    return config.train.get("precision", "float32")
 
 
 def distributed_inputs(strategy, config, split: str, mode: str):
@@ -96,7 +112,7 @@ def train_and_evaluate(config, workdir: str, strategy, overwrite: bool = False):
 def _train(config, workdir, out, strategy, chief):
     steps = steps_per_epoch(config)
     with strategy.scope():
-        model = compile_model(model_lib.build_model(config.model), config)
+        model = compile_model(model_lib.build_model(config.model, precision(config)), config)
     train_ds = distributed_inputs(strategy, config, config.data.train_split, "train")
     # Validation gets the global-batch pipeline: Keras distributes it itself, which
     # copes with a last partial batch (a per-replica dataset with uneven final batches

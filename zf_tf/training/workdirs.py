@@ -34,14 +34,18 @@ from zf_tf.core.errors import UsageError
 CONFIG_FILE = "config.json"
 # Config sections that do not change what training produces: analysis modes take them
 # from the command line (--config and overrides), not from the workdir's config.json.
-COMMAND_LINE_SECTIONS = ("analysis", "ablate", "transfer")
-# Fields that do not change the trained weights either (what is logged during training).
-LOGGING_FIELDS = (("train", "callbacks"),)
+COMMAND_LINE_SECTIONS = ("analysis", "ablate", "transfer", "prepare")
+# Fields that do not change the trained weights either (what is logged during training,
+# where the input pipeline runs).
+LOGGING_FIELDS = (("train", "callbacks"), ("data", "service_address"))
 # Fields added after some workdirs were trained, and what a config.json without them means.
 ADDED_FIELDS = {
     ("data", "preprocessing"): preprocess.DEFAULT_PREPROCESSING,
     ("model", "arch"): "zfnet",
     ("data", "random_labels_seed"): -1,
+    ("data", "prepared_dir"): "",
+    ("train", "precision"): "float32",
+    ("train", "jit_compile"): False,
 }
 TRAINING_STATE = (
     "backup",
@@ -274,8 +278,17 @@ def damage(path: str) -> str | None:
     return None
 
 
-def load_model(workdir: str, compile: bool = False) -> keras.Model:
+def load_model(workdir: str, compile: bool = False, float32: bool = True) -> keras.Model:
     """The last good model of a workdir.
+
+    Args:
+      workdir: the run's folder.
+      compile: restore the compiled state (optimizer, loss) too; the model is then returned
+        with the dtype policies it was trained with, whatever `float32`.
+      float32: return a model trained with mixed precision (`config.train.precision`) as
+        its float32 copy (`model_lib.as_float32`): analyses, evaluation and export then
+        compute activations, projections and probabilities in full precision. False: the
+        model as trained.
 
     Raises:
       UsageError: no checkpoint there, or a damaged one.
@@ -283,10 +296,10 @@ def load_model(workdir: str, compile: bool = False) -> keras.Model:
     path = checkpoint_path(workdir)
     if not os.path.exists(path):
         raise UsageError(f"no trained model in {workdir} ({path} missing): run --mode=train first")
-    from zf_tf.core import model as _  # noqa: F401 - registers the custom layers
+    from zf_tf.core import model as model_lib  # also registers the custom layers
 
     try:
-        return keras.models.load_model(path, compile=compile)
+        model = keras.models.load_model(path, compile=compile)
     except Exception:  # noqa: BLE001 - a damaged archive can fail anywhere; say so if it is
         why = damage(path)  # read only when loading failed: no second read of a good file
         if why is None:
@@ -295,3 +308,4 @@ def load_model(workdir: str, compile: bool = False) -> keras.Model:
             f"{path} is damaged ({why}): rerun --mode=train with this --workdir to rewrite it "
             "from the backup, or start afresh with --overwrite"
         ) from None
+    return model_lib.as_float32(model) if float32 and not compile else model

@@ -1,0 +1,330 @@
+"""Prepared shards: the paper's preprocessing done once (`--mode=prepare`).
+
+The paper resized every training image to 256 once, before training (Sec. 3); zf-tf otherwise
+decodes each original photograph on every epoch. `prepare` reads any source (an image folder,
+any tfds dataset, `imagenet2012`, the embedded dataset), and writes for each split every
+image's S x S center square (shorter side resized to S = `data.resize_size`, exactly as the
+pipelines' `preprocess.center_square_uint8`) as a re-encoded JPEG in TFRecord shards.
+Training and evaluation then read it with `config.data.source = "prepared"` and
+`config.data.prepared_dir`: the 10-crop geometry is unchanged (a crop of the S x S square),
+and a training crop decodes just its s x s window of a small JPEG (`crop_of_prepared`).
+
+Layout of a prepared folder:
+  prepared.json                    resize size, JPEG quality, shard size, source, class
+                                   names, and per finished split its examples, per-class
+                                   counts, skipped images and shard files
+  <split>-00000-of-00040.tfrecord  tf.train.Example {image: JPEG bytes, label: int64}
+  <split>.progress.json            while a split is written: shards done (the resume point)
+
+Work is parallel (decode, resize and encode run in tf.data's threads, one image per core),
+shows a progress bar, and resumes after a kill: shards are written in order, each to a
+temporary file renamed when complete, and the progress file records the finished ones, so
+a rerun continues with the first unfinished shard. Images that fail to decode are skipped
+and counted. Labels are the source's original ids (every class is prepared;
+`data.classes` selects at read time, as for the other sources).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import re
+
+import ml_collections
+import tensorflow as tf
+from absl import logging
+
+from pipelines import DataError, preprocess
+
+METADATA = "prepared.json"
+FORMAT = 1
+_FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+def _slug(split: str) -> str:
+    """A split name ('train', 'train[:10%]', 'train+validation') as a file-name prefix."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", split)
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{_slug(split)}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def _write_json(path: str, value) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise DataError(f"{path} is damaged (not JSON): delete it and prepare again") from None
+
+
+def metadata(data) -> dict:
+    """The prepared.json of `data.prepared_dir`, checked against the config.
+
+    Raises:
+      DataError: no prepared folder there, or it was prepared at another resize size.
+    """
+    root = data.get("prepared_dir", "")
+    if not root:
+        raise DataError(
+            "config.data.source='prepared' needs config.data.prepared_dir=DIR (a folder "
+            "written by --mode=prepare)"
+        )
+    meta = _read_json(os.path.join(root, METADATA))
+    if meta is None or not meta.get("splits"):
+        raise DataError(
+            f"{root} holds no prepared split: run --mode=prepare with "
+            f"--config.data.prepared_dir={root} first"
+        )
+    if int(meta["resize_size"]) != int(data.resize_size):
+        raise DataError(
+            f"{root} was prepared at resize size {meta['resize_size']} but "
+            f"config.data.resize_size={data.resize_size}: set --config.data.resize_size="
+            f"{meta['resize_size']}, or prepare again into another folder"
+        )
+    return meta
+
+
+def split_info(data, split: str) -> dict:
+    """The prepared.json entry of one split: examples, class_counts, skipped, shards."""
+    meta = metadata(data)
+    if split not in meta["splits"]:
+        raise DataError(
+            f"unknown split {split!r} in {data.prepared_dir}: valid splits: "
+            f"{', '.join(meta['splits'])}"
+        )
+    return meta["splits"][split]
+
+
+def records(data, split: str, shuffle_files: bool = False, seed: int = 0) -> tf.data.Dataset:
+    """(JPEG bytes of the S x S square, int64 original label) pairs of a prepared split;
+    in split order, or (training) shards in a seeded random order, read interleaved."""
+    info = split_info(data, split)
+    files = [os.path.join(data.prepared_dir, f) for f in info["shards"]]
+    if shuffle_files:
+        ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
+        ds = ds.interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=min(8, len(files)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=False,
+        )
+    else:
+        ds = tf.data.TFRecordDataset(files)
+    return ds.map(
+        lambda r: tuple(tf.io.parse_single_example(r, _FEATURES).values()),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
+def crop_of_prepared(encoded, crop_index, resize_size: int, crop_size: int, pixels):
+    """Crop `crop_index` (0..9, as `preprocess.train_crop`) of a prepared S x S JPEG: only
+    its s x s window is decoded, no resize (the square already is S x S). float32,
+    normalized by `pixels`; uint8 0..255 when `pixels` is None."""
+    crop_index = tf.convert_to_tensor(crop_index, tf.int32)
+    offset = tf.constant(preprocess.crop_offsets(resize_size, crop_size), tf.int32)[crop_index % 5]
+    window = tf.stack([offset[0], offset[1], crop_size, crop_size])
+    crop = tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
+    crop.set_shape([crop_size, crop_size, 3])
+    crop = tf.cond(crop_index >= 5, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
+    return preprocess.finish(crop, pixels)
+
+
+def square_jpeg(encoded, resize_size: int, quality: int) -> tf.Tensor:
+    """JPEG bytes (4:4:4, no chroma subsampling: half the error of 4:2:0 at a quarter more
+    bytes) of an image's S x S center square (`preprocess.center_square_uint8`)."""
+    square = preprocess.center_square_uint8(encoded, resize_size)
+    return tf.io.encode_jpeg(square, quality=int(quality), chroma_downsampling=False)
+
+
+def _source(data) -> dict:
+    """What identifies the images a split is prepared from (resuming checks it)."""
+    keys = ("source", "name", "tfds_config", "folder", "manual_dir", "image_key", "label_key")
+    return {k: data.get(k, "") for k in keys}
+
+
+def _example(image: bytes, label: int) -> bytes:
+    feature = {
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def prepare(
+    data,
+    out_dir: str,
+    splits,
+    jpeg_quality: int = 90,
+    shard_size: int = 1024,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Writes the prepared shards of `splits` of the source `data` into `out_dir`.
+
+    Args:
+      data: the `config.data` of the source (any source but 'prepared'); `resize_size` is S.
+      out_dir: the prepared folder (created); a split already finished there with the
+        same recipe is kept, an unfinished one is resumed.
+      splits: split names of the source.
+      jpeg_quality: 1..100, of the re-encoded squares.
+      shard_size: images per shard.
+      overwrite: discard a split prepared (or begun) with another recipe, instead of
+        refusing.
+      progress: show a progress bar per split.
+
+    Returns:
+      The prepared.json contents.
+
+    Raises:
+      DataError: a bad argument, or `out_dir` holds a split prepared another way.
+    """
+    import tqdm
+
+    from pipelines import inputs
+
+    if data.source == "prepared":
+        raise DataError(
+            "--mode=prepare reads the original images: set config.data.source to "
+            f"{', '.join(s for s in inputs.SOURCES if s != 'prepared')}"
+        )
+    if not 1 <= int(jpeg_quality) <= 100:
+        raise DataError(f"config.prepare.jpeg_quality={jpeg_quality} must be in 1..100")
+    if int(shard_size) < 1:
+        raise DataError(f"config.prepare.shard_size={shard_size} must be >= 1")
+    source = ml_collections.ConfigDict(data.to_dict())
+    source.classes = ()  # every class, original labels
+    for split in splits:  # every split exists before anything is written
+        inputs.check_split(source, split)
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(out_dir, "*.tmp")):
+        os.remove(stale)  # a shard or JSON cut short by a kill
+    meta_path = os.path.join(out_dir, METADATA)
+    meta = _read_json(meta_path) or {}
+    common = {
+        "format": FORMAT,
+        "resize_size": int(data.resize_size),
+        "jpeg_quality": int(jpeg_quality),
+        "shard_size": int(shard_size),
+        "source": _source(data),
+    }
+    if meta and {k: meta.get(k) for k in common} != common:
+        if not overwrite:
+            changed = [k for k in common if meta.get(k) != common[k]]
+            raise DataError(
+                f"{out_dir} was prepared with another {', '.join(changed)}: use another "
+                "config.data.prepared_dir, or --overwrite to prepare it again"
+            )
+        for f in glob.glob(os.path.join(out_dir, "*.tfrecord")) + glob.glob(
+            os.path.join(out_dir, "*.progress.json")
+        ):
+            os.remove(f)
+        meta = {}
+    meta = {
+        **common,
+        "class_names": inputs.class_names(source),
+        "num_classes": int(data.num_classes),
+        "splits": meta.get("splits", {}),
+    }
+    for split in splits:
+        if split in meta["splits"]:
+            print(f"{split}: already prepared in {out_dir} ({meta['splits'][split]['examples']})")
+            continue
+        meta["splits"][split] = _prepare_split(
+            source, split, out_dir, common, progress and tqdm.tqdm
+        )
+        _write_json(meta_path, meta)
+        os.remove(os.path.join(out_dir, f"{_slug(split)}.progress.json"))
+    return meta
+
+
+def _prepare_split(source, split: str, out_dir: str, recipe: dict, bar) -> dict:
+    from pipelines import inputs
+
+    total = inputs.num_examples(source, split)
+    size = recipe["shard_size"]
+    count = max(1, -(-total // size))
+    progress_path = os.path.join(out_dir, f"{_slug(split)}.progress.json")
+    state = _read_json(progress_path)
+    if state is None or state.get("recipe") != recipe or state.get("total") != total:
+        state = {"recipe": recipe, "total": total, "shards": []}
+    done = len(state["shards"])  # [(file, written, skipped, class counts)] of finished shards
+    S, quality = recipe["resize_size"], recipe["jpeg_quality"]
+    ds = inputs.encoded_records(source, split).enumerate().skip(done * size)
+    ds = ds.map(
+        lambda i, r: (i, square_jpeg(r[0], S, quality), r[1]),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    ).ignore_errors()  # undecodable images: their positions are missing, and counted
+    ds = ds.prefetch(64)
+    progress = None
+    if bar:
+        progress = bar(total=total, initial=done * size, desc=f"prepare {split}", unit="img")
+    shard, writer, counts = done, None, {}
+
+    def open_shard(k):
+        return tf.io.TFRecordWriter(os.path.join(out_dir, shard_name(split, k, count) + ".tmp"))
+
+    def finish(k, writer, counts):
+        writer.close()
+        name = shard_name(split, k, count)
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+        span = min(total, (k + 1) * size) - k * size
+        written = sum(counts.values())
+        state["shards"].append([name, written, span - written, counts])
+        _write_json(progress_path, state)
+
+    with progress or contextlib.nullcontext():
+        if done < count:
+            writer = open_shard(shard)
+        seen = done * size
+        for i, image, label in ds.as_numpy_iterator():
+            while i // size > shard:
+                finish(shard, writer, counts)
+                shard, counts = shard + 1, {}
+                writer = open_shard(shard)
+            writer.write(_example(image, label))
+            counts[str(int(label))] = counts.get(str(int(label)), 0) + 1
+            if progress:
+                progress.update(int(i) + 1 - seen)
+            seen = int(i) + 1
+        while writer is not None and shard < count:  # the last shard, and any left empty
+            finish(shard, writer, counts)
+            shard, counts = shard + 1, {}
+            writer = open_shard(shard) if shard < count else None
+        if progress and total > seen:
+            progress.update(total - seen)
+    shards = state["shards"]
+    class_counts: dict[str, int] = {}
+    for _, _, _, c in shards:
+        for label, n in c.items():
+            class_counts[label] = class_counts.get(label, 0) + n
+    written, skipped = sum(s[1] for s in shards), sum(s[2] for s in shards)
+    unreadable = ""
+    if source.source == "folder":  # files the folder's index left out before preparing
+        index_skipped = inputs.folder_index(source, split).num_skipped
+        if index_skipped:
+            unreadable = f"; the folder's index skipped {index_skipped} unreadable file(s)"
+    message = f"{split}: {written} images in {count} shard(s), {skipped} undecodable{unreadable}"
+    (logging.warning if skipped else logging.info)("Prepared %s", message)
+    print(message)
+    return {
+        "examples": written,
+        "skipped": skipped,
+        "class_counts": class_counts,
+        "shards": [s[0] for s in shards],
+    }

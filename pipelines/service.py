@@ -1,0 +1,99 @@
+"""tf.data service: the training input pipeline runs on other processes or machines.
+
+With `config.data.service_address = "HOST:PORT"` (a dispatcher's address) the training
+pipeline of `inputs.build_inputs` (read, shuffle, decode the crop, flip, normalize, batch)
+is sent to the tf.data service (`tf.data.experimental.service.distribute`) in the
+"distributed_epoch" processing mode: the dispatcher hands the data's splits (files, tfds
+shards, or the folder's file list) to the workers, each worker decodes its part, and every
+training example is produced exactly once per epoch. The trainer only receives batches, so
+its cores stay free for the model. Evaluation and the analyses read the data locally.
+
+Start a dispatcher, then workers (on this machine or others that can read the same data
+paths), then train:
+
+    python -m pipelines.service dispatcher --port=5050
+    python -m pipelines.service worker --dispatcher=localhost:5050      # one per process
+    python main.py --mode=train --config.data.service_address=localhost:5050
+
+Each command serves until it is stopped (Ctrl-C); a dispatcher given `--work_dir` keeps its
+journal there, so it can be restarted without losing the running jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+import tensorflow as tf
+
+PROCESSING_MODE = "distributed_epoch"
+PROTOCOL = "grpc"
+COMPRESSION = None
+
+
+def distribute(ds: tf.data.Dataset, address: str, job_name: str | None = None):
+    """`ds` produced by the tf.data service at `address` ("HOST:PORT" of a dispatcher),
+    each element once per iteration (distributed epoch)."""
+    return ds.apply(
+        tf.data.experimental.service.distribute(
+            processing_mode=PROCESSING_MODE,
+            service=f"{PROTOCOL}://{address}",
+            job_name=job_name,
+            compression=COMPRESSION,
+        )
+    )
+
+
+def start_dispatcher(port: int = 0, work_dir: str | None = None):
+    """A started DispatchServer (port 0: any free port; its `target` says which)."""
+    config = tf.data.experimental.service.DispatcherConfig(
+        port=port, protocol=PROTOCOL, work_dir=work_dir, fault_tolerant_mode=bool(work_dir)
+    )
+    return tf.data.experimental.service.DispatchServer(config)
+
+
+def start_worker(dispatcher: str, port: int = 0):
+    """A started WorkerServer registered with the dispatcher at "HOST:PORT"."""
+    config = tf.data.experimental.service.WorkerConfig(
+        dispatcher_address=dispatcher, port=port, protocol=PROTOCOL
+    )
+    return tf.data.experimental.service.WorkerServer(config)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.service", description=__doc__.splitlines()[0]
+    )
+    roles = parser.add_subparsers(dest="role", required=True)
+    dispatcher = roles.add_parser("dispatcher", help="hands out the data's splits")
+    dispatcher.add_argument("--port", type=int, default=5050, help="0 = any free port")
+    dispatcher.add_argument("--work_dir", default=None, help="journal, for restarts")
+    worker = roles.add_parser("worker", help="runs the input pipeline")
+    worker.add_argument("--dispatcher", required=True, help="HOST:PORT of the dispatcher")
+    worker.add_argument("--port", type=int, default=0, help="0 = any free port")
+    args = parser.parse_args(argv)
+    if args.role == "dispatcher":
+        server = start_dispatcher(args.port, args.work_dir)
+        address = server.target.split("://")[-1]
+        print(
+            f"tf.data service dispatcher at {address}: train with "
+            f"--config.data.service_address={address}",
+            flush=True,
+        )
+    else:
+        server = start_worker(args.dispatcher, args.port)
+        print(f"tf.data service worker of {args.dispatcher} serving", flush=True)
+    # Not server.join(): a Python loop lets SIGINT / SIGTERM stop the server at once.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

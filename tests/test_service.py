@@ -1,0 +1,103 @@
+"""tf.data service on loopback: a dispatcher and 2 workers as processes (the documented
+commands) feed training; every training example is produced exactly once per epoch."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipelines import inputs
+from tests.conftest import ROOT, load_config
+from tests.images import encode, write
+
+N = 24  # training images, 12 per class
+BATCH = 4
+
+
+def _start(*args) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.service", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture
+def service():
+    """(dispatcher address, [worker processes]); stopped afterwards."""
+    dispatcher = _start("dispatcher", "--port=0")
+    procs = [dispatcher]
+    try:
+        line = dispatcher.stdout.readline()
+        assert "dispatcher at" in line, line
+        address = line.split("dispatcher at ")[1].split(":")[0:2]
+        address = ":".join(address)
+        workers = [_start("worker", f"--dispatcher={address}") for _ in range(2)]
+        procs += workers
+        for w in workers:
+            assert "serving" in w.stdout.readline()
+        yield address, workers
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.mark.slow
+def test_training_through_two_workers_sees_each_example_once_per_epoch(service, tmp_path):
+    address, workers = service
+    # Each image one gray level: any crop, flipped or not, says which image it is.
+    root = tmp_path / "grays"
+    for i in range(N):
+        gray = np.full((72, 72, 3), 20 + 9 * i, np.uint8)
+        write(f"{root}/train/c{i % 2}/{i}.png", encode(gray, "PNG"))
+    for i in range(4):
+        write(f"{root}/validation/c{i % 2}/{i}.png", encode(np.full((72, 72, 3), 7, np.uint8)))
+    config = load_config()
+    config.data.source, config.data.folder, config.data.num_classes = "folder", str(root), 2
+    config.data.mean = (0.0, 0.0, 0.0)  # inputs are the gray levels themselves
+    config.data.cache = False
+    config.data.service_address = address
+    config.model.width = 0.125
+    config.train.batch_size = config.train.eval_batch_size = BATCH
+    config.train.epochs, config.train.steps_per_epoch = 2, N // BATCH
+    config.train.callbacks = ()
+    inputs.forget_folders()
+
+    before = [_cpu_seconds(w.pid) for w in workers]
+    epochs = 3
+    grays = []
+    for images, labels in inputs.build_inputs(config, "train").take(epochs * N // BATCH):
+        assert images.shape == (BATCH, 64, 64, 3)
+        x = images.numpy()
+        assert (x == x[:, :1, :1, :1]).all(axis=(1, 2, 3)).all()  # constant crops
+        grays += [int(round(v)) for v in x[:, 0, 0, 0]]
+        assert [(g - 20) // 9 % 2 for g in grays[-BATCH:]] == labels.numpy().tolist()
+    for e in range(epochs):
+        epoch = sorted(grays[e * N : (e + 1) * N])
+        assert epoch == [20 + 9 * i for i in range(N)], f"epoch {e}: {epoch}"
+    # The workers did the decoding (the trainer only received batches).
+    assert all(_cpu_seconds(w.pid) > b for w, b in zip(workers, before))
+
+    from zf_tf.training import strategies, train
+
+    workdir = str(tmp_path / "workdir")
+    history = train.train_and_evaluate(config, workdir, strategies.make_strategy("default"))
+    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
+    assert os.path.exists(os.path.join(workdir, "checkpoints", "model.keras"))
