@@ -215,10 +215,14 @@ def measure_pipeline(name, workspace, batch, passes, epochs):
                 rates.append(images / seconds)
                 cpu_ms.append(1000 * cpu / images)
     finally:
+        iterator = None  # a client still connected would keep the servers waiting
         for proc in procs:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
         for proc in procs:
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     return {"images_per_s": statistics.median(rates), "cpu_ms_per_image": statistics.median(cpu_ms)}
 
 

@@ -22,6 +22,7 @@ journal there, so it can be restarted without losing the running jobs.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -85,14 +86,15 @@ def main(argv=None) -> int:
     else:
         server = start_worker(args.dispatcher, args.port)
         print(f"tf.data service worker of {args.dispatcher} serving", flush=True)
-    # Not server.join(): a Python loop lets SIGINT / SIGTERM stop the server at once.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Not server.join(): a Python loop lets SIGINT / SIGTERM stop the server at once, and
+    # os._exit skips the servers' destructors, which wait for clients still connected.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        pass
-    return 0
+        sys.stdout.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -257,3 +257,34 @@ def test_cli_refuses_a_bad_precision_in_one_line(capsys, tmp_path):
     for good in model_lib.PRECISIONS:
         config = cli.resolved_config(cli.DEFAULT_CONFIG, [f"--config.train.precision={good}"])
         cli.validate_config(config)
+
+
+
+def test_feature_evolution_snapshots_project_in_float32(tiny_data_dir, tmp_path):
+    """The Fig. 4 callback of a mixed-precision run projects with a float32 twin holding the
+    live weights: its snapshot after the weights changed equals that of a float32 model."""
+    from zf_tf.training import callbacks
+
+    config = tiny_config(tiny_data_dir, "mixed_bfloat16")
+    config.analysis.evolution.epochs = (1, 2)
+    config.analysis.evolution.probe_images = 4
+    config.analysis.evolution.features_per_layer = 1
+    config.train.epochs = 2
+    model = model_lib.build_model(config.model, "mixed_bfloat16")
+    mixed = callbacks.FeatureEvolution(str(tmp_path / "mixed"), config)
+    mixed.set_model(model)
+    mixed.on_epoch_end(0)
+    kernel = model.get_layer("conv1").kernel
+    kernel.assign(kernel * 1.5)  # training moved on
+    mixed.on_epoch_end(1)
+    assert model_lib.precision_of(mixed.inspected) == "float32"
+    reference = callbacks.FeatureEvolution(str(tmp_path / "float32"), config)
+    reference.set_model(model_lib.as_float32(model))
+    reference.on_epoch_end(1)
+    name = callbacks.SNAPSHOT_PATTERN.format(2)
+    a = np.load(tmp_path / "mixed" / callbacks.MODE / name)
+    b = np.load(tmp_path / "float32" / callbacks.MODE / name)
+    keys = [k for k in a.files if k.endswith("_projection")]
+    assert keys
+    for k in keys:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -35,6 +35,7 @@ from absl import logging
 from pipelines import examples, inputs, preprocess
 from zf_tf import outputs
 from zf_tf.core import deconv
+from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.core.model import CONV_LAYERS
 from zf_tf.training import workdirs
@@ -245,6 +246,7 @@ class FeatureEvolution(keras.callbacks.Callback):
         self.probe_images = int(s["probe_images"])
         self.per_layer = int(s["features_per_layer"])
         self.snapshotter = None
+        self.inspected = None  # the model the snapshots project (float32)
         self.writer = None
         self.seconds = []  # wall time of each snapshot (for the cost report)
         self.setup_seconds = 0.0
@@ -254,9 +256,12 @@ class FeatureEvolution(keras.callbacks.Callback):
         probe = examples.load_examples(
             self.config, self.config.data.train_split, self.probe_images
         ).images
-        features = choose_features(self.model, self.per_layer, int(self.config.seed))
+        # Projections in float32 whatever the training precision: a mixed-precision model is
+        # mirrored by a float32 twin whose weights are refreshed before each snapshot.
+        self.inspected = model_lib.as_float32(self.model)
+        features = choose_features(self.inspected, self.per_layer, int(self.config.seed))
         self.snapshotter = Snapshotter(
-            self.model, probe, features, int(self.config.train.eval_batch_size)
+            self.inspected, probe, features, int(self.config.train.eval_batch_size)
         )
         self.setup_seconds = time.perf_counter() - start
 
@@ -271,6 +276,8 @@ class FeatureEvolution(keras.callbacks.Callback):
         if self.snapshotter is None:
             self._setup()
         start = time.perf_counter()
+        if self.inspected is not self.model:
+            self.inspected.set_weights(self.model.get_weights())
         snap = self.snapshotter()
         out_dir = os.path.join(self.workdir, MODE)
         os.makedirs(out_dir, exist_ok=True)
