@@ -1,14 +1,22 @@
 """Training throughput of the full 224-px ZFNet, printed as one JSON object.
 
-Measured side by side in one run (same process, same global batch):
-  default_images_per_s    one replica, synthetic in-memory batch
-  mirrored_images_per_s   MirroredStrategy over 2 logical CPU devices (GPUs if present)
-  pipeline_images_per_s   default strategy fed by the real 10-crop pipeline from JPEGs
-  matmul_flops_per_s      a 4096x4096 float32 matmul, the machine's practical peak
-Ratios and targets: mirrored/default >= 0.85, pipeline/in-memory >= 0.9, achieved training
-FLOP/s / matmul FLOP/s >= 0.8 (training FLOPs = 3 x forward FLOPs per image).
+Configurations (`--only`; default: all three, each in its own fresh Python process,
+interleaved default, mirrored, pipeline, default, ... over `--repeats` rounds; bench/fresh.py),
+same global batch:
+  default    one replica, synthetic in-memory batch
+  mirrored   MirroredStrategy over 2 logical CPU devices (GPUs if present), same batch
+  pipeline   default strategy fed by the real 10-crop pipeline from JPEGs
+Every child also measures a 4096x4096 float32 matmul (the machine's practical peak; best
+of 5, before and after its training run), the CPU seconds (all threads) per step next to
+the wall-clock rate, and `others_cpu`, the cores the rest of the machine used meanwhile.
+Each figure: median and [min, max] over the rounds.
+Ratios and targets, from the medians (and `*_per_round`: each round's ratio, median and
+range): mirrored/default >= 0.85, pipeline/in-memory >= 0.9, achieved training FLOP/s /
+matmul FLOP/s >= 0.8 (training FLOPs = 3 x forward FLOPs per image).
 
-Run: .venv/bin/python bench/train.py [--batch_size 32] [--steps 8] [--images DIR]
+Run: .venv/bin/python bench/train.py [--repeats 3] [--batch_size 32] [--steps 8]
+[--images DIR] [--only=default] [--precision mixed_bfloat16] [--jit_compile true]
+(`bench/gpu.sh` runs it for every precision, XLA off and on, on a GPU machine)
 """
 
 import argparse
@@ -18,27 +26,32 @@ import sys
 import tempfile
 import time
 
-import tensorflow as tf
-
-# Logical devices must exist before any other TF op.
-_CPU = tf.config.list_physical_devices("CPU")[0]
-if not tf.config.list_physical_devices("GPU"):
-    tf.config.set_logical_device_configuration(_CPU, [tf.config.LogicalDeviceConfiguration()] * 2)
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import fresh  # noqa: E402
 
-from pipelines import inputs  # noqa: E402
-from tests.conftest import load_config  # noqa: E402
-from zf_tf.core import model as model_lib  # noqa: E402
-from zf_tf.training import strategies, train  # noqa: E402
+CONFIGS = ("default", "mirrored", "pipeline")
+TARGETS = {"mirrored_vs_default": 0.85, "pipeline_vs_in_memory": 0.9, "fraction_of_matmul": 0.8}
 
 
-def forward_flops(model: keras.Model) -> float:
+def setup_devices():
+    """Two logical CPU devices (for mirrored) when there is no GPU: before any other TF op."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if not tf.config.list_physical_devices("GPU"):
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+        )
+
+
+def forward_flops(model) -> float:
     """Multiply-adds x 2 of the conv and dense layers for one image."""
+    import keras
+    import numpy as np
+
     total = 0.0
     for layer in model.layers:
         if isinstance(layer, keras.layers.Conv2D):
@@ -51,6 +64,8 @@ def forward_flops(model: keras.Model) -> float:
 
 
 def matmul_flops_per_s(n=4096, repeats=5) -> float:
+    import tensorflow as tf
+
     a = tf.random.normal((n, n))
     b = tf.random.normal((n, n))
     best = float("inf")
@@ -61,14 +76,32 @@ def matmul_flops_per_s(n=4096, repeats=5) -> float:
     return 2.0 * n**3 / best
 
 
-def images_per_s(strategy, config, dataset_fn, steps: int) -> float:
+def images_per_s(strategy, config, dataset_fn, steps: int):
+    """(images/s, this process's CPU seconds per step, cores the rest of the machine used
+    meanwhile, FLOPs per training image) of `steps` timed steps after a 2-step warm-up."""
+    from zf_tf.core import model as model_lib
+    from zf_tf.training import train
+
     with strategy.scope():
-        model = train.compile_model(model_lib.build_model(config.model), config)
+        model = model_lib.build_model(config.model, train.precision(config))
+        model = train.compile_model(model, config)
     ds = strategy.distribute_datasets_from_function(dataset_fn)
     model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)  # compile + warm up
-    t = time.perf_counter()
+    t, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_s()
     model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
-    return steps * config.train.batch_size / (time.perf_counter() - t)
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    others = max(0.0, machine_busy_s() - busy - cpu) / wall
+    return steps * config.train.batch_size / wall, cpu / steps, others, 3 * forward_flops(model)
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every process on the machine has used (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            cpu = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    return (cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6]) / os.sysconf("SC_CLK_TCK")
 
 
 def jpeg_folder(source: str | None) -> str:
@@ -83,6 +116,7 @@ def jpeg_folder(source: str | None) -> str:
                 os.path.join(os.path.abspath(shared), f), os.path.join(root, "train", "all", f)
             )
     else:
+        import numpy as np
         from PIL import Image
 
         rng = np.random.default_rng(0)
@@ -92,15 +126,20 @@ def jpeg_folder(source: str | None) -> str:
     return root
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--images", default=None)
-    args = parser.parse_args()
+def child(name: str, args) -> dict:
+    """One configuration, in this (fresh) process."""
+    setup_devices()
+    import numpy as np
+    import tensorflow as tf
+
+    from pipelines import inputs
+    from tests.conftest import load_config
+    from zf_tf.training import strategies
 
     config = load_config("zfnet_imagenet")
     config.train.batch_size = args.batch_size
+    config.train.precision = args.precision
+    config.train.jit_compile = args.jit_compile == "true"
     s = config.data.crop_size
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(args.batch_size, s, s, 3)) * 60).astype(np.float32)
@@ -110,53 +149,93 @@ def main():
         b = ctx.get_per_replica_batch_size(args.batch_size)
         return tf.data.Dataset.from_tensors((x[:b], y[:b])).repeat()
 
-    config.data.source = "folder"
-    config.data.folder = jpeg_folder(args.images)
-    config.data.num_classes = 1000
-
     def real(ctx):
         return inputs.build_inputs(config, "train", ctx, "train")
 
-    default = tf.distribute.get_strategy()
-    mirrored = strategies.make_strategy("mirrored")
+    if name == "pipeline":
+        config.data.source = "folder"
+        config.data.folder = jpeg_folder(args.images)
+        config.data.num_classes = 1000
+    strategy = strategies.make_strategy("mirrored") if name == "mirrored" else None
+    strategy = strategy or tf.distribute.get_strategy()
     matmul = matmul_flops_per_s()
-    print("measuring default / mirrored / pipeline ...", file=sys.stderr)
-    rates = {"default": [], "mirrored": [], "pipeline": []}
-    for _ in range(2):  # interleaved so machine noise hits all three
-        rates["default"].append(images_per_s(default, config, synthetic, args.steps))
-        rates["mirrored"].append(images_per_s(mirrored, config, synthetic, args.steps))
-        rates["pipeline"].append(images_per_s(default, config, real, args.steps))
-    best = {k: max(v) for k, v in rates.items()}
-    matmul = max(matmul, matmul_flops_per_s())
-    flops_per_image = 3 * forward_flops(model_lib.build_model(config.model))
-    achieved = best["default"] * flops_per_image
-    print(
-        json.dumps(
-            {
-                "input_size": s,
-                "global_batch": args.batch_size,
-                "replicas_mirrored": mirrored.num_replicas_in_sync,
-                "default_images_per_s": round(best["default"], 2),
-                "mirrored_images_per_s": round(best["mirrored"], 2),
-                "pipeline_images_per_s": round(best["pipeline"], 2),
-                "mirrored_vs_default": round(best["mirrored"] / best["default"], 3),
-                "pipeline_vs_in_memory": round(best["pipeline"] / best["default"], 3),
-                "training_gflop_per_image": round(flops_per_image / 1e9, 3),
-                "achieved_gflop_per_s": round(achieved / 1e9, 1),
-                "matmul_gflop_per_s": round(matmul / 1e9, 1),
-                "fraction_of_matmul": round(achieved / matmul, 3),
-                "targets": {
-                    "mirrored_vs_default": 0.85,
-                    "pipeline_vs_in_memory": 0.9,
-                    "fraction_of_matmul": 0.8,
-                },
-                "device": tf.config.list_physical_devices("GPU")
-                and "GPU"
-                or f"CPU x{os.cpu_count()}",
-                "tf_version": tf.__version__,
-            }
-        )
+    rate, cpu, others, flops = images_per_s(
+        strategy, config, real if name == "pipeline" else synthetic, args.steps
     )
+    return {
+        "images_per_s": rate,
+        "cpu_s_per_step": cpu,
+        "others_cpu": others,
+        "matmul_flops_per_s": max(matmul, matmul_flops_per_s()),
+        "training_flops_per_image": flops,
+        "replicas": strategy.num_replicas_in_sync,
+        "device": "GPU" if tf.config.list_physical_devices("GPU") else f"CPU x{os.cpu_count()}",
+        "tf_version": tf.__version__,
+    }
+
+
+def summarize(runs: dict, args) -> dict:
+    mr = fresh.median_range
+    rates = {k: [r["images_per_s"] for r in v] for k, v in runs.items()}
+    med = {k: mr(v, 2)["median"] for k, v in rates.items()}
+    matmul = [r["matmul_flops_per_s"] for v in runs.values() for r in v]
+    flops = runs["default"][0]["training_flops_per_image"]
+    achieved = [rate * flops for rate in rates["default"]]
+    per_round_matmul = [
+        max(runs[k][i]["matmul_flops_per_s"] for k in runs) for i in range(args.repeats)
+    ]
+    out = {
+        "input_size": 224,
+        "global_batch": args.batch_size,
+        "precision": args.precision,
+        "jit_compile": args.jit_compile == "true",
+        "steps_timed": args.steps,
+        "rounds": args.repeats,
+        "replicas_mirrored": runs["mirrored"][0]["replicas"],
+        "default_images_per_s": mr(rates["default"], 2),
+        "mirrored_images_per_s": mr(rates["mirrored"], 2),
+        "pipeline_images_per_s": mr(rates["pipeline"], 2),
+        "cpu_s_per_step": {k: mr([r["cpu_s_per_step"] for r in v]) for k, v in runs.items()},
+        # Cores other processes used while each configuration trained (2-core machine: 1.0
+        # leaves this process one core).
+        "others_cpu": {k: mr([r["others_cpu"] for r in v]) for k, v in runs.items()},
+        "mirrored_vs_default": round(med["mirrored"] / med["default"], 3),
+        "pipeline_vs_in_memory": round(med["pipeline"] / med["default"], 3),
+        "mirrored_vs_default_per_round": mr(
+            [m / d for m, d in zip(rates["mirrored"], rates["default"])]
+        ),
+        "pipeline_vs_in_memory_per_round": mr(
+            [p / d for p, d in zip(rates["pipeline"], rates["default"])]
+        ),
+        "training_gflop_per_image": round(flops / 1e9, 3),
+        "achieved_gflop_per_s": mr([a / 1e9 for a in achieved], 1),
+        "matmul_gflop_per_s": mr([m / 1e9 for m in matmul], 1),
+        "fraction_of_matmul": round(
+            med["default"] * flops / fresh.median_range(matmul, 0)["median"], 3
+        ),
+        "fraction_of_matmul_per_round": mr([a / m for a, m in zip(achieved, per_round_matmul)]),
+        "targets": TARGETS,
+        "device": runs["default"][0]["device"],
+        "tf_version": runs["default"][0]["tf_version"],
+    }
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=CONFIGS, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--images", default=None)
+    parser.add_argument("--precision", default="float32", help="config.train.precision")
+    parser.add_argument("--jit_compile", default="false", choices=("false", "true"))
+    args = parser.parse_args()
+    if args.only:
+        print(json.dumps(child(args.only, args)))
+        return
+    runs = fresh.interleaved(__file__, CONFIGS, args.repeats, fresh.passed_args())
+    print(json.dumps(summarize(runs, args), indent=1))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ def test_main_py_usage_errors_are_one_line(args, expected, tmp_path):
         (["--config.data.bogus=1"], "unknown config key 'data.bogus': valid keys of data: "),
         (
             ["--config.nope.x=1"],
-            "valid keys of the config: ablate, analysis, data, model, prepare, seed, train, transfer",
+            "valid keys of the config: ablate, analysis, data, model, prepare, seed, train, "
+            "transfer",
         ),
         (["--config.train.epochs=abc"], "--config.train.epochs=abc: not a valid int"),
         (["--config.data=1"], "--config.data is a section"),

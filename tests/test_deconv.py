@@ -392,3 +392,21 @@ def test_receptive_field_matches_gradient_support_paper(paper_model):
         support = linear_unit_gradient(paper_model, "conv5", y, x, rng) > 0
         y0, x0, y1, x1 = deconv.receptive_field(paper_model, "conv5", y, x)
         assert support[y0:y1, x0:x1].all() and support.sum() == (y1 - y0) * (x1 - x0)
+
+
+def test_a_dropped_deconvnet_is_freed_with_its_compiled_function():
+    """`project` caches one traced function per deconvnet, weakly keyed by it: dropping the
+    deconvnet frees both (a strong reference from the function kept every one alive)."""
+    import gc
+    import weakref
+
+    config = load_config().model
+    config.width = 0.125
+    net = deconv.build_deconvnet(model_lib.build_model(config), "conv2")
+    out = deconv.project(net, np.zeros((2, 64, 64, 3), np.float32), [0, 1], 0)
+    assert out["projection"].shape == (2, 64, 64, 3)
+    assert net in deconv._COMPILED
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None  # and its entry of _COMPILED with it (a weak key)

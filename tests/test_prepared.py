@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from pipelines import DataError, folder, inputs, prepared, preprocess
 from tests.conftest import load_config
-from tests.images import encode, random_rgb, undecodable_jpeg, write
+from tests.images import encode, undecodable_jpeg, write
 
 S, s = 48, 40
 # Bound of the JPEG re-encoding error (quality 90, 4:4:4) on these test photos, in gray
@@ -34,7 +34,18 @@ def photo(h, w, seed):
 def photos(tmp_path):
     """2 classes x 10 JPEGs/PNGs of assorted sizes (shorter side S, larger, smaller)."""
     root = str(tmp_path / "photos")
-    sizes = [(S, 70), (60, S), (90, 120), (S, S), (40, 64), (130, 100), (75, 75), (S, 51), (66, 80), (S, 90)]
+    sizes = [
+        (S, 70),
+        (60, S),
+        (90, 120),
+        (S, S),
+        (40, 64),
+        (130, 100),
+        (75, 75),
+        (S, 51),
+        (66, 80),
+        (S, 90),
+    ]
     for c in range(2):
         for i, (h, w) in enumerate(sizes):
             fmt = "PNG" if i == 3 else "JPEG"

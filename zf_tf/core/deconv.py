@@ -1099,9 +1099,13 @@ def _compiled(deconvnet: keras.Model):
             "x": vec,
         }
 
+        # A weak reference: the function is the value of its deconvnet's weak key, and a
+        # strong one would keep both (and every variable the trace captured) alive forever.
+        model = weakref.ref(deconvnet)
+
         @tf.function(input_signature=[signature])
         def fn(inputs):
-            return deconvnet(inputs, training=False)
+            return model()(inputs, training=False)
 
         _COMPILED[deconvnet] = fn
     return fn

@@ -204,6 +204,7 @@ def train_variant(base, variant: str, vdir: str, strategy, retrain: bool) -> dic
     import keras
 
     from zf_tf import outputs
+    from zf_tf.core import memory
     from zf_tf.training import train, workdirs
 
     config = variant_config(base, variant)
@@ -212,7 +213,11 @@ def train_variant(base, variant: str, vdir: str, strategy, retrain: bool) -> dic
     if os.path.exists(result_path):
         os.remove(result_path)  # stale: this variant is being retrained
     start = time.time()
-    train.train_and_evaluate(config, vdir, strategy, overwrite=retrain)
+    # The trained model is dropped once fit returns; without this TensorFlow's gradient
+    # registry would keep it (weights and optimizer slots) for the rest of the process:
+    # zf_tf/core/memory.py.
+    with memory.released_custom_gradients():
+        train.train_and_evaluate(config, vdir, strategy, overwrite=retrain)
     if not workdirs.is_chief(strategy):
         return {}
     keras.utils.clear_session()
