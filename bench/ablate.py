@@ -51,21 +51,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import fresh  # noqa: E402
 
+from configs import ablations  # noqa: E402
+
 CONFIGS = ("ablate", "ablate_leaky")
 TARGET = 0.95
-ALL = (
-    "baseline",
-    "no_conv3_conv4",
-    "no_fc7",
-    "no_fc6_fc7",
-    "no_conv3_conv4_fc6_fc7",
-    "fc_2048",
-    "fc_8192",
-    "conv_512_1024_512",
-    "conv_512_1024_512_fc_8192",
-    "alexnet_layer1",
-    "baseline",
-)
+# Every variant of configs/ablations.py in order, then the baseline again.
+ALL = (*ablations.VARIANTS, "baseline")
 
 
 def proc_sample():

@@ -37,9 +37,7 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -147,29 +145,10 @@ def timed_pass(iterator, count_fn, images):
     return time.perf_counter() - start, time.process_time() - cpu, seen
 
 
-def _start_service(workspace):
-    def start(*args):
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipelines.service", *args],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-
-    dispatcher = start("dispatcher", "--port=0")
-    address = dispatcher.stdout.readline().split("dispatcher at ")[1].split(":")[:2]
-    address = ":".join(address)
-    workers = [start("worker", f"--dispatcher={address}") for _ in range(2)]
-    for w in workers:
-        w.stdout.readline()
-    return address, [dispatcher, *workers]
-
-
 def measure_pipeline(name, workspace, batch, passes, epochs):
     import tensorflow as tf
 
-    from pipelines import inputs, prepared
+    from pipelines import inputs, prepared, service
 
     config = config_for(workspace, "prepared" if name == "prepared" else "folder", batch)
     n = inputs.num_examples(config.data, "train")
@@ -177,7 +156,7 @@ def measure_pipeline(name, workspace, batch, passes, epochs):
     procs = []
     if name in ("original", "prepared", "service"):
         if name == "service":
-            config.data.service_address, procs = _start_service(workspace)
+            config.data.service_address, procs = service.spawn(2)
         ds, count = inputs.build_inputs(config, "train"), per_batch
     elif name == "bare_decode_original":
         paths = inputs._folder_split(config.data.folder, "train")[0]
@@ -216,13 +195,7 @@ def measure_pipeline(name, workspace, batch, passes, epochs):
                 cpu_ms.append(1000 * cpu / images)
     finally:
         iterator = None  # a client still connected would keep the servers waiting
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        service.stop(procs)
     return {"images_per_s": statistics.median(rates), "cpu_ms_per_image": statistics.median(cpu_ms)}
 
 

@@ -2,30 +2,17 @@
 commands) feed training; every training example is produced exactly once per epoch."""
 
 import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from pipelines import inputs
+from pipelines import service as service_lib
 from tests.conftest import ROOT, load_config
 from tests.images import encode, write
 
 N = 24  # training images, 12 per class
 BATCH = 4
-
-
-def _start(*args) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipelines.service", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -36,27 +23,12 @@ def _cpu_seconds(pid: int) -> float:
 
 @pytest.fixture
 def service():
-    """(dispatcher address, [worker processes]); stopped afterwards."""
-    dispatcher = _start("dispatcher", "--port=0")
-    procs = [dispatcher]
+    """(dispatcher address, [worker processes]), started as the docs say; stopped after."""
+    address, procs = service_lib.spawn(2, cwd=ROOT)
     try:
-        line = dispatcher.stdout.readline()
-        assert "dispatcher at" in line, line
-        address = line.split("dispatcher at ")[1].split(":")[0:2]
-        address = ":".join(address)
-        workers = [_start("worker", f"--dispatcher={address}") for _ in range(2)]
-        procs += workers
-        for w in workers:
-            assert "serving" in w.stdout.readline()
-        yield address, workers
+        yield address, procs[1:]
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        service_lib.stop(procs)
 
 
 @pytest.mark.slow
