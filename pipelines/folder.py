@@ -29,9 +29,10 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 
 from absl import logging
+
+from pipelines import write_json
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 # Image formats tf.io.decode_image cannot read: skipped and counted, never dropped silently.
@@ -189,18 +190,11 @@ def file_checks(root: str, paths: list[str], max_workers: int = 16) -> list[str 
         problem = problem or (None if decoded[i] else "undecodable")
         known[keys[i]] = (stamps[i] or [-1, -1]) + [problem]
     if todo:
-        known = {k: known[k] for k in keys}
-        tmp = None
         try:
             os.makedirs(os.path.dirname(cache), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(known, f)
-            os.replace(tmp, cache)
+            write_json(cache, {k: known[k] for k in keys})
         except OSError as e:
             logging.info("File checks of %s not cached (%s)", root, e)
-            if tmp and os.path.exists(tmp):
-                os.remove(tmp)
     return [known[k][2] for k in keys]
 
 

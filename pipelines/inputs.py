@@ -62,11 +62,16 @@ def _tfds_builder(data):
     return builder
 
 
+def _indexed_root(root: str, split: str) -> str:
+    """The folder a split's index is of: root/<split>/ if present, else root."""
+    split_root = os.path.join(root, split)
+    return split_root if os.path.isdir(split_root) else root
+
+
 def folder_index(data, split: str) -> folder_lib.FolderIndex:
     """The index (with its skipped files) that a folder split is drawn from: of
     folder/<split>/ when the folder has split subfolders, else of the whole folder."""
-    split_root = os.path.join(data.folder, split)
-    return folder_lib.indexed(split_root if os.path.isdir(split_root) else data.folder)
+    return folder_lib.indexed(_indexed_root(data.folder, split))
 
 
 @functools.lru_cache(maxsize=8)
@@ -74,13 +79,10 @@ def _folder_split(root: str, split: str):
     """(paths, labels) of a folder split: root/<split>/<class> if present, else a
     deterministic every-Nth hold-out of root/<class> as 'validation'; a flat folder of
     unlabeled images is every split (labels folder.UNLABELED)."""
-    split_root = os.path.join(root, split)
-    if os.path.isdir(split_root):
-        index = folder_lib.indexed(split_root)
-        return index.paths, index.labels
-    index = folder_lib.indexed(root)
-    if not index.labeled:  # a flat folder: every split is all of its images
-        return index.paths, index.labels
+    indexed_root = _indexed_root(root, split)
+    index = folder_lib.indexed(indexed_root)
+    if indexed_root != root or not index.labeled:  # a split folder, or a flat folder:
+        return index.paths, index.labels  # every image of it
     every = int(round(1 / FOLDER_VALIDATION_FRACTION))
     held_out = [i % every == every - 1 for i in range(len(index.paths))]
     keep = [h == (split != "train") for h in held_out]
@@ -345,8 +347,11 @@ def build_inputs(
     ds = encoded_records(data, split, shuffle_files=training, seed=config.seed)
     if training and data.get("random_labels_seed", -1) >= 0:
         ds = ds.map(lambda e, y: (e, random_label(e, data.random_labels_seed, data.num_classes)))
+    # Through the tf.data service (pipelines/service.py) the workers run one epoch per job
+    # (so each example is produced exactly once per epoch); the trainer repeats and rebatches.
+    service_address = data.get("service_address", "") if training else ""
     pipelines = input_context.num_input_pipelines if input_context else 1
-    if pipelines > 1 and not (training and data.get("service_address", "")):
+    if pipelines > 1 and not service_address:  # the service splits the data itself
         ds = ds.shard(pipelines, input_context.input_pipeline_id)
     # Crops stay 0..255 (uint8 where the source allows) until batched; `pixels` then
     # normalizes the whole batch in one op.
@@ -361,19 +366,15 @@ def build_inputs(
         ds = ds.ignore_errors(log_warning=True).cache()
         crop = lambda sq, i: preprocess.crop_of_square(sq, i, S, s, None)
         ten = lambda sq: preprocess.ten_crops_of_square(sq, S, s, None)
-    elif data.source == "prepared":  # S x S JPEGs: decode only a crop's window, no resize
-        crop = lambda e, i: prepared_lib.crop_of_prepared(e, i, S, s, None)
-        ten = lambda e: preprocess.ten_crops(e, S, s, None)
     else:
-        crop = lambda e, i: preprocess.train_crop(e, i, S, s, None)
+        # Prepared S x S JPEGs: a crop decodes only its window, with no resize.
+        one = prepared_lib.crop_of_prepared if data.source == "prepared" else preprocess.train_crop
+        crop = lambda e, i: one(e, i, S, s, None)
         ten = lambda e: preprocess.ten_crops(e, S, s, None)
     batch_size = config.train.batch_size if training else config.train.eval_batch_size
     if input_context:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
 
-    # Through the tf.data service (pipelines/service.py) the workers run one epoch per job
-    # (so each example is produced exactly once per epoch); the trainer repeats and rebatches.
-    service_address = data.get("service_address", "") if training else ""
     if training:
         seed = config.seed + (input_context.input_pipeline_id if input_context else 0)
         ds = ds.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)

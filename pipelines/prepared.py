@@ -36,7 +36,7 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from pipelines import DataError, preprocess
+from pipelines import DataError, preprocess, write_json
 
 METADATA = "prepared.json"
 FORMAT = 1
@@ -53,13 +53,6 @@ def _slug(split: str) -> str:
 
 def shard_name(split: str, index: int, count: int) -> str:
     return f"{_slug(split)}-{index:05d}-of-{count:05d}.tfrecord"
-
-
-def _write_json(path: str, value) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _read_json(path: str):
@@ -136,12 +129,11 @@ def crop_of_prepared(encoded, crop_index, resize_size: int, crop_size: int, pixe
     its s x s window is decoded, no resize (the square already is S x S). float32,
     normalized by `pixels`; uint8 0..255 when `pixels` is None."""
     crop_index = tf.convert_to_tensor(crop_index, tf.int32)
-    offset = tf.constant(preprocess.crop_offsets(resize_size, crop_size), tf.int32)[crop_index % 5]
+    offset = preprocess.square_offset(crop_index, resize_size, crop_size)
     window = tf.stack([offset[0], offset[1], crop_size, crop_size])
     crop = tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
     crop.set_shape([crop_size, crop_size, 3])
-    crop = tf.cond(crop_index >= 5, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
-    return preprocess.finish(crop, pixels)
+    return preprocess.finish(preprocess.mirrored(crop, crop_index), pixels)
 
 
 def square_jpeg(encoded, resize_size: int, quality: int) -> tf.Tensor:
@@ -247,7 +239,7 @@ def prepare(
         meta["splits"][split] = _prepare_split(
             source, split, out_dir, common, progress and tqdm.tqdm
         )
-        _write_json(meta_path, meta)
+        write_json(meta_path, meta)
         os.remove(os.path.join(out_dir, f"{_slug(split)}.progress.json"))
     return meta
 
@@ -286,7 +278,7 @@ def _prepare_split(source, split: str, out_dir: str, recipe: dict, bar) -> dict:
         span = min(total, (k + 1) * size) - k * size
         written = sum(counts.values())
         state["shards"].append([name, written, span - written, counts])
-        _write_json(progress_path, state)
+        write_json(progress_path, state)
 
     with progress or contextlib.nullcontext():
         if done < count:

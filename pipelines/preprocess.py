@@ -214,6 +214,16 @@ def _decode_window(encoded: tf.Tensor, window_fn, min_size: int) -> tf.Tensor:
     return image
 
 
+def square_offset(crop_index, resize_size: int, crop_size: int) -> tf.Tensor:
+    """int32 (y, x) of crop `crop_index` (0..9) in the S x S square (`crop_offsets`)."""
+    return tf.constant(crop_offsets(resize_size, crop_size), tf.int32)[crop_index % 5]
+
+
+def mirrored(image, crop_index) -> tf.Tensor:
+    """`image` flipped left-right for the crop indices 5..9, as is for 0..4."""
+    return tf.cond(crop_index >= 5, lambda: tf.reverse(image, axis=[1]), lambda: image)
+
+
 def finish(pixels_, pixels: Pixels | None):
     """`pixels.normalize(pixels_)`, or the 0..255 pixels as they are when `pixels` is None
     (`build_inputs` normalizes whole batches instead: one op per batch, uint8 until then)."""
@@ -240,7 +250,7 @@ def train_crop(
         encoded, lambda h, w: _window(h, w, resize_size, crop_size, crop_index), crop_size
     )
     image = _resize_to(image, crop_size)
-    image = tf.cond(crop_index >= 5, lambda: tf.reverse(image, axis=[1]), lambda: image)
+    image = mirrored(image, crop_index)
     return finish(image, pixels)
 
 
@@ -292,10 +302,9 @@ def crop_of_square(
     """Crop `crop_index` (0..9, as in `train_crop`) of an S x S square: float32, normalized
     (`pixels` None: the square's dtype, not normalized)."""
     crop_index = tf.convert_to_tensor(crop_index, tf.int32)
-    offset = tf.constant(crop_offsets(resize_size, crop_size), tf.int32)[crop_index % 5]
+    offset = square_offset(crop_index, resize_size, crop_size)
     crop = tf.slice(square, [offset[0], offset[1], 0], [crop_size, crop_size, 3])
-    crop = tf.cond(crop_index >= 5, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
-    return finish(crop, pixels)
+    return finish(mirrored(crop, crop_index), pixels)
 
 
 def ten_crops_of_square(square, resize_size: int, crop_size: int, pixels: Pixels) -> tf.Tensor:
