@@ -7,13 +7,17 @@ round (A, B, C, ..., A, B, C, ...), `--repeats` rounds; in a process one warm-up
 range over the rounds. CPU ms per image count every thread of the process: images/s per
 core = 1000 / that.
 
-  original              `build_inputs(config, 'train')` on the class folder of original JPEGs
-                        at S=256, s=224 (read, shuffle, decode the crop window, resize, flip,
-                        normalize, batch)
+  original              `build_inputs(config, 'train', normalize=False)` on the class folder of
+                        original JPEGs at S=256, s=224: the host's share of training input
+                        (read, shuffle, decode the crop window, resize, flip, batch; training
+                        normalizes the batches on its device, in the train step)
   prepared              the same on shards that `--mode=prepare` wrote from those photos
                         (`config.data.source='prepared'`: decode a 224 window of a 256 JPEG)
+  prepared_raw          the same on shards of raw squares (`config.prepare.encoding='raw'`:
+                        slice a 224 window of the 256 x 256 uint8 pixels, no decoding)
   bare_decode_original  `decode_jpeg(read_file(path))` of the originals, nothing else
   bare_decode_prepared  read + parse + `decode_jpeg` of the prepared shards, nothing else
+  bare_decode_prepared_raw  read + parse + `parse_tensor` of the raw shards, nothing else
   image_dataset_from_directory  Keras' own folder reader at 224 x 224, for reference
   service               `original` through the tf.data service: a dispatcher and 2 local
                         workers as processes (`python -m pipelines.service`); the trainer's
@@ -24,7 +28,7 @@ core = 1000 / that.
                         and a second time in that process (`folder.indexed`: no work)
 
 Targets: prepared vs original >= 5x images/s per core; prepared vs bare decode of the
-prepared files >= 0.8x (images/s).
+prepared files >= 0.8x (images/s); `meets_targets` says for each encoding.
 
 Images: ../shared/data/imagenet-samples if present, else 300 generated JPEGs; --images DIR
 overrides. Run from the repo root:
@@ -53,11 +57,14 @@ from fresh import interleaved, log, median_range, passed_args  # noqa: E402
 SAMPLES = os.path.join(ROOT, "..", "shared", "data", "imagenet-samples")
 S, CROP = 256, 224
 TARGETS = {"prepared_vs_original_per_core": 5.0, "prepared_vs_bare_decode_prepared": 0.8}
+ENCODINGS = {"prepared": "jpeg", "prepared_raw": "raw"}  # prepared folder -> encoding
 PIPELINES = (
     "original",
     "prepared",
+    "prepared_raw",
     "bare_decode_original",
     "bare_decode_prepared",
+    "bare_decode_prepared_raw",
     "image_dataset_from_directory",
     "service",
 )
@@ -103,12 +110,12 @@ def index_tree(root, count):
         Image.fromarray(pixels).save(os.path.join(folder, f"{i:06d}.jpg"), quality=75)
 
 
-def config_for(workspace, source, batch):
+def config_for(workspace, source, batch, prepared_dir="prepared"):
     from configs import default
 
     config = default.get_config()
     config.data.source, config.data.folder = source, os.path.join(workspace, "photos")
-    config.data.prepared_dir = os.path.join(workspace, "prepared")
+    config.data.prepared_dir = os.path.join(workspace, prepared_dir)
     config.data.cache, config.data.num_classes = False, 10
     config.data.resize_size, config.data.crop_size = S, CROP
     config.data.input_threads = 0  # all cores for the input pipeline alone (as on ImageNet)
@@ -127,9 +134,12 @@ def setup(workspace, images, index_files):
         log(f"{SAMPLES} not found: generating JPEGs in {source}")
         generate_images(source)
     n = class_tree(os.path.abspath(source), os.path.join(workspace, "photos", "train"))
-    config = config_for(workspace, "folder", 64)
-    with contextlib.redirect_stdout(sys.stderr):
-        prepared.prepare(config.data, config.data.prepared_dir, ["train"], progress=False)
+    for folder, encoding in ENCODINGS.items():
+        config = config_for(workspace, "folder", 64, folder)
+        with contextlib.redirect_stdout(sys.stderr):
+            prepared.prepare(
+                config.data, config.data.prepared_dir, ["train"], progress=False, encoding=encoding
+            )
     if index_files:
         log(f"generating {index_files} files for the index benchmark ...")
         index_tree(os.path.join(workspace, "index"), index_files)
@@ -150,14 +160,16 @@ def measure_pipeline(name, workspace, batch, passes, epochs):
 
     from pipelines import inputs, prepared, service
 
-    config = config_for(workspace, "prepared" if name == "prepared" else "folder", batch)
+    folder = name.replace("bare_decode_", "")
+    source = "prepared" if folder in ENCODINGS else "folder"
+    config = config_for(workspace, source, batch, folder if source == "prepared" else "prepared")
     n = inputs.num_examples(config.data, "train")
     per_batch = lambda e: int(e[0].shape[0])  # noqa: E731
     procs = []
-    if name in ("original", "prepared", "service"):
+    if name in ("original", "prepared", "prepared_raw", "service"):
         if name == "service":
             config.data.service_address, procs = service.spawn(2)
-        ds, count = inputs.build_inputs(config, "train"), per_batch
+        ds, count = inputs.build_inputs(config, "train", normalize=False), per_batch
     elif name == "bare_decode_original":
         paths = inputs._folder_split(config.data.folder, "train")[0]
         ds = tf.data.Dataset.from_tensor_slices(paths).map(
@@ -165,10 +177,13 @@ def measure_pipeline(name, workspace, batch, passes, epochs):
             num_parallel_calls=tf.data.AUTOTUNE,
         )
         ds, count = ds.repeat().prefetch(tf.data.AUTOTUNE), lambda e: 1
-    elif name == "bare_decode_prepared":
-        pconfig = config_for(workspace, "prepared", batch)
-        ds = prepared.records(pconfig.data, "train").map(
-            lambda e, y: tf.io.decode_jpeg(e, channels=3), num_parallel_calls=tf.data.AUTOTUNE
+    elif name in ("bare_decode_prepared", "bare_decode_prepared_raw"):
+        raw = name.endswith("_raw")
+        ds = prepared.records(config.data, "train").map(
+            lambda e, y: (
+                tf.io.parse_tensor(e, tf.uint8) if raw else tf.io.decode_jpeg(e, channels=3)
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
         )
         ds, count = ds.repeat().prefetch(tf.data.AUTOTUNE), lambda e: 1
     else:
@@ -251,6 +266,14 @@ def main():
         runs = interleaved(
             __file__, names, max(1, args.repeats), [*passed_args(), f"--workspace={workspace}"]
         )
+        shard_bytes = {
+            encoding: sum(
+                os.path.getsize(os.path.join(workspace, folder, f))
+                for f in os.listdir(os.path.join(workspace, folder))
+                if f.endswith(".tfrecord")
+            )
+            for folder, encoding in ENCODINGS.items()
+        }
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
 
@@ -265,21 +288,33 @@ def main():
 
     per_core = per_round("prepared", "original", "cpu_ms_per_image", invert=True)
     vs_bare = per_round("prepared", "bare_decode_prepared", "images_per_s")
+    raw_per_core = per_round("prepared_raw", "original", "cpu_ms_per_image", invert=True)
+    raw_vs_bare = per_round("prepared_raw", "bare_decode_prepared_raw", "images_per_s")
+
+    def meets(per_core, vs_bare):
+        return bool(
+            per_core["median"] >= TARGETS["prepared_vs_original_per_core"]
+            and vs_bare["median"] >= TARGETS["prepared_vs_bare_decode_prepared"]
+        )
+
     out = {
         "images_per_s": {k: figure(k, "images_per_s") for k in PIPELINES},
         "cpu_ms_per_image": {k: figure(k, "cpu_ms_per_image", 3) for k in PIPELINES},
         "prepared_vs_original_per_core": per_core,
         "prepared_vs_original_wall": per_round("prepared", "original", "images_per_s"),
         "prepared_vs_bare_decode_prepared": vs_bare,
+        "prepared_raw_vs_original_per_core": raw_per_core,
+        "prepared_raw_vs_bare_decode_prepared_raw": raw_vs_bare,
         "original_vs_bare_decode_original": per_round(
             "original", "bare_decode_original", "images_per_s"
         ),
         "service_vs_original_wall": per_round("service", "original", "images_per_s"),
         "targets": TARGETS,
-        "meets_targets": bool(
-            per_core["median"] >= TARGETS["prepared_vs_original_per_core"]
-            and vs_bare["median"] >= TARGETS["prepared_vs_bare_decode_prepared"]
-        ),
+        "meets_targets": {
+            "jpeg": meets(per_core, vs_bare),
+            "raw": meets(raw_per_core, raw_vs_bare),
+        },
+        "prepared_bytes_per_image": {e: round(b / n) for e, b in shard_bytes.items()},
         "num_images": n,
         "source": origin,
         "batch_size": args.batch_size,

@@ -5,7 +5,8 @@ interleaved default, mirrored, pipeline, default, ... over `--repeats` rounds; b
 same global batch:
   default    one replica, synthetic in-memory batch
   mirrored   MirroredStrategy over 2 logical CPU devices (GPUs if present), same batch
-  pipeline   default strategy fed by the real 10-crop pipeline from JPEGs
+  pipeline   default strategy fed by the real 10-crop pipeline from JPEGs, as training
+             feeds it: 0..255 batches, normalized in the train step
 Every child also measures a 4096x4096 float32 matmul (the machine's practical peak; best
 of 5, before and after its training run), the CPU seconds (all threads) per step next to
 the wall-clock rate, and `others_cpu`, the cores the rest of the machine used meanwhile.
@@ -76,9 +77,13 @@ def matmul_flops_per_s(n=4096, repeats=5) -> float:
     return 2.0 * n**3 / best
 
 
-def images_per_s(strategy, config, dataset_fn, steps: int):
+def images_per_s(strategy, config, dataset_fn, steps: int, raw_pixels: bool = False):
     """(images/s, this process's CPU seconds per step, cores the rest of the machine used
-    meanwhile, FLOPs per training image) of `steps` timed steps after a 2-step warm-up."""
+    meanwhile, FLOPs per training image) of `steps` timed steps after a 2-step warm-up;
+    `raw_pixels`: the dataset's 0..255 batches are normalized in the train step."""
+    import contextlib
+
+    from pipelines import preprocess
     from zf_tf.core import model as model_lib
     from zf_tf.training import train
 
@@ -86,10 +91,15 @@ def images_per_s(strategy, config, dataset_fn, steps: int):
         model = model_lib.build_model(config.model, train.precision(config))
         model = train.compile_model(model, config)
     ds = strategy.distribute_datasets_from_function(dataset_fn)
-    model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)  # compile + warm up
-    t, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_s()
-    model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
-    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    with (
+        train.normalized_in_train_step(model, preprocess.pixels(config.data))
+        if raw_pixels
+        else contextlib.nullcontext()
+    ):
+        model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)  # compile + warm up
+        t, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_s()
+        model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     others = max(0.0, machine_busy_s() - busy - cpu) / wall
     return steps * config.train.batch_size / wall, cpu / steps, others, 3 * forward_flops(model)
 
@@ -150,7 +160,7 @@ def child(name: str, args) -> dict:
         return tf.data.Dataset.from_tensors((x[:b], y[:b])).repeat()
 
     def real(ctx):
-        return inputs.build_inputs(config, "train", ctx, "train")
+        return inputs.build_inputs(config, "train", ctx, "train", normalize=False)
 
     if name == "pipeline":
         config.data.source = "folder"
@@ -160,7 +170,11 @@ def child(name: str, args) -> dict:
     strategy = strategy or tf.distribute.get_strategy()
     matmul = matmul_flops_per_s()
     rate, cpu, others, flops = images_per_s(
-        strategy, config, real if name == "pipeline" else synthetic, args.steps
+        strategy,
+        config,
+        real if name == "pipeline" else synthetic,
+        args.steps,
+        raw_pixels=name == "pipeline",
     )
     return {
         "images_per_s": rate,

@@ -195,10 +195,12 @@ def get_config():
     config.analysis.sanity.projection_units = 8
 
     # --mode=prepare (pipelines/prepared.py): the source's splits resized to S and
-    # center-cropped once, as JPEG TFRecord shards in data.prepared_dir. Not part of a run's
+    # center-cropped once, as TFRecord shards in data.prepared_dir. Not part of a run's
     # identity: prepared.json records how the shards were made.
     config.prepare = ml_collections.ConfigDict()
     config.prepare.splits = ()  # () = data.train_split and data.eval_split
+    # "jpeg" (re-encoded, jpeg_quality) or "raw" (uint8 pixels: 7x the disk, no decoding)
+    config.prepare.encoding = "jpeg"
     config.prepare.jpeg_quality = 90
     config.prepare.shard_size = 1024  # images per TFRecord shard (about 25 MB at S = 256)
 

@@ -4,8 +4,9 @@
 
 is a pure function of (config, split) meant for
 `strategy.distribute_datasets_from_function`. Order (GUIDE §3): read encoded records ->
-shard by input context -> shuffle -> decode + crop/flip -> normalize -> batch
-(drop_remainder for training) -> prefetch. With `config.data.cache` (small datasets) each
+shard by input context -> shuffle -> decode + crop/flip -> batch (drop_remainder for
+training) -> normalize -> prefetch; training leaves normalizing to its device
+(`normalize=False`). With `config.data.cache` (small datasets) each
 image is decoded once into its S x S center square, cached, and only sliced afterwards.
 Pixels are normalized as `config.data.preprocessing` says (`preprocess.Pixels`).
 
@@ -325,6 +326,7 @@ def build_inputs(
     split: str,
     input_context: tf.distribute.InputContext | None = None,
     mode: str = "train",
+    normalize: bool = True,
 ) -> tf.data.Dataset:
     """The input pipeline of one replica (or of all, without an input context).
 
@@ -336,9 +338,15 @@ def build_inputs(
       mode: 'train' (shuffled, repeated, one random crop of 10, drop_remainder),
         'ten_crop' (all 10 crops per image: images are (B, 10, s, s, 3)) or 'center'
         (the center crop only).
+      normalize: False: the batches stay 0..255 pixels (uint8 where the crops are: from
+        prepared shards, cached squares and the tf.data service) and the consumer
+        normalizes them (`preprocess.pixels(config.data).normalize`). Training does so on
+        its device, in the train step (`training.train.normalized_in_train_step`): the host
+        then neither casts nor normalizes, and a quarter of the bytes cross to the device.
 
     Returns:
-      A dataset of (images float32, labels int64) batches.
+      A dataset of (images, labels int64) batches; images float32 model inputs, or 0..255
+      pixels without `normalize`.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -401,9 +409,9 @@ def build_inputs(
     ds = ds.ignore_errors(log_warning=True)
     drop = training and not service_address
     ds = ds.batch(batch_size, drop_remainder=drop, num_parallel_calls=tf.data.AUTOTUNE)
-    normalize = lambda x, y: (pixels.normalize(x), y)  # noqa: E731
-    if not service_address:
-        ds = ds.map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
+    normalized = lambda x, y: (pixels.normalize(x), y)  # noqa: E731
+    if normalize and not service_address:
+        ds = ds.map(normalized, num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     # The model's ops already use every core; input ops that split themselves over threads
     # too would oversubscribe the CPU (measured: a slower step on 2 cores).
@@ -420,5 +428,6 @@ def build_inputs(
         ds = service.distribute(ds, service_address, job_name=job)
         # Batches travel as uint8 where the crops are (a quarter of float32's bytes).
         ds = ds.repeat().rebatch(batch_size, drop_remainder=True)
-        ds = ds.map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
+        if normalize:
+            ds = ds.map(normalized, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -4,16 +4,21 @@ The paper resized every training image to 256 once, before training (Sec. 3); zf
 decodes each original photograph on every epoch. `prepare` reads any source (an image folder,
 any tfds dataset, `imagenet2012`, the embedded dataset), and writes for each split every
 image's S x S center square (shorter side resized to S = `data.resize_size`, exactly as the
-pipelines' `preprocess.center_square_uint8`) as a re-encoded JPEG in TFRecord shards.
+pipelines' `preprocess.center_square_uint8`) in TFRecord shards, in one of ENCODINGS:
+  jpeg  re-encoded JPEG (quality a field; 4:4:4): about 28 KB per 256 px square at quality
+        90; a training crop decodes just its s x s window;
+  raw   the uint8 pixels themselves (`tf.io.serialize_tensor`, read back by
+        `preprocess.decode_rgb`): exact, 192 KB per 256 px square (7x the disk), and no
+        decoding at all: for hosts whose cores cannot keep up with JPEG decoding.
 Training and evaluation then read it with `config.data.source = "prepared"` and
 `config.data.prepared_dir`: the 10-crop geometry is unchanged (a crop of the S x S square),
-and a training crop decodes just its s x s window of a small JPEG (`crop_of_prepared`).
+and a training crop decodes just its s x s window (`crop_of_prepared`).
 
 Layout of a prepared folder:
-  prepared.json                    resize size, JPEG quality, shard size, source, class
+  prepared.json                    resize size, encoding, JPEG quality, shard size, source, class
                                    names, and per finished split its examples, per-class
                                    counts, skipped images and shard files
-  <split>-00000-of-00040.tfrecord  tf.train.Example {image: JPEG bytes, label: int64}
+  <split>-00000-of-00040.tfrecord  tf.train.Example {image: JPEG or pixel bytes, label: int64}
   <split>.progress.json            while a split is written: shards done (the resume point)
 
 Work is parallel (decode, resize and encode run in tf.data's threads, one image per core),
@@ -40,6 +45,7 @@ from pipelines import DataError, preprocess, write_json
 
 METADATA = "prepared.json"
 FORMAT = 1
+ENCODINGS = ("jpeg", "raw")
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
     "label": tf.io.FixedLenFeature([], tf.int64),
@@ -104,7 +110,7 @@ def split_info(data, split: str) -> dict:
 
 
 def records(data, split: str, shuffle_files: bool = False, seed: int = 0) -> tf.data.Dataset:
-    """(JPEG bytes of the S x S square, int64 original label) pairs of a prepared split;
+    """(encoded S x S square, int64 original label) pairs of a prepared split;
     in split order, or (training) shards in a seeded random order, read interleaved."""
     info = split_info(data, split)
     files = [os.path.join(data.prepared_dir, f) for f in info["shards"]]
@@ -125,22 +131,39 @@ def records(data, split: str, shuffle_files: bool = False, seed: int = 0) -> tf.
 
 
 def crop_of_prepared(encoded, crop_index, resize_size: int, crop_size: int, pixels):
-    """Crop `crop_index` (0..9, as `preprocess.train_crop`) of a prepared S x S JPEG: only
-    its s x s window is decoded, no resize (the square already is S x S). float32,
-    normalized by `pixels`; uint8 0..255 when `pixels` is None."""
+    """Crop `crop_index` (0..9, as `preprocess.train_crop`) of a prepared S x S square: of
+    a JPEG only its s x s window is decoded, raw pixels are sliced; no resize (the square
+    already is S x S). float32, normalized by `pixels`; uint8 0..255 when `pixels` is None."""
     crop_index = tf.convert_to_tensor(crop_index, tf.int32)
-    offset = preprocess.square_offset(crop_index, resize_size, crop_size)
-    window = tf.stack([offset[0], offset[1], crop_size, crop_size])
-    crop = tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
+    y, x = tf.unstack(preprocess.square_offset(crop_index, resize_size, crop_size))
+
+    def raw():
+        square = tf.io.parse_tensor(encoded, tf.uint8)
+        return tf.slice(square, [y, x, 0], [crop_size, crop_size, 3])
+
+    def jpeg():
+        window = tf.stack([y, x, crop_size, crop_size])
+        return tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
+
+    crop = tf.cond(preprocess.is_pixel_tensor(encoded), raw, jpeg)
     crop.set_shape([crop_size, crop_size, 3])
     return preprocess.finish(preprocess.mirrored(crop, crop_index), pixels)
 
 
-def square_jpeg(encoded, resize_size: int, quality: int) -> tf.Tensor:
-    """JPEG bytes (4:4:4, no chroma subsampling: half the error of 4:2:0 at a quarter more
-    bytes) of an image's S x S center square (`preprocess.center_square_uint8`)."""
+def encoded_square(encoded, resize_size: int, encoding: str, quality: int) -> tf.Tensor:
+    """An image's S x S center square (`preprocess.center_square_uint8`) as the bytes a
+    prepared shard holds: a JPEG (4:4:4, no chroma subsampling: half the error of 4:2:0 at
+    a quarter more bytes), or (`encoding` 'raw') the pixels as a serialized tensor."""
     square = preprocess.center_square_uint8(encoded, resize_size)
+    if encoding == "raw":
+        return tf.io.serialize_tensor(square)
     return tf.io.encode_jpeg(square, quality=int(quality), chroma_downsampling=False)
+
+
+def _with_encoding(recipe: dict) -> dict:
+    """A recipe (prepared.json or a progress file's) with its encoding: 'jpeg' in those
+    written before raw squares existed."""
+    return {**recipe, "encoding": recipe.get("encoding", "jpeg")} if recipe else recipe
 
 
 def _source(data) -> dict:
@@ -165,6 +188,7 @@ def prepare(
     shard_size: int = 1024,
     overwrite: bool = False,
     progress: bool = True,
+    encoding: str = "jpeg",
 ) -> dict:
     """Writes the prepared shards of `splits` of the source `data` into `out_dir`.
 
@@ -173,11 +197,12 @@ def prepare(
       out_dir: the prepared folder (created); a split already finished there with the
         same recipe is kept, an unfinished one is resumed.
       splits: split names of the source.
-      jpeg_quality: 1..100, of the re-encoded squares.
+      jpeg_quality: 1..100, of the re-encoded squares (encoding 'jpeg').
       shard_size: images per shard.
       overwrite: discard a split prepared (or begun) with another recipe, instead of
         refusing.
       progress: show a progress bar per split.
+      encoding: one of ENCODINGS (module doc).
 
     Returns:
       The prepared.json contents.
@@ -194,6 +219,10 @@ def prepare(
             "--mode=prepare reads the original images: set config.data.source to "
             f"{', '.join(s for s in inputs.SOURCES if s != 'prepared')}"
         )
+    if encoding not in ENCODINGS:
+        raise DataError(
+            f"config.prepare.encoding={encoding!r}: choose one of {', '.join(ENCODINGS)}"
+        )
     if not 1 <= int(jpeg_quality) <= 100:
         raise DataError(f"config.prepare.jpeg_quality={jpeg_quality} must be in 1..100")
     if int(shard_size) < 1:
@@ -206,10 +235,11 @@ def prepare(
     for stale in glob.glob(os.path.join(out_dir, "*.tmp")):
         os.remove(stale)  # a shard or JSON cut short by a kill
     meta_path = os.path.join(out_dir, METADATA)
-    meta = _read_json(meta_path) or {}
+    meta = _with_encoding(_read_json(meta_path) or {})
     common = {
         "format": FORMAT,
         "resize_size": int(data.resize_size),
+        "encoding": encoding,
         "jpeg_quality": int(jpeg_quality),
         "shard_size": int(shard_size),
         "source": _source(data),
@@ -252,13 +282,15 @@ def _prepare_split(source, split: str, out_dir: str, recipe: dict, bar) -> dict:
     count = max(1, -(-total // size))
     progress_path = os.path.join(out_dir, f"{_slug(split)}.progress.json")
     state = _read_json(progress_path)
+    if state is not None:
+        state["recipe"] = _with_encoding(state.get("recipe") or {})
     if state is None or state.get("recipe") != recipe or state.get("total") != total:
         state = {"recipe": recipe, "total": total, "shards": []}
     done = len(state["shards"])  # [(file, written, skipped, class counts)] of finished shards
-    S, quality = recipe["resize_size"], recipe["jpeg_quality"]
+    S, encoding, quality = recipe["resize_size"], recipe["encoding"], recipe["jpeg_quality"]
     ds = inputs.encoded_records(source, split).enumerate().skip(done * size)
     ds = ds.map(
-        lambda i, r: (i, square_jpeg(r[0], S, quality), r[1]),
+        lambda i, r: (i, encoded_square(r[0], S, encoding, quality), r[1]),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     ).ignore_errors()  # undecodable images: their positions are missing, and counted

@@ -136,13 +136,30 @@ def crop_offsets(resize_size: int, crop_size: int) -> list[tuple[int, int]]:
     return [(0, 0), (0, e), (e, 0), (e, e), (c, c)]
 
 
+# How `tf.io.serialize_tensor` of a uint8 tensor begins (TensorProto field 1, dtype =
+# DT_UINT8, then field 2, the shape): no image format starts so (JPEG ff d8, PNG 89 'P',
+# GIF 'GIF8', BMP 'BM').
+PIXEL_TENSOR_PREFIX = b"\x08\x04\x12"
+
+
+def is_pixel_tensor(encoded: tf.Tensor) -> tf.Tensor:
+    """True for bytes that hold uint8 (H, W, 3) pixels as `tf.io.serialize_tensor` wrote
+    them (prepared shards with encoding 'raw'): decoding them is a copy."""
+    return tf.equal(tf.strings.substr(encoded, 0, 3), PIXEL_TENSOR_PREFIX)
+
+
 def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
-    """Decodes JPEG/PNG/GIF/BMP bytes to uint8 RGB (grayscale and CMYK become RGB).
+    """Decodes JPEG/PNG/GIF/BMP bytes to uint8 RGB (grayscale and CMYK become RGB), and
+    uint8 pixels serialized as a tensor (`is_pixel_tensor`) to themselves.
 
     The format is sniffed from the bytes, not the file name, so PNG bytes in a '.JPEG'
     file decode too.
     """
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image = tf.cond(
+        is_pixel_tensor(encoded),
+        lambda: tf.io.parse_tensor(encoded, tf.uint8),
+        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
+    )
     image.set_shape([None, None, 3])
     return image
 

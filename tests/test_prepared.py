@@ -132,6 +132,55 @@ def test_prepared_crops_equal_the_originals_up_to_jpeg_error(photos, tmp_path):
     assert np.abs(a - b).mean() <= MEAN_ERROR_BOUND
 
 
+def test_raw_squares_are_the_exact_pixels(photos, tmp_path):
+    """encoding='raw': each record is the uint8 S x S center square itself, so every crop
+    (train 0..9, eval ten, cached) equals the crop of `center_square_uint8` of the original
+    exactly; another encoding is refused unless --overwrite; a prepared.json written before
+    encodings existed means JPEG."""
+    config = source_config(photos)
+    out = str(tmp_path / "raw")
+    meta = prepared.prepare(config.data, out, ["train"], shard_size=5, encoding="raw")
+    assert meta["encoding"] == "raw" and meta["splits"]["train"]["examples"] == 18
+    pconfig = prepared_config(config, out)
+    pixels = preprocess.Pixels("raw", (0.0, 0.0, 0.0))
+    originals = list(inputs.encoded_records(config.data, "train"))
+    squares = list(inputs.encoded_records(pconfig.data, "train"))
+    for (original, _), (square, _) in zip(originals, squares):
+        assert bool(preprocess.is_pixel_tensor(square)) and not preprocess.is_pixel_tensor(original)
+        want = preprocess.center_square_uint8(original, S)
+        np.testing.assert_array_equal(preprocess.decode_rgb(square), want)
+        for i in range(10):
+            np.testing.assert_array_equal(
+                prepared.crop_of_prepared(square, i, S, s, None),
+                preprocess.crop_of_square(want, i, S, s, None),
+            )
+        np.testing.assert_array_equal(
+            preprocess.ten_crops(square, S, s, pixels),
+            preprocess.ten_crops_of_square(want, S, s, pixels),
+        )
+    images, _ = next(iter(inputs.build_inputs(pconfig, "train", normalize=False)))
+    assert images.dtype == tf.uint8 and images.shape == (4, s, s, 3)
+    pconfig.data.cache = True
+    assert next(iter(inputs.build_inputs(pconfig, "train")))[0].shape == (4, s, s, 3)
+    # 7x the bytes of quality-90 JPEG at S = 256; here at S = 48 about the pixel count.
+    assert os.path.getsize(f"{out}/train-00000-of-00004.tfrecord") > 5 * S * S * 3
+
+    with pytest.raises(DataError, match="another encoding: use another"):
+        prepared.prepare(config.data, out, ["train"], shard_size=5)
+    with pytest.raises(DataError, match="encoding='png': choose one of jpeg, raw"):
+        prepared.prepare(config.data, out, ["train"], encoding="png")
+    jpeg_out = str(tmp_path / "jpeg")
+    prepared.prepare(config.data, jpeg_out, ["validation"])
+    path = f"{jpeg_out}/{prepared.METADATA}"
+    with open(path) as f:
+        old = json.load(f)
+    del old["encoding"]  # as written before encodings existed
+    with open(path, "w") as f:
+        json.dump(old, f)
+    again = prepared.prepare(config.data, jpeg_out, ["validation"])  # kept: not refused
+    assert again["encoding"] == "jpeg" and again["splits"] == old["splits"]
+
+
 def test_undecodable_images_are_skipped_and_counted(photos, tmp_path, monkeypatch):
     write(f"{photos}/c0/bad.jpg", undecodable_jpeg())
     monkeypatch.setattr(folder, "_decodes", lambda paths: [True] * len(paths))  # index passes it
@@ -172,7 +221,9 @@ def test_prepare_resumes_after_a_kill(photos, tmp_path, monkeypatch):
     monkeypatch.setattr(prepared, "_example", real)
     encoded = []
     monkeypatch.setattr(
-        prepared, "square_jpeg", lambda e, *a, f=prepared.square_jpeg: encoded.append(1) or f(e, *a)
+        prepared,
+        "encoded_square",
+        lambda e, *a, f=prepared.encoded_square: encoded.append(1) or f(e, *a),
     )
     meta = prepared.prepare(config.data, out, ["train"], shard_size=4)
     assert {p: os.stat(p).st_mtime_ns for p in done} == stamps  # kept, not rewritten
@@ -242,6 +293,10 @@ def test_command_line_prepares_and_refuses_bad_input(photos, tmp_path, capsys):
     assert not os.path.exists(workdir)  # the workdir is not touched
     with pytest.raises(UsageError, match="needs --config.data.prepared_dir"):
         cli.run("prepare", cli.resolved_config(cli.DEFAULT_CONFIG, args), Request(workdir=workdir))
+    with pytest.raises(UsageError, match="encoding='gif' is not valid: choose one of jpeg, raw"):
+        cli.validate_config(
+            cli.resolved_config(cli.DEFAULT_CONFIG, args + ["--config.prepare.encoding=gif"])
+        )
     with pytest.raises(UsageError, match="prepare.jpeg_quality=0 is not valid"):
         cli.validate_config(
             cli.resolved_config(cli.DEFAULT_CONFIG, args + ["--config.prepare.jpeg_quality=0"])

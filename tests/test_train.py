@@ -4,6 +4,7 @@ or scripts where the process boundary is the point, 2 mirrored replicas, replica
 equivalence, multi-worker, resuming after SIGKILL, the CLI's one-line refusal and the
 export in a fresh process."""
 
+import contextlib
 import json
 import math
 import os
@@ -310,6 +311,36 @@ def test_nan_never_overwrites_checkpoint(tmp_path):
     assert not (tmp_path / "backup").exists()
     backup.on_epoch_end(1, {"loss": 1.0})  # a finite loss is backed up
     assert (tmp_path / "backup").exists()
+
+
+def test_normalizing_in_the_train_step_equals_normalized_inputs(tiny_config):
+    """Training batches of 0..255 pixels normalized in the train step (as `_train` feeds
+    `fit`) give the same weights as the same batches normalized by the pipeline; the
+    model's input contract and `train_step` are as before afterwards."""
+    config = tiny_config
+    config.model.width = WIDTH
+    raw = inputs.build_inputs(config, "train", normalize=False).take(2)
+    host = inputs.build_inputs(config, "train").take(2)
+    (x_raw, _), (x_host, _) = next(iter(raw)), next(iter(host))
+    assert x_raw.dtype == tf.uint8 and x_host.dtype == tf.float32
+    pixels = preprocess.pixels(config.data)
+    np.testing.assert_array_equal(pixels.normalize(x_raw).numpy(), x_host.numpy())
+
+    def fitted(ds, wrap):
+        keras.utils.set_random_seed(0)
+        model = train.compile_model(model_lib.build_model(config.model), config)
+        with train.normalized_in_train_step(model, pixels) if wrap else contextlib.nullcontext():
+            model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)
+        return model
+
+    on_device, on_host = fitted(raw, True), fitted(host, False)
+    for a, b in zip(on_device.get_weights(), on_host.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert "train_step" not in vars(on_device) and on_device.train_function is None
+    assert on_device.inputs[0].dtype == "float32"
+    # Keras would take the uint8 batches unwrapped too (cast, not normalized): other weights.
+    unwrapped = fitted(raw, False)
+    assert np.abs(unwrapped.get_weights()[0] - on_host.get_weights()[0]).max() > 1e-4
 
 
 @pytest.mark.slow

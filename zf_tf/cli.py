@@ -214,7 +214,7 @@ def validate_config(config):
     Raises:
       UsageError: naming the field and its valid choices.
     """
-    from pipelines import inputs, preprocess
+    from pipelines import inputs, prepared, preprocess
     from zf_tf.core import model as model_lib
     from zf_tf.training import callbacks
 
@@ -231,6 +231,9 @@ def validate_config(config):
     for name in config.model.get("remove", ()):
         choose("config.model.remove entry", name, model_lib.REMOVABLE)
     choose("config.train.precision", config.train.get("precision", "float32"), model_lib.PRECISIONS)
+    if "prepare" in config:
+        encoding = config.prepare.get("encoding", "jpeg")
+        choose("config.prepare.encoding", encoding, prepared.ENCODINGS)
     if config.data.source == "prepared" and not config.data.get("prepared_dir"):
         raise UsageError(
             "config.data.source='prepared' needs config.data.prepared_dir=DIR (a folder "
@@ -383,7 +386,7 @@ def _transfer(config, request, strategy):
 
 
 def _prepare(config, request, strategy):
-    """Writes the source's splits once as shards of S x S JPEG squares (pipelines/prepared.py)
+    """Writes the source's splits once as shards of S x S squares (pipelines/prepared.py)
     in config.data.prepared_dir; the workdir is not read or touched."""
     from pipelines import prepared
 
@@ -403,6 +406,7 @@ def _prepare(config, request, strategy):
             jpeg_quality=config.prepare.jpeg_quality,
             shard_size=config.prepare.shard_size,
             overwrite=request.overwrite,
+            encoding=config.prepare.get("encoding", "jpeg"),
         )
     print(
         f"Wrote {out} ({', '.join(splits)}); train on it with --config.data.source=prepared "

@@ -10,6 +10,7 @@ directory that they delete at the end.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -19,7 +20,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from pipelines import inputs
+from pipelines import inputs, preprocess
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.training import callbacks, evaluate, export, keras_fixes, workdirs
@@ -60,11 +61,40 @@ def precision(config) -> str:
     return config.train.get("precision", "float32")
 
 
-def distributed_inputs(strategy, config, split: str, mode: str):
-    """The per-replica pipeline (`build_inputs`), distributed by the strategy."""
+def distributed_inputs(strategy, config, split: str, mode: str, normalize: bool = True):
+    """The per-replica pipeline (`build_inputs`), distributed by the strategy; with
+    `normalize=False` its batches are 0..255 pixels (for `normalized_in_train_step`)."""
     return strategy.distribute_datasets_from_function(
-        lambda ctx: inputs.build_inputs(config, split, ctx, mode)
+        lambda ctx: inputs.build_inputs(config, split, ctx, mode, normalize=normalize)
     )
+
+
+@contextlib.contextmanager
+def normalized_in_train_step(model: keras.Model, pixels: preprocess.Pixels):
+    """For the block, `model.fit` trains on batches of 0..255 pixels (uint8 or float),
+    normalizing them by `pixels` inside the train step, on the replica's device.
+
+    The host's input pipeline then stops at uint8 batches: no cast or normalization on
+    its cores, a quarter of float32's bytes to the device. The model itself is unchanged
+    (its input is still the normalized float32 image, as saved and exported), and so is
+    evaluation (`validation_data` still comes normalized: `test_step` is not wrapped).
+    Keras' documented way to change what `fit` does per batch is to override `train_step`;
+    here the compiled model's own `train_step` is wrapped on the instance and restored
+    afterwards, and the train function Keras traced from it is dropped both times.
+    """
+    own_step = model.train_step
+
+    def train_step(data):
+        x, *rest = data
+        return own_step((pixels.normalize(x), *rest))
+
+    object.__setattr__(model, "train_function", None)
+    object.__setattr__(model, "train_step", train_step)
+    try:
+        yield model
+    finally:
+        object.__delattr__(model, "train_step")
+        object.__setattr__(model, "train_function", None)
 
 
 def steps_per_epoch(config) -> int:
@@ -113,7 +143,8 @@ def _train(config, workdir, out, strategy, chief):
     steps = steps_per_epoch(config)
     with strategy.scope():
         model = compile_model(model_lib.build_model(config.model, precision(config)), config)
-    train_ds = distributed_inputs(strategy, config, config.data.train_split, "train")
+    # Training batches stay uint8 on the host and are normalized on the device.
+    train_ds = distributed_inputs(strategy, config, config.data.train_split, "train", False)
     # Validation gets the global-batch pipeline: Keras distributes it itself, which
     # copes with a last partial batch (a per-replica dataset with uneven final batches
     # fails in Keras 3.15's evaluate).
@@ -138,7 +169,10 @@ def _train(config, workdir, out, strategy, chief):
             f"{strategy.num_replicas_in_sync} replica(s), in {out}"
         )
     example = keras_fixes.image_batch(config.data.crop_size)
-    with keras_fixes.fit_workarounds(model, strategy, example):
+    with (
+        keras_fixes.fit_workarounds(model, strategy, example),
+        normalized_in_train_step(model, preprocess.pixels(config.data)),
+    ):
         history = model.fit(
             train_ds,
             epochs=t.epochs,
