@@ -240,7 +240,7 @@ def prepare(
         "format": FORMAT,
         "resize_size": int(data.resize_size),
         "encoding": encoding,
-        "jpeg_quality": int(jpeg_quality),
+        "jpeg_quality": int(jpeg_quality) if encoding == "jpeg" else None,
         "shard_size": int(shard_size),
         "source": _source(data),
     }

@@ -5,8 +5,9 @@ pipeline of `inputs.build_inputs` (read, shuffle, decode the crop, flip, batch) 
 to the tf.data service (`tf.data.experimental.service.distribute`) in the
 "distributed_epoch" processing mode: the dispatcher hands the data's splits (files, tfds
 shards, or the folder's file list) to the workers, each worker decodes its part, and every
-training example is produced exactly once per epoch. The trainer only receives batches
-(uint8 where the crops are) and normalizes them, so its cores stay free for the model.
+training example is produced exactly once per epoch. The trainer only receives and
+rebatches batches (uint8 where the crops are; training normalizes them on its device), so
+its cores stay free for the model.
 Evaluation and the analyses read the data locally.
 
 Start a dispatcher, then workers (on this machine or others that can read the same data

@@ -140,7 +140,8 @@ def test_raw_squares_are_the_exact_pixels(photos, tmp_path):
     config = source_config(photos)
     out = str(tmp_path / "raw")
     meta = prepared.prepare(config.data, out, ["train"], shard_size=5, encoding="raw")
-    assert meta["encoding"] == "raw" and meta["splits"]["train"]["examples"] == 18
+    assert meta["encoding"] == "raw" and meta["jpeg_quality"] is None  # no JPEG to refuse
+    assert meta["splits"]["train"]["examples"] == 18
     pconfig = prepared_config(config, out)
     pixels = preprocess.Pixels("raw", (0.0, 0.0, 0.0))
     originals = list(inputs.encoded_records(config.data, "train"))
@@ -165,7 +166,11 @@ def test_raw_squares_are_the_exact_pixels(photos, tmp_path):
     # 7x the bytes of quality-90 JPEG at S = 256; here at S = 48 about the pixel count.
     assert os.path.getsize(f"{out}/train-00000-of-00004.tfrecord") > 5 * S * S * 3
 
-    with pytest.raises(DataError, match="another encoding: use another"):
+    kept = prepared.prepare(
+        config.data, out, ["train"], shard_size=5, encoding="raw", jpeg_quality=50
+    )
+    assert kept["splits"] == meta["splits"]  # the JPEG quality does not matter to raw squares
+    with pytest.raises(DataError, match="another encoding, jpeg_quality: use another"):
         prepared.prepare(config.data, out, ["train"], shard_size=5)
     with pytest.raises(DataError, match="encoding='png': choose one of jpeg, raw"):
         prepared.prepare(config.data, out, ["train"], encoding="png")
