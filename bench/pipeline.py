@@ -160,9 +160,11 @@ def measure_pipeline(name, workspace, batch, passes, epochs):
 
     from pipelines import inputs, prepared, service
 
-    folder = name.replace("bare_decode_", "")
-    source = "prepared" if folder in ENCODINGS else "folder"
-    config = config_for(workspace, source, batch, folder if source == "prepared" else "prepared")
+    folder = name.replace("bare_decode_", "")  # prepared, prepared_raw, or another name
+    if folder in ENCODINGS:
+        config = config_for(workspace, "prepared", batch, folder)
+    else:
+        config = config_for(workspace, "folder", batch)
     n = inputs.num_examples(config.data, "train")
     per_batch = lambda e: int(e[0].shape[0])  # noqa: E731
     procs = []

@@ -135,19 +135,20 @@ def crop_of_prepared(encoded, crop_index, resize_size: int, crop_size: int, pixe
     a JPEG only its s x s window is decoded, raw pixels are sliced; no resize (the square
     already is S x S). float32, normalized by `pixels`; uint8 0..255 when `pixels` is None."""
     crop_index = tf.convert_to_tensor(crop_index, tf.int32)
-    y, x = tf.unstack(preprocess.square_offset(crop_index, resize_size, crop_size))
 
-    def raw():
-        square = tf.io.parse_tensor(encoded, tf.uint8)
-        return tf.slice(square, [y, x, 0], [crop_size, crop_size, 3])
+    def raw():  # the square's own pixels (`preprocess.decode_rgb` reads them)
+        square = preprocess.decode_rgb(encoded)
+        return preprocess.crop_of_square(square, crop_index, resize_size, crop_size, None)
 
     def jpeg():
+        y, x = tf.unstack(preprocess.square_offset(crop_index, resize_size, crop_size))
         window = tf.stack([y, x, crop_size, crop_size])
-        return tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
+        crop = tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
+        return preprocess.mirrored(crop, crop_index)
 
     crop = tf.cond(preprocess.is_pixel_tensor(encoded), raw, jpeg)
     crop.set_shape([crop_size, crop_size, 3])
-    return preprocess.finish(preprocess.mirrored(crop, crop_index), pixels)
+    return preprocess.finish(crop, pixels)
 
 
 def encoded_square(encoded, resize_size: int, encoding: str, quality: int) -> tf.Tensor:
