@@ -270,6 +270,9 @@ def main():
         print(json.dumps(result))
         return
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown or not names:
+        parser.error(f"--configs={args.configs!r}: choose from {', '.join(CONFIGS)}")
     passed = fresh.passed_args()
     if not args.data_dir:  # generated once, shared by the children
         from pipelines import embedded
