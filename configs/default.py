@@ -10,7 +10,7 @@ Differences from the paper (configs/zfnet_imagenet.py keeps the paper's values),
   1024-unit fc layers) so an epoch takes seconds on 2 cores; the topology and layer names
   are the paper's;
 - He-normal initialisation instead of N(0, 0.01): with few epochs and no batch norm, the
-  paper's initialisation learns very slowly in an 8-layer net (GUIDE §1, training recipe);
+  paper's initialisation learns very slowly in an 8-layer net;
   He-normal assumes unit-variance inputs, so the model scales the mean-subtracted pixels
   by 1/64 first (`model.input_scale`; the paper's is 1).
 """
@@ -51,6 +51,12 @@ def get_config():
     config.data.classes = ()
     config.data.resize_size = 72  # S: shorter side resized to S, then center S x S
     config.data.crop_size = crop_size  # s: one of the 10 s x s sub-crops
+    # Training crops: 'ten_crop' (the paper's: one of the 4 corner and center s x s crops of
+    # the S x S square, or its mirror image) or 'scale' (a random window of min_crop_area..1
+    # of the square, aspect 3/4..4/3, resized to s x s, flipped at random). Evaluation
+    # always averages the paper's 10 crops.
+    config.data.augment = "ten_crop"
+    config.data.min_crop_area = 0.25
     config.data.mean = IMAGENET_MEAN
     # Pixels (0..255 RGB) -> model input: 'zfnet' (RGB minus data.mean, the paper's), or as
     # keras.applications' preprocess_input for models from there: 'caffe' (BGR minus the
@@ -92,6 +98,10 @@ def get_config():
     config.train.epochs = 12
     config.train.learning_rate = 0.01
     config.train.momentum = 0.9
+    config.train.weight_decay = 0.0  # SGD's decoupled weight decay (x learning rate); 0 = none
+    config.train.label_smoothing = 0.0  # cross-entropy targets smoothed; 0 = the paper's
+    # The learning rate rises linearly from ~0 over this many epochs (per step); 0 = none.
+    config.train.warmup_epochs = 0.0
     config.train.steps_per_epoch = 0  # 0 = one pass over the training split
     config.train.cpu_replicas = 2  # logical CPU devices for --strategy=mirrored without GPUs
     config.train.lr_decay = 0.1  # ReduceLROnPlateau on validation loss: factor,

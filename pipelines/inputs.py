@@ -3,7 +3,7 @@
     build_inputs(config, split, input_context, mode)
 
 is a pure function of (config, split) meant for
-`strategy.distribute_datasets_from_function`. Order (GUIDE §3): read encoded records ->
+`strategy.distribute_datasets_from_function`. Order: read encoded records ->
 shard by input context -> shuffle -> decode + crop/flip -> batch (drop_remainder for
 training) -> normalize -> prefetch; training leaves normalizing to its device
 (`normalize=False`). With `config.data.cache` (small datasets) each
@@ -390,9 +390,19 @@ def build_inputs(
         # A seeded random stream picks the crop: reproducible for a given seed.
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed)))
 
+        if data.get("augment", "ten_crop") == "scale":
+            square = (
+                (lambda sq: sq) if data.cache else (lambda e: preprocess.center_square_uint8(e, S))
+            )
+            area = float(data.get("min_crop_area", 0.25))
+            crop_index = lambda r: r  # noqa: E731
+            crop = lambda e, r: preprocess.scale_crop_of_square(square(e), r, s, area)  # noqa: E731
+        else:  # the paper's: one of the 10 crops
+            crop_index = lambda r: tf.cast(r % 10, tf.int32)  # noqa: E731
+
         def prepare(record, r):
             image, label = record
-            return crop(image, tf.cast(r % 10, tf.int32)), label
+            return crop(image, crop_index(r)), label
 
     elif mode == "ten_crop":
 

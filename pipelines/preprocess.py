@@ -26,6 +26,8 @@ import numpy as np
 import tensorflow as tf
 
 NUM_CROPS = 10
+# config.data.augment: the paper's one-of-10 crops, or random-resized crops ('scale').
+AUGMENTATIONS = ("ten_crop", "scale")
 CENTER_CROP = 4  # index of the unflipped center crop
 CROP_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 
@@ -322,6 +324,35 @@ def crop_of_square(
     offset = square_offset(crop_index, resize_size, crop_size)
     crop = tf.slice(square, [offset[0], offset[1], 0], [crop_size, crop_size, 3])
     return finish(mirrored(crop, crop_index), pixels)
+
+
+def scale_crop_of_square(square, seed, crop_size: int, min_area: float) -> tf.Tensor:
+    """A random-resized crop of a square (the scale augmentation of Szegedy et al. 2015):
+    a window covering `min_area`..1 of the square's area, aspect ratio 3/4..4/3, at a
+    random place, resized (antialiased) to s x s and flipped left-right with probability
+    1/2. Stateless: the same int64 `seed` gives the same crop.
+
+    Returns:
+      (s, s, 3) of the square's dtype (uint8 squares give uint8 crops), 0..255.
+    """
+    seed = tf.stack([tf.cast(seed, tf.int64), tf.constant(0x5CA1E, tf.int64)])
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(square),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(float(min_area), 1.0),
+        max_attempts=10,
+    )
+    window = tf.slice(square, begin, size)
+    crop = tf.image.resize(window, [crop_size, crop_size], antialias=True)
+    flip = tf.random.stateless_uniform([], seed + 1) < 0.5
+    crop = tf.cond(flip, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
+    if square.dtype == tf.uint8:
+        crop = tf.cast(tf.round(tf.clip_by_value(crop, 0.0, 255.0)), tf.uint8)
+    crop.set_shape([crop_size, crop_size, 3])
+    return crop
 
 
 def ten_crops_of_square(square, resize_size: int, crop_size: int, pixels: Pixels) -> tf.Tensor:

@@ -225,6 +225,7 @@ def validate_config(config):
     choose("config.data.source", config.data.source, inputs.SOURCES)
     kind = config.data.get("preprocessing", preprocess.DEFAULT_PREPROCESSING)
     choose("config.data.preprocessing", kind, preprocess.PREPROCESSING)
+    choose("config.data.augment", config.data.get("augment", "ten_crop"), preprocess.AUGMENTATIONS)
     choose("config.model.arch", config.model.get("arch", "zfnet"), model_lib.ARCHS)
     choose("config.model.layer1", config.model.layer1, tuple(model_lib.LAYER1))
     choose("config.model.kernel_init", config.model.kernel_init, model_lib.KERNEL_INITS)
@@ -270,6 +271,10 @@ RANGES = (
     ("train.lr_patience", ">= 0", lambda v: v >= 0),
     ("train.min_lr", ">= 0", lambda v: v >= 0),
     ("train.cpu_replicas", ">= 1", lambda v: v >= 1),
+    ("train.weight_decay", ">= 0", lambda v: v >= 0),
+    ("train.label_smoothing", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("train.warmup_epochs", ">= 0", lambda v: v >= 0),
+    ("data.min_crop_area", "in (0, 1]", lambda v: 0 < v <= 1),
     ("model.dropout", "in [0, 1)", lambda v: 0 <= v < 1),
     ("data.crop_size", ">= 1", lambda v: v >= 1),
     ("data.resize_size", ">= 1", lambda v: v >= 1),

@@ -52,7 +52,7 @@ class FilterRMS(keras.constraints.Constraint):
 
 @keras.saving.register_keras_serializable(package="zf_tf")
 class LocalResponseNorm(keras.layers.Layer):
-    """Contrast normalization across feature maps (AlexNet's constants; GUIDE §1).
+    """Contrast normalization across feature maps (AlexNet's constants).
 
     b = a / (bias + alpha * sum_{window of 2*depth_radius+1 maps} a^2) ** beta. TF, like the
     AlexNet paper and unlike Caffe, does not divide alpha by the window size.

@@ -384,6 +384,38 @@ class LastGoodCheckpoint(keras.callbacks.Callback):
         workdirs.save_model_atomic(self.model, self.path, epochs_done=epoch + 1)
 
 
+class EpochSeconds(keras.callbacks.Callback):
+    """Adds `epoch_seconds`, the epoch's wall-clock time (its training steps and its
+    validation), to the epoch's logs: history.csv then says how long training took. Put it
+    before the callbacks that write the logs."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self.start
+
+
+class LinearWarmup(keras.callbacks.Callback):
+    """Raises the learning rate linearly from `base / steps` to `base` over the first
+    `steps` optimizer steps, then leaves it alone (ReduceLROnPlateau anneals it later).
+
+    It reads the optimizer's own step counter, so a resumed run continues the ramp where
+    the backup left it.
+    """
+
+    def __init__(self, base: float, steps: int):
+        super().__init__()
+        self.base = float(base)
+        self.steps = int(steps)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step < self.steps:
+            self.model.optimizer.learning_rate = self.base * (step + 1) / self.steps
+
+
 # Optional callbacks by name (config.train.callbacks): name -> factory(config, out_dir).
 OPTIONAL = {
     "image_summaries": lambda config, out: ImageSummaries(

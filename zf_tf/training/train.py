@@ -40,13 +40,15 @@ def compile_model(model: keras.Model, config) -> keras.Model:
     and off on CPU and under tf.distribute: here it is always the config's choice).
     """
     optimizer = keras.optimizers.SGD(
-        learning_rate=config.train.learning_rate, momentum=config.train.momentum
+        learning_rate=config.train.learning_rate,
+        momentum=config.train.momentum,
+        weight_decay=config.train.get("weight_decay", 0.0) or None,
     )
     if model_lib.precision_of(model) == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=loss(config.train.get("label_smoothing", 0.0)),
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="top1"),
             keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5"),
@@ -54,6 +56,23 @@ def compile_model(model: keras.Model, config) -> keras.Model:
         jit_compile=bool(config.train.get("jit_compile", False)),
     )
     return model
+
+
+def loss(label_smoothing: float = 0.0) -> keras.losses.Loss:
+    """Cross-entropy from logits of integer labels; with `label_smoothing` > 0 the target
+    puts 1 - label_smoothing + label_smoothing / C on the true class (Szegedy et al. 2016)."""
+    if not label_smoothing:
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def smoothed(y_true, logits):
+        y = keras.ops.one_hot(
+            keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), keras.ops.shape(logits)[-1]
+        )
+        return keras.losses.categorical_crossentropy(
+            y, logits, from_logits=True, label_smoothing=label_smoothing
+        )
+
+    return smoothed
 
 
 def precision(config) -> str:
@@ -110,6 +129,15 @@ def steps_per_epoch(config) -> int:
     return n // config.train.batch_size
 
 
+def warmup(config, steps: int) -> list[keras.callbacks.Callback]:
+    """The linear learning-rate warmup over `config.train.warmup_epochs` epochs of `steps`
+    steps (none when 0)."""
+    epochs = config.train.get("warmup_epochs", 0)
+    if not epochs:
+        return []
+    return [callbacks.LinearWarmup(config.train.learning_rate, max(1, round(epochs * steps)))]
+
+
 def weights_checksum(model: keras.Model) -> float:
     """A scalar fingerprint of all weights (workers compare it to check they agree)."""
     return float(sum(np.abs(w).astype(np.float64).sum() for w in model.get_weights()))
@@ -151,10 +179,12 @@ def _train(config, workdir, out, strategy, chief):
     val_ds = inputs.build_inputs(config, config.data.eval_split, None, "center")
     t = config.train
     run_callbacks = [
+        callbacks.EpochSeconds(),  # first: the callbacks below log what it adds
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.min_lr
         ),
+        *warmup(config, steps),
         callbacks.LastGoodCheckpoint(workdirs.checkpoint_path(out)),
         keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
         keras.callbacks.TensorBoard(os.path.join(out, "logs"), write_graph=False),

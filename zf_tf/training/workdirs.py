@@ -46,6 +46,11 @@ ADDED_FIELDS = {
     ("data", "prepared_dir"): "",
     ("train", "precision"): "float32",
     ("train", "jit_compile"): False,
+    ("data", "augment"): "ten_crop",
+    ("data", "min_crop_area"): 0.25,
+    ("train", "weight_decay"): 0.0,
+    ("train", "label_smoothing"): 0.0,
+    ("train", "warmup_epochs"): 0.0,
 }
 TRAINING_STATE = (
     "backup",

@@ -1,6 +1,7 @@
 """The baseline of the transfer tables: the source architecture trained from scratch on
-the same N-per-class target images (the paper's 10-crop augmentation, SGD with the source
-run's learning rate and momentum), evaluated on the center crops of the test images.
+the same N-per-class target images with the source run's recipe (its training
+augmentation, SGD with its learning rate, momentum, weight decay, warmup and label
+smoothing), evaluated on the center crops of the test images.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import tensorflow as tf
 from pipelines import preprocess
 from zf_tf.core import model as model_lib
 from zf_tf.experiments.transfer.target import Target
-from zf_tf.training import workdirs
+from zf_tf.training import callbacks, workdirs
+from zf_tf.training import train as train_lib
 
 
 class ScratchTrainer:
@@ -22,10 +24,11 @@ class ScratchTrainer:
     One model, one training and one test pipeline are built per target; every run
     re-initializes the model (weights, optimizer state, dropout seeds) and swaps the
     images the pipelines read (Python generators), so nothing is traced twice: at small N
-    tracing, not the few SGD steps, would dominate. Training takes a random one of the 10
-    crops of each image per step (the paper's augmentation) in batches of
-    `scratch.batch_size`, for `scratch.epochs` passes over the images (small sets repeat
-    within a batch). Evaluation: the center crop.
+    tracing, not the few SGD steps, would dominate. Training takes a random crop of each
+    image per step as the source run did (`data.augment`: one of the paper's 10 crops, or
+    a scale-augmented crop) in batches of `scratch.batch_size`, for `scratch.epochs`
+    passes over the images (small sets repeat within a batch), the learning rate warmed up
+    over the source's `warmup_epochs` of these passes. Evaluation: the center crop.
     """
 
     def __init__(self, source_config, target: Target):
@@ -37,14 +40,17 @@ class ScratchTrainer:
         self.model_config.num_classes = target.num_classes
         self.model = self._fresh(0)
         train = source_config.train
+        self.train_settings = train
         loss = (
             keras.losses.BinaryCrossentropy(from_logits=True)
             if target.multi_label
-            else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            else train_lib.loss(train.get("label_smoothing", 0.0))
         )
         self.model.compile(
             optimizer=keras.optimizers.SGD(
-                learning_rate=train.learning_rate, momentum=train.momentum
+                learning_rate=train.learning_rate,
+                momentum=train.momentum,
+                weight_decay=train.get("weight_decay", 0.0) or None,
             ),
             loss=loss,
         )
@@ -52,6 +58,22 @@ class ScratchTrainer:
         self._run = None  # (images, labels, test images, seed) of the current run
         data = target.data
         S, s, pixels = data.resize_size, data.crop_size, preprocess.pixels(data)
+        source_data = source_config.data
+        if source_data.get("augment", "ten_crop") == "scale":
+            area = float(source_data.get("min_crop_area", 0.25))
+
+            def crop(encoded, k):
+                square = preprocess.center_square_uint8(encoded, S)
+                return preprocess.finish(
+                    tf.cast(preprocess.scale_crop_of_square(square, k, s, area), tf.float32),
+                    pixels,
+                )
+
+        else:  # one of the paper's 10 crops
+
+            def crop(encoded, k):
+                return preprocess.train_crop(encoded, k % preprocess.NUM_CROPS, S, s, pixels)
+
         if target.multi_label:
             label_spec = tf.TensorSpec([target.num_classes], tf.float32)
         else:
@@ -65,10 +87,7 @@ class ScratchTrainer:
                     tf.TensorSpec([], tf.int32),
                 ),
             )
-            .map(
-                lambda e, y, k: (preprocess.train_crop(e, k, S, s, pixels), y),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
+            .map(lambda e, y, k: (crop(e, k), y), num_parallel_calls=tf.data.AUTOTUNE)
             .batch(self.batch, drop_remainder=True)
             .prefetch(tf.data.AUTOTUNE)
         )
@@ -84,12 +103,13 @@ class ScratchTrainer:
         )
 
     def _train_stream(self):
-        """Endless (image, label, crop index) in a seeded order, reshuffled every pass."""
+        """Endless (image, label, crop draw) in a seeded order, reshuffled every pass; the
+        draw picks the crop (index = draw % 10, or the seed of a scale-augmented crop)."""
         images, labels, _, seed = self._run
         rng = np.random.default_rng(seed)
         while True:
             for i in rng.permutation(len(labels)):
-                yield images[i], labels[i], np.int32(rng.integers(10))
+                yield images[i], labels[i], np.int32(rng.integers(2**31 - 1))
 
     def _fresh(self, seed: int) -> keras.Model:
         self.model_config.seed = int(seed)
@@ -113,5 +133,19 @@ class ScratchTrainer:
         labels = labels.astype(np.float32) if self.target.multi_label else labels
         self._run = (images, labels, test_images, seed)
         steps = max(1, round(int(self.settings.epochs) * len(labels) / self.batch))
-        self.model.fit(self.train_ds, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
+        warm = self.train_settings.get("warmup_epochs", 0.0) * len(labels) / self.batch
+        warmup = (
+            [callbacks.LinearWarmup(self.train_settings.learning_rate, max(1, round(warm)))]
+            if warm
+            else []
+        )
+        self.model.optimizer.learning_rate = self.train_settings.learning_rate
+        self.model.fit(
+            self.train_ds,
+            epochs=1,
+            steps_per_epoch=steps,
+            verbose=0,
+            shuffle=False,
+            callbacks=warmup,
+        )
         return np.concatenate([self._logits(x).numpy() for x in self.test_ds])

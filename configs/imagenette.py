@@ -1,0 +1,29 @@
+"""ZFNet on Imagenette (10 ImageNet classes, real photographs), scaled for a 2-core CPU.
+
+Draft: the recipe is being measured (see BUILD.md).
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.data.source = "folder"
+    config.data.folder = "../shared/data/imagenette"
+    config.data.eval_split = "val"
+    config.data.resize_size = 128
+    config.data.crop_size = 112
+    config.data.num_classes = 10
+    config.data.augment = "scale"
+    config.data.min_crop_area = 0.25
+    config.analysis.split = "val"
+    config.model.width = 0.5
+    config.train.batch_size = 64
+    config.train.epochs = 70
+    config.train.learning_rate = 0.01
+    config.train.warmup_epochs = 1.0
+    config.train.weight_decay = 5e-3
+    config.train.lr_patience = 3
+    config.train.min_lr = 1e-4
+    config.prepare.encoding = "raw"
+    return config
