@@ -91,6 +91,7 @@ def run_keras(args) -> dict:
     val = keras.utils.image_dataset_from_directory(
         os.path.join(args.folder, "val"), shuffle=False, **kwargs
     )
+    num_classes = len(train.class_names)
     augment = keras.Sequential(
         [keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(0.1)]
     )
@@ -98,7 +99,7 @@ def run_keras(args) -> dict:
         lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
     ).prefetch(tf.data.AUTOTUNE)
     val = val.cache().prefetch(tf.data.AUTOTUNE)
-    model = keras_io_model((size, size, 3), len(train.class_names))
+    model = keras_io_model((size, size, 3), num_classes)
     model.compile(
         optimizer=keras.optimizers.Adam(3e-4),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -173,13 +173,14 @@ def _train(config, workdir, out, strategy, chief):
         model = compile_model(model_lib.build_model(config.model, precision(config)), config)
     # Training batches stay uint8 on the host and are normalized on the device.
     train_ds = distributed_inputs(strategy, config, config.data.train_split, "train", False)
-    # Validation gets the global-batch pipeline: Keras distributes it itself, which
-    # copes with a last partial batch (a per-replica dataset with uneven final batches
-    # fails in Keras 3.15's evaluate).
+    # Validation reads the global-batch pipeline on the host (`callbacks.Validation`: not
+    # fit's validation_data, whose iterators stall under MirroredStrategy on the CPU).
     val_ds = inputs.build_inputs(config, config.data.eval_split, None, "center")
     t = config.train
     run_callbacks = [
-        callbacks.EpochSeconds(),  # first: the callbacks below log what it adds
+        # First: the callbacks below log what these two add (val_* and epoch_seconds).
+        callbacks.Validation(val_ds),
+        callbacks.EpochSeconds(),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.min_lr
@@ -207,7 +208,6 @@ def _train(config, workdir, out, strategy, chief):
             train_ds,
             epochs=t.epochs,
             steps_per_epoch=steps,
-            validation_data=val_ds,
             callbacks=run_callbacks,
             verbose=1 if chief else 0,
         )
