@@ -130,6 +130,9 @@ def get_config():
     config.analysis.occlusion.stride = 0.0625  # its step, fraction of the crop side
     # Conv layer of maps (b) and (c); '' = the model's last conv layer (ZFNet: conv5).
     config.analysis.occlusion.layer = ""
+    # Classes the images come from (names as data's class names, e.g. folder names, or label
+    # ids), num_images shared among them in this order; () = the split's first images.
+    config.analysis.occlusion.classes = ()
 
     config.analysis.invariance = ml_collections.ConfigDict()
     config.analysis.invariance.num_images = 5

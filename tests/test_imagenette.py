@@ -322,3 +322,23 @@ def test_imagenette_subset_trains_from_prepared_shards(tmp_path):
     results = json.loads((workdir / "eval.json").read_text())
     assert results["split"] == "val" and results["num_images"] == 20
     assert 0 <= results["ten_crop"]["top1_error"] <= 100
+
+
+def test_validation_callback_equals_evaluate(tiny_config):
+    """`callbacks.Validation` (one persistent iterator, cross-replica) gives fit's
+    validation figures: the same loss and accuracies as `model.evaluate`, every epoch, with
+    a last partial batch (50 images in batches of 8)."""
+    config = tiny_config
+    config.model.width = 0.25
+    model = train.compile_model(model_lib.build_model(config.model), config)
+    val = inputs.build_inputs(config, "validation", None, "center")
+    expected = model.evaluate(val, verbose=0, return_dict=True)
+    validation = callbacks.Validation(val)
+    validation.set_model(model)
+    for epoch in range(3):  # counted pass, then the repeated iterator twice
+        logs = {}
+        validation.on_epoch_end(epoch, logs)
+        assert validation.batches == 7
+        np.testing.assert_allclose(logs["val_loss"], expected["loss"], rtol=1e-5)
+        np.testing.assert_allclose(logs["val_top1"], expected["top1"], atol=1e-6)
+        np.testing.assert_allclose(logs["val_top5"], expected["top5"], atol=1e-6)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import DataError, preprocess
+from pipelines import DataError, inputs, preprocess
 from pipelines import examples as examples_lib
 from tests.conftest import load_config, run_analysis, workdir_with_model
 from tests.test_train import events
@@ -346,3 +346,22 @@ def test_mode_on_a_model_brought_along(tiny_config, tmp_path, capsys):
         assert png.size[0] > 500
     printed = capsys.readouterr().out
     assert f"Note: {summary['note']}" in printed.splitlines()
+
+
+def test_images_from_chosen_classes(tiny_config):
+    """`analysis.occlusion.classes`: names or ids, `num_images` shared among them in order;
+    an unknown class is refused naming the valid ones."""
+    config = tiny_config
+    names = [str(n) for n in inputs.class_names(config.data)]
+    ids = base.class_ids(config, "analysis.occlusion.classes", (names[3], 1))
+    assert ids == (3, 1)
+    found = base.load_examples(config, "validation", 5, ids)
+    assert list(found.labels) == [3, 3, 3, 1, 1]
+    assert found.images.shape[0] == 5 and found.masks.shape[0] == 5
+    firsts = examples_lib.load_examples(config, "validation", 3, label=3)
+    np.testing.assert_array_equal(found.images[:3], firsts.images)
+    assert base.class_ids(config, "analysis.occlusion.classes", ()) == ()
+    with pytest.raises(UsageError, match="'nope' is not a class: choose names"):
+        base.class_ids(config, "analysis.occlusion.classes", ("nope",))
+    with pytest.raises(UsageError, match="ids 0..9"):
+        base.class_ids(config, "analysis.occlusion.classes", (10,))

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipelines import inputs
 from zf_tf import outputs
 from zf_tf.analyses import sources
 from zf_tf.core.errors import UsageError
@@ -113,18 +114,60 @@ class Result:
     report: Report
 
 
-def load_examples(config, split: str, num: int):
-    """The first `num` center crops of `split` (`pipelines.examples.load_examples`).
+def load_examples(config, split: str, num: int, labels=()):
+    """The first `num` center crops of `split` (`pipelines.examples.load_examples`); with
+    `labels` (class ids), the first of each class in turn, `num` shared among them (the
+    first classes get one more when it does not divide).
 
     Raises:
-      UsageError: the split has no images.
+      UsageError: the split has no images (of one of the classes).
     """
     from pipelines import examples
 
-    found = examples.load_examples(config, split, num)
-    if not len(found):
-        raise UsageError(f"split {split!r} has no images")
-    return found
+    if not labels:
+        found = examples.load_examples(config, split, num)
+        if not len(found):
+            raise UsageError(f"split {split!r} has no images")
+        return found
+    parts = []
+    for i, label in enumerate(labels):
+        per = num // len(labels) + (i < num % len(labels))
+        found = examples.load_examples(config, split, per, label=int(label))
+        if per and not len(found):
+            raise UsageError(f"split {split!r} has no images of class {label}")
+        parts.append(found)
+    annotated = parts[0].boxes is not None
+    return examples.Examples(
+        images=np.concatenate([p.images for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        indices=np.concatenate([p.indices for p in parts]),
+        boxes=np.concatenate([p.boxes for p in parts]) if annotated else None,
+        masks=np.concatenate([p.masks for p in parts]) if annotated else None,
+    )
+
+
+def class_ids(config, key: str, classes) -> tuple[int, ...]:
+    """Label ids of `classes` (class names of `config.data`, or ids), for `config.<key>`.
+
+    Raises:
+      UsageError: an unknown name or id, naming the valid ones.
+    """
+    if not classes:
+        return ()
+    names = list(inputs.class_names(config.data))
+    out = []
+    for c in classes:
+        if isinstance(c, str) and c in names:
+            out.append(names.index(c))
+        elif str(c).isdigit() and int(c) < len(names):
+            out.append(int(c))
+        else:
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise UsageError(
+                f"config.{key}: {c!r} is not a class: choose names ({shown}) or ids "
+                f"0..{len(names) - 1}"
+            )
+    return tuple(out)
 
 
 def default_load(config, settings, model):

@@ -720,6 +720,7 @@ class Settings:
     batch_size: int  # occluded copies per forward pass
     pixels: preprocess.Pixels  # the model inputs' normalization (occluder colour, display)
     class_names: tuple
+    classes: tuple = ()  # label ids the images are drawn from; () = the split's first images
     # The split's labels are the model's classes (`resolve`); False: (d) follows the class
     # predicted on the unoccluded image.
     labels: bool = True
@@ -755,6 +756,7 @@ def settings(config, request) -> Settings:
         batch_size=int(config.analysis.batch_size),
         pixels=preprocess.pixels(config.data),
         class_names=tuple(inputs.class_names(config.data)),
+        classes=base.class_ids(config, "analysis.occlusion.classes", tuple(cfg.get("classes", ()))),
     )
 
 
@@ -797,7 +799,7 @@ class Data:
 
 
 def load(config, s: Settings, model) -> Data:
-    examples = base.load_examples(config, s.split, s.num_images)
+    examples = base.load_examples(config, s.split, s.num_images, s.classes)
     return Data(
         examples=examples,
         dataset=lambda: inputs.build_inputs(config, s.split, mode="center"),
