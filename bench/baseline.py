@@ -156,11 +156,11 @@ def run_zfnet(args) -> dict:
                 trained += float(row["epoch_seconds"])
                 curve.append((trained / 60.0, float(row["val_top1"])))
         with open(os.path.join(workdir, "eval.json")) as f:
-            ten_crop = json.load(f)
+            ten_crop_error = json.load(f)["ten_crop"]["top1_error"]  # percent
         return {
             "curve": curve,
             "final_top1": curve[-1][1],
-            "ten_crop_top1": ten_crop["top1"],
+            "ten_crop_top1": round(1 - ten_crop_error / 100, 4),
             "epochs": len(curve),
         }
     finally:

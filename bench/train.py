@@ -1,4 +1,5 @@
-"""Training throughput of the full 224-px ZFNet, printed as one JSON object.
+"""Training throughput of ZFNet (default: the full 224-px paper model), printed as one JSON
+object.
 
 Configurations (`--only`; default: all three, each in its own fresh Python process,
 interleaved default, mirrored, pipeline, default, ... over `--repeats` rounds; bench/fresh.py),
@@ -17,6 +18,7 @@ matmul FLOP/s >= 0.8 (training FLOPs = 3 x forward FLOPs per image).
 
 Run: .venv/bin/python bench/train.py [--repeats 3] [--batch_size 32] [--steps 8]
 [--images DIR] [--only=default] [--precision mixed_bfloat16] [--jit_compile true]
+[--config imagenette] [--set data.crop_size=112 model.width=0.5]
 (`bench/gpu.sh` runs it for every precision, XLA off and on, on a GPU machine)
 """
 
@@ -146,7 +148,11 @@ def child(name: str, args) -> dict:
     from tests.conftest import load_config
     from zf_tf.training import strategies
 
-    config = load_config("zfnet_imagenet")
+    config = load_config(args.config)
+    for override in args.set:  # e.g. data.crop_size=112 model.width=0.5
+        key, value = override.split("=", 1)
+        section, field = key.split(".")
+        config[section][field] = type(config[section][field])(value)
     config.train.batch_size = args.batch_size
     config.train.precision = args.precision
     config.train.jit_compile = args.jit_compile == "true"
@@ -183,6 +189,7 @@ def child(name: str, args) -> dict:
         "matmul_flops_per_s": max(matmul, matmul_flops_per_s()),
         "training_flops_per_image": flops,
         "replicas": strategy.num_replicas_in_sync,
+        "input_size": int(config.data.crop_size),
         "device": "GPU" if tf.config.list_physical_devices("GPU") else f"CPU x{os.cpu_count()}",
         "tf_version": tf.__version__,
     }
@@ -199,7 +206,9 @@ def summarize(runs: dict, args) -> dict:
         max(runs[k][i]["matmul_flops_per_s"] for k in runs) for i in range(args.repeats)
     ]
     out = {
-        "input_size": 224,
+        "config": args.config,
+        "overrides": args.set,
+        "input_size": runs["default"][0]["input_size"],
         "global_batch": args.batch_size,
         "precision": args.precision,
         "jit_compile": args.jit_compile == "true",
@@ -244,6 +253,10 @@ def main():
     parser.add_argument("--images", default=None)
     parser.add_argument("--precision", default="float32", help="config.train.precision")
     parser.add_argument("--jit_compile", default="false", choices=("false", "true"))
+    parser.add_argument("--config", default="zfnet_imagenet", help="a configs/ module name")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="config overrides, e.g. data.crop_size=112"
+    )
     args = parser.parse_args()
     if args.only:
         print(json.dumps(child(args.only, args)))
