@@ -468,10 +468,13 @@ class LinearWarmup(keras.callbacks.Callback):
         self.base = float(base)
         self.steps = int(steps)
 
+    def on_train_begin(self, logs=None):
+        self.step = int(self.model.optimizer.iterations.numpy())  # read once, not per step
+
     def on_train_batch_begin(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if step < self.steps:
-            self.model.optimizer.learning_rate = self.base * (step + 1) / self.steps
+        if self.step < self.steps:
+            self.model.optimizer.learning_rate = self.base * (self.step + 1) / self.steps
+            self.step += 1
 
 
 # Optional callbacks by name (config.train.callbacks): name -> factory(config, out_dir).
