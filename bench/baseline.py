@@ -7,7 +7,9 @@ over `--repeats` rounds; bench/fresh.py):
           workdir, for the config's epochs (chosen to fit 60 minutes); its curve is
           history.csv's validation top-1 (center crop) against the cumulative
           `epoch_seconds` (training and validation), its final figure eval.json's
-          10-crop top-1.
+          10-crop top-1. `--zfnet-workdir=DIR` reads an existing training run's
+          history.csv and eval.json instead (a run of the same command, alone on the
+          machine), so one 60-minute training is not repeated for the comparison.
   keras   the model of keras.io's "Image classification from scratch" (a small Xception:
           separable convolutions, batch normalization, residual connections), as that
           example writes it: `keras.utils.image_dataset_from_directory` at the same input
@@ -123,13 +125,41 @@ def run_keras(args) -> dict:
             minutes = (time.perf_counter() - self.start) / 60.0
             acc = float(logs.get("val_acc", float("nan")))
             curve.append((minutes, acc))
-            fresh.log(f"keras: {minutes:.1f} min, val top-1 {acc:.4f}")
+            train_top1.append(float(logs.get("acc", float("nan"))))
+            fresh.log(f"keras: {minutes:.1f} min, val top-1 {acc:.4f}, train {train_top1[-1]:.4f}")
 
+    train_top1 = []
     model.fit(train, epochs=10_000, validation_data=val, callbacks=[Budget()], verbose=0)
-    return {"curve": curve, "final_top1": curve[-1][1], "epochs": len(curve)}
+    return {
+        "curve": curve,
+        "train_top1": train_top1,
+        "final_top1": curve[-1][1],
+        "epochs": len(curve),
+    }
+
+
+def read_zfnet(workdir: str) -> dict:
+    """The curve and final figures of a finished `--mode=train` run of the config."""
+    curve, train_top1, trained = [], [], 0.0
+    with open(os.path.join(workdir, "history.csv")) as f:
+        for row in csv.DictReader(f):
+            trained += float(row["epoch_seconds"])
+            curve.append((trained / 60.0, float(row["val_top1"])))
+            train_top1.append(float(row["top1"]))
+    with open(os.path.join(workdir, "eval.json")) as f:
+        ten_crop_error = json.load(f)["ten_crop"]["top1_error"]  # percent
+    return {
+        "curve": curve,
+        "train_top1": train_top1,
+        "final_top1": curve[-1][1],
+        "ten_crop_top1": round(1 - ten_crop_error / 100, 4),
+        "epochs": len(curve),
+    }
 
 
 def run_zfnet(args) -> dict:
+    if args.zfnet_workdir:
+        return read_zfnet(args.zfnet_workdir)
     workdir = tempfile.mkdtemp(prefix="bench_baseline_zfnet_")
     main = [sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/imagenette.py"]
     data = [f"--config.data.folder={args.folder}"]
@@ -150,19 +180,7 @@ def run_zfnet(args) -> dict:
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
         )
-        curve, trained = [], 0.0
-        with open(os.path.join(workdir, "history.csv")) as f:
-            for row in csv.DictReader(f):
-                trained += float(row["epoch_seconds"])
-                curve.append((trained / 60.0, float(row["val_top1"])))
-        with open(os.path.join(workdir, "eval.json")) as f:
-            ten_crop_error = json.load(f)["ten_crop"]["top1_error"]  # percent
-        return {
-            "curve": curve,
-            "final_top1": curve[-1][1],
-            "ten_crop_top1": round(1 - ten_crop_error / 100, 4),
-            "epochs": len(curve),
-        }
+        return read_zfnet(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -199,11 +217,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--folder", default=DEFAULT_FOLDER)
+    parser.add_argument("--zfnet-workdir", default=None, help="a finished run to read")
     parser.add_argument("--prepared", default=os.path.join(ROOT, "runs", "imagenette_prepared"))
     parser.add_argument("--figure", default=os.path.join(ROOT, "docs", "figures", "baseline.png"))
     args = parser.parse_args()
     if not os.path.isdir(os.path.join(args.folder, "train")):
         sys.exit(f"error: {args.folder} has no train/ folder: pass --folder=IMAGENETTE_ROOT")
+    if args.zfnet_workdir and not all(
+        os.path.isfile(os.path.join(args.zfnet_workdir, f)) for f in ("history.csv", "eval.json")
+    ):
+        sys.exit(f"error: --zfnet-workdir={args.zfnet_workdir} has no history.csv and eval.json")
     if args.only:
         print(json.dumps(run_zfnet(args) if args.only == "zfnet" else run_keras(args)))
         return
@@ -215,6 +238,7 @@ def main():
         out[f"{name}_epochs"] = mr([r["epochs"] for r in rs], 0)
     out["zfnet_ten_crop_top1"] = mr([r["ten_crop_top1"] for r in runs["zfnet"]])
     out["curves"] = {name: [r["curve"] for r in rs] for name, rs in runs.items()}
+    out["train_top1"] = {name: [r.get("train_top1") for r in rs] for name, rs in runs.items()}
     plot(runs, args.figure, args.minutes)
     out["figure"] = os.path.relpath(args.figure, ROOT)
     print(json.dumps(out))

@@ -1,24 +1,35 @@
 """Training throughput of ZFNet (default: the full 224-px paper model), printed as one JSON
 object.
 
-Configurations (`--only`; default: all three, each in its own fresh Python process,
-interleaved default, mirrored, pipeline, default, ... over `--repeats` rounds; bench/fresh.py),
-same global batch:
+Configurations (`--only`; default: all, each in its own fresh Python process, interleaved
+default, mirrored, pipeline, [prepared,] default, ... over `--repeats` rounds;
+bench/fresh.py), same global batch:
   default    one replica, synthetic in-memory batch
   mirrored   MirroredStrategy over 2 logical CPU devices (GPUs if present), same batch
-  pipeline   default strategy fed by the real 10-crop pipeline from JPEGs, as training
-             feeds it: 0..255 batches, normalized in the train step
-Every child also measures a 4096x4096 float32 matmul (the machine's practical peak; best
-of 5, before and after its training run), the CPU seconds (all threads) per step next to
-the wall-clock rate, and `others_cpu`, the cores the rest of the machine used meanwhile.
+  pipeline   `--strategy` (default: one replica) fed by the config's real training
+             pipeline from JPEGs, as training feeds it: 0..255 batches, normalized in the
+             train step. `--images DIR`: an image folder with a train/ split (e.g.
+             Imagenette) is read as it is; a flat folder of images as one class.
+  prepared   the same, from prepared shards (`--prepared DIR`, written by --mode=prepare
+             for the same data; only run when given)
+The timed steps follow `--warmup_steps` untimed ones in the same `fit` (compilation, the
+input pipeline's start). Every child also measures a 4096x4096 float32 matmul (the
+machine's practical peak; best of 5, before and after its training run), the CPU seconds
+(all threads) per step next to the wall-clock rate, and `others_cpu`, the cores the rest of
+the machine used meanwhile.
 Each figure: median and [min, max] over the rounds.
 Ratios and targets, from the medians (and `*_per_round`: each round's ratio, median and
-range): mirrored/default >= 0.85, pipeline/in-memory >= 0.9, achieved training FLOP/s /
-matmul FLOP/s >= 0.8 (training FLOPs = 3 x forward FLOPs per image).
+range): mirrored/default >= 0.85, pipeline/in-memory >= 0.9 (in-memory: the synthetic
+configuration of the same strategy), achieved training FLOP/s / matmul FLOP/s >= 0.8
+(training FLOPs = 3 x forward FLOPs per image; `fraction_of_matmul` of the default
+configuration, and of every configuration in `fraction_of_matmul_by_config`).
 
 Run: .venv/bin/python bench/train.py [--repeats 3] [--batch_size 32] [--steps 8]
 [--images DIR] [--only=default] [--precision mixed_bfloat16] [--jit_compile true]
-[--config imagenette] [--set data.crop_size=112 model.width=0.5]
+[--config imagenette] [--set data.crop_size=112 model.width=0.5] [--strategy mirrored]
+[--prepared DIR]
+The Imagenette config as it trains (BUILD.md): --config imagenette --batch_size 64
+--strategy mirrored --images ../shared/data/imagenette --prepared runs/imagenette_prepared
 (`bench/gpu.sh` runs it for every precision, XLA off and on, on a GPU machine)
 """
 
@@ -35,7 +46,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import fresh  # noqa: E402
 
-CONFIGS = ("default", "mirrored", "pipeline")
+CONFIGS = ("default", "mirrored", "pipeline", "prepared")
+DATA_CONFIGS = ("pipeline", "prepared")
 TARGETS = {"mirrored_vs_default": 0.85, "pipeline_vs_in_memory": 0.9, "fraction_of_matmul": 0.8}
 
 
@@ -79,11 +91,14 @@ def matmul_flops_per_s(n=4096, repeats=5) -> float:
     return 2.0 * n**3 / best
 
 
-def images_per_s(strategy, config, dataset_fn, steps: int, raw_pixels: bool = False):
+def images_per_s(strategy, config, dataset_fn, steps: int, raw_pixels: bool = False, warm=5):
     """(images/s, this process's CPU seconds per step, cores the rest of the machine used
-    meanwhile, FLOPs per training image) of `steps` timed steps after a 2-step warm-up;
-    `raw_pixels`: the dataset's 0..255 batches are normalized in the train step."""
+    meanwhile, FLOPs per training image) of `steps` timed steps that follow `warm` steps of
+    the same `fit` (compile, then the input pipeline's start: its shuffle buffer and
+    prefetch filled, as in an epoch of training)."""
     import contextlib
+
+    import keras
 
     from pipelines import preprocess
     from zf_tf.core import model as model_lib
@@ -93,16 +108,22 @@ def images_per_s(strategy, config, dataset_fn, steps: int, raw_pixels: bool = Fa
         model = model_lib.build_model(config.model, train.precision(config))
         model = train.compile_model(model, config)
     ds = strategy.distribute_datasets_from_function(dataset_fn)
+    marks = {}
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch in (warm - 1, warm + steps - 1):
+                marks[batch] = (time.perf_counter(), time.process_time(), machine_busy_s())
+
     with (
         train.normalized_in_train_step(model, preprocess.pixels(config.data))
         if raw_pixels
         else contextlib.nullcontext()
     ):
-        model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)  # compile + warm up
-        t, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_s()
-        model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
-        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
-    others = max(0.0, machine_busy_s() - busy - cpu) / wall
+        model.fit(ds, epochs=1, steps_per_epoch=warm + steps, verbose=0, callbacks=[Clock()])
+    (t0, cpu0, busy0), (t1, cpu1, busy1) = marks[warm - 1], marks[warm + steps - 1]
+    wall, cpu = t1 - t0, cpu1 - cpu0
+    others = max(0.0, busy1 - busy0 - cpu) / wall
     return steps * config.train.batch_size / wall, cpu / steps, others, 3 * forward_flops(model)
 
 
@@ -117,7 +138,10 @@ def machine_busy_s() -> float:
 
 
 def jpeg_folder(source: str | None) -> str:
-    """A folder of class subfolders of JPEGs (symlinks to ../shared samples, or generated)."""
+    """A folder of class subfolders of JPEGs: `source` itself if it has a train/ split,
+    else symlinks to its images (default: the ../shared samples, or generated) as one class."""
+    if source and os.path.isdir(os.path.join(source, "train")):
+        return source
     root = tempfile.mkdtemp(prefix="bench_train_")
     shared = source or os.path.join(ROOT, "..", "shared", "data", "imagenet-samples")
     files = sorted(os.listdir(shared)) if os.path.isdir(shared) else []
@@ -159,7 +183,7 @@ def child(name: str, args) -> dict:
     s = config.data.crop_size
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(args.batch_size, s, s, 3)) * 60).astype(np.float32)
-    y = rng.integers(0, 1000, size=(args.batch_size,)).astype(np.int64)
+    y = rng.integers(0, int(config.data.num_classes), size=(args.batch_size,)).astype(np.int64)
 
     def synthetic(ctx):
         b = ctx.get_per_replica_batch_size(args.batch_size)
@@ -171,16 +195,21 @@ def child(name: str, args) -> dict:
     if name == "pipeline":
         config.data.source = "folder"
         config.data.folder = jpeg_folder(args.images)
-        config.data.num_classes = 1000
-    strategy = strategies.make_strategy("mirrored") if name == "mirrored" else None
-    strategy = strategy or tf.distribute.get_strategy()
+        if config.data.folder != args.images:  # one class of samples
+            config.data.num_classes = 1000
+    if name == "prepared":
+        config.data.source = "prepared"
+        config.data.prepared_dir = args.prepared
+    mirrored = name == "mirrored" or (name in DATA_CONFIGS and args.strategy == "mirrored")
+    strategy = strategies.make_strategy("mirrored") if mirrored else tf.distribute.get_strategy()
     matmul = matmul_flops_per_s()
     rate, cpu, others, flops = images_per_s(
         strategy,
         config,
-        real if name == "pipeline" else synthetic,
+        real if name in DATA_CONFIGS else synthetic,
         args.steps,
-        raw_pixels=name == "pipeline",
+        raw_pixels=name in DATA_CONFIGS,
+        warm=args.warmup_steps,
     )
     return {
         "images_per_s": rate,
@@ -205,6 +234,20 @@ def summarize(runs: dict, args) -> dict:
     per_round_matmul = [
         max(runs[k][i]["matmul_flops_per_s"] for k in runs) for i in range(args.repeats)
     ]
+    in_memory = "mirrored" if args.strategy == "mirrored" else "default"
+    data_rates = {f"{k}_images_per_s": mr(rates[k], 2) for k in DATA_CONFIGS if k in rates}
+    data_ratios = {
+        f"{k}_vs_in_memory": round(med[k] / med[in_memory], 3) for k in DATA_CONFIGS if k in med
+    }
+    data_ratios.update(
+        {
+            f"{k}_vs_in_memory_per_round": mr([p / d for p, d in zip(rates[k], rates[in_memory])])
+            for k in DATA_CONFIGS
+            if k in rates
+        }
+    )
+    if "prepared" in med:
+        data_ratios["prepared_vs_pipeline"] = round(med["prepared"] / med["pipeline"], 3)
     out = {
         "config": args.config,
         "overrides": args.set,
@@ -217,19 +260,17 @@ def summarize(runs: dict, args) -> dict:
         "replicas_mirrored": runs["mirrored"][0]["replicas"],
         "default_images_per_s": mr(rates["default"], 2),
         "mirrored_images_per_s": mr(rates["mirrored"], 2),
-        "pipeline_images_per_s": mr(rates["pipeline"], 2),
+        "data_strategy": args.strategy,
+        **data_rates,
         "cpu_s_per_step": {k: mr([r["cpu_s_per_step"] for r in v]) for k, v in runs.items()},
         # Cores other processes used while each configuration trained (2-core machine: 1.0
         # leaves this process one core).
         "others_cpu": {k: mr([r["others_cpu"] for r in v]) for k, v in runs.items()},
         "mirrored_vs_default": round(med["mirrored"] / med["default"], 3),
-        "pipeline_vs_in_memory": round(med["pipeline"] / med["default"], 3),
         "mirrored_vs_default_per_round": mr(
             [m / d for m, d in zip(rates["mirrored"], rates["default"])]
         ),
-        "pipeline_vs_in_memory_per_round": mr(
-            [p / d for p, d in zip(rates["pipeline"], rates["default"])]
-        ),
+        **data_ratios,
         "training_gflop_per_image": round(flops / 1e9, 3),
         "achieved_gflop_per_s": mr([a / 1e9 for a in achieved], 1),
         "matmul_gflop_per_s": mr([m / 1e9 for m in matmul], 1),
@@ -237,6 +278,10 @@ def summarize(runs: dict, args) -> dict:
             med["default"] * flops / fresh.median_range(matmul, 0)["median"], 3
         ),
         "fraction_of_matmul_per_round": mr([a / m for a, m in zip(achieved, per_round_matmul)]),
+        "fraction_of_matmul_by_config": {
+            k: mr([rate * flops / m for rate, m in zip(v, per_round_matmul)])
+            for k, v in rates.items()
+        },
         "targets": TARGETS,
         "device": runs["default"][0]["device"],
         "tf_version": runs["default"][0]["tf_version"],
@@ -250,7 +295,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup_steps", type=int, default=5, help="untimed, same fit")
     parser.add_argument("--images", default=None)
+    parser.add_argument("--prepared", default=None, help="prepared shards: adds 'prepared'")
+    parser.add_argument("--strategy", default="default", choices=("default", "mirrored"))
     parser.add_argument("--precision", default="float32", help="config.train.precision")
     parser.add_argument("--jit_compile", default="false", choices=("false", "true"))
     parser.add_argument("--config", default="zfnet_imagenet", help="a configs/ module name")
@@ -261,7 +309,10 @@ def main():
     if args.only:
         print(json.dumps(child(args.only, args)))
         return
-    runs = fresh.interleaved(__file__, CONFIGS, args.repeats, fresh.passed_args())
+    if args.prepared and not os.path.isfile(os.path.join(args.prepared, "prepared.json")):
+        sys.exit(f"error: --prepared={args.prepared} has no prepared.json: run --mode=prepare")
+    names = CONFIGS if args.prepared else CONFIGS[:3]
+    runs = fresh.interleaved(__file__, names, args.repeats, fresh.passed_args())
     print(json.dumps(summarize(runs, args), indent=1))
 
 

@@ -123,6 +123,9 @@ def get_config():
     config.analysis = ml_collections.ConfigDict()
     config.analysis.split = "validation"  # images the analyses use
     config.analysis.batch_size = 128  # forward-pass batch of occluded / transformed copies
+    # Names the figures and the atlas show for the data's classes ({data's name: shown
+    # name}, e.g. {"n03028079": "church"} for ImageNet folders); unnamed: the data's name.
+    config.analysis.class_names = ml_collections.ConfigDict()
 
     config.analysis.occlusion = ml_collections.ConfigDict()
     config.analysis.occlusion.num_images = 8
@@ -130,8 +133,9 @@ def get_config():
     config.analysis.occlusion.stride = 0.0625  # its step, fraction of the crop side
     # Conv layer of maps (b) and (c); '' = the model's last conv layer (ZFNet: conv5).
     config.analysis.occlusion.layer = ""
-    # Classes the images come from (names as data's class names, e.g. folder names, or label
-    # ids), num_images shared among them in this order; () = the split's first images.
+    # Classes the images come from (the data's class names, e.g. folder names, or their
+    # analysis.class_names, or label ids), num_images shared among them in this order;
+    # () = the split's first images.
     config.analysis.occlusion.classes = ()
 
     config.analysis.invariance = ml_collections.ConfigDict()

@@ -365,3 +365,8 @@ def test_images_from_chosen_classes(tiny_config):
         base.class_ids(config, "analysis.occlusion.classes", ("nope",))
     with pytest.raises(UsageError, match="ids 0..9"):
         base.class_ids(config, "analysis.occlusion.classes", (10,))
+    # analysis.class_names: figures show those names; either name picks the class.
+    config.analysis.class_names = {names[3]: "shown three"}
+    shown = base.class_names(config)
+    assert shown[3] == "shown three" and shown[:3] + shown[4:] == names[:3] + names[4:]
+    assert base.class_ids(config, "k", ("shown three", names[3], names[2])) == (3, 3, 2)

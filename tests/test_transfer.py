@@ -4,6 +4,7 @@ option, end to end on the tiny embedded dataset and on an image folder, and one-
 errors. Everything runs in-process."""
 
 import json
+import os
 
 import keras
 import numpy as np
@@ -13,7 +14,7 @@ import tensorflow as tf
 from pipelines import inputs
 from tests.conftest import load_config, workdir_with_model
 from tests.images import encode, random_rgb, write
-from zf_tf import cli
+from zf_tf import cli, outputs
 from zf_tf.analyses import base
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
@@ -52,6 +53,36 @@ def test_results_table_exact():
     )
     results["scratch"] = {}  # scratch.epochs = 0: the transfer row only
     assert report.results_table(results) == header
+
+
+def test_fig9_plot_shows_the_papers_points_for_caltech101(tmp_path, monkeypatch):
+    figures = []
+    save = outputs.save_figure
+    monkeypatch.setattr(
+        outputs, "save_figure", lambda fig, path, **kw: figures.append(fig) or save(fig, path)
+    )
+    run = {str(n): {"mean": float(n), "std": 1.0} for n in (5, 15, 30)}
+    results = {
+        "target": "caltech101",
+        "metric_name": "mean per-class accuracy",
+        "draws": 5,
+        "feature_layer": "fc7",
+        "per_class": [5, 15, 30],
+        "class_names": ["c"] * 101,
+        "transfer": run,
+        "scratch": run,
+    }
+    image = report.plot(results, str(tmp_path / "fig9.png"))
+    assert image.ndim == 3 and os.path.exists(tmp_path / "fig9.png")
+    ax = figures[0].axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    paper = lines["paper, from scratch (ImageNet)"]
+    assert list(paper.get_xdata()) == [15, 30] and list(paper.get_ydata()) == [22.8, 46.5]
+    paper = lines["paper, pretrained fc7 + softmax (ImageNet)"]
+    assert list(paper.get_ydata()) == [83.8, 86.5]
+    results["target"] = "shapes"  # no published figures: none drawn
+    report.plot(results, str(tmp_path / "other.png"))
+    assert not [k for k in (x.get_label() for x in figures[1].axes[0].get_lines()) if "paper" in k]
 
 
 def test_ap_table_exact():
@@ -389,6 +420,50 @@ def test_end_to_end_tiny(source, tiny_data_dir):
     assert again["cache"]["train"]["hit"] and again["cache"]["test"]["hit"]
     assert again["transfer"]["2"]["values"] == saved["transfer"]["2"]["values"][:1]
     assert again["scratch"] == {}
+
+
+def test_interrupted_run_resumes_where_it_stopped(source, tiny_data_dir, monkeypatch, capsys):
+    config = shapes_config(tiny_data_dir, source, name="shapes_resume")
+    out = f"{source}/transfer/shapes_resume"
+    softmax, scratch = fits.train_softmax, transfer.mode.ScratchTrainer.fit_predict
+    calls = {"softmax": 0, "scratch": 0}
+
+    def counted_softmax(*args):
+        calls["softmax"] += 1
+        if calls["softmax"] == 3:  # draw 1, N = 1: after draw 0 is done
+            raise KeyboardInterrupt
+        return softmax(*args)
+
+    def counted_scratch(self, *args, **kwargs):
+        calls["scratch"] += 1
+        return scratch(self, *args, **kwargs)
+
+    monkeypatch.setattr(fits, "train_softmax", counted_softmax)
+    monkeypatch.setattr(transfer.mode.ScratchTrainer, "fit_predict", counted_scratch)
+    with pytest.raises(KeyboardInterrupt):
+        transfer.run(config, source, workdirs.load_model(source))
+    saved = json.loads(open(f"{out}/fc7.progress.json").read())
+    assert sorted(saved["done"]) == ["0/1", "0/2"] and not os.path.exists(f"{out}/fc7.json")
+    assert calls == {"softmax": 3, "scratch": 2}
+    # The same command again: only draw 1's two fits run; draw 0's results are the saved.
+    results = transfer.run(config, source, workdirs.load_model(source))
+    assert calls == {"softmax": 5, "scratch": 4}
+    assert "Resuming: 2 (draw, N) fits already done" in capsys.readouterr().out
+    for n in ("1", "2"):
+        assert results["transfer"][n]["values"][0] == saved["done"][f"0/{n}"]["transfer"]
+        assert results["scratch"][n]["values"][0] == saved["done"][f"0/{n}"]["scratch"]
+    assert json.loads(open(f"{out}/fc7.json").read())["transfer"] == results["transfer"]
+    assert not os.path.exists(f"{out}/fc7.progress.json")
+    # Uninterrupted, the softmax numbers are the same (seeded, full-batch).
+    config.transfer.scratch.epochs = 0
+    again = transfer.run(config, source, workdirs.load_model(source), overwrite=True)
+    for n in ("1", "2"):
+        assert again["transfer"][n]["values"] == pytest.approx(results["transfer"][n]["values"])
+    # A progress file of other settings is not used.
+    outputs.save_text(f"{out}/fc7.progress.json", json.dumps({"identity": {}, "done": {}}))
+    transfer.run(config, source, workdirs.load_model(source), overwrite=True)
+    assert "from another source model or settings; starting over" in capsys.readouterr().out
+    assert not os.path.exists(f"{out}/fc7.progress.json")
 
 
 @pytest.mark.slow

@@ -160,7 +160,7 @@ class Data:
 def load(config, s: Settings, model) -> Data:
     return Data(
         dataset=lambda: inputs.build_inputs(config, s.split, mode="center"),
-        class_names=inputs.class_names(config.data),
+        class_names=base.class_names(config),
     )
 
 

@@ -735,7 +735,7 @@ def settings(config, request) -> Settings:
         seed=int(config.seed),
         crop_size=int(config.data.crop_size),
         pixels=preprocess.pixels(config.data),
-        class_names=tuple(inputs.class_names(config.data)),
+        class_names=tuple(base.class_names(config)),
     )
 
 

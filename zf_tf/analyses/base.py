@@ -146,18 +146,30 @@ def load_examples(config, split: str, num: int, labels=()):
     )
 
 
+def class_names(config) -> list[str]:
+    """The classes' names in label order as figures show them: the data's names
+    (`inputs.class_names`), through `config.analysis.class_names` where it names them."""
+    names = inputs.class_names(config.data)
+    shown = config.get("analysis", {}).get("class_names", None) or {}
+    return [str(shown.get(n, n)) for n in names]
+
+
 def class_ids(config, key: str, classes) -> tuple[int, ...]:
-    """Label ids of `classes` (class names of `config.data`, or ids), for `config.<key>`.
+    """Label ids of `classes` (class names of `config.data`, their shown names, or ids),
+    for `config.<key>`.
 
     Raises:
       UsageError: an unknown name or id, naming the valid ones.
     """
     if not classes:
         return ()
-    names = list(inputs.class_names(config.data))
+    data_names = list(inputs.class_names(config.data))
+    names = class_names(config)
     out = []
     for c in classes:
-        if isinstance(c, str) and c in names:
+        if isinstance(c, str) and c in data_names:
+            out.append(data_names.index(c))
+        elif isinstance(c, str) and c in names:
             out.append(names.index(c))
         elif str(c).isdigit() and int(c) < len(names):
             out.append(int(c))

@@ -248,7 +248,7 @@ def embedded_subjects(config, split: str, num: int, label: int) -> Subjects:
     boxes = np.stack([quarter_boxes(b) for b in ex.boxes])
     if np.any(boxes[..., 2] <= boxes[..., 0]) or np.any(boxes[..., 3] <= boxes[..., 1]):
         raise UsageError("an object box is too small to split into quarters")
-    names = inputs.class_names(config.data)
+    names = base.class_names(config)
     name = names[label] if label < len(names) else str(label)
     return Subjects(
         images=ex.images,

@@ -411,7 +411,7 @@ def settings(config, request) -> Settings:
         rotations=sweep["rotation"],
         batch_size=int(config.analysis.batch_size),
         pixels=preprocess.pixels(config.data),
-        class_names=tuple(inputs.class_names(config.data)),
+        class_names=tuple(base.class_names(config)),
         layers=layers,
     )
 

@@ -755,7 +755,7 @@ def settings(config, request) -> Settings:
         num_images=request.images(cfg.num_images),
         batch_size=int(config.analysis.batch_size),
         pixels=preprocess.pixels(config.data),
-        class_names=tuple(inputs.class_names(config.data)),
+        class_names=tuple(base.class_names(config)),
         classes=base.class_ids(config, "analysis.occlusion.classes", tuple(cfg.get("classes", ()))),
     )
 

@@ -317,7 +317,7 @@ def settings(config, request: base.Request) -> Settings:
         steps=steps,
         projection_layer=str(s["projection_layer"]),
         projection_units=units,
-        class_names=tuple(inputs.class_names(config.data)),
+        class_names=tuple(base.class_names(config)),
     )
 
 

@@ -1,6 +1,11 @@
 """`--mode=transfer` itself: the target's features (cached), then for every draw and every
 N a new softmax on them and the from-scratch baseline on the same images, then the
 tables, figure and JSON of the results.
+
+Resumable: each finished (draw, N) is saved in `<layer>.progress.json` beside the outputs,
+under the identity of the run (the feature caches' keys, which name the source checkpoint
+and the target data, and the transfer settings); rerunning the same command after an
+interruption skips what is done. The file goes away when the results are written.
 """
 
 from __future__ import annotations
@@ -59,6 +64,29 @@ def _test_images(t, target: Target, train, test, orders, per_class, draw):
     return test, target.data.test_split, positions
 
 
+def _progress_identity(t, caches) -> dict:
+    """What a saved (draw, N) result depends on: the features and the transfer settings."""
+    settings = workdirs.config_json(t)
+    settings.pop("batch_size", None)  # extraction batch: not a result's input
+    return {"features": {k: os.path.basename(v["path"]) for k, v in caches.items()}, **settings}
+
+
+def _load_progress(path: str, identity: dict) -> dict:
+    """{"draw/N": result} saved by an interrupted run of the same identity, else {}."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = {}
+    if saved.get("identity") != identity:
+        print(f"{path}: from another source model or settings; starting over")
+        return {}
+    print(f"Resuming: {len(saved['done'])} (draw, N) fits already done, read from {path}")
+    return saved["done"]
+
+
 def run(config, workdir: str, model: keras.Model, overwrite: bool = False) -> dict:
     """Transfer from `model` (trained in `workdir`) to the target of `config.transfer`.
 
@@ -95,6 +123,9 @@ def run(config, workdir: str, model: keras.Model, overwrite: bool = False) -> di
     scratch_ap = {n: [] for n in per_class}
     timings["softmax_s"] = timings["scratch_s"] = 0.0
     trainer = ScratchTrainer(config, target) if t.scratch.epochs else None
+    progress_path = os.path.join(os.path.dirname(paths[f"{layer}.json"]), f"{layer}.progress.json")
+    identity = _progress_identity(t, caches)
+    done = _load_progress(progress_path, identity)
     test_sizes = []
     bar = tqdm.tqdm(total=t.draws * len(per_class), desc=f"transfer to {t.name}", unit="fit")
     for draw in range(t.draws):
@@ -104,7 +135,8 @@ def run(config, workdir: str, model: keras.Model, overwrite: bool = False) -> di
         )
         test_sizes.append(len(test_pos))
         test_labels = test_set["labels"][test_pos]
-        if trainer:
+        todo = [n for n in per_class if f"{draw}/{n}" not in done]
+        if trainer and todo:
             # Every N's images are among the largest N's (nested draws): one pass each.
             pool = sampling.sample_per_class(orders, 0 if 0 in per_class else max(per_class))
             pool_images, _ = images.encoded_images(
@@ -114,6 +146,15 @@ def run(config, workdir: str, model: keras.Model, overwrite: bool = False) -> di
                 target, test_split, test_set["indices"][test_pos]
             )
         for n in per_class:
+            if n not in todo:
+                saved = done[f"{draw}/{n}"]
+                transfer[n].append(saved["transfer"])
+                transfer_ap[n].append(saved["transfer_ap"])
+                if trainer:
+                    scratch[n].append(saved["scratch"])
+                    scratch_ap[n].append(saved["scratch_ap"])
+                bar.update()
+                continue
             train_pos = sampling.sample_per_class(orders, n)
             tic = time.perf_counter()
             classify = fits.train_softmax(
@@ -143,6 +184,16 @@ def run(config, workdir: str, model: keras.Model, overwrite: bool = False) -> di
                 timings["scratch_s"] += time.perf_counter() - tic
                 scratch[n].append(result["metric"])
                 scratch_ap[n].append(result["per_class"])
+            done[f"{draw}/{n}"] = {
+                "transfer": transfer[n][-1],
+                "transfer_ap": transfer_ap[n][-1],
+                "scratch": scratch[n][-1] if trainer else None,
+                "scratch_ap": scratch_ap[n][-1] if trainer else None,
+            }
+            outputs.save_text(
+                progress_path,
+                json.dumps(report.json_safe({"identity": identity, "done": done})) + "\n",
+            )
             bar.update()
             bar.set_postfix(draw=draw, n=n, transfer=f"{transfer[n][-1]:.1f}")
     bar.close()
@@ -183,6 +234,8 @@ def run(config, workdir: str, model: keras.Model, overwrite: bool = False) -> di
     outputs.save_text(
         paths[f"{layer}.json"], json.dumps(report.json_safe(results), indent=2) + "\n"
     )
+    if os.path.exists(progress_path):
+        os.remove(progress_path)
     print(text)
     print(f"Transfer results in {os.path.dirname(paths[f'{layer}.md'])}")
     return results

@@ -58,23 +58,46 @@ def ap_table(class_names, transfer_ap, scratch_ap=None) -> str:
     return outputs.markdown_table(header, rows)
 
 
+# The paper's Table 4 (Caltech-101, mean per-class accuracy %, from ImageNet's 1.3 million
+# images), drawn beside a run's curves of the same target: {method: {N per class: %}}.
+PAPER = {
+    "caltech101": {"transfer": {15: 83.8, 30: 86.5}, "scratch": {15: 22.8, 30: 46.5}},
+}
+
+
 def plot(results: dict, path: str) -> np.ndarray:
     """Fig. 9-style plot: the metric against training images per class, transfer and from
-    scratch, with one-standard-deviation error bars. Returns the PNG as uint8 (H, W, 3)."""
+    scratch, with one-standard-deviation error bars, and the paper's figures for the same
+    target (`PAPER`) as open markers. Returns the PNG as uint8 (H, W, 3)."""
     plt = outputs.pyplot()
     per_class = results["per_class"]
     all_x = results.get("all_per_class", max(per_class) * 2)
     xs = [all_x if n == 0 else n for n in per_class]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label, style in (
-        ("transfer", f"pretrained {results['feature_layer']} + softmax", "o-"),
-        ("scratch", "from scratch", "s--"),
+    paper = PAPER.get(results["target"], {})
+    for (key, label, style), color in zip(
+        (
+            ("transfer", f"pretrained {results['feature_layer']} + softmax", "o-"),
+            ("scratch", "from scratch", "s--"),
+        ),
+        ("tab:blue", "tab:orange"),
     ):
         if not results.get(key):
             continue
         means = [results[key][str(n)]["mean"] for n in per_class]
         stds = [results[key][str(n)]["std"] for n in per_class]
-        ax.errorbar(xs, means, yerr=stds, fmt=style, capsize=3, label=label)
+        ax.errorbar(xs, means, yerr=stds, fmt=style, capsize=3, label=label, color=color)
+        if key in paper:
+            ns = sorted(paper[key])
+            ax.plot(
+                ns,
+                [paper[key][n] for n in ns],
+                style[0],
+                mfc="none",
+                ms=9,
+                color=color,
+                label=f"paper, {label} (ImageNet)",
+            )
     if results["metric_name"] == "mean per-class accuracy":
         ax.axhline(100 / len(results["class_names"]), color="gray", ls=":", label="chance")
     ax.set_xticks(xs, [_n_label(n) for n in per_class])
@@ -82,7 +105,7 @@ def plot(results: dict, path: str) -> np.ndarray:
     ax.set_ylabel(f"{results['metric_name']} (%)")
     ax.set_title(f"Transfer to {results['target']} ({results['draws']} draws)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     image = outputs.save_figure(fig, path)
     plt.close(fig)
