@@ -24,6 +24,8 @@ validation top-1 against wall-clock minutes for both (`--figure`).
 
 Run: .venv/bin/python bench/baseline.py [--minutes 60] [--repeats 1]
      [--folder ../shared/data/imagenette] [--figure docs/figures/baseline.png]
+     [--zfnet-workdir runs/imagenette]
+     .venv/bin/python bench/baseline.py --replot OUT.json   (redraws the figure)
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ def plot(runs: dict, path: str, minutes: float):
     import matplotlib.pyplot as plt
 
     labels = {
-        "zfnet": "ZFNet, configs/imagenette.py (SGD, 10-crop augmentation)",
+        "zfnet": "ZFNet, configs/imagenette.py (SGD, scale augmentation)",
         "keras": "keras.io 'Image classification from scratch' (Adam, BN, flip + rotation)",
     }
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -200,12 +202,23 @@ def plot(runs: dict, path: str, minutes: float):
         for i, run in enumerate(runs.get(name, [])):
             x, y = zip(*run["curve"])
             ax.plot(x, y, color=color, marker=".", label=labels[name] if i == 0 else None)
+            if run.get("ten_crop_top1"):
+                ax.plot(x[-1], run["ten_crop_top1"], "*", ms=12, color=color)
+                ax.annotate(
+                    f"{run['ten_crop_top1']:.1%} with 10 crops",
+                    (x[-1], run["ten_crop_top1"]),
+                    textcoords="offset points",
+                    xytext=(-40, 8),
+                    fontsize=8,
+                )
     ax.set_xlabel("training wall-clock minutes (2 CPU cores)")
     ax.set_ylabel("Imagenette val top-1 (one crop)")
     ax.set_xlim(0, minutes)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.axhline(0.1, color="gray", ls=":", lw=1)
+    ax.annotate("chance", (1, 0.1), textcoords="offset points", xytext=(0, 3), fontsize=8)
+    ax.legend(loc="center right", fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -220,7 +233,22 @@ def main():
     parser.add_argument("--zfnet-workdir", default=None, help="a finished run to read")
     parser.add_argument("--prepared", default=os.path.join(ROOT, "runs", "imagenette_prepared"))
     parser.add_argument("--figure", default=os.path.join(ROOT, "docs", "figures", "baseline.png"))
+    parser.add_argument("--replot", default=None, help="redraw the figure from a printed JSON")
     args = parser.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            out = json.load(f)
+        runs = {
+            name: [
+                {"curve": curve, "ten_crop_top1": out["zfnet_ten_crop_top1"]["median"]}
+                if name == "zfnet"
+                else {"curve": curve}
+                for curve in curves
+            ]
+            for name, curves in out["curves"].items()
+        }
+        plot(runs, args.figure, out["minutes"])
+        return
     if not os.path.isdir(os.path.join(args.folder, "train")):
         sys.exit(f"error: {args.folder} has no train/ folder: pass --folder=IMAGENETTE_ROOT")
     if args.zfnet_workdir and not all(

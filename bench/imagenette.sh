@@ -7,8 +7,10 @@
 #   bash bench/imagenette.sh [IMAGENETTE_ROOT] [WORKDIR] [PREPARED_DIR]
 #
 # Defaults: ../shared/data/imagenette, runs/imagenette, runs/imagenette_prepared.
-# Wall time on the 2-core CPU machine: about 1 minute to prepare, 50-55 minutes to train
-# (70 epochs), then the figures (BUILD.md has each step's time).
+# Wall time on the 2-core CPU machine: about 1 minute to prepare, 55 minutes to train
+# (70 epochs), about 10 minutes of figures, the AlexNet-style comparison (another
+# training), then the transfer (BUILD.md has each step's time). Caltech-101 is read from
+# the folder beside IMAGENETTE_ROOT (`caltech101/<class>/*.jpg`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FOLDER=${1:-../shared/data/imagenette}
@@ -38,7 +40,19 @@ run --mode=evolution && cp "$WORKDIR/evolution/evolution.png" "$OUT/"
 run --mode=invariance && cp "$WORKDIR/invariance/invariance.png" \
     "$WORKDIR/invariance/invariance_examples.png" "$OUT/"
 run --mode=occlusion && cp "$WORKDIR/occlusion/occlusion.png" "$OUT/"
-run --mode=filters && cp "$WORKDIR/filters/filters.png" "$OUT/"
 run --mode=sanity && cp "$WORKDIR/sanity/sanity.md" "$WORKDIR/sanity/sanity.png" "$OUT/"
 run --mode=atlas
+# Screenshots of the atlas (needs chromium and chromedriver; skipped without them).
+if command -v chromedriver > /dev/null; then
+    "$PY" -m tests.browser "$WORKDIR/atlas" "$OUT" conv4 14
+fi
+# Fig. 6: the same recipe with the AlexNet-style layer 1 (11x11 stride 4), same budget.
+"$PY" main.py --mode=train --strategy=mirrored "${CONFIG[@]}" "${FROM_SHARDS[@]}" \
+    --config.model.layer1=alexnet "--workdir=${WORKDIR}_alexnet"
+run --mode=filters "--compare=${WORKDIR}_alexnet" && cp "$WORKDIR/filters/filters.png" "$OUT/"
+# Table 4 / Fig. 9: Caltech-101 from this model's features vs from scratch (resumable).
+"$PY" main.py --mode=transfer --config=configs/transfer_caltech101.py:folder \
+    "--config.transfer.data.folder=$(dirname "$FOLDER")/caltech101" "--workdir=$WORKDIR"
+cp "$WORKDIR/transfer/caltech101/fc7.png" "$OUT/transfer_caltech101.png"
+cp "$WORKDIR/transfer/caltech101/fc7.md" "$OUT/transfer_caltech101.md"
 echo "Figures in $OUT; the atlas: $WORKDIR/atlas/index.html"

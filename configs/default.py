@@ -87,6 +87,8 @@ def get_config():
     config.model.dropout = 0.5
     config.model.kernel_init = "he_normal"  # 'paper' = N(0, init_stddev)
     config.model.init_stddev = 0.01
+    # > 0: conv1 alone starts from N(0, this), whatever kernel_init; 0 = as kernel_init.
+    config.model.conv1_init_stddev = 0.0
     config.model.input_scale = 1 / 64  # paper: 1 (pixels minus mean, about +-128)
     config.model.max_filter_rms = 0.1  # 0 disables filter renormalization
     config.model.lrn = dict(depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75)

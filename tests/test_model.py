@@ -76,6 +76,20 @@ def test_paper_init_and_dropout(paper_model):
     assert isinstance(paper_model.get_layer("norm1"), model_lib.LocalResponseNorm)
 
 
+def test_conv1_init_stddev_changes_conv1_alone():
+    config = load_config()
+    he = model_lib.build_model(config.model)
+    config.model.conv1_init_stddev = 0.01
+    small = model_lib.build_model(config.model)
+    w = small.get_layer("conv1").kernel.numpy()
+    assert abs(w.mean()) < 1e-3 and abs(w.std() - 0.01) < 5e-4
+    assert abs(he.get_layer("conv1").kernel.numpy().std() - np.sqrt(2 / w[..., 0].size)) < 5e-3
+    for name in ("conv2", "conv5", "fc6", "fc8"):
+        np.testing.assert_array_equal(
+            small.get_layer(name).kernel.numpy(), he.get_layer(name).kernel.numpy()
+        )
+
+
 def test_filter_rms_constraint():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(7, 7, 3, 2)).astype("float32")

@@ -276,6 +276,7 @@ RANGES = (
     ("train.warmup_epochs", ">= 0", lambda v: v >= 0),
     ("data.min_crop_area", "in (0, 1]", lambda v: 0 < v <= 1),
     ("model.dropout", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("model.conv1_init_stddev", ">= 0", lambda v: v >= 0),
     ("data.crop_size", ">= 1", lambda v: v >= 1),
     ("data.resize_size", ">= 1", lambda v: v >= 1),
     ("data.shuffle_buffer", ">= 1", lambda v: v >= 1),

@@ -179,7 +179,8 @@ def build_model(config, precision: str = "float32") -> keras.Model:
       config: a ConfigDict (or anything with attributes) with fields `input_size`,
         `num_classes`, `width`, `layer1` ('zfnet' | 'alexnet'), `conv_filters` (5 ints),
         `fc_units` (2 ints), `dropout`, `kernel_init` ('paper' | 'he_normal'),
-        `init_stddev`, `input_scale` (factor applied to the input
+        `init_stddev`, optionally `conv1_init_stddev` (> 0: conv1 starts from
+        N(0, that) whatever `kernel_init`), `input_scale` (factor applied to the input
         pixels, 1 in the paper), `max_filter_rms` (0 disables renormalization), `lrn` (dict of
         LocalResponseNorm arguments), `seed`, and optionally `remove`: names from REMOVABLE
         of layers left out (Table 3 ablations; absent = none). A removed layer is simply
@@ -216,8 +217,12 @@ def build_model(config, precision: str = "float32") -> keras.Model:
     constraint = FilterRMS(config.max_filter_rms) if config.max_filter_rms else None
     lrn = dict(config.lrn)
 
+    conv1_stddev = float(getattr(config, "conv1_init_stddev", 0.0) or 0.0)
+
     def init(i):
         # One distinct seed per layer so layers do not start from identical draws.
+        if i == 0 and conv1_stddev > 0:
+            return _kernel_initializer("paper", conv1_stddev, seed)
         return _kernel_initializer(config.kernel_init, config.init_stddev, seed + i)
 
     def conv(i, x, kernel, stride, padding):

@@ -51,6 +51,7 @@ ADDED_FIELDS = {
     ("train", "weight_decay"): 0.0,
     ("train", "label_smoothing"): 0.0,
     ("train", "warmup_epochs"): 0.0,
+    ("model", "conv1_init_stddev"): 0.0,
 }
 TRAINING_STATE = (
     "backup",
