@@ -84,7 +84,7 @@ def test_conv1_init_stddev_changes_conv1_alone():
     w = small.get_layer("conv1").kernel.numpy()
     assert abs(w.mean()) < 1e-3 and abs(w.std() - 0.01) < 5e-4
     assert abs(he.get_layer("conv1").kernel.numpy().std() - np.sqrt(2 / w[..., 0].size)) < 5e-3
-    for name in ("conv2", "conv5", "fc6", "fc8"):
+    for name in ("conv2", "conv5", "fc6", "logits"):
         np.testing.assert_array_equal(
             small.get_layer(name).kernel.numpy(), he.get_layer(name).kernel.numpy()
         )
