@@ -25,9 +25,9 @@ def distances(trained, initial) -> dict:
     """{layer: {cosine: median/range, rms, rms_init}} over the kernels of both models."""
     import numpy as np
 
-    out = {}
+    out, initial_names = {}, {x.name for x in initial.layers}
     for layer in trained.layers:
-        if not hasattr(layer, "kernel") or layer.name not in {x.name for x in initial.layers}:
+        if not hasattr(layer, "kernel") or layer.name not in initial_names:
             continue
         w = layer.kernel.numpy().reshape(-1, layer.kernel.shape[-1])
         w0 = initial.get_layer(layer.name).kernel.numpy().reshape(w.shape)

@@ -146,10 +146,11 @@ def load_examples(config, split: str, num: int, labels=()):
     )
 
 
-def class_names(config) -> list[str]:
+def class_names(config, data_names=None) -> list[str]:
     """The classes' names in label order as figures show them: the data's names
-    (`inputs.class_names`), through `config.analysis.class_names` where it names them."""
-    names = inputs.class_names(config.data)
+    (`data_names`, else `inputs.class_names`), through `config.analysis.class_names` where
+    it names them."""
+    names = inputs.class_names(config.data) if data_names is None else data_names
     shown = config.get("analysis", {}).get("class_names", None) or {}
     return [str(shown.get(n, n)) for n in names]
 
@@ -164,7 +165,7 @@ def class_ids(config, key: str, classes) -> tuple[int, ...]:
     if not classes:
         return ()
     data_names = list(inputs.class_names(config.data))
-    names = class_names(config)
+    names = class_names(config, data_names)
     out = []
     for c in classes:
         if isinstance(c, str) and c in data_names:

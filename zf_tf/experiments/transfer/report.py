@@ -75,12 +75,9 @@ def plot(results: dict, path: str) -> np.ndarray:
     xs = [all_x if n == 0 else n for n in per_class]
     fig, ax = plt.subplots(figsize=(6, 4))
     paper = PAPER.get(results["target"], {})
-    for (key, label, style), color in zip(
-        (
-            ("transfer", f"pretrained {results['feature_layer']} + softmax", "o-"),
-            ("scratch", "from scratch", "s--"),
-        ),
-        ("tab:blue", "tab:orange"),
+    for key, label, style, color in (
+        ("transfer", f"pretrained {results['feature_layer']} + softmax", "o-", "tab:blue"),
+        ("scratch", "from scratch", "s--", "tab:orange"),
     ):
         if not results.get(key):
             continue
