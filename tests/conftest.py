@@ -54,11 +54,11 @@ def tiny(config, data_dir, width=None, batch_size=8, **fields):
 def workdir_with_model(config, model, path) -> str:
     """A workdir holding `config` (config.json) and `model` as its checkpoint, as a
     finished training run leaves them; returns its path."""
-    from zf_tf.training import workdirs
+    from zf_tf.training import resume, workdirs
 
     path = str(path)
     workdirs.prepare_for_training(config, path, False)
-    workdirs.save_model_atomic(model, workdirs.checkpoint_path(path))
+    resume.save_model(model, workdirs.checkpoint_path(path))
     return path
 
 

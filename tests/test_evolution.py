@@ -33,7 +33,7 @@ strategy = strategies.make_strategy("mirrored", 2)
 from zf_tf.training import callbacks
 from zf_tf.training import keras_fixes
 from zf_tf.training import train
-from zf_tf.training import workdirs
+from zf_tf.training import resume, workdirs
 from zf_tf.core import model as model_lib
 from configs import default
 config = default.get_config()
@@ -45,7 +45,7 @@ callback = callbacks.FeatureEvolution({workdir!r}, config)
 batch = keras_fixes.image_batch(config.data.crop_size)
 with keras_fixes.fit_workarounds(model, strategy, batch):
     model.fit(ds, epochs=2, steps_per_epoch=1, callbacks=[callback], verbose=0)
-workdirs.save_model_atomic(model, workdirs.checkpoint_path({workdir!r}))
+resume.save_model(model, workdirs.checkpoint_path({workdir!r}))
 print(json.dumps({{"replicas": strategy.num_replicas_in_sync, "seconds": callback.seconds}}))
 """
 

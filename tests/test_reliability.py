@@ -15,7 +15,7 @@ from zf_tf import cli
 from zf_tf.analyses.base import Request
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
-from zf_tf.training import workdirs
+from zf_tf.training import resume, workdirs
 
 
 @pytest.mark.parametrize(
@@ -239,7 +239,7 @@ def test_a_full_disk_leaves_no_temporary_and_the_old_outputs(tmp_path, monkeypat
         [keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(2)]
     )
     path = workdirs.checkpoint_path(str(tmp_path))
-    workdirs.save_model_atomic(model, path, epochs_done=1)
+    resume.save_model(model, path, epochs_done=1)
     before = open(path, "rb").read()
 
     def half_then_full(self, filepath, *a, **k):
@@ -248,7 +248,7 @@ def test_a_full_disk_leaves_no_temporary_and_the_old_outputs(tmp_path, monkeypat
 
     monkeypatch.setattr(keras.Model, "save", half_then_full)
     with pytest.raises(OSError, match="No space left"):
-        workdirs.save_model_atomic(model, path, epochs_done=2)
+        resume.save_model(model, path, epochs_done=2)
     assert open(path, "rb").read() == before
     assert sorted(os.listdir(os.path.dirname(path))) == ["model.epochs.json", "model.keras"]
     monkeypatch.undo()

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import load_config
 from zf_tf.core.errors import UsageError
-from zf_tf.training import workdirs
+from zf_tf.training import resume, workdirs
 
 
 def test_analysis_section_comes_from_the_command_line(tmp_path):
@@ -100,7 +100,7 @@ def test_save_model_atomic_leaves_no_temporary(tmp_path):
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     path = workdirs.checkpoint_path(str(tmp_path))
-    workdirs.save_model_atomic(model, path)
+    resume.save_model(model, path)
     assert sorted(os.listdir(os.path.dirname(path))) == ["model.keras"]
     loaded = workdirs.load_model(str(tmp_path))
     for a, b in zip(model.get_weights(), loaded.get_weights()):

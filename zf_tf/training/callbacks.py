@@ -16,14 +16,11 @@
   of all layers at once, and the deconvnets, built once, reuse the classifier's layer objects,
   so every snapshot sees the current weights. Under MirroredStrategy it runs on the host in
   cross-replica context, where reading a mirrored variable gives its (synchronised) value.
-- `LastGoodCheckpoint`, `SafeBackupAndRestore`: the checkpoint and resume state, never
-  replaced by a diverged model (always on; train.py adds them).
+- The checkpoint, backup and resume callbacks are in zf_tf/training/resume.py.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 
@@ -38,7 +35,7 @@ from zf_tf.core import deconv
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.core.model import CONV_LAYERS
-from zf_tf.training import workdirs
+from zf_tf.training import resume
 
 
 def augmentation_grid(config, num_images: int = 2) -> np.ndarray:
@@ -269,7 +266,7 @@ class FeatureEvolution(keras.callbacks.Callback):
         step = epoch + 1
         if step not in self.epochs:
             return
-        if logs is not None and not _finite(logs):
+        if logs is not None and not resume.finite(logs):
             # A diverged model's projections are NaN: nothing worth keeping.
             logging.warning("Epoch %d diverged: no feature-evolution snapshot", step)
             return
@@ -310,78 +307,6 @@ class FeatureEvolution(keras.callbacks.Callback):
             self.seconds[-1],
             self.setup_seconds,
         )
-
-
-def _finite(logs) -> bool:
-    return logs is not None and math.isfinite(float(logs.get("loss", 0.0)))
-
-
-class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that never backs up a diverged (NaN/inf loss) model, and resumes
-    from what is good when the backup is damaged.
-
-    The backup is kept after training (delete_checkpoint=False): rerunning a finished
-    command restores the final epoch and trains no more. It keeps the previous epoch's
-    backup too (double_checkpoint): a damaged latest backup falls back to it (Keras), and
-    where both are damaged, to the last good checkpoint `checkpoint` and the epoch count
-    saved beside it (`workdirs.epochs_path`).
-
-    Raises (at the start of training):
-      UsageError: the backup is damaged and there is no good checkpoint to resume from.
-    """
-
-    def __init__(self, backup_dir, checkpoint: str | None = None):
-        super().__init__(
-            backup_dir, save_freq="epoch", delete_checkpoint=False, double_checkpoint=True
-        )
-        self.checkpoint = checkpoint
-
-    def on_train_begin(self, logs=None):
-        try:
-            super().on_train_begin(logs)
-        except (OSError, ValueError, KeyError) as e:
-            self._resume_from_checkpoint(f"{type(e).__name__}: {str(e).splitlines()[0]}")
-
-    def _resume_from_checkpoint(self, why: str):
-        path = self.checkpoint
-        epochs = workdirs.epochs_path(path) if path else ""
-        if (
-            not path
-            or not os.path.exists(path)
-            or workdirs.damage(path)
-            or not (os.path.exists(epochs))
-        ):
-            raise UsageError(
-                f"the backup in {self.backup_dir} is damaged ({why}) and there is no good "
-                "checkpoint to resume from: start afresh with --overwrite"
-            )
-        with open(epochs) as f:
-            done = int(json.load(f)["epochs_done"])
-        self.model.load_weights(path)
-        self.model._initial_epoch = done
-        print(
-            f"The backup in {self.backup_dir} is damaged ({why}): resuming from the last "
-            f"good checkpoint {path} after epoch {done}"
-        )
-
-    def on_epoch_end(self, epoch, logs=None):
-        if _finite(logs):
-            super().on_epoch_end(epoch, logs)
-
-
-class LastGoodCheckpoint(keras.callbacks.Callback):
-    """Saves the full model to `path` after every epoch whose loss is finite, atomically,
-    and the number of epochs done beside it."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path = path
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not _finite(logs):
-            logging.warning("Epoch %d diverged (loss %s): checkpoint not updated", epoch + 1, logs)
-            return
-        workdirs.save_model_atomic(self.model, self.path, epochs_done=epoch + 1)
 
 
 class Validation(keras.callbacks.Callback):

@@ -1,11 +1,11 @@
 """Training with the paper's recipe (Sec. 3) under any tf.distribute strategy.
 
 `train_and_evaluate` runs `model.fit` inside `strategy.scope()` on the per-replica
-pipeline, resumes from `workdir/backup` after a crash, keeps the last good checkpoint in
-`workdir/checkpoints`, logs TensorBoard scalars and images to `workdir/logs`, and ends with
-the 10-crop evaluation (`workdir/eval.json`) and a SavedModel export (`workdir/export`).
-With several workers only the chief writes the workdir; the others write to a temporary
-directory that they delete at the end.
+pipeline, resumes after a kill from the newest saved epoch (resume.py), keeps the last
+good checkpoint in `workdir/checkpoints`, logs TensorBoard scalars and images to
+`workdir/logs`, and ends with the 10-crop evaluation (`workdir/eval.json`) and a
+SavedModel export (`workdir/export`). With several workers only the chief writes the
+workdir; the others write to a temporary directory that they delete at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from absl import logging
 from pipelines import inputs, preprocess
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
-from zf_tf.training import callbacks, evaluate, export, keras_fixes, workdirs
+from zf_tf.training import callbacks, evaluate, export, keras_fixes, resume, workdirs
 
 
 def compile_model(model: keras.Model, config) -> keras.Model:
@@ -178,7 +178,10 @@ def _train(config, workdir, out, strategy, chief):
     val_ds = inputs.build_inputs(config, config.data.eval_split, None, "center")
     t = config.train
     run_callbacks = [
-        # First: the callbacks below log what these two add (val_* and epoch_seconds).
+        # First: restores the newest state that loads and trims history.csv to it, before
+        # the callbacks below start (CSVLogger appends; LinearWarmup reads the step).
+        resume.Resume(out),
+        # Then what adds to the epoch's logs (val_*, epoch_seconds) and what reads them.
         callbacks.Validation(val_ds),
         callbacks.EpochSeconds(),
         keras.callbacks.TerminateOnNaN(),
@@ -186,13 +189,14 @@ def _train(config, workdir, out, strategy, chief):
             monitor="val_loss", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.min_lr
         ),
         *warmup(config, steps),
-        callbacks.LastGoodCheckpoint(workdirs.checkpoint_path(out)),
-        keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
+        keras.callbacks.CSVLogger(os.path.join(out, resume.HISTORY), append=True),
         keras.callbacks.TensorBoard(os.path.join(out, "logs"), write_graph=False),
         *callbacks.from_config(config, out),  # image summaries, Fig. 4 snapshots, ...
-        # Last, so an epoch counts as done only once its checkpoint and logs are written.
+        # Last, the resume points: an epoch counts as done only once its logs are written,
+        # so a kill at any moment resumes with one history row per epoch (resume.py).
         # Backups are per worker: every worker restores the same epoch after a failure.
-        callbacks.SafeBackupAndRestore(os.path.join(out, "backup"), workdirs.checkpoint_path(out)),
+        resume.LastGoodCheckpoint(workdirs.checkpoint_path(out)),
+        resume.Backup(out),
     ]
     if chief:
         print(
@@ -224,7 +228,7 @@ def _train(config, workdir, out, strategy, chief):
     if not losses and (not os.path.exists(checkpoint) or workdirs.damage(checkpoint)):
         # A finished run restored from its backup trains no more epochs (so nothing rewrote
         # the checkpoint): rewrite a missing or damaged one from the restored model.
-        workdirs.save_model_atomic(model, checkpoint, epochs_done=t.epochs)
+        resume.save_model(model, checkpoint, epochs_done=t.epochs)
     # Every worker exports (saving distributed variables may need all of them); only the
     # chief's `out` is the workdir.
     evaluate.evaluate(config, out, model)

@@ -3,7 +3,8 @@
 Layout:
   config.json               resolved config of the run (written by train)
   checkpoints/model.keras   last good model (full Keras model, finite loss only)
-  backup/                   BackupAndRestore state for resuming after a crash
+  backup/                   training state of the last epochs, to resume after a kill
+                            (zf_tf/training/resume.py)
   history.csv, logs/        per-epoch metrics; TensorBoard scalars and images
   eval.json, eval.md        10-crop / center-crop evaluation (Table 2 form)
   export/                   SavedModel for serving
@@ -249,21 +250,6 @@ def load_config(workdir: str, fallback=None):
             if section in fallback:
                 config[section] = config_json(fallback)[section]
     return ml_collections.ConfigDict(config)
-
-
-def save_model_atomic(model: keras.Model, path: str, epochs_done: int | None = None):
-    """Saves a Keras model so that `path` is always either the old or the new file; with
-    `epochs_done`, also the number of epochs it has trained, beside it (`epochs_path`),
-    from which a run with a damaged backup resumes."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with outputs.atomic(path, ".tmp.keras") as tmp:
-        model.save(tmp)
-    if epochs_done is not None:
-        outputs.save_text(epochs_path(path), json.dumps({"epochs_done": int(epochs_done)}))
-
-
-def epochs_path(checkpoint: str) -> str:
-    return checkpoint[: -len(".keras")] + ".epochs.json"
 
 
 def damage(path: str) -> str | None:
