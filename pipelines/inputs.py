@@ -314,6 +314,22 @@ def check_split(data, split: str) -> int:
         raise DataError(f"unknown split {split!r}: valid splits: {choices}") from None
 
 
+def check_source(data, splits) -> None:
+    """Read-only checks of the data a run reads, before it writes anything: a prepared
+    folder's shards against its prepared.json (`prepared.verify`), and that each split
+    exists (folders and prepared folders; tfds datasets are checked where they are read).
+
+    Raises:
+      DataError: one line naming the damaged shards (and the command that rewrites them)
+        or the unknown split and the valid ones.
+    """
+    if data.source == "prepared":
+        prepared_lib.verify(data, splits)
+    if data.source in ("prepared", "folder"):
+        for split in dict.fromkeys(splits):
+            check_split(data, split)
+
+
 def random_label(encoded, seed: int, num_classes: int):
     """A label drawn uniformly from a keyed hash of an image's encoded bytes: random, but the
     same for the same image in every epoch, file order and input pipeline."""

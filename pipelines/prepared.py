@@ -17,16 +17,27 @@ and a training crop decodes just its s x s window (`crop_of_prepared`).
 Layout of a prepared folder:
   prepared.json                    resize size, encoding, JPEG quality, shard size, source, class
                                    names, and per finished split its examples, per-class
-                                   counts, skipped images and shard files
+                                   counts, skipped images and shard files, with each shard's
+                                   examples, skipped images, class counts and size in bytes
   <split>-00000-of-00040.tfrecord  tf.train.Example {image: JPEG or pixel bytes, label: int64}
   <split>.progress.json            while a split is written: shards done (the resume point)
 
 Work is parallel (decode, resize and encode run in tf.data's threads, one image per core),
 shows a progress bar, and resumes after a kill: shards are written in order, each to a
 temporary file renamed when complete, and the progress file records the finished ones, so
-a rerun continues with the first unfinished shard. Images that fail to decode are skipped
-and counted. Labels are the source's original ids (every class is prepared;
-`data.classes` selects at read time, as for the other sources).
+a rerun continues with the unfinished shards; a failure removes the shard's temporary.
+Images that fail to decode are skipped and counted.
+
+Every run that reads a prepared folder first checks its shards against prepared.json
+(`verify`, through `inputs.check_source`, before anything is written): a missing shard, or
+one whose size differs from what was written, is named with the `--mode=prepare` command that
+rewrites just the damaged shards (`repair_command`; the intact ones are kept). A shard
+altered without a change of size is caught when read, by TFRecord's per-record checksums
+(reading that shard stops at the record, with a warning; the evaluation counts the images
+it misses as skipped).
+
+Labels are the source's original ids (every class is prepared; `data.classes` selects at
+read time, as for the other sources).
 """
 
 from __future__ import annotations
@@ -264,81 +275,101 @@ def prepare(
         "splits": meta.get("splits", {}),
     }
     for split in splits:
+        kept = None
         if split in meta["splits"]:
-            print(f"{split}: already prepared in {out_dir} ({meta['splits'][split]['examples']})")
-            continue
+            info = meta["splits"][split]
+            bad = dict(damaged_shards(out_dir, info))
+            if not bad:
+                print(f"{split}: already prepared in {out_dir} ({info['examples']})")
+                continue
+            if any(e[4] is None for e in info.get("files", [[None] * 5])):
+                raise DataError(
+                    f"{out_dir}: {split} was prepared before shard sizes were recorded and "
+                    f"{len(bad)} shard(s) are missing: prepare it again with --overwrite"
+                )
+            then, now = sum(e[1] + e[2] for e in info["files"]), inputs.num_examples(source, split)
+            if then != now:
+                raise DataError(
+                    f"{out_dir}: {split} was prepared from {then} images but its source has "
+                    f"{now} now, so its damaged shards cannot be rewritten alone: prepare it "
+                    "again with --overwrite"
+                )
+            print(f"{split}: rewriting {len(bad)} damaged shard(s): {', '.join(bad)}")
+            kept = [e for e in info["files"] if e[0] not in bad]
         meta["splits"][split] = _prepare_split(
-            source, split, out_dir, common, progress and tqdm.tqdm
+            source, split, out_dir, common, progress and tqdm.tqdm, kept
         )
         write_json(meta_path, meta)
         os.remove(os.path.join(out_dir, f"{_slug(split)}.progress.json"))
     return meta
 
 
-def _prepare_split(source, split: str, out_dir: str, recipe: dict, bar) -> dict:
+def _prepare_split(source, split: str, out_dir: str, recipe: dict, bar, kept=None) -> dict:
+    """Writes the shards of one split that are not done yet, each through a temporary that
+    is renamed when complete (removed on any failure), recording each finished one in the
+    split's progress file; returns the split's prepared.json entry.
+
+    Args:
+      kept: for a repair, the entries (`files`) of the finished split's shards that are
+        intact: only the others are written. None: the progress file says which are done.
+    """
     from pipelines import inputs
 
     total = inputs.num_examples(source, split)
     size = recipe["shard_size"]
     count = max(1, -(-total // size))
     progress_path = os.path.join(out_dir, f"{_slug(split)}.progress.json")
-    state = _read_json(progress_path)
-    if state is not None:
-        state["recipe"] = _with_encoding(state.get("recipe") or {})
-    if state is None or state.get("recipe") != recipe or state.get("total") != total:
-        state = {"recipe": recipe, "total": total, "shards": []}
-    done = len(state["shards"])  # [(file, written, skipped, class counts)] of finished shards
+    if kept is not None:
+        state = {"recipe": recipe, "total": total, "shards": [list(e) for e in kept]}
+    else:
+        state = _read_json(progress_path)
+        if state is not None:
+            state["recipe"] = _with_encoding(state.get("recipe") or {})
+        if state is None or state.get("recipe") != recipe or state.get("total") != total:
+            state = {"recipe": recipe, "total": total, "shards": []}
+    # [file, written, skipped, class counts, bytes] of each finished shard
+    done = {entry[0] for entry in state["shards"]}
+    todo = [k for k in range(count) if shard_name(split, k, count) not in done]
     S, encoding, quality = recipe["resize_size"], recipe["encoding"], recipe["jpeg_quality"]
-    ds = inputs.encoded_records(source, split).enumerate().skip(done * size)
-    ds = ds.map(
-        lambda i, r: (i, encoded_square(r[0], S, encoding, quality), r[1]),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    ).ignore_errors()  # undecodable images: their positions are missing, and counted
-    ds = ds.prefetch(64)
     progress = None
     if bar:
-        progress = bar(total=total, initial=done * size, desc=f"prepare {split}", unit="img")
-    shard, writer, counts = done, None, {}
-
-    def open_shard(k):
-        return tf.io.TFRecordWriter(os.path.join(out_dir, shard_name(split, k, count) + ".tmp"))
-
-    def finish(k, writer, counts):
-        writer.close()
-        name = shard_name(split, k, count)
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-        span = min(total, (k + 1) * size) - k * size
-        written = sum(counts.values())
-        state["shards"].append([name, written, span - written, counts])
-        write_json(progress_path, state)
-
+        initial = total - sum(min(total, (k + 1) * size) - k * size for k in todo)
+        progress = bar(total=total, initial=initial, desc=f"prepare {split}", unit="img")
     with progress or contextlib.nullcontext():
-        if done < count:
-            writer = open_shard(shard)
-        seen = done * size
-        for i, image, label in ds.as_numpy_iterator():
-            while i // size > shard:
-                finish(shard, writer, counts)
-                shard, counts = shard + 1, {}
-                writer = open_shard(shard)
-            writer.write(_example(image, label))
-            counts[str(int(label))] = counts.get(str(int(label)), 0) + 1
+        for k in todo:
+            span = min(total, (k + 1) * size) - k * size
+            ds = inputs.encoded_records(source, split).skip(k * size).take(span)
+            ds = ds.map(
+                lambda e, y: (encoded_square(e, S, encoding, quality), y),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            ).ignore_errors()  # undecodable images: counted as span - written
+            name = shard_name(split, k, count)
+            path = os.path.join(out_dir, name)
+            counts: dict[str, int] = {}
+            try:
+                with tf.io.TFRecordWriter(path + ".tmp") as writer:
+                    for image, label in ds.prefetch(64).as_numpy_iterator():
+                        writer.write(_example(image, label))
+                        counts[str(int(label))] = counts.get(str(int(label)), 0) + 1
+                        if progress:
+                            progress.update(1)
+                os.replace(path + ".tmp", path)
+            except BaseException:  # a full disk, a kill turned exception: no temporary stays
+                with contextlib.suppress(OSError):
+                    os.remove(path + ".tmp")
+                raise
+            written = sum(counts.values())
             if progress:
-                progress.update(int(i) + 1 - seen)
-            seen = int(i) + 1
-        while writer is not None and shard < count:  # the last shard, and any left empty
-            finish(shard, writer, counts)
-            shard, counts = shard + 1, {}
-            writer = open_shard(shard) if shard < count else None
-        if progress and total > seen:
-            progress.update(total - seen)
-    shards = state["shards"]
+                progress.update(span - written)
+            state["shards"].append([name, written, span - written, counts, os.path.getsize(path)])
+            write_json(progress_path, state)
+    shards = sorted(state["shards"])
     class_counts: dict[str, int] = {}
-    for _, _, _, c in shards:
-        for label, n in c.items():
+    for entry in shards:
+        for label, n in entry[3].items():
             class_counts[label] = class_counts.get(label, 0) + n
-    written, skipped = sum(s[1] for s in shards), sum(s[2] for s in shards)
+    written, skipped = sum(e[1] for e in shards), sum(e[2] for e in shards)
     unreadable = ""
     if source.source == "folder":  # files the folder's index left out before preparing
         index_skipped = inputs.folder_index(source, split).num_skipped
@@ -351,5 +382,69 @@ def _prepare_split(source, split: str, out_dir: str, recipe: dict, bar) -> dict:
         "examples": written,
         "skipped": skipped,
         "class_counts": class_counts,
-        "shards": [s[0] for s in shards],
+        "shards": [e[0] for e in shards],
+        "files": [e if len(e) == 5 else [*e[:4], None] for e in shards],
     }
+
+
+def damaged_shards(root: str, info: dict) -> list[tuple[str, str]]:
+    """(shard file, what is wrong) for each shard of a prepared split (its prepared.json
+    entry `info`) that is missing or whose size differs from the one recorded when it was
+    written (truncated or altered). Splits prepared before sizes were recorded are checked
+    for missing shards only."""
+    sizes = {e[0]: e[4] for e in info.get("files", ())}
+    out = []
+    for name in info["shards"]:
+        path = os.path.join(root, name)
+        if not os.path.exists(path):
+            out.append((name, "missing"))
+        elif sizes.get(name) is not None and os.path.getsize(path) != sizes[name]:
+            out.append((name, f"{os.path.getsize(path)} bytes, written with {sizes[name]}"))
+    return out
+
+
+def repair_command(root: str, meta: dict, splits) -> str:
+    """The --mode=prepare command that rewrites the damaged shards of `splits` of the
+    prepared folder `root` (only those: the intact ones are kept)."""
+    src = meta.get("source", {})
+    args = [f"--config.data.source={src.get('source', '')}"]
+    for key in ("name", "tfds_config", "folder", "manual_dir"):
+        if src.get(key) and (key != "name" or src.get("source") == "tfds"):
+            args.append(f"--config.data.{key}={src[key]}")
+    args += [
+        f"--config.data.resize_size={meta['resize_size']}",
+        f"--config.data.crop_size={meta['resize_size']}",  # any crop that fits: not prepared
+        f"--config.data.num_classes={meta.get('num_classes', len(meta.get('class_names', [])))}",
+        f"--config.prepare.encoding={meta.get('encoding', 'jpeg')}",
+        f"--config.prepare.shard_size={meta['shard_size']}",
+        f"--config.prepare.splits={','.join(splits)}",
+        f"--config.data.prepared_dir={root}",
+    ]
+    if meta.get("jpeg_quality"):
+        args.append(f"--config.prepare.jpeg_quality={meta['jpeg_quality']}")
+    return "python main.py --mode=prepare " + " ".join(args)
+
+
+def verify(data, splits) -> None:
+    """Checks the shards of the prepared `splits` (those prepared.json has) against it
+    before a run reads them: cheap (file sizes, no reading).
+
+    Raises:
+      DataError: naming each missing, truncated or altered shard and the command that
+        rewrites just those.
+    """
+    meta = metadata(data)
+    root = data.prepared_dir
+    problems, damaged_splits = [], []
+    for split in dict.fromkeys(splits):
+        if split not in meta["splits"]:
+            continue  # split_info names the valid splits when it is read
+        bad = damaged_shards(root, meta["splits"][split])
+        problems += [f"{name} ({why})" for name, why in bad]
+        damaged_splits += [split] if bad else []
+    if problems:
+        raise DataError(
+            f"{root}: {len(problems)} prepared shard(s) damaged: {'; '.join(problems[:5])}"
+            f"{'; ...' if len(problems) > 5 else ''}. Rewrite just those with: "
+            f"{repair_command(root, meta, damaged_splits)}"
+        )

@@ -199,8 +199,9 @@ def test_undecodable_images_are_skipped_and_counted(photos, tmp_path, monkeypatc
 
 
 def test_prepare_resumes_after_a_kill(photos, tmp_path, monkeypatch):
-    """Killed while writing shard 2: a rerun keeps shards 0 and 1 (not rewritten),
-    continues from shard 2 and ends with the same shards as an uninterrupted run."""
+    """Interrupted while writing shard 2: its temporary goes; a rerun keeps shards 0 and 1
+    (not rewritten), continues from shard 2 and ends with the same shards as an
+    uninterrupted run."""
     config = source_config(photos)
     clean = str(tmp_path / "clean")
     prepared.prepare(config.data, clean, ["train"], shard_size=4)
@@ -221,7 +222,7 @@ def test_prepare_resumes_after_a_kill(photos, tmp_path, monkeypatch):
         "train-00000-of-00005.tfrecord",
         "train-00001-of-00005.tfrecord",
     ]
-    assert glob.glob(f"{out}/*.tmp") and not os.path.exists(f"{out}/{prepared.METADATA}")
+    assert not glob.glob(f"{out}/*.tmp") and not os.path.exists(f"{out}/{prepared.METADATA}")
     stamps = {p: os.stat(p).st_mtime_ns for p in done}
     monkeypatch.setattr(prepared, "_example", real)
     encoded = []
@@ -239,6 +240,44 @@ def test_prepare_resumes_after_a_kill(photos, tmp_path, monkeypatch):
             assert a.read() == b.read(), name
     # A finished split is not prepared again.
     assert prepared.prepare(config.data, out, ["train"], shard_size=4)["splits"] == meta["splits"]
+
+
+def test_damaged_shards_are_named_before_a_run_and_repaired_alone(photos, tmp_path, capsys):
+    """A missing and a truncated shard: every run's check names both, with the command that
+    rewrites them; that command rewrites just those two, byte-identical to the originals."""
+    from zf_tf import cli
+    from zf_tf.analyses.base import Request
+
+    config = source_config(photos)
+    out = str(tmp_path / "prep")
+    prepared.prepare(config.data, out, ["train", "validation"], shard_size=4)
+    pconfig = prepared_config(config, out)
+    prepared.verify(pconfig.data, ["train", "validation"])  # intact: no error
+    names = sorted(os.listdir(out))
+    originals = {n: open(f"{out}/{n}", "rb").read() for n in names if n.endswith(".tfrecord")}
+    stamps = {n: os.stat(f"{out}/{n}").st_mtime_ns for n in originals}
+    missing, cut = "train-00001-of-00005.tfrecord", "train-00003-of-00005.tfrecord"
+    os.remove(f"{out}/{missing}")
+    with open(f"{out}/{cut}", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(DataError) as e:
+        inputs.check_source(pconfig.data, ["train", "validation"])
+    message = str(e.value)
+    assert f"2 prepared shard(s) damaged: {missing} (missing); {cut} (100 bytes, written with" in (
+        message
+    )
+    assert "\n" not in message and "--config.prepare.splits=train " in message
+    command = message.split("Rewrite just those with: ")[1].split()
+    assert command[:3] == ["python", "main.py", "--mode=prepare"]
+    repair = cli.resolved_config(cli.DEFAULT_CONFIG, command[3:])
+    cli.run("prepare", repair, Request(workdir=str(tmp_path / "unused")))
+    assert f"train: rewriting 2 damaged shard(s): {missing}, {cut}" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == names
+    for n, data in originals.items():
+        assert open(f"{out}/{n}", "rb").read() == data, n
+        if n not in (missing, cut):
+            assert os.stat(f"{out}/{n}").st_mtime_ns == stamps[n], f"{n} was rewritten"
+    inputs.check_source(pconfig.data, ["train", "validation"])
 
 
 def test_another_recipe_is_refused_unless_overwrite(photos, tmp_path):

@@ -360,7 +360,6 @@ def _train(config, request, strategy):
 def _eval(config, request, strategy):
     from zf_tf.training import evaluate, workdirs
 
-    config = workdirs.load_config(request.workdir, config)
     evaluate.evaluate(config, request.workdir, workdirs.load_model(request.workdir))
     print(f"Wrote {os.path.join(request.workdir, 'eval.json')}, eval.md")
 
@@ -368,7 +367,6 @@ def _eval(config, request, strategy):
 def _export(config, request, strategy):
     from zf_tf.training import export, workdirs
 
-    config = workdirs.load_config(request.workdir, config)
     path = export.export(workdirs.load_model(request.workdir), config, request.workdir)
     print(f"Wrote {path} (SavedModel: saved_model_cli show --dir {path} --all)")
 
@@ -386,9 +384,7 @@ def _transfer(config, request, strategy):
     target."""
     from zf_tf.experiments import transfer
 
-    transfer.run_mode(
-        workdirs.load_config(request.workdir, config), request.workdir, request.overwrite
-    )
+    transfer.run_mode(config, request.workdir, request.overwrite)
 
 
 def _prepare(config, request, strategy):
@@ -427,13 +423,11 @@ def _analysis(name: str):
     def run_analysis(config, request, strategy):
         from zf_tf import analyses
 
-        if not request.model:  # the workdir's own model: the data it was trained on
-            config = workdirs.load_config(request.workdir, config)
         analyses_base.run(analyses.get(name), config, request, strategy)
 
     run_analysis.__doc__ = (
-        f"--mode={name}: zf_tf.analyses.REGISTRY[{name!r}] (with --model, on the command "
-        "line's config)."
+        f"--mode={name}: zf_tf.analyses.REGISTRY[{name!r}] on the workdir's config (with "
+        "--model, the command line's: `mode_config`)."
     )
     return run_analysis
 
@@ -461,6 +455,40 @@ MODES = {
 TRAINING_MODES = ("train", "ablate", "summary")  # build the config's model and batches
 READ_ONLY_MODES = ("summary",)  # every other mode writes the workdir: one at a time
 OWN_FOLDER_MODES = ("prepare",)  # write (and lock) a folder of their own, not the workdir
+COMMAND_LINE_CONFIG_MODES = TRAINING_MODES + OWN_FOLDER_MODES  # the others: config.json's
+NO_DATA_MODES = ("export", "transfer", "prepare")  # read no split of config.data (prepare
+# checks its source itself)
+
+
+def mode_config(mode: str, config, request: analyses_base.Request):
+    """The config a mode runs with: the command line's for training and prepare (and for
+    an analysis of a --model brought along), else the workdir's config.json with the
+    command line's COMMAND_LINE_SECTIONS (`workdirs.load_config`)."""
+    if mode in COMMAND_LINE_CONFIG_MODES or request.model:
+        return config
+    return workdirs.load_config(request.workdir, config)
+
+
+def check(mode: str, config, request: analyses_base.Request, strategy, strategy_name: str):
+    """Every check a mode has that does not need its outputs, run before anything is
+    written (`run` calls it before the workdir lock and the mode itself): a new refusal
+    belongs here, not after a write.
+
+    Raises:
+      UsageError, DataError: one line naming what to change.
+    """
+    if mode in TRAINING_MODES:
+        check_training(config, strategy, strategy_name)
+    if mode in ("train", "ablate"):
+        from zf_tf.training import train
+
+        train.steps_per_epoch(config)  # a split smaller than one batch
+    if mode == "train":
+        workdirs.check_run(config, request.workdir, request.overwrite)
+    if mode not in NO_DATA_MODES:
+        from pipelines import inputs
+
+        inputs.check_source(config.data, (config.data.train_split, config.data.eval_split))
 
 
 def request_from_flags(flag_values, args: list[str] = ()) -> analyses_base.Request:
@@ -483,8 +511,8 @@ def run(mode: str, config, request: analyses_base.Request, strategy_name: str = 
     validate_config(config)
     strategy = make_strategy(strategy_name, config.train.cpu_replicas)
     print(f"Strategy {strategy_name} with {strategy.num_replicas_in_sync} replica(s)")
-    if mode in TRAINING_MODES:
-        check_training(config, strategy, strategy_name)
+    config = mode_config(mode, config, request)
+    check(mode, config, request, strategy, strategy_name)  # then, and only then, writes
     if mode in READ_ONLY_MODES + OWN_FOLDER_MODES or not workdirs.is_chief(strategy):
         MODES[mode](config, request, strategy)  # other workers write to temporary dirs
         return

@@ -199,8 +199,27 @@ def run_differences(workdir: str, config) -> list[str]:
     return differences(_run_identity(old), _run_identity(config_json(config)))
 
 
+def check_run(config, workdir: str, overwrite: bool) -> None:
+    """Refuses, before anything is written, a workdir holding a run of another config
+    (or a damaged config.json) unless `overwrite`.
+
+    Raises:
+      UsageError: naming the differing keys (the first five) and what to do.
+    """
+    if overwrite or not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+        return
+    diff = run_differences(workdir, config)
+    if diff:
+        raise UsageError(
+            f"{workdir} holds a run with a different config (differs in "
+            f"{', '.join(diff[:5])}{'...' if len(diff) > 5 else ''}); "
+            "use another --workdir, or --overwrite to start afresh"
+        )
+
+
 def prepare_for_training(config, workdir: str, overwrite: bool):
-    """Writes the resolved config; refuses a workdir trained with another config.
+    """Writes the resolved config; refuses a workdir trained with another config
+    (`check_run`).
 
     With `overwrite`, the previous run's state (backup, checkpoints, logs, eval, export)
     is removed so that training starts afresh.
@@ -208,23 +227,15 @@ def prepare_for_training(config, workdir: str, overwrite: bool):
     Raises:
       UsageError: the workdir holds a run of a different config and not `overwrite`.
     """
+    check_run(config, workdir, overwrite)
     path = os.path.join(workdir, CONFIG_FILE)
     new = config_json(config)
     if os.path.exists(path):
         try:
             old = _read_json(path)
         except UsageError:
-            if not overwrite:
-                raise
             old = {}  # damaged: with --overwrite, a run of another config
-        diff = differences(_run_identity(old), _run_identity(new))
-        if diff and not overwrite:
-            raise UsageError(
-                f"{workdir} holds a run with a different config (differs in "
-                f"{', '.join(diff[:5])}{'...' if len(diff) > 5 else ''}); "
-                "use another --workdir, or --overwrite to start afresh"
-            )
-        if diff:
+        if differences(_run_identity(old), _run_identity(new)):
             for name in TRAINING_STATE:
                 p = os.path.join(workdir, name)
                 if os.path.isdir(p):
