@@ -334,3 +334,91 @@ def test_unknown_split_in_deconv(tiny_config, tmp_path):
     with pytest.raises(Exception, match="unknown split 'tain': valid splits: "):
         run_analysis("deconv", tiny_config, tmp_path / "w", split="tain", untrained=True)
     assert not (tmp_path / "w").exists()
+
+
+def tree(root):
+    """{relative path: bytes (None for a folder)} of everything under `root`."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(folder, name), root)] = None
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+@pytest.mark.slow
+def test_every_refusal_leaves_the_workdir_byte_identical(tiny_data_dir, tmp_path, capsys):
+    """Each refusal the command line has, in a fresh workdir and, with --overwrite, in one
+    holding a run: one line, the workdir byte-identical (no config.json, no lock owner
+    file), and the corrected command then trains."""
+    from pipelines import prepared
+    from tests.test_train import tiny_args
+
+    folder = tmp_path / "photos"  # an image folder with one class: refused for training
+    (folder / "only").mkdir(parents=True)
+    damaged = tmp_path / "prep"  # a prepared folder whose shard went missing
+    config = cli.resolved_config(cli.DEFAULT_CONFIG, tiny_args(tiny_data_dir, "x")[1:])
+    prepared.prepare(config.data, str(damaged), ["train", "validation"], progress=False)
+    os.remove(
+        damaged / json.load(open(damaged / prepared.METADATA))["splits"]["train"]["shards"][0]
+    )
+    refusals = [  # (mode, extra arguments, the one line says)
+        ("train", ["--config.data.bogus=1"], "unknown config key 'data.bogus'"),
+        ("train", ["--config.train.epochs=x"], "not a valid int"),
+        ("train", ["--config.train.momentum=1.5"], "must be in [0, 1)"),
+        ("train", ["--config.model.layer1=vgg"], "choose one of zfnet, alexnet"),
+        ("train", ["--config.data.crop_size=8"], "too small for this model"),
+        (
+            "train",
+            ["--config.train.batch_size=4096", "--config.train.steps_per_epoch=0"],
+            "fewer than one batch",
+        ),
+        ("train", ["--config.data.source=prepared"], "needs config.data.prepared_dir"),
+        (
+            "train",
+            ["--config.data.source=prepared", f"--config.data.prepared_dir={tmp_path}/none"],
+            "holds no prepared split",
+        ),
+        (
+            "train",
+            ["--config.data.source=prepared", f"--config.data.prepared_dir={damaged}"],
+            "(missing). Rewrite just those with: python main.py --mode=prepare",
+        ),
+        (
+            "train",
+            ["--config.data.source=folder", f"--config.data.folder={tmp_path}/nothing"],
+            "no such folder",
+        ),
+        ("train", ["--config.data.source=folder", f"--config.data.folder={folder}"], "class"),
+        ("eval", [], "no trained model"),
+        ("deconv", ["--config.data.bogus=2"], "unknown config key"),
+    ]
+
+    class Flags:
+        config, strategy, overwrite = cli.DEFAULT_CONFIG, "default", False
+        split, num_images, layer, top_k, features, num_features = "", 0, "", 9, "", 16
+        image, untrained, parts, compare, model, weights, layers = "", False, "", "", "", "", ""
+
+    def refused(mode, workdir, extra, says, overwrite=False):
+        Flags.mode, Flags.workdir, Flags.overwrite = mode, str(workdir), overwrite
+        before = tree(workdir)
+        with pytest.raises(SystemExit) as e:
+            cli.main(Flags, tiny_args(tiny_data_dir, workdir, *extra)[1:])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and says in err[0], (mode, extra, err)
+        assert tree(workdir) == before, (mode, extra)
+        assert not os.path.exists(workdirs._lock_paths(str(workdir))[1])  # no owner file
+
+    fresh, held = tmp_path / "fresh", tmp_path / "held"
+    workdirs.prepare_for_training(config, str(held), False)  # a run of the tiny config
+    for mode, extra, says in refusals:
+        refused(mode, fresh, extra, says)
+        assert not fresh.exists()
+        refused(mode, held, extra, says, overwrite=True)
+    refused("train", held, ["--config.train.epochs=9"], "differs in train.epochs")
+    Flags.mode, Flags.workdir, Flags.overwrite = "train", str(fresh), False  # corrected: trains
+    cli.main(Flags, tiny_args(tiny_data_dir, fresh, "--config.train.epochs=1")[1:])
+    assert json.loads((fresh / "eval.json").read_text())["num_images"] == 50
