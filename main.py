@@ -9,6 +9,12 @@ back with `--verbosity=0` (INFO) or `-v 1`.
 import os
 import sys
 
+from zf_tf.core import interrupts
+
+# First, before TensorFlow starts its threads: SIGINT and SIGTERM end every mode within
+# seconds, even while the main thread waits inside TensorFlow.
+interrupts.install()
+
 # A quiet console unless --verbosity (-v) is given. TensorFlow prints its C++ notices (oneDNN,
 # "cuInit ... UNKNOWN ERROR (303)" on machines without a GPU) straight to stderr while it is
 # imported and finds its devices, before any log level applies: that stretch runs with
@@ -95,5 +101,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: cli.parse_flags(FLAGS, argv))
+    try:
+        app.run(main, flags_parser=lambda argv: cli.parse_flags(FLAGS, argv))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a mode (zf_tf/core/interrupts.py)
+        sys.exit(interrupts.exit_status())
     sys.exit(0)

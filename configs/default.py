@@ -74,6 +74,7 @@ def get_config():
     # (pipelines/service.py: `python -m pipelines.service dispatcher|worker`); '' = here.
     # Where it runs does not change the data: not part of a run's identity.
     config.data.service_address = ""
+    config.data.service_timeout = 60.0  # seconds to wait for an unreachable dispatcher
 
     config.model = ml_collections.ConfigDict()
     config.model.arch = "zfnet"  # or 'vgg' (a small VGG-style BN net: configs/vgg_small.py)
@@ -106,6 +107,8 @@ def get_config():
     config.train.warmup_epochs = 0.0
     config.train.steps_per_epoch = 0  # 0 = one pass over the training split
     config.train.cpu_replicas = 2  # logical CPU devices for --strategy=mirrored without GPUs
+    # --strategy=multi_worker: seconds to wait for every worker of TF_CONFIG to join.
+    config.train.cluster_timeout = 60.0
     config.train.lr_decay = 0.1  # ReduceLROnPlateau on validation loss: factor,
     config.train.lr_patience = 2  # epochs without improvement,
     config.train.min_lr = 1e-5  # and floor

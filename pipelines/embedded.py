@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import signal
 import struct
 import sys
 import zlib
@@ -500,8 +501,15 @@ class ZfShapes(tfds.core.GeneratorBasedBuilder, skip_registration=_registered("z
         # Rendering + PNG encoding dominate the cost and are pure numpy/PIL, so they go to
         # forked workers; TFDS serialisation and writing stay in this process. imap keeps
         # the order, although nothing depends on it (each example has its own seed).
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        # The workers take the default signal mask: main.py blocks SIGINT and SIGTERM in
+        # its threads (zf_tf/core/interrupts.py), and Pool ends its workers with SIGTERM.
+        context = multiprocessing.get_context("fork")
+        with context.Pool(workers, initializer=_unblock_signals) as pool:
             yield from pool.imap(_encoded_example, jobs, chunksize=50)
+
+
+def _unblock_signals():
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
 
 
 def _num_workers(num_examples: int) -> int:

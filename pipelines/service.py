@@ -26,14 +26,68 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import time
 
 import tensorflow as tf
 
+from pipelines import DataError
+
+DEFAULT_TIMEOUT = 60.0  # seconds a trainer waits for an unreachable dispatcher
+NOTICE_EVERY = 30.0  # seconds between "still waiting" lines
 PROCESSING_MODE = "distributed_epoch"
 PROTOCOL = "grpc"
 COMPRESSION = None
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """("HOST", PORT) of "HOST:PORT" (a grpc:// prefix allowed).
+
+    Raises:
+      DataError: not of that form.
+    """
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise DataError(f"service address {address!r} is not HOST:PORT (e.g. localhost:5050)")
+    return host, int(port)
+
+
+def unreachable(address: str, timeout: float = 2.0) -> str | None:
+    """Why nothing answers a TCP connection at "HOST:PORT" ('Connection refused', 'Name or
+    service not known', 'timed out'), or None when something does."""
+    try:
+        with socket.create_connection(host_port(address), timeout=timeout):
+            return None
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
+
+
+def wait_for(address: str, what: str, timeout: float | None, say=print) -> None:
+    """Waits until `address` answers, saying for whom it waits, then a notice every
+    NOTICE_EVERY seconds; `timeout` None waits for ever (a worker started before its
+    dispatcher), else at most `timeout` seconds.
+
+    Raises:
+      DataError: `timeout` passed; one line naming the address, the cause and what to do.
+    """
+    start, notice = time.monotonic(), 0.0
+    why = unreachable(address)
+    while why is not None:
+        waited = time.monotonic() - start
+        if timeout is not None and waited >= timeout:
+            port = host_port(address)[1]
+            raise DataError(
+                f"no {what} answers at {address} ({why}) after {timeout:g} s: start one "
+                f"(python -m pipelines.service dispatcher --port={port}), or fix "
+                "config.data.service_address (config.data.service_timeout sets the wait)"
+            )
+        if waited >= notice:
+            limit = "" if timeout is None else f", giving up after {timeout:g} s"
+            say(f"Waiting for the {what} at {address} ({why}; {waited:.0f} s so far{limit})")
+            notice += NOTICE_EVERY
+        time.sleep(1.0)
+        why = unreachable(address)
 
 
 def distribute(ds: tf.data.Dataset, address: str, job_name: str | None = None):
@@ -136,6 +190,7 @@ def main(argv=None) -> int:
             flush=True,
         )
     else:
+        wait_for(args.dispatcher, "tf.data service dispatcher", None, say=_say)
         server = start_worker(args.dispatcher, args.port)
         print(f"tf.data service worker of {args.dispatcher} serving", flush=True)
     # Not server.join(): a Python loop lets SIGINT / SIGTERM stop the server at once, and
@@ -147,6 +202,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         sys.stdout.flush()
         os._exit(0)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,45 @@ def test_training_through_two_workers_sees_each_example_once_per_epoch(service, 
     history = train.train_and_evaluate(config, workdir, strategies.make_strategy("default"))
     assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
     assert os.path.exists(os.path.join(workdir, "checkpoints", "model.keras"))
+
+
+def test_an_unreachable_dispatcher_is_one_line_within_the_timeout(tmp_path):
+    """Training through a dispatcher that is not there (nothing listening, no such host):
+    one line naming the address and the cause after config.data.service_timeout, before
+    anything is written."""
+    import time
+
+    from pipelines import DataError
+    from zf_tf import cli
+    from zf_tf.analyses.base import Request
+
+    for address, cause in (("localhost:1", "Connection refused"), ("not_a_host:5050", "")):
+        config = cli.resolved_config(
+            cli.DEFAULT_CONFIG,
+            [f"--config.data.service_address={address}", "--config.data.service_timeout=1.5"],
+        )
+        start = time.monotonic()
+        with pytest.raises(
+            DataError, match=f"no tf.data service dispatcher answers at {address}"
+        ) as e:
+            cli.run("train", config, Request(workdir=str(tmp_path / "w")))
+        assert f"({cause}" in str(e.value)
+        assert 1.5 <= time.monotonic() - start < 10
+        assert not (tmp_path / "w").exists()
+    with pytest.raises(DataError, match="Connection refused.*python -m pipelines.service disp"):
+        service_lib.wait_for("localhost:1", "tf.data service dispatcher", 0.5)
+    with pytest.raises(DataError, match="'nohost' is not HOST:PORT"):
+        service_lib.wait_for("nohost", "tf.data service dispatcher", 0.5)
+
+
+def test_a_worker_says_whom_it_waits_for(monkeypatch):
+    """A worker started before its dispatcher: a line naming it at once, then notices."""
+    said = []
+    monkeypatch.setattr(service_lib, "NOTICE_EVERY", 1.0)
+    with pytest.raises(Exception):  # noqa: B017 - a bound only so that the test ends
+        service_lib.wait_for("localhost:1", "tf.data service dispatcher", 2.5, say=said.append)
+    assert said[0] == (
+        "Waiting for the tf.data service dispatcher at localhost:1 (Connection refused; 0 s so "
+        "far, giving up after 2.5 s)"
+    )
+    assert len(said) >= 2 and "1 s so far" in said[1]

@@ -556,3 +556,57 @@ def test_multi_worker(tiny_data_dir, tmp_path):
     assert (workdir / "export" / "saved_model.pb").exists()
     assert any((workdir / "logs").iterdir())
     assert not list((tmp_path / "tmp1").glob("zf_tf_worker_*"))  # worker cleaned up
+
+
+@pytest.mark.slow
+def test_a_worker_that_never_joins_is_named_in_one_line(tmp_path):
+    """--strategy=multi_worker with a TF_CONFIG whose other worker never starts: one line
+    naming it and its address after config.train.cluster_timeout; nothing written."""
+    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "main.py"), "--mode=train", "--strategy=multi_worker"]
+        + [f"--workdir={tmp_path}/w", "--config.train.cluster_timeout=3"],
+        cwd=ROOT,
+        env=worker_env(tmp_path, cluster, 0),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert time.monotonic() - start < 60
+    assert proc.returncode != 0
+    assert f"other workers: worker 1 at {cluster['worker'][1]}" in proc.stdout
+    assert error_lines(proc) == [
+        f"error: --strategy=multi_worker: worker 1 at {cluster['worker'][1]} (Connection "
+        "refused) did not join within 3 s: start every worker of TF_CONFIG (each with its own "
+        "task index), or raise config.train.cluster_timeout"
+    ]
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigint_end_training_within_seconds_and_it_resumes(tiny_data_dir, tmp_path):
+    """SIGTERM, then SIGINT, mid-training: the process says so and ends within seconds
+    (status 143, 130); the rerun finishes with one history row per epoch."""
+    workdir = tmp_path / "w"
+    args = [sys.executable, os.path.join(ROOT, "main.py"), "--mode=train"]
+    args += tiny_args(tiny_data_dir, workdir, "--config.train.epochs=4")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    for signum, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        proc = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for line in proc.stdout:
+            if line.startswith("Training "):  # training has started
+                break
+        time.sleep(1.0)
+        proc.send_signal(signum)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - start < 10
+        assert proc.returncode == status, err[-2000:]
+        assert f"{signal.Signals(signum).name}: stopping (rerun the same command to resume)" in err
+        assert "Traceback" not in err
+    final = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert epochs_in_history(workdir) == list(range(4))

@@ -22,6 +22,7 @@ from absl import flags, logging
 
 from pipelines import DataError
 from zf_tf.analyses import base as analyses_base
+from zf_tf.core import interrupts
 from zf_tf.core.errors import UsageError, file_system_fault
 from zf_tf.training import workdirs
 from zf_tf.training.strategies import STRATEGIES, make_strategy  # noqa: F401 - main.py
@@ -271,6 +272,8 @@ RANGES = (
     ("train.lr_patience", ">= 0", lambda v: v >= 0),
     ("train.min_lr", ">= 0", lambda v: v >= 0),
     ("train.cpu_replicas", ">= 1", lambda v: v >= 1),
+    ("train.cluster_timeout", "> 0", lambda v: v > 0),
+    ("data.service_timeout", "> 0", lambda v: v > 0),
     ("train.weight_decay", ">= 0", lambda v: v >= 0),
     ("train.label_smoothing", "in [0, 1)", lambda v: 0 <= v < 1),
     ("train.warmup_epochs", ">= 0", lambda v: v >= 0),
@@ -485,6 +488,12 @@ def check(mode: str, config, request: analyses_base.Request, strategy, strategy_
         train.steps_per_epoch(config)  # a split smaller than one batch
     if mode == "train":
         workdirs.check_run(config, request.workdir, request.overwrite)
+    address = config.data.get("service_address", "")
+    if mode == "train" and address:  # the training pipeline runs on the tf.data service
+        from pipelines import service
+
+        timeout = float(config.data.get("service_timeout", service.DEFAULT_TIMEOUT))
+        service.wait_for(address, "tf.data service dispatcher", timeout)
     if mode not in NO_DATA_MODES:
         from pipelines import inputs
 
@@ -509,7 +518,9 @@ def run(mode: str, config, request: analyses_base.Request, strategy_name: str = 
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}: valid modes: {', '.join(MODES)}")
     validate_config(config)
-    strategy = make_strategy(strategy_name, config.train.cpu_replicas)
+    strategy = make_strategy(
+        strategy_name, config.train.cpu_replicas, config.train.get("cluster_timeout", 60.0)
+    )
     print(f"Strategy {strategy_name} with {strategy.num_replicas_in_sync} replica(s)")
     config = mode_config(mode, config, request)
     check(mode, config, request, strategy, strategy_name)  # then, and only then, writes
@@ -530,7 +541,11 @@ def main(flag_values, args: list[str]):
         run(flag_values.mode, config, request, flag_values.strategy)
     except (UsageError, DataError, FileNotFoundError) as e:
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (core/interrupts.py): state is resumable
+        sys.exit(interrupts.exit_status())
     except Exception as e:  # a read-only or full disk is one line too; the rest are bugs
+        if interrupts.received:  # the interrupt surfaced as another error (a TF op's)
+            sys.exit(interrupts.exit_status())
         message = file_system_fault(e)
         if message is None:
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from zf_tf.core.errors import UsageError
 
@@ -46,17 +47,18 @@ def check_tf_config(text: str):
         raise bad(f"task.index must be 0..{len(cluster[task['type']]) - 1}")
 
 
-def make_strategy(name: str, cpu_replicas: int = 2):
+def make_strategy(name: str, cpu_replicas: int = 2, cluster_timeout: float = 60.0):
     """Creates a tf.distribute strategy by name; must run before any other TF op.
 
     Args:
       name: one of STRATEGIES.
       cpu_replicas: for 'mirrored' on a machine without GPUs, the CPU is split into this
         many logical devices so that MirroredStrategy really runs that many replicas.
+      cluster_timeout: for 'multi_worker', seconds to wait for every worker to join.
 
     Raises:
-      UsageError: unknown name, a malformed TF_CONFIG for 'multi_worker', or no TPU
-        reachable for 'tpu'.
+      UsageError: unknown name, a malformed TF_CONFIG for 'multi_worker', a worker that
+        does not join within `cluster_timeout`, or no TPU reachable for 'tpu'.
     """
     import tensorflow as tf
 
@@ -74,7 +76,7 @@ def make_strategy(name: str, cpu_replicas: int = 2):
         return tf.distribute.MirroredStrategy(devices)
     if name == "multi_worker":
         check_tf_config(os.environ.get("TF_CONFIG", ""))
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _multi_worker(cluster_timeout)
     if name == "tpu":
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
@@ -86,3 +88,74 @@ def make_strategy(name: str, cpu_replicas: int = 2):
             ) from None
         return tf.distribute.TPUStrategy(resolver)
     raise UsageError(f"unknown strategy {name!r}: valid strategies: {', '.join(STRATEGIES)}")
+
+
+def _peers() -> list[tuple[str, int, str]]:
+    """(job, index, address) of every other task of TF_CONFIG."""
+    spec = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
+    me = spec.get("task", {})
+    return [
+        (job, i, address)
+        for job, hosts in spec.get("cluster", {}).items()
+        for i, address in enumerate(hosts)
+        if (job, i) != (me.get("type"), me.get("index"))
+    ]
+
+
+# The watchdog process of `_multi_worker`: argv = parent pid, pipe fd, timeout, message.
+# It waits for the pipe to close (the strategy exists, or the parent died); if `timeout`
+# passes first it prints the message and ends the parent.
+_WATCHDOG = """
+import os, select, signal, sys
+parent, fd, timeout, message = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+if not select.select([fd], [], [], timeout)[0]:
+    print(message, file=sys.stderr, flush=True)
+    os.kill(parent, signal.SIGKILL)
+"""
+
+
+def _multi_worker(timeout: float):
+    """MultiWorkerMirroredStrategy, waiting at most `timeout` s for the other workers.
+
+    Its constructor waits inside TensorFlow until every worker of TF_CONFIG has connected
+    to the coordination service, silently, for as long as an hour, holding the GIL (so no
+    Python thread or signal handler runs) and ignoring the coordination service's own
+    registration timeout (checked with TensorFlow 2.21). So a small watchdog process
+    bounds it: if the strategy does not exist after `timeout` s, it prints one line naming
+    the peers that do not answer and ends this process (nothing is written before the
+    strategy exists).
+    """
+    import subprocess
+
+    import tensorflow as tf
+
+    from pipelines import service
+
+    peers = _peers()
+    if not peers:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    names = ", ".join(f"{job} {i} at {address}" for job, i, address in peers)
+    print(f"Waiting up to {timeout:g} s for the other workers: {names}", flush=True)
+    # Probed now, named if still missing when the watchdog fires: a peer that answers now
+    # but never joins is named by the list of all of them.
+    missing = [
+        f"{job} {i} at {address} ({why})"
+        for job, i, address in peers
+        if (why := service.unreachable(address, timeout=1.0)) is not None
+    ]
+    message = (
+        f"error: --strategy=multi_worker: {', '.join(missing) or names} did not join within "
+        f"{timeout:g} s: start every worker of TF_CONFIG (each with its own task index), or "
+        "raise config.train.cluster_timeout"
+    )
+    read, write = os.pipe()
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(read), str(timeout), message],
+        pass_fds=(read,),
+    )
+    os.close(read)
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    finally:
+        os.close(write)
+        watchdog.wait()

@@ -37,8 +37,13 @@ CONFIG_FILE = "config.json"
 # from the command line (--config and overrides), not from the workdir's config.json.
 COMMAND_LINE_SECTIONS = ("analysis", "ablate", "transfer", "prepare")
 # Fields that do not change the trained weights either (what is logged during training,
-# where the input pipeline runs).
-LOGGING_FIELDS = (("train", "callbacks"), ("data", "service_address"))
+# where the input pipeline runs, how long to wait for other processes).
+LOGGING_FIELDS = (
+    ("train", "callbacks"),
+    ("data", "service_address"),
+    ("data", "service_timeout"),
+    ("train", "cluster_timeout"),
+)
 # Fields added after some workdirs were trained, and what a config.json without them means.
 ADDED_FIELDS = {
     ("data", "preprocessing"): preprocess.DEFAULT_PREPROCESSING,
