@@ -63,8 +63,37 @@ def test_local_weights_load_and_a_wrong_file_is_refused(tiny_config, tmp_path):
     for a, b in zip(source.model.get_weights(), vgg.get_weights()):
         np.testing.assert_array_equal(a, b)
     r = request(model="vgg19", weights=path, overridden=("data.crop_size",))
-    with pytest.raises(UsageError, match="does not fit vgg19"):
+    with pytest.raises(
+        UsageError,
+        match="does not fit vgg19: the file holds the weights of 13 layers, vgg19 has layers "
+        r"with weights: 16 without its top \(weights of another network\?\)$",
+    ):
         sources.open_source(tiny_config, r)
+
+
+def test_foreign_models_and_damaged_files_are_one_line(tiny_config, tmp_path, recwarn):
+    """Two inputs, a damaged .keras (as --model or --weights), a file that is no weights
+    file: one line each, no Keras warnings."""
+    a, b = keras.Input((8, 8, 3)), keras.Input((8, 8, 3))
+    out = keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.Add()([a, b])))
+    two = str(tmp_path / "two.keras")
+    keras.Model([a, b], out).save(two)
+    with pytest.raises(UsageError, match=r"two.keras has 2 inputs \(input_layer"):
+        sources.open_source(tiny_config, request(model=two))
+    cut = str(tmp_path / "cut.keras")
+    with open(two, "rb") as f, open(cut, "wb") as g:
+        g.write(f.read()[:300])
+    with pytest.raises(UsageError, match=r"cut.keras is damaged or not a Keras file \("):
+        sources.open_source(tiny_config, request(model=cut))
+    text = str(tmp_path / "notes.weights.h5")
+    with open(text, "w") as f:
+        f.write("not HDF5")
+    for weights in (cut, text):
+        with pytest.raises(UsageError, match=f"--weights={weights} is damaged or not a Keras"):
+            sources.open_source(
+                tiny_config, request(model="vgg16", weights=weights, overridden=("data.crop_size",))
+            )
+    assert not [str(w.message)[:200] for w in recwarn if w.category is UserWarning]
 
 
 def test_keras_file_round_trip(tiny_config, tmp_path):
@@ -86,7 +115,7 @@ def test_keras_file_round_trip(tiny_config, tmp_path):
         sources.open_source(tiny_config, request(model=path, overridden=("data.crop_size",)))
     bad = tmp_path / "broken.keras"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(UsageError, match=f"cannot load --model={bad}"):
+    with pytest.raises(UsageError, match=f"--model={bad} is damaged or not a Keras file"):
         sources.open_source(tiny_config, request(model=str(bad)))
 
 

@@ -436,17 +436,16 @@ def test_one_replica_equals_two_replicas():
 
 
 @pytest.mark.slow
-def test_chaos_ten_sigkills_lose_no_epoch(tiny_data_dir, tmp_path):
+def test_chaos_sigkills_and_signals_lose_no_epoch(trained, tiny_data_dir, tmp_path):
     """Training killed by SIGKILL at 10 random moments (starting up, mid-epoch, between an
-    epoch's logs and its checkpoint or backup, evaluating, exporting), rerun each time,
-    then to the end: one history row per epoch, every optimizer step taken exactly once,
-    a loadable checkpoint and export, and an accuracy within noise of a run never
-    killed."""
-    epochs = 6
-    extra = (f"--config.train.epochs={epochs}", "--config.analysis.evolution.epochs=()")
+    epoch's logs and its checkpoint or backup, evaluating, exporting) and stopped once by
+    SIGTERM and once by SIGINT (each a line, status 143 / 130 within seconds), rerun each
+    time, then to the end: one history row per epoch, every optimizer step taken exactly
+    once, a loadable checkpoint and export, and an accuracy within noise of a run never
+    killed (`trained`)."""
     workdir = tmp_path / "w"
     args = [sys.executable, os.path.join(ROOT, "main.py"), "--mode=train"]
-    args += tiny_args(tiny_data_dir, workdir, *extra)
+    args += tiny_args(tiny_data_dir, workdir, "--config.analysis.evolution.epochs=()")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     history = workdir / "history.csv"
 
@@ -455,35 +454,43 @@ def test_chaos_ten_sigkills_lose_no_epoch(tiny_data_dir, tmp_path):
 
     rng = np.random.default_rng(0)
     progress = []
-    for _ in range(10):
-        # A kill at a random moment of a random epoch: after 0 to `epochs` more history rows
-        # (0: while starting up; past the last: evaluating or exporting), 0-1.5 s later.
-        target = rows() + int(rng.integers(0, epochs + 1))
-        proc = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+    for signum in [signal.SIGKILL] * 5 + [signal.SIGTERM] + [signal.SIGKILL] * 5 + [signal.SIGINT]:
+        # At a random moment of a random epoch: after 0 to EPOCHS more history rows (0:
+        # starting up; past the last: evaluating or exporting), 0-1.5 s later. SIGTERM and
+        # SIGINT come once training has started (before, Python is still importing).
+        target = rows() + int(rng.integers(0, EPOCHS + 1))
+        pipe = subprocess.DEVNULL if signum == signal.SIGKILL else subprocess.PIPE
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
+        if signum != signal.SIGKILL:
+            for line in proc.stdout:
+                if line.startswith(("Training ", "Wrote ")):
+                    break
         deadline = time.time() + 120
         while proc.poll() is None and rows() < target and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(rng.uniform(0, 1.5))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        finished = proc.poll() is not None
+        proc.send_signal(signum)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        if signum != signal.SIGKILL and not finished:
+            assert time.monotonic() - start < 10
+            assert proc.returncode == 128 + signum, err[-2000:]
+            assert f"{signal.Signals(signum).name}: stopping (rerun the same command" in err
+            assert "Traceback" not in err
         progress.append(rows())
     assert max(progress) >= 1, f"no kill came after an epoch: {progress}"
     final = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr[-2000:]
-    assert epochs_in_history(workdir) == list(range(epochs))
+    assert epochs_in_history(workdir) == list(range(EPOCHS))
     model = keras.models.load_model(workdirs.checkpoint_path(str(workdir)), compile=True)
-    assert int(model.optimizer.iterations.numpy()) == epochs * STEPS
-    assert resume.checkpoint_epochs(workdirs.checkpoint_path(str(workdir))) == epochs
+    assert int(model.optimizer.iterations.numpy()) == EPOCHS * STEPS
+    assert resume.checkpoint_epochs(workdirs.checkpoint_path(str(workdir))) == EPOCHS
     served = tf.saved_model.load(str(workdir / "export"))
     assert "serving_default" in served.signatures
-    config = tiny_train_config(tiny_data_dir, **{"train.epochs": epochs})
-    config.analysis.evolution.epochs = ()
-    calm = tmp_path / "calm"
-    train.train_and_evaluate(config, str(calm), tf.distribute.get_strategy())
     errors = [
-        json.loads((w / "eval.json").read_text())["ten_crop"]["top1_error"] for w in (workdir, calm)
+        json.loads((w / "eval.json").read_text())["ten_crop"]["top1_error"]
+        for w in (workdir, trained[0])
     ]
     # 50 validation images: a binomial standard error of about 7 points at 50 %.
     assert abs(errors[0] - errors[1]) <= 25, errors
@@ -582,31 +589,3 @@ def test_a_worker_that_never_joins_is_named_in_one_line(tmp_path):
         "task index), or raise config.train.cluster_timeout"
     ]
     assert not (tmp_path / "w").exists()
-
-
-@pytest.mark.slow
-def test_sigterm_and_sigint_end_training_within_seconds_and_it_resumes(tiny_data_dir, tmp_path):
-    """SIGTERM, then SIGINT, mid-training: the process says so and ends within seconds
-    (status 143, 130); the rerun finishes with one history row per epoch."""
-    workdir = tmp_path / "w"
-    args = [sys.executable, os.path.join(ROOT, "main.py"), "--mode=train"]
-    args += tiny_args(tiny_data_dir, workdir, "--config.train.epochs=4")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    for signum, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
-        proc = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for line in proc.stdout:
-            if line.startswith("Training "):  # training has started
-                break
-        time.sleep(1.0)
-        proc.send_signal(signum)
-        start = time.monotonic()
-        _, err = proc.communicate(timeout=60)
-        assert time.monotonic() - start < 10
-        assert proc.returncode == status, err[-2000:]
-        assert f"{signal.Signals(signum).name}: stopping (rerun the same command to resume)" in err
-        assert "Traceback" not in err
-    final = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert final.returncode == 0, final.stderr[-2000:]
-    assert epochs_in_history(workdir) == list(range(4))

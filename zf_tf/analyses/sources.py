@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
+import zipfile
 
 import keras
 import ml_collections
@@ -120,12 +122,20 @@ def _build_application(name: str, weights: str, size: int, overridden: set):
     attempts = [] if sized else [dict(include_top=True, classifier_activation=None)]
     side = size if sized else native
     attempts.append(dict(include_top=False, input_shape=(side, side, 3)))
-    errors = []
+    errors, counts = [], []
     for kwargs in attempts:
         try:
-            model = builder(weights=weights or None, **kwargs)
-        except (ValueError, OSError) as e:
+            with warnings.catch_warnings():  # Keras warns per layer that does not fit
+                warnings.simplefilter("ignore")
+                model = builder(weights=weights or None, **kwargs)
+        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
             errors.append(_first_line(e))
+            if weights:  # the model as built, without the weights, for the message
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    n = _layers_with_weights(builder(weights=None, **kwargs))
+                top = "with its classifier" if kwargs["include_top"] else "without its top"
+                counts.append(f"{n} {top}")
             continue
         top = "with its classifier" if kwargs["include_top"] else "without its top"
         if weights:
@@ -133,16 +143,64 @@ def _build_application(name: str, weights: str, size: int, overridden: set):
         else:
             what = "RANDOM weights (no --weights given: nothing is downloaded)"
         return model, f"model: keras.applications.{builder_name} {top}, {what}"
-    raise UsageError(f"--weights={weights} does not fit {name}: {errors[-1]}")
+    from zf_tf.training import workdirs
+
+    damage = workdirs.damage(weights) if weights.endswith(".keras") else None
+    held = None if weights.endswith(".keras") else _layers_in_weights_file(weights)
+    if damage is not None or (held is None and not weights.endswith(".keras")):
+        raise UsageError(f"--weights={weights} is damaged or not a Keras weights file")
+    if held is not None and counts:
+        raise UsageError(
+            f"--weights={weights} does not fit {name}: the file holds the weights of {held} "
+            f"layers, {name} has layers with weights: {' or '.join(counts)} (weights of "
+            "another network?)"
+        )
+    raise UsageError(f"--weights={weights} does not fit {name}: {errors[-1][:200]}")
+
+
+def _layers_with_weights(model) -> int:
+    return sum(1 for layer in model._flatten_layers(include_self=False) if layer.weights)
+
+
+def _layers_in_weights_file(path: str) -> int | None:
+    """The layers (groups holding variables) in a Keras .weights.h5 / .h5 file, or None
+    when it is not an HDF5 file."""
+    import h5py
+
+    groups = set()
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            groups.add(name.rsplit("/vars/", 1)[0] if "/vars/" in name else name.rsplit("/", 1)[0])
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(visit)
+    except OSError:
+        return None
+    return len(groups)
 
 
 def _load_file(path: str):
     from zf_tf.core import model as model_lib  # also registers ZFNet's custom layers
+    from zf_tf.training import workdirs
 
+    why = workdirs.damage(path) if path.endswith(".keras") else None
+    if why is not None:
+        raise UsageError(f"--model={path} is damaged or not a Keras file ({why})")
     try:
-        model = keras.saving.load_model(path, compile=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = keras.saving.load_model(path, compile=False)
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file can raise anything
-        raise UsageError(f"cannot load --model={path}: {_first_line(e)}") from None
+        raise UsageError(f"cannot load --model={path}: {_first_line(e)[:300]}") from None
+    if len(model.inputs) != 1:
+        names = ", ".join(t.name for t in model.inputs)
+        raise UsageError(
+            f"--model={path} has {len(model.inputs)} inputs ({names}): the analyses look "
+            "inside models of one image input; save a model of one input (e.g. "
+            "keras.Model(image_input, outputs) with the others fixed)"
+        )
     model = model_lib.as_float32(model)  # a mixed-precision model is inspected in float32
     return model, f"model: {path} ({model.name}, {model.count_params():,} parameters)"
 
