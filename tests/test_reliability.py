@@ -422,3 +422,26 @@ def test_every_refusal_leaves_the_workdir_byte_identical(tiny_data_dir, tmp_path
     Flags.mode, Flags.workdir, Flags.overwrite = "train", str(fresh), False  # corrected: trains
     cli.main(Flags, tiny_args(tiny_data_dir, fresh, "--config.train.epochs=1")[1:])
     assert json.loads((fresh / "eval.json").read_text())["num_images"] == 50
+
+
+def test_tensorflow_op_errors_lose_their_internals(tmp_path):
+    """An unreadable image is named with the cause alone, not TensorFlow's op wrapping."""
+    import tensorflow as tf
+
+    from zf_tf.analyses import deconv
+    from zf_tf.core import errors
+
+    bad = tmp_path / "x.jpg"
+    bad.write_text("hello")
+    for path, cause in ((bad, "Unknown image file format"), (tmp_path, "Is a directory")):
+        with pytest.raises(UsageError) as e:
+            deconv.load_image(str(path), 72, 64, None)
+        message = str(e.value)
+        assert message.startswith(f"cannot read image {path}: ") and cause in message
+        assert "function_node" not in message and "[Op:" not in message, message
+    with pytest.raises(tf.errors.OpError) as e:
+        tf.io.decode_jpeg(b"\xff\xd8 half a jpeg")
+    assert "function_node" in e.value.message  # what TensorFlow says
+    assert errors.op_message(e.value) == (
+        "Unknown image file format. One of JPEG, JPEG XL, PNG, GIF, BMP, WebP required."
+    )

@@ -46,7 +46,11 @@ def quiet():
 
 
 def fail(message: str):
-    """Prints `error: message` on one line to stderr and exits with status 1."""
+    """Prints `error: message` on one line to stderr and exits with status 1. On a
+    terminal, the line a progress bar was drawing is ended first, so the error starts a
+    line of its own."""
+    if sys.stdout.isatty():
+        print(file=sys.stdout, flush=True)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
 

@@ -51,7 +51,7 @@ from pipelines import examples, inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base
 from zf_tf.core import graph
-from zf_tf.core.errors import UsageError
+from zf_tf.core.errors import UsageError, op_message
 
 MODE = "correspondence"
 SIGN_RTOL = 1e-5
@@ -153,8 +153,7 @@ def load_photo(path: str, config) -> tuple[np.ndarray, tuple[int, int]]:
         crop = preprocess.ten_crops_of_image(image, d.resize_size, d.crop_size, pixels)
         return crop[preprocess.CENTER_CROP].numpy(), tuple(int(v) for v in image.shape[:2])
     except (tf.errors.OpError, ValueError) as e:
-        message = getattr(e, "message", str(e)).splitlines()[0]
-        raise UsageError(f"cannot read image {path}: {message}") from None
+        raise UsageError(f"cannot read image {path}: {op_message(e)}") from None
 
 
 def json_subjects(config, path: str, num: int = 0) -> Subjects:

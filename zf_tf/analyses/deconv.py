@@ -21,7 +21,7 @@ from pipelines import inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base
 from zf_tf.core import deconv, graph, topk
-from zf_tf.core.errors import UsageError
+from zf_tf.core.errors import UsageError, op_message
 
 MODE = "deconv"
 PROJECT_BATCH = 64  # deconvnet requests per projection call
@@ -65,8 +65,7 @@ def load_image(path: str, resize_size: int, crop_size: int, pixels) -> np.ndarra
         encoded = tf.io.read_file(path)
         return preprocess.center_crop(encoded, resize_size, crop_size, pixels).numpy()
     except (tf.errors.OpError, ValueError) as e:
-        message = getattr(e, "message", str(e)).splitlines()[0]
-        raise UsageError(f"cannot read image {path}: {message}") from None
+        raise UsageError(f"cannot read image {path}: {op_message(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------

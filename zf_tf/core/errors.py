@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 # errno values that mean "this path cannot be written here", not a bug.
 FILE_SYSTEM_ERRNOS = {
@@ -29,6 +30,22 @@ _TF_FILE_SYSTEM_TEXTS = (
 )
 
 
+# TensorFlow's wrapping of an op's error: "{{function_node __wrapped__X_device_...}} " before
+# the cause, " [Op:X] name: ..." after it.
+_TF_NODE = re.compile(r"\{\{function_node [^}]*\}\}\s*")
+_TF_OP = re.compile(r"\s*\[Op:[^\]]*\].*$")
+
+
+def op_message(e: BaseException) -> str:
+    """The cause an error states, on one line, without TensorFlow's op internals
+    ('Invalid JPEG data, size 500', not '{{function_node __wrapped__ExtractJpegShape_...}}
+    Invalid JPEG data, size 500 [Op:ExtractJpegShape] name: ')."""
+    text = str(getattr(e, "message", None) or e).strip()
+    first = text.splitlines()[0] if text else ""
+    first = _TF_OP.sub("", _TF_NODE.sub("", first)).strip()
+    return first or type(e).__name__
+
+
 class UsageError(ValueError):
     """A problem with the user's input (a setting, a path, a layer name).
 
@@ -48,8 +65,7 @@ def file_system_fault(e: BaseException) -> str | None:
     if isinstance(text, str):
         for cause in _TF_FILE_SYSTEM_TEXTS:
             if cause in text:
-                first = text.strip().splitlines()[0] if text.strip() else cause
-                return f"cannot write: {first}"
+                return f"cannot write: {op_message(e)}"
     return None
 
 
