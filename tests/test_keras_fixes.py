@@ -10,7 +10,6 @@ the 2 workers of a local MultiWorkerMirroredStrategy cluster (slow)."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -82,16 +81,12 @@ def test_prebuild_fixes_uneven_replica_batches(mirrored_uneven):
 # --- Bugs 1 and 2 under MultiWorkerMirroredStrategy (2 local workers, ~15 s) ---------------
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def multi_worker():
     """Each worker's results for no patch, prebuild alone, and both patches."""
-    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
+    from tests.test_train import local_cluster
+
+    cluster = local_cluster()
     command = [sys.executable, SCRIPT, "multi_worker", "none", "prebuild", "prebuild,scalar_reduce"]
     procs = []
     for i in range(2):

@@ -496,10 +496,14 @@ def test_chaos_sigkills_and_signals_lose_no_epoch(trained, tiny_data_dir, tmp_pa
     assert abs(errors[0] - errors[1]) <= 25, errors
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def local_cluster(workers: int = 2) -> dict:
+    """A TF_CONFIG cluster of `workers` distinct free loopback ports (the sockets are held
+    until all are chosen: closing each at once may hand the same port out twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(workers)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return {"worker": [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]}
 
 
 def worker_env(tmp_path, cluster, index):
@@ -516,7 +520,7 @@ def worker_env(tmp_path, cluster, index):
 
 def run_workers(tmp_path, command, timeout=400):
     """Runs `command` as the 2 workers of a local cluster; [(returncode, stdout, stderr)]."""
-    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
+    cluster = local_cluster()
     procs = [
         subprocess.Popen(
             command,
@@ -569,7 +573,7 @@ def test_multi_worker(tiny_data_dir, tmp_path):
 def test_a_worker_that_never_joins_is_named_in_one_line(tmp_path):
     """--strategy=multi_worker with a TF_CONFIG whose other worker never starts: one line
     naming it and its address after config.train.cluster_timeout; nothing written."""
-    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
+    cluster = local_cluster()
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "main.py"), "--mode=train", "--strategy=multi_worker"]
