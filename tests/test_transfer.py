@@ -76,9 +76,9 @@ def test_fig9_plot_shows_the_papers_points_for_caltech101(tmp_path, monkeypatch)
     assert image.ndim == 3 and os.path.exists(tmp_path / "fig9.png")
     ax = figures[0].axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
-    paper = lines["paper, from scratch (ImageNet)"]
+    paper = lines["paper: from scratch"]
     assert list(paper.get_xdata()) == [15, 30] and list(paper.get_ydata()) == [22.8, 46.5]
-    paper = lines["paper, pretrained fc7 + softmax (ImageNet)"]
+    paper = lines["paper: ImageNet-pretrained fc7 + softmax"]
     assert list(paper.get_ydata()) == [83.8, 86.5]
     results["target"] = "shapes"  # no published figures: none drawn
     report.plot(results, str(tmp_path / "other.png"))

@@ -75,9 +75,16 @@ def plot(results: dict, path: str) -> np.ndarray:
     xs = [all_x if n == 0 else n for n in per_class]
     fig, ax = plt.subplots(figsize=(6, 4))
     paper = PAPER.get(results["target"], {})
-    for key, label, style, color in (
-        ("transfer", f"pretrained {results['feature_layer']} + softmax", "o-", "tab:blue"),
-        ("scratch", "from scratch", "s--", "tab:orange"),
+    layer = results["feature_layer"]
+    for key, label, paper_label, style, color in (
+        (
+            "transfer",
+            f"this model's {layer} + softmax",
+            "paper: ImageNet-pretrained fc7 + softmax",
+            "o-",
+            "tab:blue",
+        ),
+        ("scratch", "from scratch", "paper: from scratch", "s--", "tab:orange"),
     ):
         if not results.get(key):
             continue
@@ -93,7 +100,7 @@ def plot(results: dict, path: str) -> np.ndarray:
                 mfc="none",
                 ms=9,
                 color=color,
-                label=f"paper, {label} (ImageNet)",
+                label=paper_label,
             )
     if results["metric_name"] == "mean per-class accuracy":
         ax.axhline(100 / len(results["class_names"]), color="gray", ls=":", label="chance")
