@@ -86,6 +86,8 @@ def test_damaged_points_are_passed_over_then_refused(tmp_path, capsys):
     for path in (workdirs.checkpoint_path(workdir), tmp_path / "backup" / "epoch_0001.weights.h5"):
         with open(path, "r+b") as f:
             f.truncate(64)
+        if path != tmp_path / "backup" / "epoch_0001.weights.h5":
+            assert restored(workdir)[0] == 1  # the checkpoint too: the backup before
     with pytest.raises(UsageError, match="nothing good to resume from: start afresh"):
         restored(workdir)
 

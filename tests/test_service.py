@@ -88,7 +88,7 @@ def test_an_unreachable_dispatcher_is_one_line_within_the_timeout(tmp_path):
     for address, cause in (("localhost:1", "Connection refused"), ("not_a_host:5050", "")):
         config = cli.resolved_config(
             cli.DEFAULT_CONFIG,
-            [f"--config.data.service_address={address}", "--config.data.service_timeout=1.5"],
+            [f"--config.data.service_address={address}", "--config.data.service_timeout=1"],
         )
         start = time.monotonic()
         with pytest.raises(
@@ -96,7 +96,7 @@ def test_an_unreachable_dispatcher_is_one_line_within_the_timeout(tmp_path):
         ) as e:
             cli.run("train", config, Request(workdir=str(tmp_path / "w")))
         assert f"({cause}" in str(e.value)
-        assert 1.5 <= time.monotonic() - start < 10
+        assert 1 <= time.monotonic() - start < 10
         assert not (tmp_path / "w").exists()
     with pytest.raises(DataError, match="Connection refused.*python -m pipelines.service disp"):
         service_lib.wait_for("localhost:1", "tf.data service dispatcher", 0.5)

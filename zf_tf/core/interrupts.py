@@ -22,7 +22,7 @@ import threading
 import time
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-GRACE_SECONDS = 5.0
+GRACE_SECONDS = 3.0
 received: list[int] = []  # the signal that stopped the run (cli turns it into the status)
 
 
