@@ -25,7 +25,11 @@ from zf_tf.analyses import base as analyses_base
 from zf_tf.core import interrupts
 from zf_tf.core.errors import UsageError, file_system_fault
 from zf_tf.training import workdirs
-from zf_tf.training.strategies import STRATEGIES, make_strategy  # noqa: F401 - main.py
+from zf_tf.training.strategies import (  # noqa: F401 - main.py
+    CLUSTER_TIMEOUT,
+    STRATEGIES,
+    make_strategy,
+)
 
 DEFAULT_CONFIG = "configs/default.py"
 OVERRIDE_PREFIX = "--config."
@@ -523,7 +527,9 @@ def run(mode: str, config, request: analyses_base.Request, strategy_name: str = 
         raise UsageError(f"unknown mode {mode!r}: valid modes: {', '.join(MODES)}")
     validate_config(config)
     strategy = make_strategy(
-        strategy_name, config.train.cpu_replicas, config.train.get("cluster_timeout", 60.0)
+        strategy_name,
+        config.train.cpu_replicas,
+        config.train.get("cluster_timeout", CLUSTER_TIMEOUT),
     )
     print(f"Strategy {strategy_name} with {strategy.num_replicas_in_sync} replica(s)")
     config = mode_config(mode, config, request)

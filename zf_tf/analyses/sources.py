@@ -145,9 +145,12 @@ def _build_application(name: str, weights: str, size: int, overridden: set):
         return model, f"model: keras.applications.{builder_name} {top}, {what}"
     from zf_tf.training import workdirs
 
-    damage = workdirs.damage(weights) if weights.endswith(".keras") else None
-    held = None if weights.endswith(".keras") else _layers_in_weights_file(weights)
-    if damage is not None or (held is None and not weights.endswith(".keras")):
+    if weights.endswith(".keras"):  # a whole model's file: its archive is checked
+        held, damaged = None, workdirs.damage(weights) is not None
+    else:  # a weights file: its layers are counted (None: not HDF5)
+        held = _layers_in_weights_file(weights)
+        damaged = held is None
+    if damaged:
         raise UsageError(f"--weights={weights} is damaged or not a Keras weights file")
     if held is not None and counts:
         raise UsageError(

@@ -10,6 +10,7 @@ import sys
 from zf_tf.core.errors import UsageError
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+CLUSTER_TIMEOUT = 60.0  # seconds a multi_worker run waits for its peers by default
 
 
 TF_CONFIG_FORM = (
@@ -47,7 +48,7 @@ def check_tf_config(text: str):
         raise bad(f"task.index must be 0..{len(cluster[task['type']]) - 1}")
 
 
-def make_strategy(name: str, cpu_replicas: int = 2, cluster_timeout: float = 60.0):
+def make_strategy(name: str, cpu_replicas: int = 2, cluster_timeout: float = CLUSTER_TIMEOUT):
     """Creates a tf.distribute strategy by name; must run before any other TF op.
 
     Args:
