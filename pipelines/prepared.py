@@ -32,9 +32,10 @@ Every run that reads a prepared folder first checks its shards against prepared.
 (`verify`, through `inputs.check_source`, before anything is written): a missing shard, or
 one whose size differs from what was written, is named with the `--mode=prepare` command that
 rewrites just the damaged shards (`repair_command`; the intact ones are kept). A shard
-altered without a change of size is caught when read, by TFRecord's per-record checksums
-(reading that shard stops at the record, with a warning; the evaluation counts the images
-it misses as skipped).
+altered without a change of size is caught when read, by TFRecord's per-record checksums:
+reading that shard stops at the record, and one line names the shard, how many of its
+records were lost and the command that rewrites it (`records`); the evaluation also counts
+the images it misses as skipped.
 
 Labels are the source's original ids (every class is prepared; `data.classes` selects at
 read time, as for the other sources).
@@ -47,6 +48,7 @@ import glob
 import json
 import os
 import re
+import sys
 
 import ml_collections
 import tensorflow as tf
@@ -122,22 +124,61 @@ def split_info(data, split: str) -> dict:
 
 def records(data, split: str, shuffle_files: bool = False, seed: int = 0) -> tf.data.Dataset:
     """(encoded S x S square, int64 original label) pairs of a prepared split;
-    in split order, or (training) shards in a seeded random order, read interleaved."""
+    in split order, or (training) shards in a seeded random order, read interleaved.
+
+    A shard whose record fails its checksum (altered on disk without a change of size, so
+    `verify` passed it) ends at that record: the shortfall is counted against the record
+    count prepared.json holds and reported on stderr in one line naming the shard and the
+    command that rewrites it, each time the shard is read (`_shard_records`)."""
+    meta = metadata(data)
     info = split_info(data, split)
     files = [os.path.join(data.prepared_dir, f) for f in info["shards"]]
+    written = {e[0]: e[1] for e in info.get("files", ())}  # absent before format 1's sizes
+    expected = [written.get(f, -1) for f in info["shards"]]
+    repair = repair_command(data.prepared_dir, meta, [split])
+    shard = lambda path, n: _shard_records(path, n, repair)  # noqa: E731
+    ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(expected, tf.int64)))
     if shuffle_files:
-        ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
-        ds = ds.interleave(
-            tf.data.TFRecordDataset,
+        ds = ds.shuffle(len(files), seed=seed).interleave(
+            shard,
             cycle_length=min(8, len(files)),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=False,
         )
     else:
-        ds = tf.data.TFRecordDataset(files)
+        ds = ds.flat_map(shard)
     return ds.map(
         lambda r: tuple(tf.io.parse_single_example(r, _FEATURES).values()),
         num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
+def _shard_records(path, expected, repair: str) -> tf.data.Dataset:
+    """The records of one shard. TFRecord cannot resynchronize after a record that fails
+    its checksum, so reading ends there; when fewer than `expected` (>= 0) records came,
+    one line on stderr says how many, which file, and `repair` (in-graph `tf.print`, so
+    it also speaks from a tf.data service worker)."""
+    ends = tf.data.Dataset.from_tensors((tf.constant(b""), True))  # a marker after the last
+    tagged = tf.data.TFRecordDataset(path).ignore_errors().map(lambda r: (r, False))
+
+    def count(n, item):
+        def report():
+            line = tf.strings.join([
+                "WARNING: prepared shard ", path, ": only ", tf.strings.as_string(n), " of ",
+                tf.strings.as_string(expected), " records are readable (a record fails its "
+                f"checksum; the rest of the shard is skipped): delete it and run {repair}",
+            ])  # fmt: skip
+            with tf.control_dependencies([tf.print(line, output_stream=sys.stderr)]):
+                return tf.identity(n)
+
+        short = tf.logical_and(item[1], n < expected)
+        return tf.cond(short, report, lambda: n) + 1, item
+
+    return (
+        tagged.concatenate(ends)
+        .scan(tf.constant(0, tf.int64), count)
+        .filter(lambda record, last: tf.logical_not(last))
+        .map(lambda record, last: record)
     )
 
 

@@ -242,7 +242,7 @@ def test_prepare_resumes_after_a_kill(photos, tmp_path, monkeypatch):
     assert prepared.prepare(config.data, out, ["train"], shard_size=4)["splits"] == meta["splits"]
 
 
-def test_damaged_shards_are_named_before_a_run_and_repaired_alone(photos, tmp_path, capsys):
+def test_damaged_shards_are_named_before_a_run_and_repaired_alone(photos, tmp_path, capfd):
     """A missing and a truncated shard: every run's check names both, with the command that
     rewrites them; that command rewrites just those two, byte-identical to the originals."""
     from zf_tf import cli
@@ -271,13 +271,37 @@ def test_damaged_shards_are_named_before_a_run_and_repaired_alone(photos, tmp_pa
     assert command[:3] == ["python", "main.py", "--mode=prepare"]
     repair = cli.resolved_config(cli.DEFAULT_CONFIG, command[3:])
     cli.run("prepare", repair, Request(workdir=str(tmp_path / "unused")))
-    assert f"train: rewriting 2 damaged shard(s): {missing}, {cut}" in capsys.readouterr().out
+    assert f"train: rewriting 2 damaged shard(s): {missing}, {cut}" in capfd.readouterr().out
     assert sorted(os.listdir(out)) == names
     for n, data in originals.items():
         assert open(f"{out}/{n}", "rb").read() == data, n
         if n not in (missing, cut):
             assert os.stat(f"{out}/{n}").st_mtime_ns == stamps[n], f"{n} was rewritten"
     inputs.check_source(pconfig.data, ["train", "validation"])
+    # Altered without a change of size: passes the check, and reading that shard stops at
+    # the record that fails its checksum, said in one line with the fix, in both orders.
+    altered = "train-00002-of-00005.tfrecord"
+    with open(f"{out}/{altered}", "r+b") as f:
+        f.seek(os.path.getsize(f"{out}/{altered}") // 2)
+        f.write(bytes(b ^ 0xFF for b in f.read(4))[:4])
+    inputs.check_source(pconfig.data, ["train", "validation"])
+    total = prepared.split_info(pconfig.data, "train")["examples"]
+    capfd.readouterr()
+    for shuffle in (False, True):
+        read = prepared.records(pconfig.data, "train", shuffle)
+        labels = [int(y) for _, y in read.as_numpy_iterator()]
+        kept = len(labels) - (total - 4)  # 4 records a shard: the altered one keeps 0 to 3
+        assert 0 <= kept < 4
+        lines = [l for l in capfd.readouterr().err.splitlines() if "prepared shard" in l]
+        assert len(lines) == 1 and lines[0].startswith(
+            f"WARNING: prepared shard {out}/{altered}: only {kept} of 4 records are readable"
+        ), lines
+        assert lines[0].split("delete it and run ")[1] == prepared.repair_command(
+            out, prepared.metadata(pconfig.data), ["train"]
+        )
+    os.remove(f"{out}/{altered}")
+    cli.run("prepare", repair, Request(workdir=str(tmp_path / "unused")))
+    assert open(f"{out}/{altered}", "rb").read() == originals[altered]
 
 
 def test_another_recipe_is_refused_unless_overwrite(photos, tmp_path):

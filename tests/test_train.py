@@ -573,3 +573,24 @@ def test_a_worker_that_never_joins_is_named_in_one_line(tmp_path):
         "task index), or raise config.train.cluster_timeout"
     ]
     assert not (tmp_path / "w").exists()
+    # SIGTERM while TensorFlow waits for the peer (holding the GIL): ended at once.
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py"), "--mode=train", "--strategy=multi_worker"]
+        + [f"--workdir={tmp_path}/w", "--config.train.cluster_timeout=60"],
+        cwd=ROOT,
+        env=worker_env(tmp_path, cluster, 0),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert any("Waiting up to 60 s" in line for line in proc.stdout)
+    time.sleep(2)  # past the probe: inside TensorFlow's wait
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    assert time.monotonic() - start < 5
+    proc.stderr = proc.stderr.read()
+    assert error_lines(proc) == [
+        "SIGTERM: stopping while waiting for the other workers (nothing was written)"
+    ]
+    assert not (tmp_path / "w").exists()

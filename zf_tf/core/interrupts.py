@@ -23,6 +23,7 @@ import time
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 GRACE_SECONDS = 3.0
+POLL_SECONDS = 0.25
 received: list[int] = []  # the signal that stopped the run (cli turns it into the status)
 
 
@@ -32,7 +33,12 @@ def install(grace: float = GRACE_SECONDS) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
     def wait():
-        signum = signal.sigwait(SIGNALS)
+        # In short waits, not one long one: while the main thread holds the GIL inside
+        # TensorFlow this thread is out of the wait, so a signal stays pending where a
+        # watchdog process can see it (`training.strategies`).
+        while (info := signal.sigtimedwait(SIGNALS, POLL_SECONDS)) is None:
+            pass
+        signum = info.si_signo
         received.append(signum)
         name = signal.Signals(signum).name
         print(f"\n{name}: stopping (rerun the same command to resume)", file=sys.stderr, flush=True)

@@ -104,14 +104,32 @@ def _peers() -> list[tuple[str, int, str]]:
 
 
 # The watchdog process of `_multi_worker`: argv = parent pid, pipe fd, timeout, message.
-# It waits for the pipe to close (the strategy exists, or the parent died); if `timeout`
-# passes first it prints the message and ends the parent.
+# It waits for the pipe to close (the strategy exists, or the parent died). If `timeout`
+# passes first, it prints the message and ends the parent; so it does at once if SIGINT or
+# SIGTERM is pending for the parent (Linux: /proc/PID/status ShdPnd), whose signal thread
+# cannot take it while TensorFlow holds the GIL (`core.interrupts`). Ctrl-C reaches the
+# watchdog too (same process group): it ignores it and acts for the parent.
 _WATCHDOG = """
-import os, select, signal, sys
+import os, select, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 parent, fd, timeout, message = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-if not select.select([fd], [], [], timeout)[0]:
-    print(message, file=sys.stderr, flush=True)
-    os.kill(parent, signal.SIGKILL)
+
+def pending():
+    try:
+        with open(f"/proc/{parent}/status") as f:
+            bits = next(int(l.split()[1], 16) for l in f if l.startswith("ShdPnd:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return next((s for s in (signal.SIGTERM, signal.SIGINT) if bits >> (s - 1) & 1), None)
+
+deadline = time.monotonic() + timeout
+while not select.select([fd], [], [], max(0.0, min(0.25, deadline - time.monotonic())))[0]:
+    if time.monotonic() >= deadline or pending():
+        sig = pending()
+        print(message if not sig else f"\\n{signal.Signals(sig).name}: stopping while waiting "
+              "for the other workers (nothing was written)", file=sys.stderr, flush=True)
+        os.kill(parent, signal.SIGKILL)
+        break
 """
 
 
@@ -124,7 +142,7 @@ def _multi_worker(timeout: float):
     registration timeout (checked with TensorFlow 2.21). So a small watchdog process
     bounds it: if the strategy does not exist after `timeout` s, it prints one line naming
     the peers that do not answer and ends this process (nothing is written before the
-    strategy exists).
+    strategy exists); a SIGINT or SIGTERM ends it at once, with a line.
     """
     import subprocess
 
