@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import ROOT, load_config, run_analysis
 from zf_tf import cli
 from zf_tf.analyses.base import Request
+from zf_tf.core import errors
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.training import resume, workdirs
@@ -224,6 +225,17 @@ def test_file_system_faults_are_one_line(tmp_path, capsys, monkeypatch):
             cli.main(Flags, [])
         assert capsys.readouterr().err.strip().splitlines() == [message]
     assert file_system_fault(ValueError("a bug")) is None  # bugs keep their traceback
+    # stdout and stderr into one log (2>&1): the error starts a line of its own, not glued
+    # to a progress bar's.
+    with open(tmp_path / "log", "w") as log:
+        monkeypatch.setattr(sys, "stdout", log)
+        monkeypatch.setattr(sys, "stderr", log)
+        log.write("1/2 ━━━━━━━━━━ 1s 2s/step - loss: 3.6551")
+        with pytest.raises(SystemExit):
+            cli.fail("cannot write x: No space left on device")
+    assert (tmp_path / "log").read_text().splitlines()[1] == (
+        "error: cannot write x: No space left on device"
+    )
 
 
 def test_a_full_disk_leaves_no_temporary_and_the_old_outputs(tmp_path, monkeypatch):
@@ -244,11 +256,12 @@ def test_a_full_disk_leaves_no_temporary_and_the_old_outputs(tmp_path, monkeypat
 
     def half_then_full(self, filepath, *a, **k):
         open(filepath, "wb").write(b"PK\x03\x04 half a model")
-        raise fault(errno.ENOSPC, filepath)
+        raise OSError(errno.ENOSPC, "No space left on device")  # as Keras' zip: no file named
 
     monkeypatch.setattr(keras.Model, "save", half_then_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as e:
         resume.save_model(model, path, epochs_done=2)
+    assert e.value.filename == path  # the file meant, not its temporary
     assert open(path, "rb").read() == before
     assert sorted(os.listdir(os.path.dirname(path))) == ["model.epochs.json", "model.keras"]
     monkeypatch.undo()
@@ -261,11 +274,19 @@ def test_a_full_disk_leaves_no_temporary_and_the_old_outputs(tmp_path, monkeypat
 
     def fill_disk(module, directory, **kw):
         real_save(module, directory, **kw)
-        raise fault(errno.ENOSPC, os.path.join(directory, "variables"))
+        raise tf.errors.UnknownError(  # as TensorFlow words it: a temporary of its own
+            None,
+            None,
+            f"{directory}/variables/variables_temp/part-0.tempstate1; No space left on device",
+        )
 
     monkeypatch.setattr(tf.saved_model, "save", fill_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as e:
         export.export(model, config, str(tmp_path))
+    assert errors.file_system_fault(e.value) == (
+        f"cannot write {tmp_path}/export: No space left on device "
+        "(free some space, or choose another --workdir)"
+    )
     assert not (tmp_path / ".export-tmp").exists()
     assert sorted(os.listdir(tmp_path / "export")) == saved
     # Every atomic writer: text, arrays, figures.

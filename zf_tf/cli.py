@@ -50,13 +50,21 @@ def quiet():
 
 
 def fail(message: str):
-    """Prints `error: message` on one line to stderr and exits with status 1. On a
-    terminal, the line a progress bar was drawing is ended first, so the error starts a
-    line of its own."""
-    if sys.stdout.isatty():
+    """Prints `error: message` on one line to stderr and exits with status 1. Where stdout
+    and stderr meet (a terminal, `2>&1` into a log), the line a progress bar was drawing
+    is ended first, so the error starts a line of its own."""
+    if sys.stdout.isatty() or _same_file(sys.stdout, sys.stderr):
         print(file=sys.stdout, flush=True)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def _same_file(a, b) -> bool:
+    try:
+        x, y = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (OSError, ValueError, AttributeError):  # pytest's capture has no file number
+        return False
+    return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
 
 
 # ---------------------------------------------------------------------------------------------

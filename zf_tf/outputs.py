@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from zf_tf.core import graph
+from zf_tf.core import errors, graph
 from zf_tf.core.errors import UsageError
 
 PANEL_COLUMNS = 4  # feature panels per row in panel_figure
@@ -88,11 +88,13 @@ def atomic(path: str, suffix: str = ".tmp"):
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.lexists(tmp):
             os.remove(tmp)
+        if (fault := errors.writing(e, path)) is not e:
+            raise fault from e  # a full disk: named by the file meant, not its temporary
         raise
 
 

@@ -20,14 +20,14 @@ FILE_SYSTEM_ERRNOS = {
     errno.ENAMETOOLONG,
 }
 # The same faults as TensorFlow's C++ file systems word them (tf.errors.OpError messages).
-_TF_FILE_SYSTEM_TEXTS = (
-    "Read-only file system",
-    "No space left on device",
-    "Disk quota exceeded",
-    "Permission denied",
-    "Not a directory",
-    "Is a directory",
-)
+_TF_FILE_SYSTEM_TEXTS = {
+    "Read-only file system": errno.EROFS,
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Permission denied": errno.EACCES,
+    "Not a directory": errno.ENOTDIR,
+    "Is a directory": errno.EISDIR,
+}
 
 
 # TensorFlow's wrapping of an op's error: "{{function_node __wrapped__X_device_...}} " before
@@ -67,6 +67,18 @@ def file_system_fault(e: BaseException) -> str | None:
             if cause in text:
                 return f"cannot write: {op_message(e)}"
     return None
+
+
+def writing(e: BaseException, path: str) -> BaseException:
+    """`e`, met while writing `path` through a temporary, as an OSError naming `path` when
+    it is a file-system fault: writers name no file (Keras' zip, h5py) or their own
+    temporaries (TensorFlow's SavedModel: `.../variables_temp/part-00000...tempstate123`);
+    any other error is returned as it is."""
+    code = e.errno if isinstance(e, OSError) and e.errno in FILE_SYSTEM_ERRNOS else None
+    text = getattr(e, "message", None)
+    if code is None and isinstance(text, str):
+        code = next((c for cause, c in _TF_FILE_SYSTEM_TEXTS.items() if cause in text), None)
+    return e if code is None else OSError(code, os.strerror(code), path)
 
 
 def _hint(code: int) -> str:

@@ -16,6 +16,7 @@ import shutil
 import tensorflow as tf
 
 from pipelines import preprocess
+from zf_tf.core import errors
 
 
 class Serving(tf.Module):
@@ -78,8 +79,10 @@ def export(model, config, workdir: str) -> str:
             tmp,
             signatures={"serving_default": module.from_bytes, "serve_images": module.from_images},
         )
-    except BaseException:  # a full disk, a kill signal turned exception: no half export stays
+    except BaseException as e:  # a full disk, a kill signal turned exception: no half export
         shutil.rmtree(tmp, ignore_errors=True)
+        if (fault := errors.writing(e, final)) is not e:
+            raise fault from e
         raise
     if os.path.exists(final):
         os.replace(final, old)
