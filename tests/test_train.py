@@ -499,11 +499,13 @@ def worker_env(tmp_path, cluster, index):
 
 
 def run_workers(tmp_path, command, timeout=400):
-    """Runs `command` as the 2 workers of a local cluster; [(returncode, stdout, stderr)]."""
+    """Runs `command` (or a list of one command per worker) as the 2 workers of a local
+    cluster; [(returncode, stdout, stderr)]."""
     cluster = local_cluster()
+    commands = command if isinstance(command[0], list) else [command] * 2
     procs = [
         subprocess.Popen(
-            command,
+            commands[i],
             cwd=ROOT,
             env=worker_env(tmp_path, cluster, i),
             stdout=subprocess.PIPE,
@@ -547,6 +549,15 @@ def test_multi_worker(tiny_data_dir, tmp_path):
     assert (workdir / "export" / "saved_model.pb").exists()
     assert any((workdir / "logs").iterdir())
     assert not list((tmp_path / "tmp1").glob("zf_tf_worker_*"))  # worker cleaned up
+    # Rerun: both workers resume after epoch 1 from the chief's workdir (the other worker
+    # reading none would train an epoch the chief does not, and wait for it for ever).
+    for returncode, _, err in run_workers(tmp_path, command):
+        assert returncode == 0 and "Resuming after epoch 1" in err, err[-3000:]
+    # A worker that cannot read the chief's workdir (here: another --workdir) is refused.
+    other = [*command, f"--workdir={tmp_path}/elsewhere"]
+    for returncode, _, err in run_workers(tmp_path, [command, other]):
+        assert returncode == 1, err[-3000:]
+        assert "error: the workers would resume from different epochs" in err
 
 
 @pytest.mark.slow

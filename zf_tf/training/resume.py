@@ -28,10 +28,12 @@ import os
 import re
 
 import keras
+import tensorflow as tf
 from absl import logging
 
 from zf_tf import outputs
 from zf_tf.core.errors import UsageError
+from zf_tf.training import keras_fixes
 from zf_tf.training.workdirs import checkpoint_path
 
 BACKUP_DIR = "backup"
@@ -146,15 +148,19 @@ class Resume(keras.callbacks.Callback):
       UsageError: resume points exist but none loads.
     """
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, source: str | None = None):
+        """`workdir`: where this process writes (its history.csv is trimmed); `source`:
+        where the resume points are read, the chief's workdir for every worker (default:
+        `workdir`)."""
         super().__init__()
         self.workdir = workdir
+        self.source = source or workdir
         self.epochs_done = 0
 
     def on_train_begin(self, logs=None):
         for stale in glob.glob(os.path.join(self.workdir, BACKUP_DIR, "*.tmp*")):
             os.remove(stale)  # a backup cut short by a kill
-        points = resume_points(self.workdir)
+        points = resume_points(self.source)
         damaged = []
         optimizer = self.model.optimizer
         if points and optimizer is not None and not optimizer.built:
@@ -177,8 +183,28 @@ class Resume(keras.callbacks.Callback):
                     "and there is nothing good to resume from: start afresh with --overwrite"
                 )
         truncate_history(self.workdir, self.epochs_done)
+        workers_agree(self.model.distribute_strategy, self.epochs_done, self.source)
         if self.epochs_done:
             logging.info("Resuming after epoch %d", self.epochs_done)
+
+
+def workers_agree(strategy, epochs_done: int, source: str):
+    """Raises UsageError on every worker of a multi-worker run unless all resume after the
+    same epoch (else the one with fewer epochs left would wait for the others for ever):
+    each must read the chief's workdir. One all-reduce of (e, e^2): equal iff n sum(e^2)
+    = (sum e)^2."""
+    if not keras_fixes.is_multi_worker(strategy):
+        return
+    mine = tf.constant([epochs_done, epochs_done**2], tf.float64)
+    total = strategy.reduce(
+        tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(mine)), axis=None
+    ).numpy()
+    if strategy.num_replicas_in_sync * total[1] != total[0] ** 2:
+        raise UsageError(
+            f"the workers would resume from different epochs (this one after {epochs_done}, "
+            f"from {source}): every worker must read the chief's --workdir (on a file "
+            "system all of them share), or start afresh with --overwrite"
+        )
 
 
 class LastGoodCheckpoint(keras.callbacks.Callback):

@@ -5,7 +5,10 @@ pipeline, resumes after a kill from the newest saved epoch (resume.py), keeps th
 good checkpoint in `workdir/checkpoints`, logs TensorBoard scalars and images to
 `workdir/logs`, and ends with the 10-crop evaluation (`workdir/eval.json`) and a
 SavedModel export (`workdir/export`). With several workers only the chief writes the
-workdir; the others write to a temporary directory that they delete at the end.
+workdir; the others write to a temporary directory that they delete at the end, and
+resume from the chief's workdir, which must therefore be on a file system all of them
+read (as for Keras' BackupAndRestore); workers that would resume from different epochs
+are refused in one line (`resume.workers_agree`) instead of waiting for each other.
 """
 
 from __future__ import annotations
@@ -160,14 +163,20 @@ def train_and_evaluate(config, workdir: str, strategy, overwrite: bool = False):
     if chief:
         workdirs.prepare_for_training(config, workdir, overwrite)
     out = workdir if chief else tempfile.mkdtemp(prefix="zf_tf_worker_")
+    # Every worker resumes from the chief's workdir, the others only when it holds this
+    # config's run (else the chief clears it, perhaps after they have read it).
+    same_run = os.path.exists(os.path.join(workdir, workdirs.CONFIG_FILE)) and not (
+        workdirs.run_differences(workdir, config)
+    )
+    source = workdir if chief or same_run else out
     try:
-        return _train(config, workdir, out, strategy, chief)
+        return _train(config, workdir, out, strategy, chief, source)
     finally:
         if not chief:
             shutil.rmtree(out, ignore_errors=True)
 
 
-def _train(config, workdir, out, strategy, chief):
+def _train(config, workdir, out, strategy, chief, source):
     steps = steps_per_epoch(config)
     with strategy.scope():
         model = compile_model(model_lib.build_model(config.model, precision(config)), config)
@@ -180,7 +189,8 @@ def _train(config, workdir, out, strategy, chief):
     run_callbacks = [
         # First: restores the newest state that loads and trims history.csv to it, before
         # the callbacks below start (CSVLogger appends; LinearWarmup reads the step).
-        resume.Resume(out),
+        # Every worker reads the same resume points (`source`: the chief's workdir).
+        resume.Resume(out, source),
         # Then what adds to the epoch's logs (val_*, epoch_seconds) and what reads them.
         callbacks.Validation(val_ds),
         callbacks.EpochSeconds(),
@@ -194,7 +204,6 @@ def _train(config, workdir, out, strategy, chief):
         *callbacks.from_config(config, out),  # image summaries, Fig. 4 snapshots, ...
         # Last, the resume points: an epoch counts as done only once its logs are written,
         # so a kill at any moment resumes with one history row per epoch (resume.py).
-        # Backups are per worker: every worker restores the same epoch after a failure.
         resume.LastGoodCheckpoint(workdirs.checkpoint_path(out)),
         resume.Backup(out),
     ]
