@@ -102,7 +102,8 @@ def test_second_writer_process_is_refused_in_one_line(tmp_path):
             ],
             capture_output=True,
             text=True,
-            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+            # Another temporary folder: the lock is seen all the same.
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TMPDIR=str(tmp_path)),
             timeout=300,
         )
     assert proc.returncode == 1

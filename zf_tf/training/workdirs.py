@@ -22,12 +22,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 import filelock
 import keras
 import ml_collections
 
+from pipelines import folder as folder_lib
 from pipelines import preprocess
 from zf_tf import outputs
 from zf_tf.core.errors import UsageError
@@ -72,10 +72,12 @@ TRAINING_STATE = (
 
 
 def _lock_paths(workdir: str) -> tuple[str, str]:
-    """(lock file, owner file) of a workdir: outside it, in the temp dir, keyed by its
-    real path, so that taking the lock writes nothing into the workdir."""
+    """(lock file, owner file) of a workdir: outside it, so that taking the lock (which
+    some refusals follow) writes nothing into the workdir; in this user's zf_tf cache
+    (`folder.cache_dir`: the same for every job of the user, whatever its $TMPDIR, and
+    across machines where the home folder is shared), keyed by the workdir's real path."""
     key = hashlib.sha1(os.path.realpath(workdir).encode()).hexdigest()[:16]
-    folder = os.path.join(tempfile.gettempdir(), f"zf_tf-locks-{os.getuid()}")
+    folder = os.path.join(folder_lib.cache_dir(), "locks")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{key}.lock")
     return path, path + ".owner"
@@ -87,7 +89,8 @@ def lock(workdir: str):
 
     The operating system releases it when the holder dies (SIGKILL included); the holder's
     PID and command are kept beside it for the message of a refused second writer. Works
-    between processes of one machine (not across machines sharing a file system).
+    between the processes of a user on one machine, and across machines that share the
+    user's home folder and the workdir under the same path.
 
     Raises:
       UsageError: another process holds it.
