@@ -206,8 +206,18 @@ def test_two_workers_make_the_atlas_one_device_makes(site, tmp_path):
     assert summary["units"] == 44 and summary["files"] > 2 * 4 * 44
 
 
-@pytest.mark.skipif(bool(browser.missing()), reason=browser.missing() or "browser present")
+def test_a_missing_browser_fails_the_browser_test_under_ci(monkeypatch):
+    monkeypatch.setattr(browser, "missing", lambda: "no Chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true but .*: no Chromium"):
+        browser.require()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no Chromium"):
+        browser.require()
+
+
 def test_pages_in_headless_chromium(site, tmp_path):
+    browser.require()
     from selenium.webdriver.common.by import By
 
     _, workdir, _ = site

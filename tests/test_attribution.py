@@ -445,3 +445,23 @@ def test_mode_on_a_model_brought_along(tiny_config, tmp_path, capsys):
     with Image.open(run.paths["attribution.png"]) as png:
         assert png.size[0] > 500
     assert f"Note: {game['note']}" in capsys.readouterr().out.splitlines()
+
+
+def test_a_model_is_freed_after_attribution():
+    """The per-model caches (traced functions, CAM and quiet copies) are weakly keyed by
+    the model and hold no strong reference to it: dropping it frees it."""
+    import gc
+    import weakref
+
+    net = named_convnet(size=32)
+    x = np.random.default_rng(0).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    for rule in ("deconvnet", "guided"):
+        assert attribution.rule_gradients(net, x, [0, 1], rule).shape == x.shape
+    assert attribution.probabilities_fn(net)(x).shape == (2, 10)
+    for method in ("gradcam", "scorecam"):
+        assert attribution.cam_maps(net, x, [0, 1], method, "b", batch_size=4).shape == (2, 32, 32)
+    assert deconv.gradient_projection(net, "b", x, [0, 1], [0, 0]).shape == x.shape
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None

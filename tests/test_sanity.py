@@ -255,3 +255,35 @@ def test_compare_with_another_workdirs_model(tiny_config, tmp_path, small):
     # Against itself: identical maps.
     same = run_analysis("sanity", config, workdir, compare=workdir, overwrite=True)
     assert same.report.summary["compare"]["saliency"]["spearman"] == pytest.approx(1.0)
+
+
+def test_rule_form_projections_are_built_once_and_follow_the_weights(monkeypatch):
+    """The rule-form deconvnet runs the model's own layers (`deconv.rule_tap`), so one
+    built on the randomized copy projects with whatever weights it holds now: the cascade
+    builds it once, not at every step."""
+    from tests.oracles import tiny_residual_net
+    from zf_tf.core import deconv
+
+    model = tiny_residual_net()
+    layer = "block2_out"
+    assert deconv.projection_form(model, layer)[0] == "rule"
+    images = np.random.default_rng(0).uniform(0, 1, (2, 24, 24, 3)).astype(np.float32)
+    requests = sanity.unit_requests(model, layer, images, 3)
+    built = []
+    build = deconv.build_deconvnet
+    monkeypatch.setattr(
+        deconv, "build_deconvnet", lambda *a, **k: built.append(1) or build(*a, **k)
+    )
+    randomizer = sanity.Randomizer(model, seed=0)
+    for step in (["block2_conv2"], ["block1_conv1"]):
+        copy = randomizer.randomize(step)
+        maps = sanity.unit_projections(copy, layer, images, requests)
+        fresh = deconv.project(
+            build(copy, layer),
+            images,
+            *(requests[k].astype(np.int32) for k in ("image", "unit", "y", "x")),
+        )
+        np.testing.assert_allclose(
+            maps, attribution.max_abs_channels(fresh["projection"]), rtol=1e-5, atol=1e-6
+        )
+    assert len(built) == 1

@@ -125,6 +125,9 @@ def rule_gradients(model: keras.Model, inputs, classes, rule: str) -> np.ndarray
     if fn is None:
         shape = tuple(model.inputs[0].shape[1:])
         top = graph.output_layer(model)
+        # Weakly: the function is a value of the model's weak key (a strong reference from
+        # it would keep the model alive for ever).
+        net = weakref.ref(model)
 
         @tf.function(
             input_signature=[
@@ -135,7 +138,7 @@ def rule_gradients(model: keras.Model, inputs, classes, rule: str) -> np.ndarray
         def fn(x, c):
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                logits = deconv.rule_forward(model, x, top, rule)
+                logits = deconv.rule_forward(net(), x, top, rule)
                 score = tf.gather(logits, c, axis=1, batch_dims=1)
             return tf.cast(tape.gradient(score, x), tf.float32)
 
@@ -283,10 +286,11 @@ def probabilities_fn(model: keras.Model):
     fn = _PROB_FNS.get(model)
     if fn is None:
         shape = tuple(model.inputs[0].shape[1:])
+        net = weakref.ref(model)  # weakly, as in `rule_gradients`
 
         @tf.function(input_signature=[tf.TensorSpec([None, *shape], tf.float32)])
         def fn(x):
-            return tf.nn.softmax(tf.cast(model(x, training=False), tf.float32))
+            return tf.nn.softmax(tf.cast(net()(x, training=False), tf.float32))
 
         _PROB_FNS[model] = fn
     return lambda x: fn(tf.convert_to_tensor(x, tf.float32)).numpy()

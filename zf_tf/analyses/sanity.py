@@ -410,15 +410,13 @@ _DECONVNETS = weakref.WeakKeyDictionary()
 def unit_projections(model, layer: str, images, requests: dict) -> np.ndarray:
     """(U, s, s) max over channels of |deconvnet projection| of each request, by `model`.
 
-    The explicit deconvnet reuses the model's layers, so one built on the randomized copy
-    projects with whatever weights the copy holds now: built once per model. The rule form
-    runs a clone of the weights it was built with: rebuilt on every call.
+    Both forms of the deconvnet run the model's own layers (the explicit one its filters,
+    the rule form `deconv.rule_tap`), so one built on the randomized copy projects with
+    whatever weights the copy holds now: built once per model and layer.
     """
     dn = _DECONVNETS.get(model)
     if dn is None or dn[0] != layer:
-        dn = (layer, deconv.build_deconvnet(model, layer))
-        if deconv.projection_form(model, layer)[0] == "explicit":
-            _DECONVNETS[model] = dn
+        dn = _DECONVNETS[model] = (layer, deconv.build_deconvnet(model, layer))
     out = deconv.project(
         dn[1],
         images,
