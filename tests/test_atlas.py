@@ -174,6 +174,31 @@ def test_bad_input_writes_nothing(site, request_, message):
     assert sorted(os.walk(os.path.join(workdir, "atlas"))) == before
 
 
+def test_the_model_is_loaded_in_the_strategys_scope(site, tmp_path, monkeypatch):
+    """Under --strategy=mirrored the atlas' model holds mirrored variables (one copy per
+    replica), as the distributed scan needs: it is loaded inside strategy.scope()."""
+    import tensorflow as tf
+
+    from zf_tf import analyses
+    from zf_tf.analyses import base
+
+    config, original, _ = site
+    workdir = tmp_path / "w"
+    shutil.copytree(original, workdir, ignore=shutil.ignore_patterns("atlas"))
+    seen = []
+
+    def scan_layers(model, *a, **k):
+        seen.append(model)
+        raise KeyboardInterrupt  # enough: the model is what this test looks at
+
+    monkeypatch.setattr(topk, "scan_layers", scan_layers)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    request = base.Request(workdir=str(workdir), layers="conv1", top_k=2)
+    with pytest.raises(KeyboardInterrupt):
+        base.run(analyses.get("atlas"), config, request, strategy)
+    assert all(isinstance(w.value, tf.distribute.DistributedValues) for w in seen[0].weights)
+
+
 @pytest.mark.slow
 def test_two_workers_make_the_atlas_one_device_makes(site, tmp_path):
     """--mode=atlas --strategy=multi_worker as 2 local processes: each scans its share of

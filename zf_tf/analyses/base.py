@@ -29,6 +29,7 @@ in `REGISTRY` (zf_tf/analyses/__init__.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Callable
@@ -243,14 +244,18 @@ def run(analysis: Analysis, config, request: Request, strategy=None) -> Result:
       UsageError / DataError: a bad setting, model source or layer, an unknown split,
         outputs that exist without `request.overwrite`, no trained model.
     """
-    source = sources.open_source(config, request) if analysis.needs_model else None
-    if source is not None:
-        config = source.config
-    settings = analysis.settings(config, request)
-    model = None
-    if analysis.needs_model:
-        model = source.model if source.model is not None else load_model(config, request)
-        settings = analysis.resolve(settings, model, source)
+    # A distributed analysis' model is made in the strategy's scope: its replicas then
+    # hold copies of the weights instead of reading them from where they live.
+    in_scope = analysis.distributed and strategy is not None
+    with strategy.scope() if in_scope else contextlib.nullcontext():
+        source = sources.open_source(config, request) if analysis.needs_model else None
+        if source is not None:
+            config = source.config
+        settings = analysis.settings(config, request)
+        model = None
+        if analysis.needs_model:
+            model = source.model if source.model is not None else load_model(config, request)
+            settings = analysis.resolve(settings, model, source)
     out_dir, names = analysis.outputs(settings)
     paths = outputs.reserve(request.workdir, out_dir, names, request.overwrite)
     if source is not None and source.description:
