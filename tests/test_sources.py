@@ -94,6 +94,24 @@ def test_foreign_models_and_damaged_files_are_one_line(tiny_config, tmp_path, re
                 tiny_config, request(model="vgg16", weights=weights, overridden=("data.crop_size",))
             )
     assert not [str(w.message)[:200] for w in recwarn if w.category is UserWarning]
+    # Not square; channels-first (the shape alone would read "takes 32-channel images").
+    L = keras.layers
+    for name, layers, says in (
+        (
+            "wide",
+            [keras.Input((24, 32, 3)), L.Conv2D(4, 3)],
+            "takes 24 x 32 images: the analyses need square",
+        ),
+        (
+            "first",
+            [keras.Input((3, 32, 32)), L.Conv2D(4, 3, data_format="channels_first")],
+            r"is channels-first \(layer 'conv2d.*'; input \(3, 32, 32\)\)",
+        ),
+    ):
+        path = str(tmp_path / f"{name}.keras")
+        keras.Sequential([*layers, L.Flatten(), L.Dense(2)]).save(path)
+        with pytest.raises(UsageError, match=f"--model={path} {says}"):
+            sources.open_source(tiny_config, request(model=path))
 
 
 def test_keras_file_round_trip(tiny_config, tmp_path):

@@ -229,6 +229,29 @@ def _adapt(config, size: int, preprocessing: str | None, overridden: set):
     return adapted
 
 
+def _check_layout(model, shape, what: str):
+    """Raises UsageError unless the model reads channels-last, square RGB images (the
+    scans, projections, receptive fields and atlas pages assume H = W)."""
+    nested = [model]
+    while nested:
+        for layer in nested.pop().layers:
+            if getattr(layer, "data_format", None) == "channels_first":
+                raise UsageError(
+                    f"{what} is channels-first (layer {layer.name!r}; input {shape}): the "
+                    "analyses read channels-last models: rebuild it with "
+                    "data_format='channels_last'"
+                )
+            if isinstance(layer, keras.Model):
+                nested.append(layer)
+    if shape[2] != 3:
+        raise UsageError(f"{what} takes {shape[2]}-channel images; RGB only")
+    if None not in shape[:2] and shape[0] != shape[1]:
+        raise UsageError(
+            f"{what} takes {shape[0]} x {shape[1]} images: the analyses need square inputs "
+            "(H = W); rebuild it on square inputs"
+        )
+
+
 def open_source(config, request) -> Source:
     """The model `request` asks for and the config adapted to it.
 
@@ -256,8 +279,7 @@ def open_source(config, request) -> Source:
         shape = graph.input_shape(model)
     except ValueError as e:
         raise UsageError(f"--model={request.model}: {e}") from None
-    if shape[2] != 3:
-        raise UsageError(f"--model={request.model} takes {shape[2]}-channel images; RGB only")
+    _check_layout(model, shape, f"--model={request.model}")
     size = int(config.data.crop_size) if shape[0] is None else int(shape[0])
     if shape[0] is None:
         model = graph.fixed_input(model, size)
