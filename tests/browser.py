@@ -86,9 +86,9 @@ def screenshots(site: str, out: str, layer: str = "", unit: int = 0):
     try:
         driver.get("file://" + os.path.abspath(os.path.join(site, "index.html")))
         if layer:
-            driver.find_element(By.CSS_SELECTOR, f"td a[href='layers/{layer}/index.html']").click()
+            driver.find_element(By.CSS_SELECTOR, f"td a[href$='/{layer}/index.html']").click()
         else:
-            driver.find_element(By.CSS_SELECTOR, "td a[href^='layers/']").click()
+            driver.find_element(By.CSS_SELECTOR, "td a[href^='layers-']").click()
         driver.save_screenshot(os.path.join(out, "atlas_layer.png"))
         driver.find_element(By.CSS_SELECTOR, f"a.unit[href='unit_{unit:04d}.html']").click()
         driver.save_screenshot(os.path.join(out, "atlas_unit.png"))

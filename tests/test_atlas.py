@@ -1,8 +1,10 @@
 """--mode=atlas: the site's files, the cache (adding a layer scans only it; a killed run
 resumes), the refusals, and the pages in headless Chromium."""
 
+import glob
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -48,7 +50,7 @@ def test_site_files_and_winners(site):
     assert summary["layers"] == {"conv1": 12, "conv2": 32} and summary["units"] == 44
     assert summary["k"] == 4 and summary["num_images"] == 50
     for layer, units in summary["layers"].items():
-        folder = os.path.join(atlas, "layers", layer)
+        folder = os.path.join(atlas_site.pages_folder(atlas), layer)
         pages = sorted(f for f in os.listdir(folder) if f.startswith("unit_"))
         assert pages == [f"unit_{u:04d}.html" for u in range(units)]
         images = os.listdir(os.path.join(folder, "img"))
@@ -65,7 +67,7 @@ def test_site_files_and_winners(site):
     best = topk.scan_layers(
         model, ["conv2"], inputs.build_inputs(config, "validation", mode="center"), k=4
     )["conv2"]
-    page = open(os.path.join(atlas, "layers", "conv2", "unit_0005.html")).read()
+    page = open(os.path.join(atlas_site.pages_folder(atlas), "conv2", "unit_0005.html")).read()
     for r in range(4):
         assert f'<td class="num">{int(best.image[r, 5])}</td>' in page
     assert 'href="unit_0004.html"' in page and 'href="unit_0006.html"' in page
@@ -99,11 +101,12 @@ def test_adding_a_layer_scans_only_it_and_a_killed_run_resumes(site, monkeypatch
     assert scanned == [["conv3"]] and sum(projected) == 48 * 4
     assert result.report.summary["units"] == 92
     # conv3's canvas (its 64 px crop: more than atlas_site.EXACT) is JPEG, at its own size.
-    img = os.path.join(workdir, "atlas", "layers", "conv3", "img")
+    pages = atlas_site.pages_folder(os.path.join(workdir, "atlas"))
+    img = os.path.join(pages, "conv3", "img")
     assert sorted(os.listdir(img))[:2] == ["0000_p0.jpg", "0000_p1.jpg"]
     with Image.open(os.path.join(img, "0000_x0.jpg")) as im:
         assert im.format == "JPEG" and im.size == (64, 64)
-    layer_page = open(os.path.join(workdir, "atlas", "layers", "conv3", "index.html")).read()
+    layer_page = open(os.path.join(pages, "conv3", "index.html")).read()
     assert 'src="img/0047_p0.jpg"' in layer_page
     # A kill after the scan and some projections: no index.html, a chunk missing.
     cache = os.path.join(workdir, "atlas", "cache", "conv3")
@@ -116,6 +119,49 @@ def test_adding_a_layer_scans_only_it_and_a_killed_run_resumes(site, monkeypatch
     scanned.clear()
     run_analysis("atlas", config, workdir, layers="conv1", top_k=3, overwrite=True)
     assert scanned == [["conv1"]]
+
+
+def whole_site(atlas_dir: str) -> str:
+    """The page folder index.html links to, after checking that every link and image of
+    the index and of each layer page resolves to a file."""
+    index = open(os.path.join(atlas_dir, "index.html")).read()
+    links = re.findall(r'(?:href|src)="([^"#]+)"', index)
+    folders = {link.split("/")[0] for link in links if link.startswith("layers")}
+    assert len(folders) == 1, folders
+    for link in links:
+        assert os.path.exists(os.path.join(atlas_dir, link)), link
+    for page in glob.glob(os.path.join(atlas_dir, folders.pop(), "*", "index.html")):
+        for link in re.findall(r'(?:href|src)="([^"#]+)"', open(page).read()):
+            assert os.path.exists(os.path.join(os.path.dirname(page), link)), (page, link)
+    return re.search(r'href="(layers-\d+)/', index).group(1)
+
+
+def test_a_killed_render_leaves_the_old_site_or_the_new_one(site, tmp_path, monkeypatch):
+    config, original, _ = site
+    workdir = tmp_path / "w"
+    shutil.copytree(original, workdir)
+    atlas_dir = str(workdir / "atlas")
+    old = whole_site(atlas_dir)
+    replace = os.replace
+    for kill_at in (1, 2, 3):  # the new pages, index.html, atlas.json moved into place
+        calls = []
+
+        def killed(src, dst, kill_at=kill_at, calls=calls):
+            if ".site-tmp" in str(src):
+                calls.append(src)
+                if len(calls) == kill_at:
+                    raise KeyboardInterrupt
+            return replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_analysis("atlas", config, workdir, layers="conv1,conv2", top_k=4, overwrite=True)
+        monkeypatch.undo()
+        now = whole_site(atlas_dir)
+        assert now == old if kill_at <= 2 else now != old, (kill_at, old, now)
+        old = now
+    run_analysis("atlas", config, workdir, layers="conv1,conv2", top_k=4, overwrite=True)
+    assert atlas_site.pages_folders(atlas_dir) == [whole_site(atlas_dir)]  # the old ones gone
 
 
 @pytest.mark.parametrize("density", [1, 2])
@@ -251,7 +297,7 @@ def test_pages_in_headless_chromium(site, tmp_path):
     try:
         driver.get(index)
         seen = []
-        for link in ("td a[href^='layers/']", "a.unit"):  # index -> layer page -> unit page
+        for link in ("td a[href^='layers-']", "a.unit"):  # index -> layer page -> unit page
             assert browser.console_errors(driver) == []
             assert browser.broken_images(driver) == []
             seen.append((driver.title, browser.image_count(driver)))
@@ -260,7 +306,7 @@ def test_pages_in_headless_chromium(site, tmp_path):
         assert browser.broken_images(driver) == []
         seen.append((driver.title, browser.image_count(driver)))
         assert seen == [("Atlas", 0), ("conv1 · atlas", 12), ("conv1 unit 0 · atlas", 8)]
-        assert driver.current_url.endswith("/atlas/layers/conv1/unit_0000.html")
+        assert re.search(r"/atlas/layers-\d+/conv1/unit_0000.html$", driver.current_url)
         driver.find_element(By.CSS_SELECTOR, "a[rel=next]").click()
         assert driver.current_url.endswith("/unit_0001.html") and not browser.broken_images(driver)
         shot = tmp_path / "unit.png"

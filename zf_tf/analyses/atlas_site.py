@@ -2,14 +2,14 @@
 
 Layout under `WORKDIR/atlas/`:
   index.html                          model, data, layers, units by class, how it was made
-  style.css
   atlas.json                          what the site holds (units, sizes, timings)
-  layers/<layer>/index.html           every unit as a thumbnail of its strongest projection
-  layers/<layer>/unit_<u>.html        the unit's k projections beside its k input patches,
+  layers-<n>/style.css                (n counts the renders: one such folder at a time)
+  layers-<n>/<layer>/index.html       every unit as a thumbnail of its strongest projection
+  layers-<n>/<layer>/unit_<u>.html    the unit's k projections beside its k input patches,
                                       activations, image ids, classes; prev/next/up links
-  layers/<layer>/img/<u>_p<r>.png     projection of rank r (on the receptive-field canvas)
-  layers/<layer>/img/<u>_x<r>.png     the input patch under it
-  layers/<layer>/img/<u>_t.jpg        the layer page's thumbnail (large canvases only)
+  layers-<n>/<layer>/img/<u>_p<r>.png projection of rank r (on the receptive-field canvas)
+  layers-<n>/<layer>/img/<u>_x<r>.png the input patch under it
+  layers-<n>/<layer>/img/<u>_t.jpg    the layer page's thumbnail (large canvases only)
 
 A small canvas (at most EXACT px: shown enlarged, with visible pixels) is an exact PNG; a
 larger one is JPEG (`jpeg_quality`), shrunk with an antialiasing filter where it exceeds
@@ -18,9 +18,11 @@ On the paper model at 224 px (receptive fields of 75-139 px from conv3 up) JPEG 
 smaller than PNG: the site is 0.12 GB instead of 0.34 GB.
 
 Every link is relative and names a file (no directory index), so the site works from
-`file://` as from `python -m http.server`. The site is written into a temporary folder and
-moved into place when complete, `index.html` last: an existing index.html means a whole
-site, and a failed render leaves the previous one as it was.
+`file://` as from `python -m http.server`. A render writes its pages into a folder of a new
+name (`layers-<n+1>`) and then replaces `index.html`, which links to them, in one rename:
+a kill at any moment leaves the old site or the new one whole (never an index pointing at
+pages half replaced), and a failed render leaves the previous one as it was; the previous
+pages go once the new index is in place.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 import tqdm
 from PIL import Image
 
+PAGES = "layers"  # the page folders' name: layers-<n>
 CELL = 96  # displayed side (CSS px) of a projection or patch on a unit page
 THUMB = 64  # displayed side of a layer page's thumbnails
 EXACT = CELL // 2  # canvases up to this side (shown enlarged >= 2x) are stored as exact PNGs
@@ -153,7 +156,7 @@ def _layer_page(layer: str, info: dict, s, names: list, prev_next) -> str:
         f"the commonest class of its top {k} images. Click a unit for its top {k}.</p>\n"
         f'<div class="grid">\n' + "\n".join(cells) + "\n</div>"
     )
-    return _page(f"{layer} · atlas", body, "../../style.css")
+    return _page(f"{layer} · atlas", body, "../style.css")
 
 
 def _unit_page(layer: str, u: int, info: dict, s, names: list) -> str:
@@ -204,16 +207,16 @@ def _unit_page(layer: str, u: int, info: dict, s, names: list) -> str:
         + f"</table>\n<p>image: the position in split {html.escape(s.split)} "
         "(center crops, in dataset order).</p>\n" + histogram
     )
-    return _page(f"{layer} unit {u} · atlas", body, "../../style.css")
+    return _page(f"{layer} unit {u} · atlas", body, "../style.css")
 
 
-def _index_page(result: dict, s, names: list) -> str:
+def _index_page(result: dict, s, names: list, pages: str) -> str:
     layers = result["layers"]
     rows = []
     for layer, info in layers.items():
         h, w, f = info["map_shape"]
         rows.append(
-            f'<tr><td><a href="layers/{slug(layer)}/index.html">{html.escape(layer)}</a></td>'
+            f'<tr><td><a href="{pages}/{slug(layer)}/index.html">{html.escape(layer)}</a></td>'
             f'<td class="num">{f}</td><td class="num">{h}&times;{w}</td>'
             f'<td class="num">{info["receptive_field"]}</td><td>{info["form"]}</td></tr>'
         )
@@ -229,7 +232,7 @@ def _index_page(result: dict, s, names: list) -> str:
     for label in sorted(by_class):
         picks = sorted(by_class[label], key=lambda t: (t[0], list(layers).index(t[1]), t[2]))
         links = " ".join(
-            f'<a href="layers/{slug(layer)}/unit_{u:04d}.html" title="{-n}/{k} of its top {k}">'
+            f'<a href="{pages}/{slug(layer)}/unit_{u:04d}.html" title="{-n}/{k} of its top {k}">'
             f"{html.escape(layer)}/{u}&nbsp;({-n})</a>"
             for n, layer, u in picks[:TOP_CLASS_UNITS]
         )
@@ -280,7 +283,7 @@ def _index_page(result: dict, s, names: list) -> str:
             else ""
         )
     )
-    return _page("Atlas", body, "style.css")
+    return _page("Atlas", body, f"{pages}/style.css")
 
 
 def _page_weight(page: str) -> int:
@@ -299,17 +302,21 @@ def write(atlas_dir: str, result: dict, s) -> dict:
     layers = result["layers"]
     tmp = os.path.join(atlas_dir, ".site-tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a killed render's leftovers
+    old_pages = pages_folders(atlas_dir)
+    folder_name = (
+        f"{PAGES}-{1 + max((int(n.split('-')[1]) for n in old_pages if '-' in n), default=0)}"
+    )
     try:
-        os.makedirs(tmp)
+        os.makedirs(os.path.join(tmp, folder_name))
         k = next(iter(layers.values()))["scan"].k
         css = STYLE % {"thumb": THUMB, "cell": CELL, "columns": int(np.ceil(np.sqrt(k)))}
-        with open(os.path.join(tmp, "style.css"), "w", encoding="utf-8") as f:
+        with open(os.path.join(tmp, folder_name, "style.css"), "w", encoding="utf-8") as f:
             f.write(css)
         order = list(layers)
         total = sum(info["map_shape"][2] for info in layers.values())
         with tqdm.tqdm(total=total, desc="render atlas", unit="unit") as bar:
             for i, (layer, info) in enumerate(layers.items()):
-                folder = os.path.join(tmp, "layers", slug(layer))
+                folder = os.path.join(tmp, folder_name, slug(layer))
                 os.makedirs(os.path.join(folder, "img"))
                 neighbours = (
                     order[i - 1] if i else None,
@@ -337,7 +344,7 @@ def write(atlas_dir: str, result: dict, s) -> dict:
                             f.write(_unit_page(layer, u, info, s, names))
                         bar.update(1)
         with open(os.path.join(tmp, "index.html"), "w", encoding="utf-8") as f:
-            f.write(_index_page(result, s, names))
+            f.write(_index_page(result, s, names, folder_name))
         files, size, pages = 0, 0, []
         for root, _, found in os.walk(tmp):
             for name in found:
@@ -361,15 +368,31 @@ def write(atlas_dir: str, result: dict, s) -> dict:
         }
         with open(os.path.join(tmp, "atlas.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
-        # Into place: the old pages out, the new in, index.html last.
-        for name in ("layers", "style.css", "atlas.json"):
-            old = os.path.join(atlas_dir, name)
-            if os.path.isdir(old):
-                shutil.rmtree(old)
-            elif os.path.exists(old):
-                os.remove(old)
-            os.replace(os.path.join(tmp, name), old)
-        os.replace(os.path.join(tmp, "index.html"), os.path.join(atlas_dir, "index.html"))
+        # Into place: the new pages beside the old, then the index that links to them in
+        # one rename (the switch), then the old pages out.
+        os.replace(os.path.join(tmp, folder_name), os.path.join(atlas_dir, folder_name))
+        for name in ("index.html", "atlas.json"):
+            os.replace(os.path.join(tmp, name), os.path.join(atlas_dir, name))
+        for name in old_pages:
+            shutil.rmtree(os.path.join(atlas_dir, name), ignore_errors=True)
+        legacy_style = os.path.join(atlas_dir, "style.css")  # an older site's, beside its index
+        if os.path.exists(legacy_style):
+            os.remove(legacy_style)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+def pages_folders(atlas_dir: str) -> list[str]:
+    """The page folders under `atlas_dir` (`layers-<n>`, and an older site's `layers`)."""
+    if not os.path.isdir(atlas_dir):
+        return []
+    return sorted(n for n in os.listdir(atlas_dir) if re.fullmatch(rf"{PAGES}(-\d+)?", n))
+
+
+def pages_folder(atlas_dir: str) -> str:
+    """The page folder the site's index.html links to (the newest `layers-<n>`)."""
+    found = [n for n in pages_folders(atlas_dir) if "-" in n]
+    if not found:
+        raise FileNotFoundError(f"no atlas pages under {atlas_dir}")
+    return os.path.join(atlas_dir, max(found, key=lambda n: int(n.split("-")[1])))
