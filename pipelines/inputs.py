@@ -343,6 +343,7 @@ def build_inputs(
     input_context: tf.distribute.InputContext | None = None,
     mode: str = "train",
     normalize: bool = True,
+    indexed: bool = False,
 ) -> tf.data.Dataset:
     """The input pipeline of one replica (or of all, without an input context).
 
@@ -359,16 +360,23 @@ def build_inputs(
         normalizes them (`preprocess.pixels(config.data).normalize`). Training does so on
         its device, in the train step (`training.train.normalized_in_train_step`): the host
         then neither casts nor normalizes, and a quarter of the bytes cross to the device.
+      indexed: (not for 'train') batches carry each image's position in the split, counted
+        before sharding and decoding: what a scan split over input pipelines records, and
+        the same whichever pipeline read the image or whether another failed to decode.
 
     Returns:
-      A dataset of (images, labels int64) batches; images float32 model inputs, or 0..255
-      pixels without `normalize`.
+      A dataset of (images, labels int64) batches, or (images, labels, indices int64) with
+      `indexed`; images float32 model inputs, or 0..255 pixels without `normalize`.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     data = config.data
     training = mode == "train"
     ds = encoded_records(data, split, shuffle_files=training, seed=config.seed)
+    if indexed:  # the label travels with the index: (label, index) until batched
+        if training:
+            raise ValueError("indexed batches are for evaluation modes, not 'train'")
+        ds = ds.enumerate().map(lambda i, r: (r[0], (r[1], i)))
     if training and data.get("random_labels_seed", -1) >= 0:
         ds = ds.map(lambda e, y: (e, random_label(e, data.random_labels_seed, data.num_classes)))
     # Through the tf.data service (pipelines/service.py) the workers run one epoch per job
@@ -438,6 +446,8 @@ def build_inputs(
     normalized = lambda x, y: (pixels.normalize(x), y)  # noqa: E731
     if normalize and not service_address:
         ds = ds.map(normalized, num_parallel_calls=tf.data.AUTOTUNE)
+    if indexed:
+        ds = ds.map(lambda x, yi: (x, *yi))
     options = tf.data.Options()
     # The model's ops already use every core; input ops that split themselves over threads
     # too would oversubscribe the CPU (measured: a slower step on 2 cores).

@@ -247,8 +247,9 @@ def test_the_model_is_loaded_in_the_strategys_scope(site, tmp_path, monkeypatch)
 
 @pytest.mark.slow
 def test_two_workers_make_the_atlas_one_device_makes(site, tmp_path):
-    """--mode=atlas --strategy=multi_worker as 2 local processes: each scans its share of
-    the split, the chief writes the atlas, whose scan equals the single-device one."""
+    """--mode=atlas --strategy=multi_worker as 2 local processes: each reads and scans its
+    share of the split, the chief writes the atlas, whose scan equals the single-device
+    one."""
     from tests.test_train import run_workers
 
     _, original, _ = site
@@ -267,6 +268,8 @@ def test_two_workers_make_the_atlas_one_device_makes(site, tmp_path):
     for returncode, _, err in outs:
         assert returncode == 0, err[-3000:]
     assert "Wrote" in outs[0][1] and "Scanned as a non-chief worker" in outs[1][1]
+    for _, _, err in outs:  # each worker reads and scans its own 25 of the 50 images
+        assert re.search(r"scan 2 layer\(s\) on validation: 100%\S* 25/25 ", err), err[-2000:]
     scans = lambda w, layer: np.load(os.path.join(w, "atlas", "cache", layer, "scan.npz"))
     for layer in ("conv1", "conv2"):
         one, two = scans(original, layer), scans(workdir, layer)

@@ -107,6 +107,32 @@ def test_pipeline_over_messy_folder(messy):
     assert seen == expected["readable"]
 
 
+def test_indexed_batches_of_each_input_pipeline(messy):
+    """`indexed=True`: each of 2 input pipelines reads every other image, and carries its
+    position in the split, whatever the pipeline: together, the whole split once."""
+    import tensorflow as tf
+
+    root, _ = messy
+    config = folder_config(root)
+    inputs.forget_folders()
+    whole = [
+        (image, int(y))
+        for images, labels in inputs.build_inputs(config, "validation", mode="center")
+        for image, y in zip(images.numpy(), labels.numpy())
+    ]
+    seen = {}
+    for pipeline in (0, 1):
+        context = tf.distribute.InputContext(2, pipeline, 2)
+        batches = inputs.build_inputs(config, "validation", context, "center", indexed=True)
+        for images, labels, index in batches:
+            for image, y, i in zip(images.numpy(), labels.numpy(), index.numpy()):
+                assert i % 2 == pipeline and i not in seen
+                seen[int(i)] = True
+                np.testing.assert_array_equal(image, whole[i][0])
+                assert int(y) == whole[i][1]
+    assert sorted(seen) == list(range(len(whole)))
+
+
 def test_split_subfolders_are_used(tmp_path):
     for split, n in (("train", 3), ("validation", 2)):
         for i in range(n):

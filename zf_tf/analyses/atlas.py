@@ -153,13 +153,17 @@ def outputs_of(s: Settings):
 
 @dataclasses.dataclass
 class Data:
-    dataset: object  # callable -> a fresh tf.data.Dataset of (images, labels) center crops
+    # callable([input context]) -> a fresh tf.data.Dataset of (images, labels, indices)
+    # center crops: of the whole split, or of one input pipeline's share
+    dataset: object
     class_names: list
 
 
 def load(config, s: Settings, model) -> Data:
     return Data(
-        dataset=lambda: inputs.build_inputs(config, s.split, mode="center"),
+        dataset=lambda context=None: inputs.build_inputs(
+            config, s.split, context, mode="center", indexed=True
+        ),
         class_names=base.class_names(config),
     )
 
@@ -233,11 +237,13 @@ def scan(model, data: Data, s: Settings, keys: dict, strategy=None, chief=True) 
         replicas = getattr(strategy, "num_replicas_in_sync", 1)
         distributed = strategy is not None and (replicas > 1 or _multi(strategy))
         desc = f"scan {len(missing)} layer(s) on {s.split}"
-        with tqdm.tqdm(total=s.num_images, desc=desc, unit="img") as bar:
+        # Split over workers, each reads and decodes only its share of the images.
+        total = _share(strategy, s.num_images) if distributed else s.num_images
+        with tqdm.tqdm(total=total, desc=desc, unit="img") as bar:
             scanned = topk.scan_layers(
                 model,
                 missing,
-                data.dataset(),
+                data.dataset if distributed else data.dataset(),
                 k=s.top_k,
                 progress=bar.update,
                 strategy=strategy if distributed else None,
@@ -256,6 +262,19 @@ def scan(model, data: Data, s: Settings, keys: dict, strategy=None, chief=True) 
 def _multi(strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     return bool(resolver is not None and resolver.task_type)
+
+
+def _share(strategy, num_images: int) -> int:
+    """How many of the split's images this worker reads: the input pipelines shard the
+    split by position (`Dataset.shard`), the chief's pipeline first, then the workers'."""
+    if not _multi(strategy):
+        return num_images
+    resolver = strategy.cluster_resolver
+    spec = resolver.cluster_spec().as_dict()
+    chiefs = len(spec.get("chief", []))
+    workers = chiefs + len(spec.get("worker", []))
+    me = 0 if resolver.task_type == "chief" else chiefs + int(resolver.task_id)
+    return len(range(me, num_images, workers))
 
 
 def _chunks(num_units: int) -> list[range]:

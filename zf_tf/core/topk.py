@@ -126,7 +126,10 @@ def scan_layers(
       layers: layers to tap (each output (B, h, w, F); a global pool's (B, F) counts as 1x1
         maps).
       dataset: batches of images, or of (images, labels); image indices count from 0 in
-        dataset order.
+        dataset order; batches of (images, labels, indices) carry their own indices. With a
+        strategy, also a function of a `tf.distribute.InputContext` giving such indexed
+        batches of one input pipeline (`strategy.distribute_datasets_from_function`): then
+        each worker reads only its own share of the split.
       k: how many to keep per feature map.
       progress: optional callable(num_images) called after each batch (with a
         multi-worker strategy: the images this worker scanned).
@@ -163,16 +166,16 @@ def scan_layers(
             for st, m in zip(state, maps)
         )
 
-    def batches():
-        for batch in dataset:
-            yield batch[0] if isinstance(batch, (tuple, list)) else batch
-
     if strategy is None:
         step_fn = tf.function(step, reduce_retracing=True)
         state, offset = init(), 0
-        for images in batches():
+        for batch in dataset:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
             n = int(images.shape[0])
-            state = step_fn(tf.range(offset, offset + n, dtype=tf.int64), images, state)
+            index = tf.range(offset, offset + n, dtype=tf.int64)
+            if isinstance(batch, (tuple, list)) and len(batch) == 3:
+                index = batch[2]
+            state = step_fn(index, images, state)
             offset += n
             if progress:
                 progress(n)
@@ -194,14 +197,21 @@ def _scan_distributed(strategy, step, init, dataset, progress) -> list[list[TopK
     """Per-replica scans of `strategy.experimental_distribute_dataset` batches carrying
     their global image indices; returns every replica's states (all workers' replicas,
     gathered, so each worker can merge them)."""
-    first = next(iter(dataset))
-    first = first[0] if isinstance(first, (tuple, list)) else first
-    batch_size = int(first.shape[0])
-    images = dataset.map(lambda *b: b[0]) if isinstance(dataset.element_spec, tuple) else dataset
-    indexed = images.unbatch().enumerate().batch(batch_size)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    dist = strategy.experimental_distribute_dataset(indexed.with_options(options))
+    if callable(dataset):  # each input pipeline reads its own share, with its indices
+        dist = strategy.distribute_datasets_from_function(
+            lambda context: dataset(context).map(lambda images, labels, index: (index, images))
+        )
+    else:
+        first = next(iter(dataset))
+        first = first[0] if isinstance(first, (tuple, list)) else first
+        batch_size = int(first.shape[0])
+        spec = dataset.element_spec
+        images = dataset.map(lambda *b: b[0]) if isinstance(spec, tuple) else dataset
+        indexed = images.unbatch().enumerate().batch(batch_size)
+        options = tf.data.Options()
+        policy = tf.data.experimental.AutoShardPolicy.DATA
+        options.experimental_distribute.auto_shard_policy = policy
+        dist = strategy.experimental_distribute_dataset(indexed.with_options(options))
     state = strategy.experimental_distribute_values_from_function(lambda _: init())
 
     @tf.function(reduce_retracing=True)
@@ -234,21 +244,24 @@ def gather_images(dataset, indices) -> dict[int, np.ndarray]:
 
 def gather_examples(dataset, indices) -> tuple[dict[int, np.ndarray], dict[int, int]]:
     """Second pass: the images at the given scan-order indices and their labels, ({index:
-    image}, {index: label}); no labels where the dataset has none. Stops once all are
-    found."""
+    image}, {index: label}); no labels where the dataset has none. Indices count batches in
+    order, or are the batches' own (images, labels, indices). Stops once all are found."""
     wanted = set(int(i) for i in np.ravel(indices) if i >= 0)
     found, labels, offset = {}, {}, 0
     for batch in dataset:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         n = int(images.shape[0])
-        hits = [i for i in range(offset, offset + n) if i in wanted]
+        index = list(range(offset, offset + n))
+        if isinstance(batch, (tuple, list)) and len(batch) == 3:  # batches with indices
+            index = [int(i) for i in np.asarray(batch[2])]
+        hits = [(row, i) for row, i in enumerate(index) if i in wanted]
         if hits:
             array = images.numpy()
-            found.update({i: array[i - offset] for i in hits})
+            found.update({i: array[row] for row, i in hits})
             if isinstance(batch, (tuple, list)) and len(batch) > 1:
                 label = np.asarray(batch[1])
                 if label.ndim == 1:  # class ids (not multi-hot)
-                    labels.update({i: int(label[i - offset]) for i in hits})
+                    labels.update({i: int(label[row]) for row, i in hits})
         offset += n
         if len(found) == len(wanted):
             break
