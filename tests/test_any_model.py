@@ -168,7 +168,7 @@ def test_unsupported_layer_is_named():
     assert deconv.projection_form(model, "r")[0] == "rule"  # auto falls back to the rule form
     out = deconv.project(deconv.build_deconvnet(model, "r"), np.ones((1, 16, 16, 3)), [0], [0])
     assert out["projection"].shape == (1, 16, 16, 3)
-    # A fused ReLU the rule form cannot reach is refused up front, before any model is built.
+    # A fused rectifier the rule form cannot reach is refused up front, before any model is built.
     model = keras.Sequential(
         [
             keras.Input((16, 16, 3)),
@@ -176,7 +176,7 @@ def test_unsupported_layer_is_named():
             L.ReLU(name="r"),
         ]
     )
-    with pytest.raises(NotImplementedError, match=r"'up' \(Conv2DTranspose\) has a fused ReLU"):
+    with pytest.raises(NotImplementedError, match=r"'up' \(Conv2DTranspose\) has a fused relu"):
         deconv.projection_form(model, "r")
 
 

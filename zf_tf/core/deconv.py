@@ -54,7 +54,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from zf_tf.core import graph
+from zf_tf.core import activations, graph
 from zf_tf.core.model import LocalResponseNorm
 
 __all__ = [
@@ -737,18 +737,8 @@ def _windowed_backward(steps, activation, feature, y, x, image_index, dense_frac
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward rules: each ReLU's backward replaced, on a clone sharing the model's weights
+# Backward rules (activations.TABLE), on a clone sharing the model's weights
 # ---------------------------------------------------------------------------------------------
-
-
-@tf.custom_gradient
-def _deconv_relu(x):
-    """ReLU whose backward pass is ReLU of the incoming gradient (the deconvnet rule)."""
-
-    def grad(upstream):
-        return tf.nn.relu(upstream)
-
-    return tf.nn.relu(x), grad
 
 
 def _identity_backward(layer, x):
@@ -761,48 +751,11 @@ def _identity_backward(layer, x):
     return f(x)
 
 
-@tf.custom_gradient
-def _guided_relu(x):
-    """ReLU whose backward pass keeps the incoming gradient only where both it and the forward
-    input are positive (guided backpropagation, Springenberg et al. 2015)."""
-
-    def grad(upstream):
-        keep = tf.logical_and(x > 0, upstream > 0)
-        return upstream * tf.cast(keep, upstream.dtype)
-
-    return tf.nn.relu(x), grad
-
-
-def _ruled_activation(layer, x, rule):
-    """A ReLU layer with parameters (ReLU6, thresholds) forward, `rule`'s backward."""
-
-    @tf.custom_gradient
-    def f(t):
-        def grad(upstream):
-            if rule == "deconvnet":
-                return tf.nn.relu(upstream)
-            return upstream * tf.cast(tf.logical_and(t > 0, upstream > 0), upstream.dtype)
-
-        return layer(t), grad
-
-    return f(x)
-
-
-# Backward rule name -> (ReLU with that backward pass, contrast normalization back-propagates
-# as the identity). The deconvnet does not invert contrast normalization, so its rule skips
-# it; guided backprop and the plain gradient differentiate through it.
-_RULES = {
-    "deconvnet": (_deconv_relu, True),
-    "guided": (_guided_relu, False),
-    "gradient": (tf.nn.relu, False),
-}
+# Backward rule name -> whether contrast normalization back-propagates as the identity (the
+# deconvnet does not invert it, so its rule skips it; guided backprop and the plain gradient
+# differentiate through it). What each rule does at each activation: `activations`.
+_RULES = {"deconvnet": True, "guided": False, "gradient": False}
 BACKWARD_RULES = tuple(_RULES)
-
-
-def _fused_relu(layer) -> bool:
-    return not isinstance(layer, keras.layers.Activation) and (
-        getattr(getattr(layer, "activation", None), "__name__", "") == "relu"
-    )
 
 
 _PRE_ACTIVATION_TYPES = (
@@ -843,8 +796,8 @@ def _pre_activation(layer, x):
         z = layer.convolution_op(x, tf.cast(layer.kernel, dtype))
     else:
         raise NotImplementedError(
-            f"layer {layer.name!r} ({type(layer).__name__}) has a fused ReLU that the backward "
-            "rules cannot reach; use a separate ReLU layer"
+            f"layer {layer.name!r} ({type(layer).__name__}) has a fused activation that the "
+            "backward rules cannot reach; use a separate activation layer"
         )
     if getattr(layer, "use_bias", False):
         z = z + tf.cast(layer.bias, dtype)
@@ -862,25 +815,23 @@ class _RuleCall(keras.layers.Layer):
 
     def call(self, x):
         layer = self.source
-        relu, lrn_identity = _RULES[self.rule]
         if isinstance(layer, LocalResponseNorm):
-            return _identity_backward(layer, x) if lrn_identity else layer(x)
-        if graph.is_relu(layer):
-            if isinstance(layer, keras.layers.ReLU):
-                plain = layer.max_value is None and not layer.negative_slope
-                plain = plain and not layer.threshold
-            else:  # Activation('relu') or Activation('relu6')
-                plain = layer.activation.__name__ == "relu"
-            return relu(x) if plain else _ruled_activation(layer, x, self.rule)
-        return relu(_pre_activation(layer, x))
+            return _identity_backward(layer, x) if _RULES[self.rule] else layer(x)
+        name, fused = activations.activation_of(layer)
+        if fused:  # the layer's own weights, then its activation under the rule
+            return activations.apply(layer.activation, _pre_activation(layer, x), name, self.rule)
+        return activations.apply(layer, x, name, self.rule)
 
 
 def _rule_call(rule):
-    """A `graph.trace` call hook running ReLU-bearing layers under `rule`."""
+    """A `graph.trace` call hook running the layers whose activation the rule changes
+    (`activations.TABLE`: the rectifier-shaped ones), and contrast normalization, under
+    `rule`."""
 
     def call(layer, *args, **kwargs):
-        needs = graph.is_relu(layer) or _fused_relu(layer)
-        needs = needs or (isinstance(layer, LocalResponseNorm) and _RULES[rule][1])
+        found = activations.activation_of(layer)
+        needs = found is not None and activations.treatment(found[0]) == activations.RECTIFY
+        needs = needs or (isinstance(layer, LocalResponseNorm) and _RULES[rule])
         if rule == "gradient" or not needs:
             return layer(*args, **kwargs)
         return _RuleCall(layer, rule, name=f"{layer.name}_{rule}")(args[0])
@@ -992,11 +943,13 @@ def projection_form(model: keras.Model, layer_name: str) -> tuple[str, str]:
             return "explicit", ""
         except NotImplementedError as e:
             why = str(e).split(";")[0]
-    for op in graph.ops_of(model):  # the rule form's clone wraps every ReLU-bearing layer
-        if _fused_relu(op.layer) and not isinstance(op.layer, _PRE_ACTIVATION_TYPES):
+    for op in graph.ops_of(model):  # the rule form's clone wraps every rectifier it rules
+        found = activations.activation_of(op.layer)
+        ruled = found is not None and activations.treatment(found[0]) == activations.RECTIFY
+        if ruled and found[1] and not isinstance(op.layer, _PRE_ACTIVATION_TYPES):
             raise NotImplementedError(
-                f"layer {op.name!r} ({type(op.layer).__name__}) has a fused ReLU that the "
-                "backward rules cannot reach; use a separate ReLU layer"
+                f"layer {op.name!r} ({type(op.layer).__name__}) has a fused {found[0]} that "
+                "the backward rules cannot reach; use a separate activation layer"
             )
     return "rule", why
 
