@@ -49,6 +49,9 @@ def test_site_files_and_winners(site):
     summary = json.load(open(os.path.join(atlas, "atlas.json")))
     assert summary["layers"] == {"conv1": 12, "conv2": 32} and summary["units"] == 44
     assert summary["k"] == 4 and summary["num_images"] == 50
+    assert [r["layer"] for r in summary["way_down"]["conv2"]] == ["conv1", "conv2"]
+    index = open(os.path.join(atlas, "index.html"), encoding="utf-8").read()
+    assert "relu \u00d7 2: ReLU of the signal (the paper&#x27;s rule)" in index
     for layer, units in summary["layers"].items():
         folder = os.path.join(atlas_site.pages_folder(atlas), layer)
         pages = sorted(f for f in os.listdir(folder) if f.startswith("unit_"))

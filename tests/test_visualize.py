@@ -41,6 +41,10 @@ def test_top_k_panels_index_and_tensorboard(config, tmp_path):
     assert index["features"] == expected
     assert index["num_images"] == 50 and index["k"] == 9 and index["split"] == "validation"
     assert index["receptive_field"] == deconv.receptive_field_size(model, "conv2")
+    paper = "ReLU of the signal (the paper's rule)"
+    assert index["form"] == "explicit" and index["way_down"] == [
+        {"layer": layer, "activation": "relu", "rule": paper} for layer in ("conv1", "conv2")
+    ]
     # Brute force: conv2 over the whole split; each map's 9 images with the highest maximum.
     split = np.concatenate([b[0] for b in inputs.build_inputs(config, "validation", mode="center")])
     maps = keras.Model(model.inputs, model.get_layer("conv2").output)([split]).numpy()

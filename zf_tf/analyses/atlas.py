@@ -413,6 +413,7 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
             "receptive_field": field,
             "side": min(field, s.crop_size),  # the canvas of its images
             "form": deconv.projection_form(model, layer)[0],
+            "way_down": deconv.way_down(model, layer),
         }
     timings = {"scan": scanned - start, "projections": time.perf_counter() - scanned}
     return {"chief": True, "layers": layers, "timings": timings, "class_names": data.class_names}
@@ -423,10 +424,12 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
     if not result["chief"]:
         return base.Report(lines=["Scanned as a non-chief worker: the chief writes the atlas"])
     summary = atlas_site.write(os.path.dirname(paths["index.html"]), result, s)
+    below = {r["layer"]: r for records in summary["way_down"].values() for r in records}
     lines = [
+        deconv.way_down_line(list(below.values())),
         f"Atlas: {summary['units']} units of {len(s.layers)} layer(s), "
         f"{summary['files']} files, {summary['bytes'] / 1e6:.1f} MB; largest page "
-        f"{summary['largest_page']} ({summary['largest_page_bytes'] / 1e6:.2f} MB with its images)"
+        f"{summary['largest_page']} ({summary['largest_page_bytes'] / 1e6:.2f} MB with its images)",
     ]
     return base.Report(lines=lines, summary=summary)
 

@@ -218,7 +218,8 @@ def _index_page(result: dict, s, names: list, pages: str) -> str:
         rows.append(
             f'<tr><td><a href="{pages}/{slug(layer)}/index.html">{html.escape(layer)}</a></td>'
             f'<td class="num">{f}</td><td class="num">{h}&times;{w}</td>'
-            f'<td class="num">{info["receptive_field"]}</td><td>{info["form"]}</td></tr>'
+            f'<td class="num">{info["receptive_field"]}</td><td>{info["form"]}</td>'
+            f"<td>{html.escape(_way_down(info['way_down']))}</td></tr>"
         )
     total = sum(info["map_shape"][2] for info in layers.values())
     k = next(iter(layers.values()))["scan"].k
@@ -273,7 +274,8 @@ def _index_page(result: dict, s, names: list, pages: str) -> str:
     body = (
         f'<h1>Atlas</h1>\n<table class="meta">{meta}</table>\n'
         "<h2>Layers</h2>\n<table><tr><th>layer</th><th>units</th><th>maps</th>"
-        "<th>receptive field (px)</th><th>projection</th></tr>\n"
+        "<th>receptive field (px)</th><th>projection</th><th>way down (deconvnet rule at "
+        "each activation below)</th></tr>\n"
         + "\n".join(rows)
         + "</table>\n"
         + (
@@ -284,6 +286,15 @@ def _index_page(result: dict, s, names: list, pages: str) -> str:
         )
     )
     return _page("Atlas", body, f"{pages}/style.css")
+
+
+def _way_down(records: list[dict]) -> str:
+    """'relu x 5: ReLU of the signal (...)': each activation below a layer, how many times,
+    what the rule does there."""
+    seen: dict[str, list] = {}
+    for r in records:
+        seen.setdefault(r["activation"], [0, r["rule"]])[0] += 1
+    return "; ".join(f"{a} \u00d7 {n}: {what}" for a, (n, what) in seen.items()) or "none"
 
 
 def _page_weight(page: str) -> int:
@@ -357,6 +368,7 @@ def write(atlas_dir: str, result: dict, s) -> dict:
         summary = {
             "units": total,
             "layers": {layer: info["map_shape"][2] for layer, info in layers.items()},
+            "way_down": {layer: info["way_down"] for layer, info in layers.items()},
             "k": k,
             "split": s.split,
             "num_images": s.num_images,

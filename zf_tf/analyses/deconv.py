@@ -279,6 +279,7 @@ def resolve(s: Settings, model, source) -> Settings:
         raise UsageError(f"--layer={layer}: {e}") from None
     if form == "rule":
         print(f"{layer}: projections in the backward-rule form ({why})")
+    print(deconv.way_down_line(deconv.way_down(model, layer)))
     if s.features and not s.image:
         num_maps = int(graph.find(model, layer).output.shape[-1])
         select_features(num_maps, s.features, s.num_features, s.seed)
@@ -311,8 +312,11 @@ def load(config, s: Settings, model) -> Data:
 def compute(model, data: Data, s: Settings) -> dict:
     """`strongest_maps` of the image, or `top_k` over the split (with a progress bar);
     adds 'num_images' (scan) or 'image' (the model input)."""
+    record = {"form": deconv.projection_form(model, s.layer)[0]}
+    record["way_down"] = deconv.way_down(model, s.layer)
     if data.image is not None:
-        return {"image": data.image, **strongest_maps(model, data.image, s.layer, s.num_features)}
+        found = strongest_maps(model, data.image, s.layer, s.num_features)
+        return {"image": data.image, **found, **record}
     with tqdm.tqdm(total=data.total, desc=f"scan {s.layer} on {s.split}", unit="img") as bar:
         result = top_k(
             model,
@@ -324,7 +328,7 @@ def compute(model, data: Data, s: Settings) -> dict:
             s.seed,
             progress=bar.update,
         )
-    return {**result, "num_images": int(data.total)}
+    return {**result, "num_images": int(data.total), **record}
 
 
 def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
@@ -342,6 +346,7 @@ def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
             for i, f in enumerate(result["features"])
         ]
         index = {"image": s.image, "layer": s.layer, "strongest": rows}
+        index |= {"form": result["form"], "way_down": result["way_down"]}
     else:
         figure = render_top_k(result, s, png)
         index = {
@@ -352,6 +357,8 @@ def render_outputs(result: dict, s: Settings, paths: dict) -> base.Report:
             "receptive_field": result["receptive_field"],
             "features": result["features"],
             "winners": result["winners"],
+            "form": result["form"],
+            "way_down": result["way_down"],  # what the rule did at each activation below
         }
     outputs.save_text(index_path, json.dumps(index, indent=1))
     return base.Report(images={f"{MODE}/{s.layer}/{s.stem}": figure}, summary=index)

@@ -65,6 +65,7 @@ __all__ = [
     "project",
     "gradient_projection",
     "rule_forward",
+    "way_down",
     "BACKWARD_RULES",
     "receptive_field",
     "receptive_field_size",
@@ -837,6 +838,40 @@ def _rule_call(rule):
         return _RuleCall(layer, rule, name=f"{layer.name}_{rule}")(args[0])
 
     return call
+
+
+def way_down(model: keras.Model, layer_name: str, rule: str = "deconvnet") -> list[dict]:
+    """The record of a projection: every activation on the paths from the input to
+    `layer_name` (inclusive), in forward order, with what `rule` does at it (one entry of
+    `activations.TABLE`): [{'layer', 'activation', 'rule'}]. The same for both forms (the
+    explicit deconvnet only takes ReLUs, which it rectifies)."""
+    ops = graph.ops_of(model)
+    producer = {id(op.output): op for op in ops}
+    below, stack = set(), [graph.find(model, layer_name)]
+    while stack:
+        op = stack.pop()
+        if id(op) not in below:
+            below.add(id(op))
+            stack += [producer[id(t)] for t in op.inputs if id(t) in producer]
+    records = []
+    for op in ops:
+        found = activations.activation_of(op.layer) if id(op) in below else None
+        if found is not None:
+            name = found[0]
+            records.append(
+                {"layer": op.name, "activation": name, "rule": activations.describe(name, rule)}
+            )
+    return records
+
+
+def way_down_line(records: list[dict], rule: str = "deconvnet") -> str:
+    """One line for `way_down` records: each activation, on how many layers, what the rule
+    does there ('Way down (deconvnet rule): relu on 5 layers: ReLU of the signal (...)')."""
+    seen: dict[str, list] = {}
+    for r in records:
+        seen.setdefault(r["activation"], [0, r["rule"]])[0] += 1
+    parts = [f"{a} on {n} layer{'s' * (n != 1)}: {what}" for a, (n, what) in seen.items()]
+    return f"Way down ({rule} rule): {'; '.join(parts) or 'no activation'}"
 
 
 _RULE_TAPS = weakref.WeakKeyDictionary()
