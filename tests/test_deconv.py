@@ -410,3 +410,41 @@ def test_a_dropped_deconvnet_is_freed_with_its_compiled_function():
     del net
     gc.collect()
     assert ref() is None  # and its entry of _COMPILED with it (a weak key)
+
+
+def test_receptive_fields_follow_dense_paths_back_into_the_maps():
+    """A squeeze-and-excitation block (global pool -> dense -> reshape -> multiply): every
+    unit after the gate depends on the whole image, and its gradient says so (non-zero
+    outside the local window); below the gate the field is local, and the gradient is zero
+    outside it."""
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    x = inp = keras.Input((32, 32, 3))
+    x = L.Conv2D(4, 3, padding="same", activation="relu", name="c1")(x)
+    gate = L.Dense(4, activation="sigmoid", name="excite")(L.GlobalAveragePooling2D()(x))
+    x = L.Multiply(name="scale")([x, L.Reshape((1, 1, 4))(gate)])
+    x = L.Conv2D(4, 3, padding="same", name="c2")(x)
+    model = keras.Model(inp, x)
+    images = tf.constant(np.random.default_rng(0).uniform(0, 1, (1, 32, 32, 3)), tf.float32)
+
+    def gradient(layer, y, x):
+        tap = graph.tap(model, [layer])
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            unit = tap(images)[0, y, x, 0]
+        return np.abs(tape.gradient(unit, images).numpy()[0]).sum(-1)
+
+    local = (15, 15, 18, 18)  # c1's 3x3 window around (16, 16)
+    for layer, field in (("c1", local), ("scale", (0, 0, 32, 32)), ("c2", (0, 0, 32, 32))):
+        assert deconv.receptive_field(model, layer, 16, 16) == field, layer
+        g = gradient(layer, 16, 16)
+
+        def outside(box, g=g):
+            y0, x0, y1, x1 = box
+            rest = g.copy()
+            rest[y0:y1, x0:x1] = 0
+            return rest.max()
+
+        assert outside(field) == 0, layer  # nothing outside the claimed field
+        assert (outside(local) > 0) == (layer != "c1"), layer  # the gate reaches everywhere
+    assert deconv.receptive_field_size(model, "c2") >= 32  # unclipped: padding included

@@ -424,16 +424,22 @@ def window_geometry(layer, size):
     return None, tuple(size)
 
 
+ALL = "all"  # the region of a tensor without maps (a dense path): all of it
+
+
 def _needed(op, region, in_shape):
     """The (y0, y1, x0, x1) inclusive region of input `in_shape` that `region` of the op's
-    output depends on (unclipped: may extend into padding)."""
+    output depends on (unclipped: may extend into padding); ALL for an input without maps
+    (B, F): a dense path, as in a squeeze-and-excitation block (global pool -> dense ->
+    reshape -> multiply), depends on all of it, and through its global pool on all of the
+    maps below."""
     layer = op.layer
     if len(in_shape) != 4 or in_shape[1] is None:
-        return None
+        return ALL
     h, w = int(in_shape[1]), int(in_shape[2])
     out = op.output.shape
     whole = (0, h - 1, 0, w - 1)
-    if len(out) != 4:  # global pools, Flatten, Dense: everything
+    if len(out) != 4 or region == ALL:  # global pools, Flatten, Dense: everything
         return whole
     geometry, _ = window_geometry(layer, (h, w))
     if geometry is not None:
@@ -466,10 +472,10 @@ def _region(model, name: str, y: int, x: int):
             continue
         for t in op.inputs:
             need = _needed(op, region, tuple(t.shape))
-            if need is None:
-                continue
             old = regions.get(id(t))
-            if old is not None:
+            if ALL in (need, old):
+                need = ALL
+            elif old is not None:
                 need = (
                     min(old[0], need[0]),
                     max(old[1], need[1]),
@@ -490,7 +496,8 @@ def receptive_field(model, name: str, y: int, x: int) -> tuple:
     """The input pixels unit (y, x) of layer `name` depends on: (y0, x0, y1, x1), inclusive-
     exclusive, clipped to the image. Conv, pool and zero-padding geometry ('same' padding
     amounts from the actual sizes), through residual and concatenating blocks (the union of
-    the paths)."""
+    the paths), and through dense paths that broadcast back into the maps (a
+    squeeze-and-excitation gate: the whole image)."""
     h_in, w_in, _ = static_shape(model)
     y0, y1, x0, x1 = _region(model, name, int(y), int(x))
     return (max(y0, 0), max(x0, 0), min(y1 + 1, h_in), min(x1 + 1, w_in))
