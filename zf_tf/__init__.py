@@ -9,4 +9,27 @@ import-linter, `make lint`; see BUILD.md):
   training     strategies, train, evaluate, export, callbacks, the workdir
   outputs      where outputs go, the overwrite policy, figures, arrays, TensorBoard images
   core         the model, the deconvnet, receptive fields, the streaming top-k; no files
+
+From Python (a notebook), on any in-memory Keras convnet (`zf_tf.api`):
+
+    import zf_tf
+    zf_tf.projections(model, images, "conv4", units=[0, 5])  # deconvnet projections
+    zf_tf.top_k(model, images, ["conv1", "conv5"], k=9)      # strongest images per unit
+    zf_tf.attribution(model, images, classes, "gradcam")     # any of zf_tf.METHODS
+    zf_tf.occlusion(model, images, classes)                  # Fig. 7 maps
 """
+
+from zf_tf.core.errors import UsageError
+
+_API = ("METHODS", "attribution", "occlusion", "projections", "top_k")
+__all__ = ["UsageError", *_API]
+
+
+def __getattr__(name: str):
+    """The API's names, imported on first use: `import zf_tf` itself starts no TensorFlow
+    (main.py installs its signal handling before TensorFlow starts any thread)."""
+    if name in _API:
+        from zf_tf import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'zf_tf' has no attribute {name!r}")

@@ -229,7 +229,7 @@ def _adapt(config, size: int, preprocessing: str | None, overridden: set):
     return adapted
 
 
-def _check_layout(model, shape, what: str):
+def check_layout(model, shape, what: str):
     """Raises UsageError unless the model reads channels-last, square RGB images (the
     scans, projections, receptive fields and atlas pages assume H = W)."""
     nested = [model]
@@ -279,7 +279,7 @@ def open_source(config, request) -> Source:
         shape = graph.input_shape(model)
     except ValueError as e:
         raise UsageError(f"--model={request.model}: {e}") from None
-    _check_layout(model, shape, f"--model={request.model}")
+    check_layout(model, shape, f"--model={request.model}")
     size = int(config.data.crop_size) if shape[0] is None else int(shape[0])
     if shape[0] is None:
         model = graph.fixed_input(model, size)
