@@ -195,3 +195,52 @@ def residual_projection(model, image, layer_name, feature):
     d = tf.nn.relu(d) * _bn_scale(g("stem_bn"))
     d = _conv_down(g("stem_conv"), d, x.shape[1:])
     return d.numpy()[0], (int(yy), int(xx))
+
+
+# ---------------------------------------------------------------------------------------------
+# Any functional model: the stated rule at every rectifier, by cloning (no zf_tf code)
+# ---------------------------------------------------------------------------------------------
+
+RECTIFYING = {"relu", "relu6", "gelu", "silu", "hard_silu", "leaky_relu", "elu"}
+
+
+class _Rectified(keras.layers.Layer):
+    """A rectifier layer run as it is, its backward pass replaced by ReLU of the signal."""
+
+    def __init__(self, inner, **kwargs):
+        super().__init__(name=f"{inner.name}_rectified", **kwargs)
+        self.inner = inner
+
+    def call(self, x):
+        @tf.custom_gradient
+        def f(t):
+            return self.inner(t), lambda up: tf.nn.relu(up)
+
+        return f(x)
+
+
+def rectifiers_ruled(model):
+    """A clone of `model` sharing its weights whose ReLU layers and rectifier Activation
+    layers (RECTIFYING) back-propagate ReLU(signal); every other layer its true gradient."""
+
+    def clone(layer):
+        name = getattr(getattr(layer, "activation", None), "__name__", "")
+        separate = isinstance(layer, keras.layers.Activation) and name in RECTIFYING
+        if isinstance(layer, keras.layers.ReLU) or separate:
+            return _Rectified(layer)
+        return layer
+
+    return keras.models.clone_model(model, clone_function=clone)
+
+
+def rule_projection(model, layer_name, images, feature):
+    """For each image: the projection of `feature`'s strongest activation in `layer_name`
+    (the activation times its gradient under the rules, as the deconvnet projects it)."""
+    tap = rectifiers_ruled(keras.Model(model.inputs, model.get_layer(layer_name).output))
+    x = tf.constant(images)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        maps = tap(x)[..., feature]
+        best = tf.reduce_max(tf.reshape(maps, [len(images), -1]), axis=1)
+    grads = tape.gradient(best, x, output_gradients=tf.stop_gradient(best))
+    return grads.numpy(), best.numpy()

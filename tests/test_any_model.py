@@ -299,3 +299,39 @@ def test_mobilenet_v2_depthwise_relu6_rule_form():
         np.abs(grads["deconvnet"] - grads["gradient"]).max()
         > 1e-3 * np.abs(grads["gradient"]).max()
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "builder, layer",
+    [
+        # hard swish, SE gates (global pool -> 1x1 convs -> hard sigmoid -> multiply)
+        ("MobileNetV3Small", "expanded_conv_6_project"),
+        # LayerNorm, GELU, depthwise 7x7, layer scale
+        ("ConvNeXtTiny", "convnext_tiny_stage_2_block_2_identity"),
+    ],
+)
+def test_newer_applications_against_an_independent_rule_gradient(builder, layer):
+    """The projection of a deep unit equals the activation times its gradient through a
+    clone (written in tests/oracles.py) whose ReLU and rectifier activation layers pass
+    ReLU(signal) down; its support lies inside the unit's receptive field (here, through
+    the SE gates and global paths, the whole image)."""
+    from tests.oracles import rule_projection
+
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, builder)(
+        weights=None, include_top=False, input_shape=(64, 64, 3)
+    )
+    images = np.random.default_rng(3).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    feature = 1
+    out = deconv.project(deconv.build_deconvnet(model, layer), images, [0, 1], [feature, feature])
+    want, best = rule_projection(model, layer, images, feature)
+    np.testing.assert_allclose(out["activation"], best, rtol=1e-5)
+    scale = np.abs(want).max()
+    assert scale > 0
+    np.testing.assert_allclose(out["projection"], want, rtol=1e-3, atol=1e-4 * scale)
+    for m in range(2):
+        y0, x0, y1, x1 = deconv.receptive_field(model, layer, out["y"][m], out["x"][m])
+        outside = np.ones((64, 64), bool)
+        outside[y0:y1, x0:x1] = False
+        assert not np.abs(out["projection"][m][outside]).any()

@@ -42,6 +42,8 @@ APPLICATIONS = {
     "xception": ("Xception", "tf", 299),
     "densenet121": ("DenseNet121", "torch", 224),
     "efficientnet_b0": ("EfficientNetB0", "raw", 224),
+    "mobilenet_v3_small": ("MobileNetV3Small", "raw", 224),  # hard swish, SE gates
+    "convnext_tiny": ("ConvNeXtTiny", "raw", 224),  # LayerNorm, GELU, depthwise 7x7
 }
 MODEL_FILES = (".keras", ".h5")
 

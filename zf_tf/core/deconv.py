@@ -856,7 +856,7 @@ def way_down(model: keras.Model, layer_name: str, rule: str = "deconvnet") -> li
     records = []
     for op in ops:
         found = activations.activation_of(op.layer) if id(op) in below else None
-        if found is not None:
+        if found is not None and activations.treatment(found[0]) != activations.IDENTITY:
             name = found[0]
             records.append(
                 {"layer": op.name, "activation": name, "rule": activations.describe(name, rule)}
