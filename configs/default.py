@@ -112,6 +112,9 @@ def get_config():
     config.train.lr_decay = 0.1  # ReduceLROnPlateau on validation loss: factor,
     config.train.lr_patience = 2  # epochs without improvement,
     config.train.min_lr = 1e-5  # and floor
+    # () = the plateau schedule above; else the rate is multiplied by lr_decay after each of
+    # these epochs (1-based, increasing), a fixed step schedule, and plateaus are not watched.
+    config.train.lr_drop_epochs = ()
     # Dtype policy of the layers: float32 | mixed_bfloat16 | mixed_float16 (with dynamic loss
     # scaling). Variables, logits, loss and LRN stay float32; analyses load the checkpoint
     # as a float32 model. For GPUs/TPUs: on the 2-core CPU float16 is several times slower.

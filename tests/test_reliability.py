@@ -392,6 +392,7 @@ def test_every_refusal_leaves_the_workdir_byte_identical(tiny_data_dir, tmp_path
         ("train", ["--config.train.epochs=x"], "not a valid int"),
         ("train", ["--config.train.momentum=1.5"], "must be in [0, 1)"),
         ("train", ["--config.model.layer1=vgg"], "choose one of zfnet, alexnet"),
+        ("train", ["--config.train.lr_drop_epochs=(3,2)"], "must be increasing epochs in 1.."),
         ("train", ["--config.data.crop_size=8"], "too small for this model"),
         (
             "train",

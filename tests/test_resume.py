@@ -108,3 +108,27 @@ def test_history_is_cut_back_to_the_resume_point(tmp_path):
     resume.truncate_history(str(tmp_path), 2)
     assert (tmp_path / "history.csv").read_text() == "epoch,loss\n0,2.0\n1,1.5\n"
     resume.truncate_history(str(tmp_path / "none"), 2)  # no history yet: nothing to do
+
+
+def test_the_step_schedule_depends_on_the_epoch_alone():
+    """config.train.lr_drop_epochs: the rate after each listed epoch is divided, from the
+    epoch index only, so a run resumed at any epoch continues the same schedule."""
+    import keras
+
+    from zf_tf.training import callbacks
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    drops = callbacks.StepDrops(0.01, 0.1, (3, 5))
+    drops.set_model(model)
+    for epoch, rate in (
+        (0, 0.01),
+        (2, 0.01),
+        (3, 0.001),
+        (4, 0.001),
+        (5, 1e-4),
+        (9, 1e-4),
+        (1, 0.01),
+    ):
+        drops.on_epoch_begin(epoch)
+        assert float(model.optimizer.learning_rate) == pytest.approx(rate), epoch

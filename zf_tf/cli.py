@@ -249,6 +249,16 @@ def validate_config(config):
     for name in config.model.get("remove", ()):
         choose("config.model.remove entry", name, model_lib.REMOVABLE)
     choose("config.train.precision", config.train.get("precision", "float32"), model_lib.PRECISIONS)
+    drops = tuple(config.train.get("lr_drop_epochs", ()))
+    if drops and (
+        any(not isinstance(d, int) for d in drops)
+        or list(drops) != sorted(set(drops))
+        or not 1 <= drops[0] <= drops[-1] < config.train.epochs
+    ):
+        raise UsageError(
+            f"config.train.lr_drop_epochs={drops} must be increasing epochs in "
+            f"1..{config.train.epochs - 1} (config.train.epochs={config.train.epochs})"
+        )
     if "prepare" in config:
         encoding = config.prepare.get("encoding", "jpeg")
         choose("config.prepare.encoding", encoding, prepared.ENCODINGS)

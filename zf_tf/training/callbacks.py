@@ -402,6 +402,21 @@ class LinearWarmup(keras.callbacks.Callback):
             self.step += 1
 
 
+class StepDrops(keras.callbacks.Callback):
+    """A fixed step schedule: at the start of each epoch the learning rate is `base` times
+    `decay` to the number of `drops` (1-based epochs) already finished. It depends on the
+    epoch alone, so a resumed run continues it exactly (ReduceLROnPlateau's counters start
+    afresh)."""
+
+    def __init__(self, base: float, decay: float, drops):
+        super().__init__()
+        self.base, self.decay, self.drops = float(base), float(decay), tuple(int(d) for d in drops)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        done = sum(epoch >= d for d in self.drops)  # `epoch` counts from 0
+        self.model.optimizer.learning_rate = self.base * self.decay**done
+
+
 # Optional callbacks by name (config.train.callbacks): name -> factory(config, out_dir).
 OPTIONAL = {
     "image_summaries": lambda config, out: ImageSummaries(

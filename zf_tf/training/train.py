@@ -132,6 +132,17 @@ def steps_per_epoch(config) -> int:
     return n // config.train.batch_size
 
 
+def learning_rate_schedule(config) -> keras.callbacks.Callback:
+    """The rate divided on validation-loss plateaus (the paper's annealing), or at fixed
+    epochs (`config.train.lr_drop_epochs`)."""
+    t = config.train
+    if t.get("lr_drop_epochs", ()):
+        return callbacks.StepDrops(t.learning_rate, t.lr_decay, t.lr_drop_epochs)
+    return keras.callbacks.ReduceLROnPlateau(
+        monitor="val_loss", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.min_lr
+    )
+
+
 def warmup(config, steps: int) -> list[keras.callbacks.Callback]:
     """The linear learning-rate warmup over `config.train.warmup_epochs` epochs of `steps`
     steps (none when 0)."""
@@ -195,9 +206,7 @@ def _train(config, workdir, out, strategy, chief, source):
         callbacks.Validation(val_ds),
         callbacks.EpochSeconds(),
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.min_lr
-        ),
+        learning_rate_schedule(config),
         *warmup(config, steps),
         keras.callbacks.CSVLogger(os.path.join(out, resume.HISTORY), append=True),
         keras.callbacks.TensorBoard(os.path.join(out, "logs"), write_graph=False),

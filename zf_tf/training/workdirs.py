@@ -58,6 +58,7 @@ ADDED_FIELDS = {
     ("train", "label_smoothing"): 0.0,
     ("train", "warmup_epochs"): 0.0,
     ("model", "conv1_init_stddev"): 0.0,
+    ("train", "lr_drop_epochs"): (),
 }
 TRAINING_STATE = (
     "backup",
