@@ -132,3 +132,29 @@ def test_the_step_schedule_depends_on_the_epoch_alone():
     ):
         drops.on_epoch_begin(epoch)
         assert float(model.optimizer.learning_rate) == pytest.approx(rate), epoch
+
+
+def test_workers_that_would_resume_from_different_epochs_are_refused(monkeypatch):
+    """`resume.workers_agree`: one all-reduce of (e, e^2) over the replicas; equal epochs
+    pass, any difference is one UsageError (here two workers of one replica each, as the
+    all-reduce would sum them: the 2-process test of test_train covers the collective)."""
+    import types
+
+    import tensorflow as tf
+
+    from zf_tf.core.errors import UsageError
+    from zf_tf.training import keras_fixes
+
+    def cluster(*epochs):
+        def reduce(op, value, axis=None):
+            return tf.add_n([tf.constant([e, e * e], tf.float64) for e in epochs])
+
+        return types.SimpleNamespace(
+            num_replicas_in_sync=len(epochs), run=lambda fn: fn(), reduce=reduce
+        )
+
+    monkeypatch.setattr(keras_fixes, "is_multi_worker", lambda strategy: True)
+    resume.workers_agree(cluster(3, 3), 3, "/w")
+    for epochs in ((3, 0), (0, 2), (5, 4)):
+        with pytest.raises(UsageError, match="would resume from different epochs .* the chief's"):
+            resume.workers_agree(cluster(*epochs), epochs[0], "/w")
