@@ -39,6 +39,8 @@ import numpy as np
 import tqdm
 from PIL import Image
 
+from zf_tf.core import deconv
+
 PAGES = "layers"  # the page folders' name: layers-<n>
 CELL = 96  # displayed side (CSS px) of a projection or patch on a unit page
 THUMB = 64  # displayed side of a layer page's thumbnails
@@ -291,10 +293,8 @@ def _index_page(result: dict, s, names: list, pages: str) -> str:
 def _way_down(records: list[dict]) -> str:
     """'relu x 5: ReLU of the signal (...)': each activation below a layer, how many times,
     what the rule does there."""
-    seen: dict[str, list] = {}
-    for r in records:
-        seen.setdefault(r["activation"], [0, r["rule"]])[0] += 1
-    return "; ".join(f"{a} \u00d7 {n}: {what}" for a, (n, what) in seen.items()) or "none"
+    counts = deconv.way_down_counts(records)
+    return "; ".join(f"{a} \u00d7 {n}: {what}" for a, n, what in counts) or "none"
 
 
 def _page_weight(page: str) -> int:

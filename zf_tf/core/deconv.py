@@ -864,13 +864,19 @@ def way_down(model: keras.Model, layer_name: str, rule: str = "deconvnet") -> li
     return records
 
 
-def way_down_line(records: list[dict], rule: str = "deconvnet") -> str:
-    """One line for `way_down` records: each activation, on how many layers, what the rule
-    does there ('Way down (deconvnet rule): relu on 5 layers: ReLU of the signal (...)')."""
+def way_down_counts(records: list[dict]) -> list[tuple[str, int, str]]:
+    """(activation, on how many layers, what the rule does there) of `way_down` records, in
+    order of first appearance."""
     seen: dict[str, list] = {}
     for r in records:
         seen.setdefault(r["activation"], [0, r["rule"]])[0] += 1
-    parts = [f"{a} on {n} layer{'s' * (n != 1)}: {what}" for a, (n, what) in seen.items()]
+    return [(a, n, what) for a, (n, what) in seen.items()]
+
+
+def way_down_line(records: list[dict], rule: str = "deconvnet") -> str:
+    """One line for `way_down` records ('Way down (deconvnet rule): relu on 5 layers: ReLU
+    of the signal (the paper's rule)')."""
+    parts = [f"{a} on {n} layer{'s' * (n != 1)}: {w}" for a, n, w in way_down_counts(records)]
     return f"Way down ({rule} rule): {'; '.join(parts) or 'no activation'}"
 
 
