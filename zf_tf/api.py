@@ -29,14 +29,19 @@ raises `zf_tf.UsageError` (a ValueError) with the one line the command line prin
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
+from configs import default
 from zf_tf.analyses import attribution as attribution_lib
 from zf_tf.analyses import sources
 from zf_tf.core import deconv, graph, topk
 from zf_tf.core.errors import UsageError
 
 METHODS = attribution_lib.METHODS
+# SmoothGrad's samples and noise, the occluder, batch sizes: the command line's defaults.
+_SETTINGS = attribution_lib.map_settings(default.get_config())
 
 
 def _images(model, images) -> np.ndarray:
@@ -110,7 +115,7 @@ def top_k(model, images, layers, k: int = 9, batch_size: int = 32) -> dict:
     valid = graph.spatial_layers(model)
     for layer in layers:
         _layer(model, layer, valid, "for a scan")
-    if isinstance(images, np.ndarray) or isinstance(images, (list, tuple)):
+    if isinstance(images, (np.ndarray, list, tuple)):
         import tensorflow as tf
 
         images = _images(model, images)
@@ -131,18 +136,18 @@ def attribution(model, images, classes, method: str = "gradcam", layer: str = ""
     classes = _classes(model, classes, len(images))
     if layer:
         _layer(model, layer, graph.conv_layers(model), "for a CAM")
-    settings = attribution_lib.MapSettings(
-        smoothgrad_samples=20,
-        smoothgrad_noise=0.2,
-        cam_layer=layer,
-        occluder_size=0.25,
-        occluder_stride=0.0625,
-        batch_size=128,
-    )
+    settings = dataclasses.replace(_SETTINGS, cam_layer=layer, occluder_fill=(0.0, 0.0, 0.0))
     return attribution_lib.method_maps(model, images, classes, method, settings, seed)
 
 
-def occlusion(model, images, classes, size: float = 0.25, stride: float = 0.0625, fill=0.0):
+def occlusion(
+    model,
+    images,
+    classes,
+    size: float = _SETTINGS.occluder_size,
+    stride: float = _SETTINGS.occluder_stride,
+    fill=0.0,
+):
     """Zeiler & Fergus Fig. 7 as maps: how much the probability of `classes` (N,) drops
     while a square of side `size` (a fraction of the image side, moved by `stride`) filled
     with `fill` (the model input of a gray pixel: 0 for mean-subtracted inputs) covers each

@@ -314,9 +314,7 @@ def write(atlas_dir: str, result: dict, s) -> dict:
     tmp = os.path.join(atlas_dir, ".site-tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a killed render's leftovers
     old_pages = pages_folders(atlas_dir)
-    folder_name = (
-        f"{PAGES}-{1 + max((int(n.split('-')[1]) for n in old_pages if '-' in n), default=0)}"
-    )
+    folder_name = f"{PAGES}-{1 + max(map(_number, old_pages), default=0)}"
     try:
         os.makedirs(os.path.join(tmp, folder_name))
         k = next(iter(layers.values()))["scan"].k
@@ -402,9 +400,14 @@ def pages_folders(atlas_dir: str) -> list[str]:
     return sorted(n for n in os.listdir(atlas_dir) if re.fullmatch(rf"{PAGES}(-\d+)?", n))
 
 
+def _number(folder: str) -> int:
+    """n of `layers-<n>`; 0 for an older site's `layers`."""
+    return int(folder.partition("-")[2] or 0)
+
+
 def pages_folder(atlas_dir: str) -> str:
     """The page folder the site's index.html links to (the newest `layers-<n>`)."""
-    found = [n for n in pages_folders(atlas_dir) if "-" in n]
+    found = [n for n in pages_folders(atlas_dir) if _number(n)]
     if not found:
         raise FileNotFoundError(f"no atlas pages under {atlas_dir}")
-    return os.path.join(atlas_dir, max(found, key=lambda n: int(n.split("-")[1])))
+    return os.path.join(atlas_dir, max(found, key=_number))

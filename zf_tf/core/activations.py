@@ -99,9 +99,13 @@ def apply(forward, x, name: str, rule: str):
     def ruled(t):
         # A layer with weights (PReLU) hands its variables to the backward pass, which
         # gives them no gradient: the way down explains the input, it trains nothing.
-        with tf.GradientTape() as tape:
-            tape.watch(t)
+        tape = None
+        if rule == "deconvnet":  # needs no derivative of forward: nothing recorded
             y = forward(t)
+        else:
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                y = forward(t)
 
         def backward(upstream, variables=None):
             if rule == "deconvnet":  # the signal rectified, whatever the input was

@@ -217,16 +217,13 @@ POOL_TYPES = (
     keras.layers.GlobalAveragePooling2D,
     keras.layers.GlobalMaxPooling2D,
 )
-ACTIVATION_TYPES = (keras.layers.ReLU, keras.layers.Activation)
-
-
-def is_relu(layer) -> bool:
-    """A separate ReLU layer: keras.layers.ReLU (any max_value) or Activation('relu')."""
-    if isinstance(layer, keras.layers.ReLU):
-        return True
-    if isinstance(layer, keras.layers.Activation):
-        return getattr(layer.activation, "__name__", "") in ("relu", "relu6")
-    return False
+ACTIVATION_TYPES = (
+    keras.layers.ReLU,
+    keras.layers.Activation,
+    keras.layers.LeakyReLU,
+    keras.layers.PReLU,
+    keras.layers.ELU,
+)
 
 
 def _is_spatial(op) -> bool:

@@ -124,8 +124,7 @@ def pending():
 
 deadline = time.monotonic() + timeout
 while not select.select([fd], [], [], max(0.0, min(0.25, deadline - time.monotonic())))[0]:
-    if time.monotonic() >= deadline or pending():
-        sig = pending()
+    if (sig := pending()) or time.monotonic() >= deadline:
         print(message if not sig else f"\\n{signal.Signals(sig).name}: stopping while waiting "
               "for the other workers (nothing was written)", file=sys.stderr, flush=True)
         os.kill(parent, signal.SIGKILL)
