@@ -35,11 +35,15 @@ lint: setup
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
 
+# One pytest process per core (pytest-xdist; at most 4): on 2 cores the suite takes 8 minutes
+# instead of 14. `.venv/bin/python -m pytest tests/test_x.py` runs one file in one process.
+PYTEST := $(PY) -m pytest -q --numprocesses=auto --maxprocesses=4
+
 test: setup lint
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: setup
 	$(PY) bench/pipeline.py
