@@ -9,21 +9,24 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 .PHONY: setup run test test-fast lint bench lock
 
 # Installs the exact versions of requirements.lock (tested), not whatever the ranges of
-# requirements.txt resolve to today.
+# pyproject.toml resolve to today. (`pip install .` installs the package itself; a checkout
+# needs no install: main.py runs from here.)
 $(VENV)/.installed: requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
 	touch $@
 
-# Re-resolves requirements.txt's ranges to the newest versions into requirements.lock (with
-# pip-tools, in a venv of its own). Then `make test` on the new lock before committing it.
+# Re-resolves pyproject.toml's ranges (with the test extra) to the newest versions into
+# requirements.lock (pip-tools, in a venv of its own). Then `make test` on the new lock
+# before committing it.
 LOCK_VENV := .lock-venv
 lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet "pip-tools>=7.4,<8"
 	$(LOCK_VENV)/bin/pip-compile --quiet --upgrade --strip-extras --allow-unsafe \
-		--no-emit-index-url --no-emit-find-links --output-file requirements.lock requirements.txt
+		--no-emit-index-url --no-emit-find-links --extra test --output-file requirements.lock \
+		pyproject.toml
 
 setup: $(VENV)/.installed
 

@@ -51,7 +51,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import fresh  # noqa: E402
 
-from configs import ablations  # noqa: E402
+from zf_tf.configs import ablations  # noqa: E402
 
 CONFIGS = ("ablate", "ablate_leaky")
 TARGET = 0.95
@@ -119,7 +119,7 @@ def step_timer(batch_size: int, warmup: int):
 
 
 def child(name: str, args) -> dict:
-    from configs.ablations import VARIANTS
+    from zf_tf.configs.ablations import VARIANTS
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
@@ -136,10 +136,10 @@ def _run_variants(name, args, variants, tmp) -> dict:
     import keras
     import tensorflow as tf
 
-    from pipelines import embedded
     from tests.conftest import load_config
     from zf_tf.core import memory
     from zf_tf.experiments import ablate
+    from zf_tf.pipelines import embedded
     from zf_tf.training import callbacks
 
     if name == "ablate_leaky":
@@ -275,7 +275,7 @@ def main():
         parser.error(f"--configs={args.configs!r}: choose from {', '.join(CONFIGS)}")
     passed = fresh.passed_args()
     if not args.data_dir:  # generated once, shared by the children
-        from pipelines import embedded
+        from zf_tf.pipelines import embedded
 
         data_dir = os.path.join(tempfile.mkdtemp(prefix="bench_ablate_data_"), "tfds")
         with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only

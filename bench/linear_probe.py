@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines import embedded  # noqa: E402
 from zf_tf.experiments.transfer import fits  # noqa: E402
+from zf_tf.pipelines import embedded  # noqa: E402
 
 
 def render_split(split: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:

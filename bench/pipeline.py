@@ -20,7 +20,7 @@ core = 1000 / that.
   bare_decode_prepared_raw  read + parse + `parse_tensor` of the raw shards, nothing else
   image_dataset_from_directory  Keras' own folder reader at 224 x 224, for reference
   service               `original` through the tf.data service: a dispatcher and 2 local
-                        workers as processes (`python -m pipelines.service`); the trainer's
+                        workers as processes (`python -m zf_tf.pipelines.service`); the trainer's
                         process only receives batches
   index_cold, index_warm  `folder.index_folder` of a generated tree of `--index_files` tiny
                         JPEGs in 100 classes: with no cache (every file opened and decoded),
@@ -111,7 +111,7 @@ def index_tree(root, count):
 
 
 def config_for(workspace, source, batch, prepared_dir="prepared"):
-    from configs import default
+    from zf_tf.configs import default
 
     config = default.get_config()
     config.data.source, config.data.folder = source, os.path.join(workspace, "photos")
@@ -125,7 +125,7 @@ def config_for(workspace, source, batch, prepared_dir="prepared"):
 
 def setup(workspace, images, index_files):
     """Photos as a class tree, their prepared shards, and the index tree (parent only)."""
-    from pipelines import prepared
+    from zf_tf.pipelines import prepared
 
     source = images or (SAMPLES if os.path.isdir(SAMPLES) else None)
     if source is None:
@@ -158,7 +158,7 @@ def timed_pass(iterator, count_fn, images):
 def measure_pipeline(name, workspace, batch, passes, epochs):
     import tensorflow as tf
 
-    from pipelines import inputs, prepared, service
+    from zf_tf.pipelines import inputs, prepared, service
 
     folder = name.replace("bare_decode_", "")  # prepared, prepared_raw, or another name
     if folder in ENCODINGS:
@@ -217,7 +217,7 @@ def measure_pipeline(name, workspace, batch, passes, epochs):
 
 
 def measure_index(name, workspace):
-    from pipelines import folder
+    from zf_tf.pipelines import folder
 
     root = os.path.join(workspace, "index")
     cache = os.path.join(os.environ["ZF_TF_CACHE_DIR"], "file-checks")

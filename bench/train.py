@@ -100,8 +100,8 @@ def images_per_s(strategy, config, dataset_fn, steps: int, raw_pixels: bool = Fa
 
     import keras
 
-    from pipelines import preprocess
     from zf_tf.core import model as model_lib
+    from zf_tf.pipelines import preprocess
     from zf_tf.training import train
 
     with strategy.scope():
@@ -168,8 +168,8 @@ def child(name: str, args) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from pipelines import inputs
     from tests.conftest import load_config
+    from zf_tf.pipelines import inputs
     from zf_tf.training import strategies
 
     config = load_config(args.config)

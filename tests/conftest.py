@@ -29,7 +29,7 @@ SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 
 def load_config(name="default", *args):
     """A fresh copy of configs/<name>.py's get_config(*args)."""
-    return importlib.import_module(f"configs.{name}").get_config(*args)
+    return importlib.import_module(f"zf_tf.configs.{name}").get_config(*args)
 
 
 def tiny(config, data_dir, width=None, batch_size=8, **fields):
@@ -74,7 +74,7 @@ def run_analysis(name, config, workdir, **request):
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
     """A tfds data dir holding the embedded dataset's 'tiny' config, generated once."""
-    from pipelines import embedded
+    from zf_tf.pipelines import embedded
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     embedded.builder(data_dir, "tiny").download_and_prepare()

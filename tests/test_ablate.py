@@ -8,13 +8,13 @@ import keras
 import numpy as np
 import pytest
 
-from configs import ablations
-from pipelines import inputs
 from tests.conftest import load_config
 from tests.test_cli import error_lines, main_py
+from zf_tf.configs import ablations
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.experiments import ablate
+from zf_tf.pipelines import inputs
 from zf_tf.training import evaluate, train, workdirs
 
 
@@ -143,7 +143,7 @@ def test_config_file_variants():
     assert config.model.to_dict() == load_config().model.to_dict()
     import runpy
 
-    get_config = runpy.run_path(os.path.join("configs", "ablations.py"))["get_config"]
+    get_config = runpy.run_path(os.path.join("zf_tf", "configs", "ablations.py"))["get_config"]
     no_fc7 = get_config("no_fc7")
     assert tuple(no_fc7.model.remove) == ("fc7",)
     no_fc7.model.remove = ()

@@ -13,6 +13,7 @@ import tensorflow as tf
 import zf_tf
 from tests.conftest import ROOT
 from zf_tf import api
+from zf_tf.analyses import atlas_site
 from zf_tf.core import deconv, topk
 from zf_tf.core.errors import UsageError
 
@@ -25,7 +26,8 @@ def test_the_docstring_example_runs():
 
 
 @pytest.mark.slow
-def test_the_readme_example_runs():
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the example's atlas goes
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     section = readme.split("## From Python", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
@@ -34,6 +36,7 @@ def test_the_readme_example_runs():
     assert scope["out"]["projection"].shape == (4, 2, 96, 96, 3)
     assert scope["maps"].shape == (4, 96, 96) and scope["drops"].shape == (1, 96, 96)
     assert set(scope["best"]) == {"Conv1_relu", "out_relu"}
+    assert scope["site"]["units"] == 32 and os.path.isfile("atlas/index.html")
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,20 @@ def test_results_equal_the_core_functions(small):
             "classes must be 3 class ids in 0..4",
         ),
         (lambda m, x: zf_tf.occlusion(m, x, [0, 1, 2], size=2), "size and stride are fractions"),
+        (lambda m, x: zf_tf.sanity(m, x[:1], [0]), "the sanity checks need at least 2 images"),
+        (
+            lambda m, x: zf_tf.sanity(m, x, [0, 1, 2], methods=["lime"]),
+            "methods: 'lime' is not a method: choose from deconvnet,",
+        ),
+        (lambda m, x: zf_tf.atlas(m, x, "unused", k=4), "k=4: give 1 to 3"),
+        (
+            lambda m, x: zf_tf.atlas(m, x, "unused", layers=["c9"], k=2),
+            "--layers: 'c9' is not a layer of the model: choose from c1, p1, c2",
+        ),
+        (
+            lambda m, x: zf_tf.atlas(m, x, "unused", preprocessing="imagenet", k=2),
+            "preprocessing 'imagenet' is not valid: choose one of zfnet, caffe",
+        ),
     ],
 )
 def test_bad_input_is_one_usage_error(small, call, says):
@@ -101,3 +118,48 @@ def test_a_model_that_is_not_square_is_refused():
     model = keras.Sequential([keras.Input((16, 24, 3)), L.Conv2D(2, 3, name="c")])
     with pytest.raises(UsageError, match="takes 16 x 24 images: the analyses need square"):
         zf_tf.projections(model, np.zeros((1, 16, 24, 3)), "c")
+
+
+def test_sanity_compares_the_model_with_randomized_copies(small):
+    """The original maps are the API's own attribution maps; each cascade step re-draws one
+    more layer of a copy (the model keeps its weights); a fully randomized copy's saliency
+    is less like the original than the copy with only the top layer re-drawn."""
+    model, images = small
+    before = [w.copy() for w in model.get_weights()]
+    out = zf_tf.sanity(model, images, [0, 1, 2], methods=["saliency"], steps=4, projection_units=2)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert out["layers"] == ["logits", "c2", "c1"]
+    np.testing.assert_allclose(
+        out["original"]["saliency"], zf_tf.attribution(model, images, [0, 1, 2], "saliency")
+    )
+    cascade = out["similarity"]["cascade"]
+    assert set(cascade) == {"saliency", "projection"} and len(cascade["saliency"]) == 3
+    assert cascade["saliency"][-1]["spearman_abs"] < cascade["saliency"][0]["spearman_abs"]
+    curves = out["faithfulness"]["saliency"]
+    assert curves["deletion"].shape == curves["insertion"].shape == (3, 5)
+    assert (out["others"] != [0, 1, 2]).all()
+
+
+def test_atlas_writes_a_site_whose_winners_are_the_scans(small, tmp_path):
+    """The site holds a page per layer and an image per winner; atlas.json's unit count is
+    every unit of the layers; a second call reads the cached scans and projections (its
+    files are left untouched) and replaces the site."""
+    model, images = small
+    folder = str(tmp_path / "site")
+    summary = zf_tf.atlas(model, images, folder, labels=[0, 1, 2], class_names="abcde", k=2)
+    assert summary["units"] == 6 + 8
+    assert os.path.isfile(os.path.join(folder, "index.html"))
+    (pages,) = atlas_site.pages_folders(folder)
+    best = zf_tf.top_k(model, images, ["c1", "c2"], k=2)
+    for layer, units in (("c1", 6), ("c2", 8)):
+        img = os.path.join(folder, pages, atlas_site.slug(layer), "img")
+        shown = {f for f in os.listdir(img) if "_p" in f}
+        assert len(shown) == units * 2
+        cached = np.load(os.path.join(folder, "cache", atlas_site.slug(layer), "scan.npz"))
+        np.testing.assert_array_equal(cached["image"], best[layer].image)
+    cache = sorted(str(p) for p in (tmp_path / "site" / "cache").rglob("*.npz"))
+    stamps = [os.stat(p).st_mtime_ns for p in cache]
+    zf_tf.atlas(model, images, folder, labels=[0, 1, 2], class_names="abcde", k=2)
+    assert [os.stat(p).st_mtime_ns for p in cache] == stamps
+    assert atlas_site.pages_folders(folder) != [pages]

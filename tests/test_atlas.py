@@ -65,7 +65,7 @@ def test_site_files_and_winners(site):
     files = sum(len(f) for root, _, f in os.walk(atlas) if not root.startswith(cache))
     assert summary["files"] == files  # index, css, atlas.json, pages, images
     # The winners are the multi-layer scan's, and the pages show them.
-    from pipelines import inputs
+    from zf_tf.pipelines import inputs
 
     best = topk.scan_layers(
         model, ["conv2"], inputs.build_inputs(config, "validation", mode="center"), k=4

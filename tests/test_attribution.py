@@ -12,8 +12,6 @@ import tensorflow as tf
 from PIL import Image
 from scipy.ndimage import zoom
 
-from pipelines import DataError
-from pipelines import examples as examples_lib
 from tests.conftest import load_config, run_analysis, workdir_with_model
 from tests.test_train import events
 from tests.tiny_models import named_convnet, saved_bn_net
@@ -21,6 +19,8 @@ from zf_tf.analyses import attribution, base, sources
 from zf_tf.core import deconv, graph
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import DataError
+from zf_tf.pipelines import examples as examples_lib
 
 
 def small_config():

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import DataError, examples
 from tests.conftest import run_analysis, workdir_with_model
 from tests.images import encode, random_rgb, write
 from tests.test_cli import error_lines, main_py
@@ -18,6 +17,7 @@ from tests.tiny_models import named_convnet, saved_bn_net
 from zf_tf.analyses import base, correspondence, sources
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import DataError, examples
 
 
 def small_model(config):

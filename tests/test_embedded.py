@@ -1,4 +1,4 @@
-"""Tests for the embedded ``zf_shapes`` TFDS dataset (pipelines/embedded.py).
+"""Tests for the embedded ``zf_shapes`` TFDS dataset (zf_tf/pipelines/embedded.py).
 
 Everything is generated offline into temporary directories with the ``tiny`` config.
 """
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from pipelines import embedded
 from zf_tf.experiments.transfer import fits
+from zf_tf.pipelines import embedded
 
 SPLIT_SIZES = {"train": 200, "validation": 50, "test": 50}
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import examples
 from tests.conftest import ROOT, run_analysis
 from tests.test_train import events
 from zf_tf.analyses import evolution
 from zf_tf.core import deconv
 from zf_tf.core.errors import UsageError
 from zf_tf.core.model import CONV_LAYERS
+from zf_tf.pipelines import examples
 from zf_tf.training import callbacks, workdirs
 
 PROBE, PER_LAYER, WIDTH = 12, 2, 0.125
@@ -35,7 +35,7 @@ from zf_tf.training import keras_fixes
 from zf_tf.training import train
 from zf_tf.training import resume, workdirs
 from zf_tf.core import model as model_lib
-from configs import default
+from zf_tf.configs import default
 config = default.get_config()
 config.update_from_flattened_dict({overrides!r})
 with strategy.scope():

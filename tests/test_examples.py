@@ -1,11 +1,11 @@
-"""pipelines/examples.py: the analyses' examples are the model's center crops, with the
+"""zf_tf/pipelines/examples.py: the analyses' examples are the model's center crops, with the
 embedded dataset's boxes and masks mapped into crop pixels."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import DataError, examples, inputs, preprocess
+from zf_tf.pipelines import DataError, examples, inputs, preprocess
 
 
 def test_crop_geometry_maps_the_center_crop():

@@ -10,7 +10,6 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipelines import DataError
 from tests.conftest import load_config, run_analysis, tiny, workdir_with_model
 from tests.test_train import events
 from tests.tiny_models import named_convnet, saved_bn_net
@@ -18,6 +17,7 @@ from zf_tf.analyses import filters, sources
 from zf_tf.core import deconv
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import DataError
 from zf_tf.training import workdirs
 
 
@@ -52,7 +52,7 @@ def test_dead_filters_by_rms_and_activity(tiny_config):
 
 
 def _split(config):
-    from pipelines import inputs
+    from zf_tf.pipelines import inputs
 
     return np.concatenate([b[0] for b in inputs.build_inputs(config, "validation", mode="center")])
 

@@ -5,9 +5,9 @@ import types
 import numpy as np
 import pytest
 
-from pipelines import folder, inputs
 from tests.conftest import load_config
 from tests.images import encode, make_messy_folder, random_rgb, undecodable_jpeg, write
+from zf_tf.pipelines import folder, inputs
 
 
 @pytest.fixture
@@ -146,9 +146,9 @@ def test_split_subfolders_are_used(tmp_path):
 def test_layout_is_checked_before_training(tmp_path):
     """One clear line per bad layout, from the command line's checks, before anything is
     written (the workdir is never created)."""
-    from pipelines import DataError
     from zf_tf import cli
     from zf_tf.analyses.base import Request
+    from zf_tf.pipelines import DataError
 
     def make(layout):
         root = tmp_path / f"case{len(list(tmp_path.iterdir()))}"

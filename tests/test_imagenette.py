@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import inputs, prepared, preprocess
 from tests.conftest import SHARED_DATA, load_config
 from zf_tf import cli
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import inputs, prepared, preprocess
 from zf_tf.training import callbacks, train
 
 IMAGENETTE = os.path.join(SHARED_DATA, "imagenette")

@@ -11,14 +11,14 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipelines import DataError, inputs
-from pipelines import examples as examples_lib
 from tests.conftest import run_analysis, workdir_with_model
 from tests.test_train import events
 from tests.tiny_models import named_convnet, saved_bn_net
 from zf_tf.analyses import base, invariance, sources
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import DataError, inputs
+from zf_tf.pipelines import examples as examples_lib
 
 
 def random_images(n, size, seed=0):

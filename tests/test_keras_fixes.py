@@ -1,7 +1,7 @@
 """zf_tf/training/keras_fixes.py: each Keras bug it works around still happens without its
 patch (a canary: it fails, saying "remove the patch", once Keras fixes the bug), the patch
 makes the reproduction pass, patches are applied only where needed and only inside the
-block, and only on the tested Keras versions that requirements.txt pins.
+block, and only on the tested Keras versions that pyproject.toml pins.
 
 The reproductions are tests/keras_bugs.py: `fit`, 1 step, of a 4 -> 3 Dense model with 2
 mirrored CPU replicas (a subprocess: logical devices must be set before any TF op) or as
@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 
 import keras
 import numpy as np
@@ -194,14 +195,15 @@ def test_untested_keras_skips_the_patches_with_a_warning(monkeypatch, absl_caplo
     assert len(warnings) == 2, warnings
     for bug, message in zip(("prebuild", "scalar_reduce"), warnings):
         assert keras_fixes.BUGS[bug] in message and "keras 3.99.0" in message
-        assert "requirements.txt" in message
+        assert "pyproject.toml" in message
 
 
 def test_requirements_pin_a_tested_keras():
-    with open(os.path.join(ROOT, "requirements.txt")) as f:
-        pins = [line.strip().split("==", 1)[1] for line in f if re.match(r"keras\s*==", line)]
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        dependencies = tomllib.load(f)["project"]["dependencies"]
+    pins = [d.split("==", 1)[1] for d in dependencies if re.match(r"keras\s*==", d)]
     assert len(pins) == 1 and pins[0].strip() in keras_fixes.TESTED_KERAS, pins
     assert keras.__version__ in keras_fixes.TESTED_KERAS, (
         f"installed keras {keras.__version__} is not one keras_fixes was tested on "
-        f"{keras_fixes.TESTED_KERAS}: pip install -r requirements.txt"
+        f"{keras_fixes.TESTED_KERAS}: make setup (requirements.lock)"
     )

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import DataError, inputs, preprocess
-from pipelines import examples as examples_lib
 from tests.conftest import load_config, run_analysis, workdir_with_model
 from tests.test_train import events
 from tests.tiny_models import named_convnet, saved_bn_net
@@ -19,6 +17,8 @@ from zf_tf.analyses import base, occlusion, sources
 from zf_tf.core import deconv
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import DataError, inputs, preprocess
+from zf_tf.pipelines import examples as examples_lib
 
 
 def test_grid_geometry():
@@ -178,7 +178,7 @@ def small(tiny_data_dir):
 
 
 def test_analysis_arrays(small):
-    from pipelines import inputs
+    from zf_tf.pipelines import inputs
 
     config, model, ex = small
     layer = "conv5"

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import preprocess
 from tests import oracles
 from tests.conftest import load_config, tiny
 from zf_tf import cli
 from zf_tf.analyses import base, sources
 from zf_tf.core import deconv, graph
 from zf_tf.core import model as model_lib
+from zf_tf.pipelines import preprocess
 from zf_tf.training import train, workdirs
 
 MIXED = ("mixed_bfloat16", "mixed_float16")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import DataError, folder, inputs, prepared, preprocess
 from tests.conftest import load_config
 from tests.images import encode, undecodable_jpeg, write
+from zf_tf.pipelines import DataError, folder, inputs, prepared, preprocess
 
 S, s = 48, 40
 # Bound of the JPEG re-encoding error (quality 90, 4:4:4) on these test photos, in gray

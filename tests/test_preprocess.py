@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import preprocess
 from tests.conftest import load_config
 from tests.images import encode, random_rgb
+from zf_tf.pipelines import preprocess
 
 S, s = 72, 64
 MEAN = (10.0, 20.0, 30.0)

@@ -122,10 +122,10 @@ def test_an_undecodable_image_crashes_no_reader(tmp_path, monkeypatch, capsys):
     analyses' example sets and transfer features skip it, and eval counts it."""
     import tensorflow as tf
 
-    from pipelines import examples, folder, inputs
     from tests.images import encode, random_rgb, undecodable_jpeg, write
     from zf_tf.experiments.transfer import images as transfer_images
     from zf_tf.experiments.transfer.target import Target
+    from zf_tf.pipelines import examples, folder, inputs
     from zf_tf.training import train
 
     root = tmp_path / "photos"
@@ -376,8 +376,8 @@ def test_every_refusal_leaves_the_workdir_byte_identical(tiny_data_dir, tmp_path
     """Each refusal the command line has, in a fresh workdir and, with --overwrite, in one
     holding a run: one line, the workdir byte-identical (no config.json, no lock owner
     file), and the corrected command then trains."""
-    from pipelines import prepared
     from tests.test_train import tiny_args
+    from zf_tf.pipelines import prepared
 
     folder = tmp_path / "photos"  # an image folder with one class: refused for training
     (folder / "only").mkdir(parents=True)

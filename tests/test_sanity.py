@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import examples as examples_lib
 from tests.conftest import load_config, run_analysis, workdir_with_model
 from zf_tf.analyses import attribution, base, sanity
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import examples as examples_lib
 
 
 def test_similarity_against_hand_computed_values():
@@ -210,7 +210,7 @@ def test_mode_on_a_model_brought_along(tiny_config, tmp_path):
 def test_random_labels_are_fixed_per_image_uniform_and_seeded(tiny_config):
     import tensorflow as tf
 
-    from pipelines import inputs
+    from zf_tf.pipelines import inputs
 
     encoded = tf.constant([str(i).encode() for i in range(5000)])
     labels = inputs.random_label(encoded, 0, 10).numpy()

@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from pipelines import inputs
-from pipelines import service as service_lib
 from tests.conftest import ROOT, load_config
 from tests.images import encode, write
+from zf_tf.pipelines import inputs
+from zf_tf.pipelines import service as service_lib
 
 N = 24  # training images, 12 per class
 BATCH = 4
@@ -81,9 +81,9 @@ def test_an_unreachable_dispatcher_is_one_line_within_the_timeout(tmp_path):
     anything is written."""
     import time
 
-    from pipelines import DataError
     from zf_tf import cli
     from zf_tf.analyses.base import Request
+    from zf_tf.pipelines import DataError
 
     for address, cause in (("localhost:1", "Connection refused"), ("not_a_host:5050", "")):
         config = cli.resolved_config(
@@ -98,7 +98,9 @@ def test_an_unreachable_dispatcher_is_one_line_within_the_timeout(tmp_path):
         assert f"({cause}" in str(e.value)
         assert 1 <= time.monotonic() - start < 10
         assert not (tmp_path / "w").exists()
-    with pytest.raises(DataError, match="Connection refused.*python -m pipelines.service disp"):
+    with pytest.raises(
+        DataError, match="Connection refused.*python -m zf_tf.pipelines.service disp"
+    ):
         service_lib.wait_for("localhost:1", "tf.data service dispatcher", 0.5)
     with pytest.raises(DataError, match="'nohost' is not HOST:PORT"):
         service_lib.wait_for("nohost", "tf.data service dispatcher", 0.5)

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import inputs, preprocess
 from tests.conftest import ROOT, load_config, tiny
 from tests.test_cli import error_lines, main_py
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import inputs, preprocess
 from zf_tf.training import evaluate, export, resume, train, workdirs
 
 EPOCHS = 2

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import inputs
 from tests.conftest import load_config, workdir_with_model
 from tests.images import encode, random_rgb, write
 from zf_tf import cli, outputs
@@ -20,6 +19,7 @@ from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.experiments import transfer
 from zf_tf.experiments.transfer import features, fits, images, metrics, report, sampling, target
+from zf_tf.pipelines import inputs
 from zf_tf.training import workdirs
 
 # ------------------------------------------------------------------------------ tables
@@ -529,7 +529,7 @@ def test_configs_load_and_validate():
     for name in ("transfer_shapes", "transfer_caltech101", "transfer_voc2012"):
         config = load_config(name)
         transfer.check_config(config)
-        assert "python main.py --mode=transfer" in open(f"configs/{name}.py").read()
+        assert "python main.py --mode=transfer" in open(f"zf_tf/configs/{name}.py").read()
     voc = load_config("transfer_voc2012").transfer
     assert voc.data.multi_label and voc.data.name == "voc/2012"
     caltech256 = load_config("transfer_caltech256")

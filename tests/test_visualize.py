@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import DataError, inputs, preprocess
 from tests.conftest import load_config, run_analysis, tiny, workdir_with_model
 from tests.images import encode, random_rgb, write
 from tests.test_cli import error_lines, main_py
@@ -18,6 +17,7 @@ from zf_tf.analyses import deconv as visualize
 from zf_tf.core import deconv
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import DataError, inputs, preprocess
 
 WIDTH = 0.125  # conv2: 32 maps, conv5: 32 maps
 

@@ -17,11 +17,13 @@ From Python (a notebook), on any in-memory Keras convnet (`zf_tf.api`):
     zf_tf.top_k(model, images, ["conv1", "conv5"], k=9)      # strongest images per unit
     zf_tf.attribution(model, images, classes, "gradcam")     # any of zf_tf.METHODS
     zf_tf.occlusion(model, images, classes)                  # Fig. 7 maps
+    zf_tf.sanity(model, images, classes)                     # randomization checks
+    zf_tf.atlas(model, images, "atlas/")                     # a web site of every unit
 """
 
 from zf_tf.core.errors import UsageError
 
-_API = ("METHODS", "attribution", "occlusion", "projections", "top_k")
+_API = ("METHODS", "atlas", "attribution", "occlusion", "projections", "sanity", "top_k")
 __all__ = ["UsageError", *_API]
 
 

@@ -25,19 +25,32 @@ raises `zf_tf.UsageError` (a ValueError) with the one line the command line prin
     (4, 32, 32)
     >>> zf_tf.occlusion(model, images[:1], [3], size=0.25, stride=0.125).shape
     (1, 32, 32)
+    >>> checks = zf_tf.sanity(model, images, [1, 2, 3, 4], methods=["saliency"], steps=4)
+    >>> len(checks["similarity"]["cascade"]["saliency"])  # one per randomized layer
+    3
+    >>> import tempfile
+    >>> site = zf_tf.atlas(model, images, tempfile.mkdtemp(), k=2, preprocessing="tf")
+    >>> site["units"]                      # c1's 8 units and c2's 16
+    24
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 
 import numpy as np
 
-from configs import default
+from zf_tf.analyses import atlas as atlas_lib
+from zf_tf.analyses import atlas_site, sources
 from zf_tf.analyses import attribution as attribution_lib
-from zf_tf.analyses import sources
+from zf_tf.analyses import sanity as sanity_lib
+from zf_tf.configs import default
 from zf_tf.core import deconv, graph, topk
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import examples as examples_lib
+from zf_tf.pipelines import preprocess
 
 METHODS = attribution_lib.METHODS
 # SmoothGrad's samples and noise, the occluder, batch sizes: the command line's defaults.
@@ -162,6 +175,142 @@ def occlusion(
     return attribution_lib.occlusion_maps(model, images, classes, size, stride, fill=fill)
 
 
+def sanity(
+    model,
+    images,
+    classes,
+    methods=METHODS,
+    projection_layer: str = "",
+    projection_units: int = 8,
+    steps: int = 20,
+    fill=0.0,
+    seed: int = 0,
+) -> dict:
+    """The sanity checks of --mode=sanity on these images: how much each method's maps of
+    `classes` (N,) change when the model's weights are re-drawn from the top layer down
+    (cascade) and one layer at a time (independent), and when another class is explained
+    (Adebayo et al. 2018); the deconvnet projections of the `projection_units` most active
+    units of `projection_layer` ('' = the last conv) through the same cascade; and each
+    method's deletion and insertion curves in `steps` steps, pixels replaced by `fill` (the
+    model input of a gray pixel). The model itself is not changed (a copy is randomized).
+
+    Returns:
+      dict: 'layers' (the weight layers, from the output down); 'similarity' {'cascade',
+      'independent': {method: [per step {'spearman', 'spearman_abs', 'ssim', 'hog'}]},
+      'class': {method: {...}}}, with 'projection' among the methods when units are
+      projected; 'faithfulness' {method or 'random': {'deletion', 'insertion': (N, steps +
+      1) class probabilities}}; 'original' {method: (N, H, W) maps}; 'others' (N,): the
+      other class each image's maps were compared with.
+    """
+    images = _images(model, images)
+    classes = _classes(model, classes, len(images))
+    methods = (methods,) if isinstance(methods, str) else tuple(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise UsageError(
+            f"methods: {bad[0] if bad else 'none'!r} is not a method: choose from "
+            f"{', '.join(METHODS)}"
+        )
+    if len(images) < 2:
+        raise UsageError(f"the sanity checks need at least 2 images; got {len(images)}")
+    if not isinstance(steps, int) or steps < 2:
+        raise UsageError(f"steps={steps!r}: give an integer of at least 2")
+    if not isinstance(projection_units, int) or projection_units < 0:
+        raise UsageError(f"projection_units={projection_units!r}: give 0 or more")
+    fill = tuple(float(v) for v in np.broadcast_to(np.asarray(fill, np.float32), (3,)))
+    s = sanity_lib.Settings(
+        methods=methods,
+        split="images",
+        num_images=len(images),
+        maps=dataclasses.replace(_SETTINGS, cam_layer="", occluder_fill=fill),
+        seed=int(seed),
+        pixels=None,
+        num_classes=0,
+        steps=steps,
+        projection_layer=projection_layer,
+        projection_units=projection_units,
+    )
+    s = sanity_lib.resolve(s, model, None)
+    data = sanity_lib.Data(examples_lib.Examples(images, classes, np.arange(len(images))))
+    result = sanity_lib.compute(model, data, s)
+    keys = ("layers", "similarity", "faithfulness", "original", "others")
+    return {key: result[key] for key in keys}
+
+
+def atlas(
+    model,
+    images,
+    folder: str,
+    labels=None,
+    class_names=(),
+    layers=None,
+    k: int = 9,
+    preprocessing: str = "raw",
+    mean=(0.0, 0.0, 0.0),
+    batch_size: int = 32,
+) -> dict:
+    """Writes the atlas of --mode=atlas for these images into `folder`: an offline web site
+    (folder/index.html) with a page per layer and per unit: each unit's top-k images, their
+    deconvnet projections beside the input patches. Scans and projections are cached in
+    folder/cache: a second call with the same model and images (another layer added, or
+    after a kill) computes only what is missing; the site is replaced atomically.
+
+    Args:
+      model: the convnet.
+      images: (N, H, W, 3) model inputs.
+      folder: where the site goes (created).
+      labels: (N,) class ids of the images (shown under each patch), or None.
+      class_names: names of those ids.
+      layers: conv, pool or activation layers (default: every conv layer).
+      k: images kept per unit.
+      preprocessing: how the images were made from 0..255 RGB pixels, for showing them:
+        one of zfnet (minus `mean`), caffe, tf, torch, raw (keras.applications' modes).
+      mean: the RGB mean subtracted by 'zfnet'.
+      batch_size: images per forward pass.
+
+    Returns:
+      dict: what folder/atlas.json records: 'units', 'files', 'bytes', the largest page.
+    """
+    images = _images(model, images)
+    n = len(images)
+    labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+    if labels.shape != (n,):
+        raise UsageError(f"labels must be {n} class ids; got shape {labels.shape}")
+    if not 1 <= k <= n:
+        raise UsageError(f"k={k}: give 1 to {n} (the number of images)")
+    try:
+        pixels = preprocess.Pixels(str(preprocessing), tuple(mean))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    digest = hashlib.sha1(np.ascontiguousarray(images).tobytes())
+    digest.update(labels.tobytes())
+    layers = () if layers is None else (layers,) if isinstance(layers, str) else tuple(layers)
+    s = atlas_lib.Settings(
+        layers=layers,
+        split="images",
+        top_k=int(k),
+        num_images=n,
+        pixels=pixels,
+        crop_size=int(images.shape[1]),
+        resize_size=int(images.shape[1]),
+        cache_dir=os.path.join(folder, "cache"),
+        data={"source": "arrays", "name": digest.hexdigest()[:12], "preprocessing": pixels.kind},
+        description=f"Keras model {model.name!r}",
+    )
+    s = atlas_lib.resolve(s, model, None)
+
+    def dataset(context=None):
+        import tensorflow as tf
+
+        slices = (images, labels, np.arange(n, dtype=np.int64))
+        return tf.data.Dataset.from_tensor_slices(slices).batch(batch_size)
+
+    data = atlas_lib.Data(dataset=dataset, class_names=list(class_names))
+    result = atlas_lib.compute(model, data, s)
+    os.makedirs(folder, exist_ok=True)
+    return atlas_site.write(folder, result, s)
+
+
 def _classes(model, classes, n: int) -> np.ndarray:
     classes = np.asarray(classes, np.int64).reshape(-1)
     num = graph.num_outputs(model)
@@ -170,4 +319,4 @@ def _classes(model, classes, n: int) -> np.ndarray:
     return classes
 
 
-__all__ = ["METHODS", "attribution", "occlusion", "projections", "top_k"]
+__all__ = ["METHODS", "atlas", "attribution", "occlusion", "projections", "sanity", "top_k"]

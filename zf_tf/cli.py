@@ -3,7 +3,7 @@
 `main.py` defines the absl flags and calls `parse_flags` and `main`. absl parses the flags
 it knows; what is left of the command line is the config's overrides (`--config.a.b=v`),
 which `apply_overrides` sets on the config loaded from `--config=FILE[:ARG]`
-(`load_config`). A library error (`UsageError`, `pipelines.DataError`, a missing file) or a
+(`load_config`). A library error (`UsageError`, `zf_tf.pipelines.DataError`, a missing file) or a
 file-system fault (a read-only or full disk: `errors.file_system_fault`) becomes
 `error: <message>` on stderr and exit status 1; anything else is a bug and keeps its
 traceback.
@@ -20,10 +20,10 @@ import sys
 
 from absl import flags, logging
 
-from pipelines import DataError
 from zf_tf.analyses import base as analyses_base
 from zf_tf.core import interrupts
 from zf_tf.core.errors import UsageError, file_system_fault
+from zf_tf.pipelines import DataError
 from zf_tf.training import workdirs
 from zf_tf.training.strategies import (  # noqa: F401 - main.py
     CLUSTER_TIMEOUT,
@@ -75,20 +75,19 @@ def _same_file(a, b) -> bool:
 def load_config(spec: str):
     """Loads `FILE[:ARG]`: the ConfigDict of FILE's `get_config()` (or `get_config(ARG)`).
 
-    A relative FILE is tried against the working directory, then the repository root (so
-    `--config=configs/x.py` works from anywhere).
+    A relative FILE is tried against the working directory, then against the package's
+    folder: `--config=configs/x.py` names the config zf_tf ships (zf_tf/configs/x.py) from
+    any directory, installed or in a checkout.
 
     Raises:
       UsageError: no such file, or the file fails to load or build its config.
     """
     path, *arg = spec.split(":", 1)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidates = [path] if os.path.isabs(path) else [path, os.path.join(root, path)]
+    package = os.path.dirname(os.path.abspath(__file__))
+    candidates = [path] if os.path.isabs(path) else [path, os.path.join(package, path)]
     found = next((p for p in candidates if os.path.isfile(p)), None)
     if found is None:
         raise UsageError(f"bad --config {spec}: no such file {path!r}")
-    if root not in sys.path:  # configs import each other as the `configs` package
-        sys.path.insert(0, root)
     module_spec = importlib.util.spec_from_file_location("zf_tf_config", found)
     module = importlib.util.module_from_spec(module_spec)
     try:
@@ -231,8 +230,8 @@ def validate_config(config):
     Raises:
       UsageError: naming the field and its valid choices.
     """
-    from pipelines import inputs, prepared, preprocess
     from zf_tf.core import model as model_lib
+    from zf_tf.pipelines import inputs, prepared, preprocess
     from zf_tf.training import callbacks
 
     def choose(key, value, choices):
@@ -336,8 +335,8 @@ def check_training(config, strategy, strategy_name: str):
       UsageError: naming the field and the values that work.
       DataError: an image folder laid out for no classifier (`inputs.check_folder_layout`).
     """
-    from pipelines import inputs
     from zf_tf.core import model as model_lib
+    from zf_tf.pipelines import inputs
 
     replicas = strategy.num_replicas_in_sync
     value = int(config.train.batch_size)  # evaluation batches may split unevenly
@@ -365,8 +364,8 @@ def check_training(config, strategy, strategy_name: str):
 
 def _summary(config, request, strategy):
     """Prints the model's layers and one batch of the training pipeline."""
-    from pipelines import inputs
     from zf_tf.core import model as model_lib
+    from zf_tf.pipelines import inputs
 
     with strategy.scope():
         model = model_lib.build_model(config.model)
@@ -417,9 +416,9 @@ def _transfer(config, request, strategy):
 
 
 def _prepare(config, request, strategy):
-    """Writes the source's splits once as shards of S x S squares (pipelines/prepared.py)
+    """Writes the source's splits once as shards of S x S squares (zf_tf/pipelines/prepared.py)
     in config.data.prepared_dir; the workdir is not read or touched."""
-    from pipelines import prepared
+    from zf_tf.pipelines import prepared
 
     out = config.data.prepared_dir
     if not out:
@@ -516,12 +515,12 @@ def check(mode: str, config, request: analyses_base.Request, strategy, strategy_
         workdirs.check_run(config, request.workdir, request.overwrite)
     address = config.data.get("service_address", "")
     if mode == "train" and address:  # the training pipeline runs on the tf.data service
-        from pipelines import service
+        from zf_tf.pipelines import service
 
         timeout = float(config.data.get("service_timeout", service.DEFAULT_TIMEOUT))
         service.wait_for(address, "tf.data service dispatcher", timeout)
     if mode not in NO_DATA_MODES:
-        from pipelines import inputs
+        from zf_tf.pipelines import inputs
 
         inputs.check_source(config.data, (config.data.train_split, config.data.eval_split))
 

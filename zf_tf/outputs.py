@@ -47,7 +47,7 @@ def display(images: np.ndarray, pixels) -> np.ndarray:
 
     Args:
       images: model inputs (..., 3).
-      pixels: their normalization, a `pipelines.preprocess.Pixels`
+      pixels: their normalization, a `zf_tf.pipelines.preprocess.Pixels`
         (`preprocess.pixels(config.data)`).
     """
     return pixels.display(images)

@@ -32,11 +32,11 @@ import zipfile
 import numpy as np
 import tqdm
 
-from pipelines import inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import atlas_site, base
 from zf_tf.core import deconv, graph, topk
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import inputs, preprocess
 
 MODE = "atlas"
 UNITS_PER_CHUNK = 16  # units projected and cached together (the resume granularity)

@@ -53,12 +53,12 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from pipelines import examples as examples_lib
-from pipelines import inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base, occlusion
 from zf_tf.core import deconv, graph
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import examples as examples_lib
+from zf_tf.pipelines import inputs, preprocess
 
 MODE = "attribution"
 METHODS = (

@@ -36,10 +36,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipelines import inputs
 from zf_tf import outputs
 from zf_tf.analyses import sources
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,14 +116,14 @@ class Result:
 
 
 def load_examples(config, split: str, num: int, labels=()):
-    """The first `num` center crops of `split` (`pipelines.examples.load_examples`); with
+    """The first `num` center crops of `split` (`zf_tf.pipelines.examples.load_examples`); with
     `labels` (class ids), the first of each class in turn, `num` shared among them (the
     first classes get one more when it does not divide).
 
     Raises:
       UsageError: the split has no images (of one of the classes).
     """
-    from pipelines import examples
+    from zf_tf.pipelines import examples
 
     if not labels:
         found = examples.load_examples(config, split, num)

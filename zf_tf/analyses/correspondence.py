@@ -28,7 +28,7 @@ The paper's values, at layer 5: about 0.07 for eyes and nose, 0.1 for random reg
 Parts come from `--parts=FILE.json`, `{image_path: {part_name: [y0, x0, y1, x1]}}`, boxes
 in the original photo's pixels (end exclusive), paths relative to the JSON's folder; each
 photo is used as the model's center crop (`load_photo`) and its boxes mapped with
-`pipelines.examples.crop_geometry`. Without --parts on the embedded dataset, the first N
+`zf_tf.pipelines.examples.crop_geometry`. Without --parts on the embedded dataset, the first N
 images of class `config.analysis.correspondence.label` are used with the four corner
 quarters of their ground-truth object box as parts (`embedded_subjects`).
 
@@ -47,11 +47,11 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from pipelines import examples, inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base
 from zf_tf.core import graph
 from zf_tf.core.errors import UsageError, op_message
+from zf_tf.pipelines import examples, inputs, preprocess
 
 MODE = "correspondence"
 SIGN_RTOL = 1e-5

@@ -17,11 +17,11 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from pipelines import inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base
 from zf_tf.core import deconv, graph, topk
 from zf_tf.core.errors import UsageError, op_message
+from zf_tf.pipelines import inputs, preprocess
 
 MODE = "deconv"
 PROJECT_BATCH = 64  # deconvnet requests per projection call

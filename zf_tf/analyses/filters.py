@@ -34,11 +34,11 @@ import keras
 import numpy as np
 import tqdm
 
-from pipelines import inputs
 from zf_tf import outputs
 from zf_tf.analyses import base
 from zf_tf.core import deconv, graph, topk
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import inputs
 from zf_tf.training import workdirs
 
 MODE = "filters"

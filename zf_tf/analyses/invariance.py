@@ -36,12 +36,12 @@ import keras
 import numpy as np
 import tqdm
 
-from pipelines import examples as examples_lib
-from pipelines import inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base
 from zf_tf.core import graph
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import examples as examples_lib
+from zf_tf.pipelines import inputs, preprocess
 
 MODE = "invariance"
 TRANSFORMS = ("translation", "scale", "rotation")

@@ -40,12 +40,12 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from pipelines import examples as examples_lib
-from pipelines import inputs, preprocess
 from zf_tf import outputs
 from zf_tf.analyses import base
 from zf_tf.core import deconv, graph, topk
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import examples as examples_lib
+from zf_tf.pipelines import inputs, preprocess
 
 MODE = "occlusion"
 OUTPUTS = ("occlusion.npz", "occlusion.png", "occlusion.json")
@@ -437,7 +437,7 @@ def analyse(
 
     Args:
       model: the classifier.
-      examples: `pipelines.examples.Examples`.
+      examples: `zf_tf.pipelines.examples.Examples`.
       layer: conv layer for (b) and (c) ('' = the model's last).
       size, stride: occluder side and step as fractions of the crop side.
       batch_size: occluded copies per forward pass.

@@ -277,7 +277,7 @@ class Settings:
 
 def settings(config, request: base.Request) -> Settings:
     """Raises UsageError: unknown methods, fewer than 2 images or classes."""
-    from pipelines import inputs, preprocess
+    from zf_tf.pipelines import inputs, preprocess
 
     s = outputs.analysis_settings(config, MODE, DEFAULTS)
     methods = tuple(str(m) for m in s["methods"])
@@ -360,7 +360,7 @@ def outputs_of(s: Settings):
 
 @dataclasses.dataclass
 class Data:
-    examples: object  # pipelines.examples.Examples
+    examples: object  # zf_tf.pipelines.examples.Examples
     compare: object = None  # the --compare workdir's model
 
 

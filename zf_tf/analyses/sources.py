@@ -69,7 +69,7 @@ class Source:
         """Whether `split`'s labels are classes of the model: its own data (not a model
         brought along) and not a flat folder of unlabeled images. Where they do not,
         attribution and occlusion explain the predicted class."""
-        from pipelines import inputs
+        from zf_tf.pipelines import inputs
 
         return self.own_labels and inputs.is_labeled(self.config.data, split)
 

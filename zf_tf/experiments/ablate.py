@@ -31,7 +31,7 @@ import json
 import os
 import time
 
-from configs.ablations import VARIANTS, set_variant
+from zf_tf.configs.ablations import VARIANTS, set_variant
 from zf_tf.core.errors import UsageError
 
 MODE = "ablate"
@@ -168,7 +168,7 @@ def train_error(model, config, num_images: int = 0) -> dict[str, float]:
     """
     import numpy as np
 
-    from pipelines import inputs
+    from zf_tf.pipelines import inputs
     from zf_tf.training import evaluate
 
     ds = inputs.build_inputs(config, config.data.train_split, None, "center")

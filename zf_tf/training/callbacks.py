@@ -29,12 +29,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pipelines import examples, inputs, preprocess
 from zf_tf import outputs
 from zf_tf.core import deconv
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.core.model import CONV_LAYERS
+from zf_tf.pipelines import examples, inputs, preprocess
 from zf_tf.training import resume
 
 

@@ -9,8 +9,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipelines import inputs, preprocess
 from zf_tf import outputs
+from zf_tf.pipelines import inputs, preprocess
 
 
 def ten_crop_probabilities(model, config, split: str) -> tuple[np.ndarray, np.ndarray]:

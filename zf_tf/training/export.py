@@ -15,8 +15,8 @@ import shutil
 
 import tensorflow as tf
 
-from pipelines import preprocess
 from zf_tf.core import errors
+from zf_tf.pipelines import preprocess
 
 
 class Serving(tf.Module):

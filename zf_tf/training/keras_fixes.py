@@ -1,7 +1,7 @@
 """Work-arounds for two Keras bugs in `fit` under tf.distribute (TF backend).
 
 Both patch private Keras code, so each is applied only on the Keras versions it was
-checked against (TESTED_KERAS; requirements.txt pins keras to them), only under the
+checked against (TESTED_KERAS; pyproject.toml pins keras to them), only under the
 strategies that need it, and only inside `with fit_workarounds(...)`: everything is
 restored when the block ends. On another Keras version the patch is skipped with a logged
 warning (Keras may have fixed the bug; if not, `fit` fails with the error quoted below).
@@ -52,7 +52,7 @@ def version_is_tested(bug: str) -> bool:
     logging.warning(
         "keras %s is not a version the work-around for %s was tested on (%s): running "
         "without it. If fit fails under tf.distribute, install a tested keras "
-        "(requirements.txt).",
+        "(pyproject.toml).",
         keras.__version__,
         BUGS[bug],
         ", ".join(TESTED_KERAS),

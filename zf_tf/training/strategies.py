@@ -147,7 +147,7 @@ def _multi_worker(timeout: float):
 
     import tensorflow as tf
 
-    from pipelines import service
+    from zf_tf.pipelines import service
 
     peers = _peers()
     if not peers:

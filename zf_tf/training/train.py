@@ -23,9 +23,9 @@ import keras
 import numpy as np
 from absl import logging
 
-from pipelines import inputs, preprocess
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import inputs, preprocess
 from zf_tf.training import callbacks, evaluate, export, keras_fixes, resume, workdirs
 
 

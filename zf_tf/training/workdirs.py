@@ -27,10 +27,10 @@ import filelock
 import keras
 import ml_collections
 
-from pipelines import folder as folder_lib
-from pipelines import preprocess
 from zf_tf import outputs
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import folder as folder_lib
+from zf_tf.pipelines import preprocess
 
 CONFIG_FILE = "config.json"
 # Config sections that do not change what training produces: analysis modes take them

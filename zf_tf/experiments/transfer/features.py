@@ -15,11 +15,11 @@ import tensorflow as tf
 import tqdm
 from absl import logging
 
-from pipelines import inputs
 from zf_tf import outputs
 from zf_tf.core.errors import UsageError
 from zf_tf.experiments.transfer import images
 from zf_tf.experiments.transfer.target import MODE, Target
+from zf_tf.pipelines import inputs
 from zf_tf.training import workdirs
 
 # Bump when what a cache file holds changes, so old files are never misread.

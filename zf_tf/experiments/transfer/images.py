@@ -1,5 +1,5 @@
 """The target's images as tf.data: (record index, encoded image, label) records of a split,
-their center crops (the evaluation geometry of `pipelines.inputs.build_inputs`), and the
+their center crops (the evaluation geometry of `zf_tf.pipelines.inputs.build_inputs`), and the
 encoded bytes of chosen records for the from-scratch training.
 """
 
@@ -11,8 +11,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipelines import inputs, preprocess
 from zf_tf.experiments.transfer.target import Target
+from zf_tf.pipelines import inputs, preprocess
 
 
 def multi_hot(num_classes: int) -> keras.layers.CategoryEncoding:

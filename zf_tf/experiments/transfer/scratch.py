@@ -11,9 +11,9 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from pipelines import preprocess
 from zf_tf.core import model as model_lib
 from zf_tf.experiments.transfer.target import Target
+from zf_tf.pipelines import preprocess
 from zf_tf.training import callbacks, workdirs
 from zf_tf.training import train as train_lib
 

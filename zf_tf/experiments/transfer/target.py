@@ -1,5 +1,5 @@
 """The transfer target: `config.transfer` checked and resolved into a data section that
-`pipelines.inputs` reads (the target's dataset with the source run's image geometry and
+`zf_tf.pipelines.inputs` reads (the target's dataset with the source run's image geometry and
 mean), its class names, and the warning when the source already saw the target's classes.
 """
 
@@ -11,8 +11,8 @@ import os
 import ml_collections
 from absl import logging
 
-from pipelines import inputs
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import inputs
 from zf_tf.training import workdirs
 
 MODE = "transfer"  # the mode's name, and its folder in a workdir
@@ -42,7 +42,7 @@ _TARGET_FIELDS = (
 
 @dataclasses.dataclass
 class Target:
-    """A resolved transfer target: a data section usable by `pipelines.inputs`, plus facts."""
+    """A resolved transfer target: a data section usable by `zf_tf.pipelines.inputs`, plus facts."""
 
     data: ml_collections.ConfigDict  # the source's geometry and pixels, the target's dataset
     class_names: list[str]

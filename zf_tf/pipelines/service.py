@@ -13,8 +13,8 @@ Evaluation and the analyses read the data locally.
 Start a dispatcher, then workers (on this machine or others that can read the same data
 paths), then train:
 
-    python -m pipelines.service dispatcher --port=5050
-    python -m pipelines.service worker --dispatcher=localhost:5050      # one per process
+    python -m zf_tf.pipelines.service dispatcher --port=5050
+    python -m zf_tf.pipelines.service worker --dispatcher=localhost:5050      # one per process
     python main.py --mode=train --config.data.service_address=localhost:5050
 
 Each command serves until it is stopped (Ctrl-C); a dispatcher given `--work_dir` keeps its
@@ -32,13 +32,15 @@ import time
 
 import tensorflow as tf
 
-from pipelines import DataError
+from zf_tf.pipelines import DataError
 
 DEFAULT_TIMEOUT = 60.0  # seconds a trainer waits for an unreachable dispatcher
 NOTICE_EVERY = 30.0  # seconds between "still waiting" lines
 PROCESSING_MODE = "distributed_epoch"
 PROTOCOL = "grpc"
 COMPRESSION = None
+# The folder holding the zf_tf package: `python -m zf_tf.pipelines.service` works from there.
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def host_port(address: str) -> tuple[str, int]:
@@ -79,7 +81,7 @@ def wait_for(address: str, what: str, timeout: float | None, say=print) -> None:
             port = host_port(address)[1]
             raise DataError(
                 f"no {what} answers at {address} ({why}) after {timeout:g} s: start one "
-                f"(python -m pipelines.service dispatcher --port={port}), or fix "
+                f"(python -m zf_tf.pipelines.service dispatcher --port={port}), or fix "
                 "config.data.service_address (config.data.service_timeout sets the wait)"
             )
         if waited >= notice:
@@ -131,8 +133,8 @@ def spawn(num_workers: int = 2, cwd: str | None = None):
 
     def start(*args):
         return subprocess.Popen(
-            [sys.executable, "-m", "pipelines.service", *args],
-            cwd=cwd or os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            [sys.executable, "-m", "zf_tf.pipelines.service", *args],
+            cwd=cwd or _ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -171,7 +173,7 @@ def stop(procs) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.service", description=__doc__.splitlines()[0]
+        prog="python -m zf_tf.pipelines.service", description=__doc__.splitlines()[0]
     )
     roles = parser.add_subparsers(dest="role", required=True)
     dispatcher = roles.add_parser("dispatcher", help="hands out the data's splits")

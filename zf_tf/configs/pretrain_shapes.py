@@ -12,7 +12,7 @@ default run's 2250) take about 5 minutes of CPU time on 2 cores (measured: 5.4 C
 top-1 on the 5 source classes (measured: 0.6% top-1 error, 10 crops and center crop).
 """
 
-from configs import default
+from zf_tf.configs import default
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 

@@ -15,7 +15,7 @@ scratch (30 epochs over the N images) 19.4 ± 0.8%, 21.1 ± 0.9% and 29.8 ± 1.7
 layer: --config.transfer.feature_layer=pool5 (or fc6, conv5, ...).
 """
 
-from configs import default, pretrain_shapes
+from zf_tf.configs import default, pretrain_shapes
 
 TARGET_CLASSES = tuple(c for c in range(10) if c not in pretrain_shapes.SOURCE_CLASSES)
 

@@ -16,7 +16,7 @@ at 15/class, 70.6 ± 0.2% at 30, 72.7 ± 0.4% at 45 and 74.2 ± 0.3% at 60/class
 the network trained from scratch (38.8 ± 1.4% at 60/class), as plotted in Fig. 9.
 """
 
-from configs import default
+from zf_tf.configs import default
 
 
 def get_config():

@@ -20,7 +20,7 @@ Paper (Table 4), from ImageNet's 1.3 million images: 83.8 ± 0.5% at 15/class an
 86.5 ± 0.5% at 30/class; the network trained from scratch: 22.8 ± 1.5% and 46.5 ± 1.7%.
 """
 
-from configs import default
+from zf_tf.configs import default
 
 SOURCES = ("tfds", "folder")
 

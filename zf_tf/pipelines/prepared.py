@@ -54,7 +54,7 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from pipelines import DataError, preprocess, write_json
+from zf_tf.pipelines import DataError, preprocess, write_json
 
 METADATA = "prepared.json"
 FORMAT = 1
@@ -265,7 +265,7 @@ def prepare(
     """
     import tqdm
 
-    from pipelines import inputs
+    from zf_tf.pipelines import inputs
 
     if data.source == "prepared":
         raise DataError(
@@ -354,7 +354,7 @@ def _prepare_split(source, split: str, out_dir: str, recipe: dict, bar, kept=Non
       kept: for a repair, the entries (`files`) of the finished split's shards that are
         intact: only the others are written. None: the progress file says which are done.
     """
-    from pipelines import inputs
+    from zf_tf.pipelines import inputs
 
     total = inputs.num_examples(source, split)
     size = recipe["shard_size"]

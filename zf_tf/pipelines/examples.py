@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pipelines import inputs, preprocess
+from zf_tf.pipelines import inputs, preprocess
 
 
 @dataclasses.dataclass
@@ -98,7 +98,7 @@ def load_examples(config, split: str, num: int, label: int | None = None) -> Exa
     S, s, pixels = data.resize_size, data.crop_size, preprocess.pixels(data)
     annotated = data.source == "embedded"
     if annotated:
-        from pipelines import embedded
+        from zf_tf.pipelines import embedded
 
         ds = embedded.load(split, inputs._data_dir(data), data.tfds_config)
         ds = ds.map(lambda ex: (ex["image"], ex["label"], ex["bbox"], ex["mask"]))

@@ -32,7 +32,7 @@ import sys
 
 from absl import logging
 
-from pipelines import write_json
+from zf_tf.pipelines import write_json
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 # Image formats tf.io.decode_image cannot read: skipped and counted, never dropped silently.

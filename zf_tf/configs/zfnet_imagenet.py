@@ -12,7 +12,7 @@ biases, mean-subtracted pixels at scale 1, SGD lr 0.01 with momentum 0.9 and bat
 dropout 0.5, filter RMS radius 0.1, learning rate annealed on plateaus.
 """
 
-from configs import default
+from zf_tf.configs import default
 
 
 def get_config():

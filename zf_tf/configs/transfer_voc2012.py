@@ -13,7 +13,7 @@ as in Table 6; smaller N draw at least N images of every class. Should reach (pa
 6, test set): 79.0% mean AP with the full training set.
 """
 
-from configs import default
+from zf_tf.configs import default
 
 
 def get_config():

@@ -71,7 +71,7 @@ def get_config():
     config.data.random_labels_seed = -1
     config.data.input_threads = 1  # tf.data threads; 0 = as many as cores
     # "HOST:PORT" of a tf.data service dispatcher: the training pipeline runs on its workers
-    # (pipelines/service.py: `python -m pipelines.service dispatcher|worker`); '' = here.
+    # (`python -m zf_tf.pipelines.service dispatcher|worker`); '' = here.
     # Where it runs does not change the data: not part of a run's identity.
     config.data.service_address = ""
     config.data.service_timeout = 60.0  # seconds to wait for an unreachable dispatcher
@@ -219,7 +219,7 @@ def get_config():
     config.analysis.sanity.projection_layer = ""
     config.analysis.sanity.projection_units = 8
 
-    # --mode=prepare (pipelines/prepared.py): the source's splits resized to S and
+    # --mode=prepare (zf_tf/pipelines/prepared.py): the source's splits resized to S and
     # center-cropped once, as TFRecord shards in data.prepared_dir. Not part of a run's
     # identity: prepared.json records how the shards were made.
     config.prepare = ml_collections.ConfigDict()

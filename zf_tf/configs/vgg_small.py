@@ -15,7 +15,7 @@ with 10 crops, 2.0% with the center crop (ZFNet's default: 5.3% / 10.1%). The
 feature-evolution snapshots are off: they tap ZFNet's conv1..conv5 by name.
 """
 
-from configs import default
+from zf_tf.configs import default
 
 
 def get_config():

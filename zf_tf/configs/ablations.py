@@ -28,7 +28,7 @@ An unknown variant is an error naming the valid ones.
 
 import copy
 
-from configs import default
+from zf_tf.configs import default
 
 # The Fig. 3 architecture. A variant sets all of these fields (its changes on top), so it is
 # the same network whatever architecture the base config has; width, input size, init, data

@@ -11,12 +11,12 @@ image is decoded once into its S x S center square, cached, and only sliced afte
 Pixels are normalized as `config.data.preprocessing` says (`preprocess.Pixels`).
 
 Sources (`config.data.source`):
-- 'embedded': the generated `zf_shapes` tfds dataset (pipelines/embedded.py), no download;
+- 'embedded': the generated `zf_shapes` tfds dataset (zf_tf/pipelines/embedded.py), no download;
 - 'tfds': any tfds image-classification dataset by `config.data.name`, for example
   `imagenet2012` prepared from `config.data.manual_dir`;
 - 'folder': class subfolders of JPEG/PNG files under `config.data.folder`;
 - 'prepared': shards written once by `--mode=prepare` from any of the above into
-  `config.data.prepared_dir` (pipelines/prepared.py): S x S center squares, re-encoded.
+  `config.data.prepared_dir` (zf_tf/pipelines/prepared.py): S x S center squares, re-encoded.
 Images always arrive as encoded bytes so that decoding can be limited to the crop.
 `config.data.classes` (original label ids; empty = all) keeps only those classes and
 relabels them 0..k-1 in the listed order, e.g. to pretrain on some classes and transfer
@@ -32,9 +32,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pipelines import DataError, preprocess
-from pipelines import folder as folder_lib
-from pipelines import prepared as prepared_lib
+from zf_tf.pipelines import DataError, preprocess
+from zf_tf.pipelines import folder as folder_lib
+from zf_tf.pipelines import prepared as prepared_lib
 
 SOURCES = ("embedded", "tfds", "folder", "prepared")
 MODES = ("train", "ten_crop", "center")
@@ -51,7 +51,7 @@ def _tfds_builder(data):
     import tensorflow_datasets as tfds
 
     if data.source == "embedded":
-        from pipelines import embedded
+        from zf_tf.pipelines import embedded
 
         builder = embedded.builder(_data_dir(data), data.tfds_config)
     else:
@@ -238,7 +238,7 @@ def class_names(data) -> list[str]:
     names: list[str] = []
     try:
         if data.source == "embedded":
-            from pipelines import embedded
+            from zf_tf.pipelines import embedded
 
             names = list(embedded.CLASS_NAMES)
         elif data.source == "folder":
@@ -379,7 +379,7 @@ def build_inputs(
         ds = ds.enumerate().map(lambda i, r: (r[0], (r[1], i)))
     if training and data.get("random_labels_seed", -1) >= 0:
         ds = ds.map(lambda e, y: (e, random_label(e, data.random_labels_seed, data.num_classes)))
-    # Through the tf.data service (pipelines/service.py) the workers run one epoch per job
+    # Through the tf.data service (zf_tf/pipelines/service.py) the workers run one epoch per job
     # (so each example is produced exactly once per epoch); the trainer repeats and rebatches.
     service_address = data.get("service_address", "") if training else ""
     pipelines = input_context.num_input_pipelines if input_context else 1
@@ -456,7 +456,7 @@ def build_inputs(
         options.threading.private_threadpool_size = data.input_threads
     ds = ds.with_options(options)
     if service_address:
-        from pipelines import service
+        from zf_tf.pipelines import service
 
         # Several input pipelines (multi-worker training) share one job: its epoch is
         # split between them, as `shard` would.

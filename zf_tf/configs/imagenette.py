@@ -70,7 +70,7 @@ Departures from the paper's recipe, and why:
   E_steps_seed1).
 """
 
-from configs import default
+from zf_tf.configs import default
 
 CLASS_NAMES = (
     ("n01440764", "tench"),

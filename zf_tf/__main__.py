@@ -1,0 +1,120 @@
+"""The zf-tf command line: `zf-tf --mode=MODE [--config=FILE] [--workdir=DIR] ...`, the same
+as `python main.py ...` in a checkout and `python -m zf_tf ...`.
+
+A thin entry point: absl flags, then `zf_tf.cli.main`. Usage errors (an unknown mode,
+strategy or config key, a bad file) print one line naming the valid choices and exit 1.
+The console shows progress bars, the important lines and what was written where; logs come
+back with `--verbosity=0` (INFO) or `-v 1`.
+"""
+
+import os
+import sys
+
+from zf_tf.core import interrupts
+
+
+def run():
+    """Runs the command line on sys.argv; exits with the mode's status."""
+    # First, before TensorFlow starts its threads: SIGINT and SIGTERM end every mode within
+    # seconds, even while the main thread waits inside TensorFlow.
+    interrupts.install()
+    quiet = not any(a == "-v" or a.startswith(("--verbosity", "-v=")) for a in sys.argv[1:])
+    if quiet:
+        _import_tensorflow_muted()
+
+    from absl import app, flags
+
+    from zf_tf import cli
+
+    _define_flags(flags, cli)
+
+    def main(argv):
+        if quiet:
+            cli.quiet()
+        cli.main(flags.FLAGS, argv[1:])
+
+    try:
+        app.run(main, flags_parser=lambda argv: cli.parse_flags(flags.FLAGS, argv))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a mode (zf_tf/core/interrupts.py)
+        sys.exit(interrupts.exit_status())
+    sys.exit(0)
+
+
+def _import_tensorflow_muted():
+    """A quiet console unless --verbosity (-v) is given. TensorFlow prints its C++ notices
+    (oneDNN, "cuInit ... UNKNOWN ERROR (303)" on machines without a GPU) straight to stderr
+    while it is imported and finds its devices, before any log level applies: that stretch
+    runs with stderr muted (a failing import still raises its error afterwards); later C++
+    logs below ERROR are off."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    stderr, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        os.close(null)
+
+
+def _define_flags(flags, cli):
+    """The command line's flags (absl), with the choices `cli` accepts."""
+    flags.DEFINE_enum("mode", "train", tuple(cli.MODES), "What to run.")
+    flags.DEFINE_string(
+        "config",
+        cli.DEFAULT_CONFIG,
+        "Experiment config file (a get_config() module), FILE or FILE:ARG; configs/NAME.py "
+        "names one zf_tf ships; override fields with --config.a.b=value.",
+    )
+    flags.DEFINE_string("workdir", "workdir", "Where checkpoints, logs and figures go.")
+    flags.DEFINE_enum("strategy", "default", cli.STRATEGIES, "tf.distribute strategy.")
+    flags.DEFINE_bool("overwrite", False, "Allow replacing existing outputs in the workdir.")
+    # deconv
+    flags.DEFINE_string(
+        "layer",
+        "",
+        "Layer to visualize (--mode=deconv): a conv, pool or ReLU layer; default: the "
+        "model's last conv layer (conv5 for ZFNet).",
+    )
+    flags.DEFINE_string("split", "", "Split to scan; default: the config's eval split.")
+    flags.DEFINE_integer("top_k", 9, "Strongest activations kept per feature map.", lower_bound=1)
+    flags.DEFINE_string("features", "", "Comma-separated feature maps to show, e.g. 0,5,17.")
+    flags.DEFINE_integer("num_features", 16, "Seeded random feature maps to show (<= 0: all).")
+    flags.DEFINE_string("image", "", "Project the strongest maps of this one image file instead.")
+    flags.DEFINE_bool("untrained", False, "Use a freshly initialized model (no checkpoint needed).")
+    # the model to look inside (inspection modes)
+    flags.DEFINE_string(
+        "model",
+        "",
+        "Look inside this model instead of the workdir's: a .keras file or a "
+        "keras.applications name (vgg16, resnet50, mobilenet_v2, ...).",
+    )
+    flags.DEFINE_string(
+        "weights",
+        "",
+        "Local weights file for a keras.applications --model (nothing is "
+        "downloaded: without it the model has random weights).",
+    )
+    # analyses
+    flags.DEFINE_integer(
+        "num_images", 0, "Images to analyse; 0: the config's analysis default.", lower_bound=0
+    )
+    flags.DEFINE_string("parts", "", "--mode=correspondence: JSON {image: {part: [y0,x0,y1,x1]}}.")
+    flags.DEFINE_string(
+        "layers",
+        "",
+        "--mode=atlas: comma-separated layers to scan, e.g. conv3,conv5; default: every conv "
+        "layer.",
+    )
+    flags.DEFINE_string(
+        "compare",
+        "",
+        "--mode=filters: workdir of the AlexNet-style layer-1 model; --mode=sanity: a workdir "
+        "whose model's maps are compared too (e.g. one trained on random labels).",
+    )
+
+
+if __name__ == "__main__":
+    run()
