@@ -204,6 +204,16 @@ def residual_projection(model, image, layer_name, feature):
 RECTIFYING = {"relu", "relu6", "gelu", "silu", "hard_silu", "leaky_relu", "elu"}
 
 
+def _relu_of_signal(activation, x):
+    """activation(x), back-propagating ReLU of the signal."""
+
+    @tf.custom_gradient
+    def f(t):
+        return activation(t), lambda up: tf.nn.relu(up)
+
+    return f(x)
+
+
 class _Rectified(keras.layers.Layer):
     """A rectifier layer run as it is, its backward pass replaced by ReLU of the signal."""
 
@@ -212,22 +222,40 @@ class _Rectified(keras.layers.Layer):
         self.inner = inner
 
     def call(self, x):
-        @tf.custom_gradient
-        def f(t):
-            return self.inner(t), lambda up: tf.nn.relu(up)
+        return _relu_of_signal(self.inner, x)
 
-        return f(x)
+
+class _FusedRectified(keras.layers.Layer):
+    """A layer with a fused rectifier (Conv2D(..., activation="relu")): its linear part run
+    as it is, then the rectifier back-propagating ReLU of the signal."""
+
+    def __init__(self, inner, **kwargs):
+        super().__init__(name=f"{inner.name}_fused_rectified", **kwargs)
+        self.inner = inner
+
+    def call(self, x):
+        activation = self.inner.activation
+        self.inner.activation = keras.activations.linear
+        try:
+            linear = self.inner(x)
+        finally:
+            self.inner.activation = activation
+        return _relu_of_signal(activation, linear)
 
 
 def rectifiers_ruled(model):
-    """A clone of `model` sharing its weights whose ReLU layers and rectifier Activation
-    layers (RECTIFYING) back-propagate ReLU(signal); every other layer its true gradient."""
+    """A clone of `model` sharing its weights whose ReLU layers and rectifier activations
+    (RECTIFYING; separate Activation layers or fused into a conv/dense layer) back-propagate
+    ReLU(signal); every other layer (and gate) its true gradient."""
 
     def clone(layer):
         name = getattr(getattr(layer, "activation", None), "__name__", "")
-        separate = isinstance(layer, keras.layers.Activation) and name in RECTIFYING
-        if isinstance(layer, keras.layers.ReLU) or separate:
+        if isinstance(layer, keras.layers.ReLU) or (
+            isinstance(layer, keras.layers.Activation) and name in RECTIFYING
+        ):
             return _Rectified(layer)
+        if name in RECTIFYING:
+            return _FusedRectified(layer)
         return layer
 
     return keras.models.clone_model(model, clone_function=clone)

@@ -1,15 +1,20 @@
-"""Deconvnet projections on models that are not ZFNet: keras.applications VGG16 and ResNet50
-(random weights, small inputs), a Sequential Conv-BN-ReLU-pool net with average pooling, a
+"""Deconvnet projections on models that are not ZFNet: every keras.applications name the
+command line accepts (random weights, small inputs; an independent rule-gradient oracle,
+receptive fields, a 2-layer atlas), VGG16 and ResNet50 in depth, a Sequential Conv-BN-ReLU-pool net with average pooling, a
 nested model and a tiny residual net: the explicit deconvnet Model (windowed and not), the
 backward-rule form and an independent GradientTape oracle give the same projections."""
+
+import os
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import zf_tf
 from tests import oracles
 from tests.tiny_models import randomize_batch_norm
+from zf_tf.analyses import atlas_site, sources
 from zf_tf.core import deconv, graph
 
 L = keras.layers
@@ -302,28 +307,25 @@ def test_mobilenet_v2_depthwise_relu6_rule_form():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "builder, layer",
-    [
-        # hard swish, SE gates (global pool -> 1x1 convs -> hard sigmoid -> multiply)
-        ("MobileNetV3Small", "expanded_conv_6_project"),
-        # LayerNorm, GELU, depthwise 7x7, layer scale
-        ("ConvNeXtTiny", "convnext_tiny_stage_2_block_2_identity"),
-    ],
-)
-def test_newer_applications_against_an_independent_rule_gradient(builder, layer):
-    """The projection of a deep unit equals the activation times its gradient through a
-    clone (written in tests/oracles.py) whose ReLU and rectifier activation layers pass
-    ReLU(signal) down; its support lies inside the unit's receptive field (here, through
-    the SE gates and global paths, the whole image)."""
+@pytest.mark.parametrize("name", sorted(sources.APPLICATIONS))
+def test_every_application_against_an_independent_rule_gradient(name, tmp_path):
+    """Every --model name, built as the command line builds it (random weights, no top, at
+    a small size): the projection of a unit of a conv layer 60% of the way up equals the
+    activation times its gradient (a unit live in both images) through a clone (tests/oracles.py, no zf_tf code) whose
+    rectifiers (ReLU, ReLU6, GELU, swish, hard swish: separate or fused) pass ReLU(signal)
+    down and whose gates pass their gradient; its support lies inside the unit's receptive
+    field (through SE gates and other global paths: the whole image); the atlas of its first
+    two conv layers is written, one page and one projection per unit."""
     from tests.oracles import rule_projection
 
     keras.utils.set_random_seed(0)
-    model = getattr(keras.applications, builder)(
-        weights=None, include_top=False, input_shape=(64, 64, 3)
-    )
-    images = np.random.default_rng(3).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
-    feature = 1
+    size = 80 if name in ("inception_v3", "xception") else 64  # their smallest: 75, 71
+    model, _ = sources._build_application(name, "", size, {"data.crop_size"})
+    convs = graph.conv_layers(model)
+    layer = convs[int(0.6 * len(convs))]
+    images = np.random.default_rng(3).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    maps = graph.tap(model, [layer])(images).numpy()
+    feature = int(maps.reshape(2, -1, maps.shape[-1]).max(1).min(0).argmax())  # live in both
     out = deconv.project(deconv.build_deconvnet(model, layer), images, [0, 1], [feature, feature])
     want, best = rule_projection(model, layer, images, feature)
     np.testing.assert_allclose(out["activation"], best, rtol=1e-5)
@@ -332,6 +334,13 @@ def test_newer_applications_against_an_independent_rule_gradient(builder, layer)
     np.testing.assert_allclose(out["projection"], want, rtol=1e-3, atol=1e-4 * scale)
     for m in range(2):
         y0, x0, y1, x1 = deconv.receptive_field(model, layer, out["y"][m], out["x"][m])
-        outside = np.ones((64, 64), bool)
+        outside = np.ones((size, size), bool)
         outside[y0:y1, x0:x1] = False
         assert not np.abs(out["projection"][m][outside]).any()
+    summary = zf_tf.atlas(model, images, str(tmp_path), layers=convs[:2], k=1)
+    units = [int(graph.find(model, c).output.shape[-1]) for c in convs[:2]]
+    assert summary["units"] == sum(units)
+    (pages,) = atlas_site.pages_folders(str(tmp_path))
+    for c, n in zip(convs[:2], units):
+        img = os.listdir(os.path.join(tmp_path, pages, atlas_site.slug(c), "img"))
+        assert len([f for f in img if "_p0." in f]) == n
