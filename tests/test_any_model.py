@@ -1,8 +1,9 @@
 """Deconvnet projections on models that are not ZFNet: every keras.applications name the
 command line accepts (random weights, small inputs; an independent rule-gradient oracle,
-receptive fields, a 2-layer atlas), VGG16 and ResNet50 in depth, a Sequential Conv-BN-ReLU-pool net with average pooling, a
-nested model and a tiny residual net: the explicit deconvnet Model (windowed and not), the
-backward-rule form and an independent GradientTape oracle give the same projections."""
+receptive fields, a 2-layer atlas), VGG16 and ResNet50 in depth, a Sequential
+Conv-BN-ReLU-pool net with average pooling, a nested model and a tiny residual net: the
+explicit deconvnet Model (windowed and not), the backward-rule form and an independent
+GradientTape oracle give the same projections."""
 
 import os
 
@@ -310,8 +311,9 @@ def test_mobilenet_v2_depthwise_relu6_rule_form():
 @pytest.mark.parametrize("name", sorted(sources.APPLICATIONS))
 def test_every_application_against_an_independent_rule_gradient(name, tmp_path):
     """Every --model name, built as the command line builds it (random weights, no top, at
-    a small size): the projection of a unit of a conv layer 60% of the way up equals the
-    activation times its gradient (a unit live in both images) through a clone (tests/oracles.py, no zf_tf code) whose
+    a small size): the projection of a unit (live in both images) of a conv layer 60% of
+    the way up equals the activation times its gradient through a clone (tests/oracles.py,
+    no zf_tf code) whose
     rectifiers (ReLU, ReLU6, GELU, swish, hard swish: separate or fused) pass ReLU(signal)
     down and whose gates pass their gradient; its support lies inside the unit's receptive
     field (through SE gates and other global paths: the whole image); the atlas of its first
