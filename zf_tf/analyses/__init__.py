@@ -16,6 +16,7 @@ REGISTRY = {
     "attribution": "zf_tf.analyses.attribution",
     "atlas": "zf_tf.analyses.atlas",
     "sanity": "zf_tf.analyses.sanity",
+    "featvis": "zf_tf.analyses.featvis",
 }
 
 

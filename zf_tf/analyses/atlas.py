@@ -200,7 +200,7 @@ def layer_dir(s: Settings, layer: str) -> str:
     return os.path.join(s.cache_dir, atlas_site.slug(layer))
 
 
-def _read(path: str, key: str, names=None) -> dict | None:
+def read_cache(path: str, key: str, names=None) -> dict | None:
     """The arrays (all, or those `names`) of a cache file made with `key`; None if absent,
     stale or damaged. An npz member is decompressed only when read: `names=()` checks the
     key alone."""
@@ -214,7 +214,7 @@ def _read(path: str, key: str, names=None) -> dict | None:
         return None
 
 
-def _write(path: str, key: str, **arrays):
+def write_cache(path: str, key: str, **arrays):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     outputs.save_npz(path, compressed=True, key=np.array(key), **arrays)
 
@@ -228,7 +228,7 @@ def scan(model, data: Data, s: Settings, keys: dict, strategy=None, chief=True) 
     """{layer: TopK}: cached scans, and one pass over the split for the layers without one."""
     found, missing = {}, []
     for layer in s.layers:
-        cached = _read(os.path.join(layer_dir(s, layer), "scan.npz"), keys[layer])
+        cached = read_cache(os.path.join(layer_dir(s, layer), "scan.npz"), keys[layer])
         if cached is None:
             missing.append(layer)
         else:
@@ -250,7 +250,7 @@ def scan(model, data: Data, s: Settings, keys: dict, strategy=None, chief=True) 
             )
         for layer, best in scanned.items():
             if chief:
-                _write(
+                write_cache(
                     os.path.join(layer_dir(s, layer), "scan.npz"),
                     keys[layer],
                     **dataclasses.asdict(best),
@@ -345,7 +345,7 @@ def projections(model, data: Data, s: Settings, scans: dict, keys: dict) -> dict
         layer: [
             u
             for u in _chunks(best.activation.shape[1])
-            if _read(_chunk_path(s, layer, u), keys[layer], names=()) is None
+            if read_cache(_chunk_path(s, layer, u), keys[layer], names=()) is None
         ]
         for layer, best in scans.items()
     }
@@ -363,18 +363,18 @@ def projections(model, data: Data, s: Settings, scans: dict, keys: dict) -> dict
                 pool, labels = topk.gather_examples(data.dataset(), wanted)
                 for units in group:
                     cells = project_units(model, dn, best, units, layer, pool, labels, s)
-                    _write(_chunk_path(s, layer, units), keys[layer], **cells)
+                    write_cache(_chunk_path(s, layer, units), keys[layer], **cells)
                     bar.update(len(units))
     out = {}
     for layer, best in scans.items():
         chunks = _chunks(best.activation.shape[1])
         paths = [_chunk_path(s, layer, u) for u in chunks]
-        small = [_read(p, keys[layer], names=("label", "box")) for p in paths]
+        small = [read_cache(p, keys[layer], names=("label", "box")) for p in paths]
         out[layer] = {
             "label": np.concatenate([c["label"] for c in small]),
             "box": np.concatenate([c["box"] for c in small]),
             "chunks": [
-                (u, functools.partial(_read, p, keys[layer], ("projection", "patch")))
+                (u, functools.partial(read_cache, p, keys[layer], ("projection", "patch")))
                 for u, p in zip(chunks, paths)
             ],
         }

@@ -219,6 +219,17 @@ def get_config():
     config.analysis.sanity.projection_layer = ""
     config.analysis.sanity.projection_units = 8
 
+    # --mode=featvis (Olah et al. 2017): each unit's optimized image, Lucid's recipe (1/f
+    # Fourier basis, decorrelated colour, jitter/scale/rotation at each step, Adam).
+    config.analysis.featvis = ml_collections.ConfigDict()
+    config.analysis.featvis.steps = 256
+    config.analysis.featvis.learning_rate = 0.05
+    config.analysis.featvis.objective = "channel"  # or "neuron" (the centre of the map)
+    config.analysis.featvis.negative = False  # True: the pattern that most inhibits the unit
+    config.analysis.featvis.batch_size = 32  # units optimized together, one image each
+    # Training images whose colour covariance decorrelates the colour; 0: ImageNet's.
+    config.analysis.featvis.color_images = 256
+
     # --mode=prepare (zf_tf/pipelines/prepared.py): the source's splits resized to S and
     # center-cropped once, as TFRecord shards in data.prepared_dir. Not part of a run's
     # identity: prepared.json records how the shards were made.

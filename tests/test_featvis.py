@@ -1,0 +1,209 @@
+"""Feature visualization (zf_tf/core/featvis.py, --mode=featvis): an oracle (a hand-set
+oriented grating filter gets an image whose spectrum peaks at its orientation and
+frequency), batched == one unit at a time, seeds, the colour decorrelation, the optimized
+image against every image of the split, the mode's outputs, cache and refusals."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import run_analysis, tiny, workdir_with_model
+from zf_tf.core import featvis, graph
+from zf_tf.core import model as model_lib
+from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import examples, preprocess
+
+L = keras.layers
+TO_INPUT = lambda x: x * 2.0 - 1.0  # noqa: E731 - RGB [0, 1] -> [-1, 1]
+
+
+@pytest.fixture(scope="module")
+def small():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            L.Conv2D(8, 5, activation="relu", name="c1"),
+            L.MaxPooling2D(2, name="p1"),
+            L.Conv2D(16, 3, activation="relu", name="c2"),
+            L.GlobalAveragePooling2D(name="gap"),
+            L.Dense(10, name="logits"),
+        ]
+    )
+
+
+def test_batched_equals_one_unit_at_a_time_and_seeds_decide(small):
+    """Each image depends on its own unit and seed only: a batch of three gives the images
+    of three single runs (to 1e-5: the batched convolutions may add in another order)."""
+    params = featvis.Params(steps=24)
+    opt = featvis.Optimizer(small, "c2", TO_INPUT, params)
+    batch = opt.run([0, 3, 5])
+    for i, unit in enumerate([0, 3, 5]):
+        alone = opt.run([unit])
+        np.testing.assert_allclose(alone["image"][0], batch["image"][i], atol=1e-5)
+        np.testing.assert_allclose(alone["value"][0], batch["value"][i], rtol=1e-4)
+    again = featvis.Optimizer(small, "c2", TO_INPUT, params).run([3])
+    np.testing.assert_array_equal(again["image"], opt.run([3])["image"])
+    other = featvis.Optimizer(small, "c2", TO_INPUT, featvis.Params(steps=24, seed=1)).run([3])
+    assert np.abs(other["image"] - again["image"]).max() > 0.05
+
+
+def test_images_stay_in_range_and_beat_their_start(small):
+    out = featvis.Optimizer(small, "c2", TO_INPUT, featvis.Params(steps=48)).run(range(16))
+    assert out["image"].shape == (16, 32, 32, 3) and out["image"].dtype == np.float32
+    assert out["image"].min() >= 0 and out["image"].max() <= 1
+    live = out["start"] > 0  # a unit dead on the start gets no gradient through its ReLU
+    assert live.sum() >= 8 and (out["value"][live] > 2 * out["start"][live]).all()
+    negative = featvis.Optimizer(small, "c2", TO_INPUT, featvis.Params(steps=48, negative=True))
+    assert (negative.run(range(16))["value"] <= out["start"] + 1e-6).all()
+
+
+def test_a_grating_filter_gets_its_own_orientation_and_frequency():
+    """Oracle: one ReLU unit whose 9x9 filter is a grating of 0.2 cycles/px at 30 degrees
+    (the same in the three colours, in a Gaussian window): the spectrum (gray, mean
+    removed) of its image, optimized for the default 256 steps, peaks within 0.04
+    cycles/px and 12 degrees of it. (At 96 steps the start's low frequencies still win.)"""
+    f0, theta = 0.2, np.deg2rad(30)
+    y, x = np.mgrid[-4:5, -4:5].astype(np.float32)
+    grating = np.cos(2 * np.pi * f0 * (x * np.cos(theta) + y * np.sin(theta)))
+    kernel = (grating * np.exp(-(x * x + y * y) / 18))[:, :, None, None] * np.ones((1, 1, 3, 1))
+    model = keras.Sequential(
+        [keras.Input((48, 48, 3)), L.Conv2D(1, 9, activation="relu", use_bias=False, name="c")]
+    )
+    model.get_layer("c").set_weights([kernel.astype(np.float32)])
+    out = featvis.Optimizer(model, "c", TO_INPUT, featvis.Params(steps=256)).run([0])
+    gray = out["image"][0].mean(-1)
+    power = np.abs(np.fft.fft2(gray - gray.mean())) ** 2
+    fy, fx = np.meshgrid(np.fft.fftfreq(48), np.fft.fftfreq(48), indexing="ij")
+    peak = np.unravel_index(power.argmax(), power.shape)
+    frequency = np.hypot(fy[peak], fx[peak])
+    angle = np.rad2deg(np.arctan2(fy[peak], fx[peak])) % 180
+    assert abs(frequency - f0) <= 0.04, frequency
+    assert min(abs(angle - 30), 180 - abs(angle - 30)) <= 12, angle
+
+
+def test_the_colour_decorrelation_reproduces_the_measured_covariance():
+    rng = np.random.default_rng(0)
+    mix = np.array([[0.2, 0.05, 0.0], [0.15, 0.1, 0.02], [0.1, 0.12, 0.08]])
+    pixels = np.clip(0.5 + rng.normal(size=(5000, 3)) @ mix.T, 0, 1).reshape(50, 10, 10, 3)
+    covariance = featvis.color_covariance(pixels)
+    np.testing.assert_allclose(covariance, np.cov(pixels.reshape(-1, 3).T), rtol=1e-12)
+    root = featvis.color_sqrt(covariance)
+    np.testing.assert_allclose(root @ root.T, covariance, rtol=1e-5, atol=1e-7)
+    # Lucid's ImageNet matrix is such a root (U sqrt(S): orthogonal columns, to its 2
+    # printed decimals): color_sqrt of its own covariance gives it back, up to column signs
+    m = featvis.IMAGENET_COLOR_SQRT.astype(np.float64)
+    np.testing.assert_allclose(np.abs(featvis.color_sqrt(m @ m.T)), np.abs(m), atol=0.01)
+
+
+def test_transforms_are_in_graph_affine_maps_about_the_centre():
+    """A transform with no rotation, scale 1 and no shift leaves the image as it is; the
+    drawn ones stay within the stated ranges (`Params`)."""
+    params = featvis.Params(steps=200, jitter=16.0)
+    t = featvis.transforms([4], 224, params)[:, 0]
+    scale = 1 / np.hypot(t[:, 0], t[:, 1])
+    angle = np.rad2deg(np.arctan2(t[:, 1], t[:, 0]))
+    assert (scale >= 0.9 - 1e-5).all() and (scale <= 1.1 + 1e-5).all()
+    assert np.abs(angle).max() <= 10 + 1e-4 and np.abs(angle).max() > 8
+    image = tf.random.uniform((1, 16, 16, 3), seed=0)
+    identity = tf.constant([[1, 0, 0, 0, 1, 0, 0, 0]], tf.float32)
+    moved = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image,
+        transforms=identity,
+        output_shape=[16, 16],
+        fill_value=featvis.FILL,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
+    np.testing.assert_allclose(moved, image, atol=1e-6)
+
+
+@pytest.fixture
+def workdir(tiny_config, tmp_path):
+    config = tiny(tiny_config, tiny_config.data.data_dir, width=0.125)
+    keras.utils.set_random_seed(0)
+    return config, workdir_with_model(config, model_lib.build_model(config.model), tmp_path / "w")
+
+
+def test_optimized_images_beat_every_image_of_the_split(workdir):
+    """For 4 units each of conv3 and conv5: the objective on the optimized image exceeds
+    its value on every validation image (the center crops the scans use) and on the
+    random start."""
+    config, path = workdir
+    config.analysis.featvis.steps = 64
+    config.analysis.featvis.color_images = 32
+    model = keras.models.load_model(os.path.join(path, "checkpoints", "model.keras"))
+    crops = examples.load_examples(config, "validation", 1000).images
+    assert len(crops) == 50
+    for layer in ("conv3", "conv5"):
+        units = [0, 1, 2, 3]
+        result = run_analysis(
+            "featvis", config, path, layer=layer, features="0,1,2,3", overwrite=True
+        ).result
+        maps = graph.tap(model, [layer])(crops).numpy()
+        best_image = maps.mean(axis=(1, 2))[:, units].max(axis=0)
+        assert (result["value"] > best_image).all(), (layer, result["value"], best_image)
+        assert (result["value"] > result["start"]).all()
+
+
+def test_mode_writes_its_outputs_and_a_rerun_reads_the_cache(workdir):
+    config, path = workdir
+    config.analysis.featvis.steps = 8
+    config.analysis.featvis.batch_size = 3
+    config.analysis.featvis.color_images = 16
+    out = run_analysis("featvis", config, path, layer="conv2", num_features=5)
+    folder = os.path.join(path, "featvis", "conv2")
+    assert sorted(os.listdir(folder)) == ["channel.json", "channel.npz", "channel.png"]
+    saved = np.load(os.path.join(folder, "channel.npz"))
+    assert saved["image"].shape == (5, 64, 64, 3) and saved["image"].dtype == np.uint8
+    assert saved["units"].tolist() == out.result["units"].tolist()
+    summary = json.load(open(os.path.join(folder, "channel.json")))
+    assert [u["unit"] for u in summary["units"]] == saved["units"].tolist()
+    assert summary["color"] == "16 images"
+    cache = sorted(os.listdir(os.path.join(path, "featvis", "cache")))
+    assert len(cache) == 2  # batches of 3 and 2 units
+    stamps = [os.stat(os.path.join(path, "featvis", "cache", c)).st_mtime_ns for c in cache]
+    again = run_analysis("featvis", config, path, layer="conv2", num_features=5, overwrite=True)
+    np.testing.assert_array_equal(again.result["image"], out.result["image"])
+    assert stamps == [os.stat(os.path.join(path, "featvis", "cache", c)).st_mtime_ns for c in cache]
+
+
+@pytest.mark.parametrize(
+    "field, value, request_fields, says",
+    [
+        ("steps", 0, {}, "config.analysis.featvis.steps=0: give an integer of at least 1"),
+        ("objective", "pixel", {}, "config.analysis.featvis.objective='pixel': choose one of"),
+        ("steps", 8, {"layer": "conv9"}, "--layer='conv9' is not valid: choose one of"),
+        ("objective", "neuron", {"layer": "fc7"}, "--layer=fc7: the neuron objective needs"),
+        ("steps", 8, {"layer": "conv2", "features": "99"}, "--features [99] out of range"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(workdir, field, value, request_fields, says):
+    config, path = workdir
+    config.analysis.featvis[field] = value
+    before = sorted(os.listdir(path))
+    with pytest.raises(UsageError) as e:
+        run_analysis("featvis", config, path, **request_fields)
+    assert str(e.value).startswith(says) and "\n" not in str(e.value)
+    assert sorted(os.listdir(path)) == before
+
+
+def test_existing_outputs_need_overwrite(workdir):
+    config, path = workdir
+    config.analysis.featvis.steps = 2
+    config.analysis.featvis.color_images = 0
+    run_analysis("featvis", config, path, layer="conv1", features="0")
+    with pytest.raises(UsageError, match="--overwrite"):
+        run_analysis("featvis", config, path, layer="conv1", features="0")
+
+
+def test_pixels_map_the_unit_range_into_the_models_input_range():
+    """The optimizer's images are RGB in [0, 1]; `Pixels.normalize(255 x)` makes them model
+    inputs: exactly the range of real crops under that normalization."""
+    pixels = preprocess.Pixels("tf", (0.0, 0.0, 0.0))
+    inputs = pixels.normalize(tf.constant([[[[0.0, 0.5, 1.0]]]]) * 255.0).numpy()
+    np.testing.assert_allclose(inputs.ravel(), [-1.0, 0.0, 1.0])

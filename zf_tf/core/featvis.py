@@ -1,0 +1,221 @@
+"""Feature visualization: for each unit, an input image optimized to excite it (Olah,
+Mordvintsev & Schubert, Distill 2017), made as Lucid's `param.image(fft=True,
+decorrelate=True)` with its standard transformation robustness, for many units at once.
+
+The image of one unit:
+  spectrum (3, S, S//2+1) complex, learned  ->  scaled by 1/f (each frequency's amplitude
+  divided by its frequency, so that no frequency is preferred by the parameterization)
+  ->  inverse real FFT: (S, S, 3) decorrelated colour  ->  x @ C^T, C the square root of
+  the colour covariance (normalized)  ->  sigmoid: RGB in [0, 1]  ->  the model's input.
+At each step the image is moved by a random affine map (jitter, scale, rotation, borders
+filled with gray) before the model sees it, and Adam follows the gradient of the unit's
+objective (the mean of its map: 'channel'; its value at one position: 'neuron'; minimized
+for the negative image).
+
+Batched: image b optimizes unit b (the loss sums each image's own unit), so a layer's units
+take a few calls. Each unit's random start and random transforms come from its own seed
+(seed, unit), so a unit's image does not depend on the others in its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from zf_tf.core import graph
+
+OBJECTIVES = ("channel", "neuron")
+# Lucid's colour decorrelation for ImageNet: the square root (SVD: U sqrt(S)) of ImageNet's
+# RGB colour covariance, for images in [0, 1]. Used where no data is given to measure it.
+IMAGENET_COLOR_SQRT = np.array(
+    [[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]], np.float32
+)
+FILL = 0.5  # the gray that fills what a transform uncovers
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """How the images are optimized.
+
+    Attributes:
+      steps: Adam steps.
+      learning_rate: Adam's.
+      objective: 'channel' (the mean of the unit's map) or 'neuron' (its value at `position`).
+      position: (y, x) in the layer's maps for 'neuron'; None = the centre.
+      negative: minimize instead (the pattern that most inhibits the unit).
+      seed: the same seed (and unit) gives the same image.
+      decay_power: the spectrum's 1/f^decay_power scaling (Lucid: 1).
+      jitter: the largest translation, in pixels at 224 px (scaled with the image size).
+      scales: the random scale range (min, max).
+      degrees: the largest rotation either way.
+      init_sd: the standard deviation of the random start spectrum.
+    """
+
+    steps: int = 256
+    learning_rate: float = 0.05
+    objective: str = "channel"
+    position: tuple | None = None
+    negative: bool = False
+    seed: int = 0
+    decay_power: float = 1.0
+    jitter: float = 16.0
+    scales: tuple = (0.9, 1.1)
+    degrees: float = 10.0
+    init_sd: float = 0.01
+
+
+def color_sqrt(covariance) -> np.ndarray:
+    """A square root C of a 3 x 3 colour covariance (C C^T = covariance), as Lucid makes
+    it: U sqrt(S) of its SVD."""
+    u, s, _ = np.linalg.svd(np.asarray(covariance, np.float64))
+    return (u * np.sqrt(s)).astype(np.float32)
+
+
+def color_covariance(images) -> np.ndarray:
+    """The 3 x 3 covariance of the pixel colours of RGB `images` in [0, 1] (..., 3)."""
+    pixels = np.asarray(images, np.float64).reshape(-1, 3)
+    return np.cov(pixels, rowvar=False)
+
+
+def _frequency_scale(size: int, decay_power: float) -> np.ndarray:
+    """(S, S//2+1): 1 / max(f, 1/S)^decay_power times S (Lucid's spectrum scaling)."""
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    freqs = np.sqrt(fx * fx + fy * fy)
+    return (size / np.maximum(freqs, 1.0 / size) ** decay_power).astype(np.float32)
+
+
+def initial_spectra(units, size: int, params: Params) -> np.ndarray:
+    """float32 (U, 2, 3, S, S//2+1): each unit's random start (real and imaginary parts),
+    drawn from its own seed (params.seed, unit)."""
+    shape = (2, 3, size, size // 2 + 1)
+    return np.stack(
+        [
+            np.random.default_rng((params.seed, int(u))).normal(0, params.init_sd, shape)
+            for u in units
+        ]
+    ).astype(np.float32)
+
+
+def transforms(units, size: int, params: Params) -> np.ndarray:
+    """float32 (steps, U, 8): each step's random affine map of each unit's image, as
+    `tf.raw_ops.ImageProjectiveTransformV3` reads it (output pixel -> input pixel): a
+    rotation and scale about the centre and a translation, drawn from the unit's own seed."""
+    out = np.zeros((params.steps, len(units), 8), np.float32)
+    jitter = params.jitter * size / 224
+    c = (size - 1) / 2
+    for j, u in enumerate(units):
+        rng = np.random.default_rng((params.seed, int(u), 1))
+        angle = np.deg2rad(rng.uniform(-params.degrees, params.degrees, params.steps))
+        scale = rng.uniform(*params.scales, params.steps)
+        ty, tx = rng.uniform(-jitter, jitter, (2, params.steps))
+        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+        # input = M (output - c - t) + c, M = R(-angle) / scale
+        ox, oy = -c - tx, -c - ty
+        out[:, j] = np.stack(
+            [cos, sin, cos * ox + sin * oy + c, -sin, cos, -sin * ox + cos * oy + c]
+            + [np.zeros(params.steps)] * 2,
+            axis=1,
+        )
+    return out
+
+
+def images_from_spectra(spectra, scale, color) -> tf.Tensor:
+    """(U, S, S, 3) RGB in [0, 1] from (U, 2, 3, S, S//2+1) spectra."""
+    size = spectra.shape[3]
+    complex_spectrum = tf.complex(spectra[:, 0], spectra[:, 1]) * tf.cast(scale, tf.complex64)
+    decorrelated = tf.signal.irfft2d(complex_spectrum, fft_length=[size, size])  # (U, 3, S, S)
+    decorrelated = tf.transpose(decorrelated, [0, 2, 3, 1]) / 4.0
+    return tf.sigmoid(tf.einsum("bhwc,dc->bhwd", decorrelated, color))
+
+
+class Optimizer:
+    """Optimizes images for units of one layer of `model`, `batch` units per call.
+
+    Args:
+      model: the convnet (a fixed, square input size).
+      layer: the layer whose units are visualized (its output: (N, h, w, F) or (N, F)).
+      to_input: RGB in [0, 1] (a tensor (N, S, S, 3)) -> the model's input.
+      params: Params.
+      color: the colour covariance's square root (3, 3) (`color_sqrt`); None = ImageNet's.
+    """
+
+    def __init__(self, model, layer: str, to_input, params: Params, color=None):
+        self.params = params
+        self.size = graph.static_shape(model)[0]
+        self.tap = graph.tap(model, [layer], name=f"featvis_{layer}")
+        shape = tuple(self.tap.outputs[0].shape[1:])
+        self.spatial = len(shape) == 3
+        self.num_units = int(shape[-1])
+        if params.objective == "neuron" and self.spatial:
+            y, x = params.position or (shape[0] // 2, shape[1] // 2)
+            self.position = (int(y), int(x))
+        else:
+            self.position = None
+        color = IMAGENET_COLOR_SQRT if color is None else np.asarray(color, np.float32)
+        self.color = tf.constant(color / np.linalg.norm(color, axis=0).max())
+        self.scale = tf.constant(_frequency_scale(self.size, params.decay_power))
+        self.to_input = to_input
+        self._step = tf.function(self._step_fn, reduce_retracing=True)
+
+    def images(self, spectra) -> tf.Tensor:
+        return images_from_spectra(spectra, self.scale, self.color)
+
+    def objective(self, images, units) -> tf.Tensor:
+        """(U,): each image's objective for its own unit (larger is better)."""
+        acts = self.tap(self.to_input(images), training=False)
+        acts = acts[0] if isinstance(acts, (list, tuple)) else acts
+        maps = tf.gather(acts, units[:, None], axis=-1, batch_dims=1)[..., 0]
+        if not self.spatial:
+            value = maps
+        elif self.position is None:
+            value = tf.reduce_mean(maps, axis=[1, 2])
+        else:
+            value = maps[:, self.position[0], self.position[1]]
+        return -value if self.params.negative else value
+
+    def _step_fn(self, spectra, m, v, t, units, transform):
+        """One Adam step (beta 0.9, 0.999, epsilon 1e-8) of every image on its unit."""
+        with tf.GradientTape() as tape:
+            moved = tf.raw_ops.ImageProjectiveTransformV3(
+                images=self.images(spectra),
+                transforms=transform,
+                output_shape=[self.size, self.size],
+                fill_value=FILL,
+                interpolation="BILINEAR",
+                fill_mode="CONSTANT",
+            )
+            loss = -tf.reduce_sum(self.objective(moved, units))
+        grad = tape.gradient(loss, spectra)
+        t.assign_add(1.0)
+        m.assign(0.9 * m + 0.1 * grad)
+        v.assign(0.999 * v + 0.001 * grad * grad)
+        rate = self.params.learning_rate * tf.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+        spectra.assign_sub(rate * m / (tf.sqrt(v) + 1e-8))
+
+    def run(self, units, progress=None) -> dict:
+        """Optimizes one image per unit of `units` (in one batch).
+
+        Returns:
+          dict: 'image' float32 (U, S, S, 3) RGB in [0, 1]; 'value' (U,) the unit's
+          objective (map mean or neuron value, not negated) on its final image, as it is
+          (no transform); 'start' (U,) the same on the random start.
+        """
+        units = np.asarray(units, np.int32)
+        start_spectra = initial_spectra(units, self.size, self.params)
+        spectra = tf.Variable(start_spectra)
+        m, v = tf.Variable(tf.zeros_like(spectra)), tf.Variable(tf.zeros_like(spectra))
+        t = tf.Variable(0.0)
+        steps = tf.constant(transforms(units, self.size, self.params))
+        units_t = tf.constant(units)
+        sign = -1.0 if self.params.negative else 1.0
+        start = sign * self.objective(self.images(spectra), units_t).numpy()
+        for i in range(self.params.steps):
+            self._step(spectra, m, v, t, units_t, steps[i])
+            if progress is not None:
+                progress(1)
+        images = self.images(spectra)
+        final = sign * self.objective(images, units_t).numpy()
+        return {"image": images.numpy(), "value": final, "start": start}
