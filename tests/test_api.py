@@ -101,6 +101,15 @@ def test_results_equal_the_core_functions(small):
             "--layers: 'c9' is not a layer of the model: choose from c1, p1, c2",
         ),
         (
+            lambda m, x: zf_tf.featvis(m, "gap", objective="neuron"),
+            "layer 'gap': the neuron objective needs spatial maps",
+        ),
+        (lambda m, x: zf_tf.featvis(m, "c2", steps=0), "steps=0: give an integer of at least 1"),
+        (
+            lambda m, x: zf_tf.featvis(m, "nope"),
+            "layer 'nope' is not valid for a picture: choose one of c1, p1, c2, gap, logits",
+        ),
+        (
             lambda m, x: zf_tf.atlas(m, x, "unused", preprocessing="imagenet", k=2),
             "preprocessing 'imagenet' is not valid: choose one of zfnet, caffe",
         ),
@@ -163,3 +172,16 @@ def test_atlas_writes_a_site_whose_winners_are_the_scans(small, tmp_path):
     zf_tf.atlas(model, images, folder, labels=[0, 1, 2], class_names="abcde", k=2)
     assert [os.stat(p).st_mtime_ns for p in cache] == stamps
     assert atlas_site.pages_folders(folder) != [pages]
+
+
+def test_featvis_equals_the_optimizer_it_wraps(small):
+    """The API's pictures are zf_tf.core.featvis' with the same seed, through the 'tf'
+    pixel normalization (RGB [0, 1] -> [-1, 1]), two batches of one unit each."""
+    from zf_tf.core import featvis
+
+    model, _ = small
+    out = zf_tf.featvis(model, "c2", units=[2, 6], steps=6, preprocessing="tf", batch_size=1)
+    to_input = lambda x: x * 2.0 - 1.0  # noqa: E731
+    direct = featvis.Optimizer(model, "c2", to_input, featvis.Params(steps=6)).run([2, 6])
+    np.testing.assert_allclose(out["image"], direct["image"], atol=1e-5)
+    assert out["units"].tolist() == [2, 6] and out["value"].shape == (2,)

@@ -19,11 +19,21 @@ From Python (a notebook), on any in-memory Keras convnet (`zf_tf.api`):
     zf_tf.occlusion(model, images, classes)                  # Fig. 7 maps
     zf_tf.sanity(model, images, classes)                     # randomization checks
     zf_tf.atlas(model, images, "atlas/")                     # a web site of every unit
+    zf_tf.featvis(model, "conv5", units=[0, 1])              # each unit's optimized image
 """
 
 from zf_tf.core.errors import UsageError
 
-_API = ("METHODS", "atlas", "attribution", "occlusion", "projections", "sanity", "top_k")
+_API = (
+    "METHODS",
+    "atlas",
+    "attribution",
+    "featvis",
+    "occlusion",
+    "projections",
+    "sanity",
+    "top_k",
+)
 __all__ = ["UsageError", *_API]
 
 

@@ -32,6 +32,9 @@ raises `zf_tf.UsageError` (a ValueError) with the one line the command line prin
     >>> site = zf_tf.atlas(model, images, tempfile.mkdtemp(), k=2, preprocessing="tf")
     >>> site["units"]                      # c1's 8 units and c2's 16
     24
+    >>> pictures = zf_tf.featvis(model, "c2", units=[0, 1], steps=8, preprocessing="tf")
+    >>> pictures["image"].shape            # (units, H, W, 3) RGB in [0, 1]
+    (2, 32, 32, 3)
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from zf_tf.analyses import attribution as attribution_lib
 from zf_tf.analyses import sanity as sanity_lib
 from zf_tf.configs import default
 from zf_tf.core import deconv, graph, topk
+from zf_tf.core import featvis as featvis_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import examples as examples_lib
 from zf_tf.pipelines import preprocess
@@ -311,6 +315,75 @@ def atlas(
     return atlas_site.write(folder, result, s)
 
 
+def featvis(
+    model,
+    layer: str,
+    units=None,
+    steps: int = 256,
+    objective: str = "channel",
+    negative: bool = False,
+    seed: int = 0,
+    preprocessing: str = "raw",
+    mean=(0.0, 0.0, 0.0),
+    color_images=None,
+    batch_size: int = 32,
+) -> dict:
+    """Each unit's own picture, as --mode=featvis makes it: an image optimized for `steps`
+    Adam steps to maximize the unit's `objective` ('channel': the mean of its map;
+    'neuron': the centre of its map), or to minimize it with `negative`; 1/f Fourier
+    basis, decorrelated colour, random jitter, scale and rotation at each step (Lucid's
+    recipe); `batch_size` units at a time, each from its own seed (seed, unit).
+
+    Args:
+      model: the convnet.
+      layer: a layer with (N, h, w, F) or (N, F) outputs.
+      units: its units (default: all).
+      preprocessing, mean: how the model's inputs are made from 0..255 RGB pixels (as in
+        `atlas`): the optimized RGB image goes through it.
+      color_images: RGB images in [0, 1] (N, H, W, 3) whose colour covariance decorrelates
+        the colour (the model's training images); None: ImageNet's.
+
+    Returns:
+      dict: 'image' (U, S, S, 3) float32 RGB in [0, 1]; 'value' and 'start' (U,): the
+      unit's objective on its image and on the random start; 'units' (U,).
+    """
+    if objective not in featvis_lib.OBJECTIVES:
+        raise UsageError(
+            f"objective={objective!r}: choose one of {', '.join(featvis_lib.OBJECTIVES)}"
+        )
+    if not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"steps={steps!r}: give an integer of at least 1")
+    size = graph.input_shape(model)
+    sources.check_layout(model, size, f"model {model.name!r}")
+    if None in size[:2]:
+        raise UsageError(
+            f"model {model.name!r} takes any image size: give it one, e.g. build it on "
+            "keras.Input((224, 224, 3))"
+        )
+    valid = featvis_lib.valid_layers(model)
+    shape = graph.find(model, _layer(model, layer, valid, "for a picture")).output.shape
+    if objective == "neuron" and len(shape) != 4:
+        raise UsageError(f"layer {layer!r}: the neuron objective needs spatial maps")
+    units = list(range(int(shape[-1]))) if units is None else [int(u) for u in units]
+    if not units or min(units) < 0 or max(units) >= shape[-1]:
+        raise UsageError(f"units must be in 0..{shape[-1] - 1} (layer {layer!r}); got {units}")
+    try:
+        pixels = preprocess.Pixels(str(preprocessing), tuple(mean))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    color = None
+    if color_images is not None:
+        color = featvis_lib.color_sqrt(featvis_lib.color_covariance(color_images))
+    params = featvis_lib.Params(
+        steps=steps, objective=objective, negative=bool(negative), seed=int(seed)
+    )
+    to_input = lambda x: pixels.normalize(x * 255.0)  # noqa: E731
+    optimizer = featvis_lib.Optimizer(model, layer, to_input, params, color)
+    parts = [optimizer.run(units[i : i + batch_size]) for i in range(0, len(units), batch_size)]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "value", "start")}
+    return {**out, "units": np.asarray(units)}
+
+
 def _classes(model, classes, n: int) -> np.ndarray:
     classes = np.asarray(classes, np.int64).reshape(-1)
     num = graph.num_outputs(model)
@@ -319,4 +392,13 @@ def _classes(model, classes, n: int) -> np.ndarray:
     return classes
 
 
-__all__ = ["METHODS", "atlas", "attribution", "occlusion", "projections", "sanity", "top_k"]
+__all__ = [
+    "METHODS",
+    "atlas",
+    "attribution",
+    "featvis",
+    "occlusion",
+    "projections",
+    "sanity",
+    "top_k",
+]

@@ -114,15 +114,6 @@ def settings(config, request: base.Request) -> Settings:
     )
 
 
-def valid_layers(model) -> list[str]:
-    """Layers whose units have a picture: outputs (N, h, w, F) or (N, F)."""
-    return [
-        op.name
-        for op in graph.ops_of(model)
-        if len(op.output.shape) in (2, 4) and op.name not in {i.name for i in model.inputs}
-    ]
-
-
 def resolve(s: Settings, model, source) -> Settings:
     """The layer (default: the last conv layer) and its units.
 
@@ -130,7 +121,7 @@ def resolve(s: Settings, model, source) -> Settings:
       UsageError: an unknown layer, the neuron objective on a layer without spatial maps,
         features out of range.
     """
-    valid = valid_layers(model)
+    valid = featvis.valid_layers(model)
     layer = s.layer or graph.conv_layers(model)[-1]
     if layer not in valid:
         raise UsageError(f"--layer={layer!r} is not valid: choose one of {', '.join(valid)}")

@@ -66,6 +66,16 @@ class Params:
     init_sd: float = 0.01
 
 
+def valid_layers(model) -> list[str]:
+    """The layers whose units can have a picture: outputs (N, h, w, F) or (N, F)."""
+    inputs = {i.name for i in model.inputs}
+    return [
+        op.name
+        for op in graph.ops_of(model)
+        if len(op.output.shape) in (2, 4) and op.name not in inputs
+    ]
+
+
 def color_sqrt(covariance) -> np.ndarray:
     """A square root C of a 3 x 3 colour covariance (C C^T = covariance), as Lucid makes
     it: U sqrt(S) of its SVD."""
