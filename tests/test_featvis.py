@@ -135,7 +135,7 @@ def test_optimized_images_beat_every_image_of_the_split(workdir):
     random start."""
     config, path = workdir
     config.analysis.featvis.steps = 64
-    config.analysis.featvis.color_images = 32
+    config.analysis.featvis.color_images = 0
     model = keras.models.load_model(os.path.join(path, "checkpoints", "model.keras"))
     crops = examples.load_examples(config, "validation", 1000).images
     assert len(crops) == 50
