@@ -73,6 +73,38 @@ def test_each_activations_rule_against_a_hand_computation(activation, rule):
         np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4, err_msg=f"{separate=}")
 
 
+@pytest.mark.parametrize("separate", [False, True])
+def test_the_redirected_rule_passes_a_dead_units_gradient(separate):
+    """'redirected' (feature visualization): an image on which every ReLU of the layer is
+    dead gets upstream through the ReLUs as if they were the identity, except where it
+    would push an input already below zero further down (Lucid's redirected_relu_grad);
+    an image with a live unit gets the true gradient. Checked by hand on a Dense + ReLU."""
+    model = net("relu", separate)
+    dense = [layer for layer in model.layers if isinstance(layer, L.Dense)]
+    w1, b1 = (np.asarray(v, np.float64) for v in dense[0].get_weights())
+    w2 = np.asarray(dense[-1].get_weights()[0], np.float64)
+    rng = np.random.default_rng(2)
+    live = rng.normal(0, 1, (1, 2, 2, 3))
+    # an input whose pre-activations are all negative: solve for z = -1 - |noise|
+    target = -1 - np.abs(rng.normal(0, 1, (1, 8)))
+    dead = (np.linalg.lstsq(w1.T, (target - b1).T, rcond=None)[0].T).reshape(1, 2, 2, 3)
+    x = np.concatenate([live, dead]).astype(np.float32)
+    z = x.reshape(2, -1).astype(np.float64) @ w1 + b1
+    assert (z[1] < 0).all() and (z[0] > 0).any()
+    unit = 1
+    images = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        loss = -deconv.rule_forward(model, images, "logits", "redirected")[:, unit]
+    got = tape.gradient(loss, images).numpy()
+    up = np.broadcast_to(-w2[:, unit], z.shape)  # d loss / d ReLU output
+    true = up * (z > 0)
+    redirected = np.where((z < 0) & (up > 0), 0.0, up)
+    dz = np.stack([true[0], redirected[1]])
+    np.testing.assert_allclose(got, (dz @ w1.T).reshape(x.shape), rtol=1e-4, atol=1e-6)
+    assert np.abs(got[1]).max() > 0  # the plain gradient is zero there
+
+
 def test_the_table_in_words():
     assert activations.describe("relu", "deconvnet") == "ReLU of the signal (the paper's rule)"
     assert activations.describe("silu", "deconvnet") == "ReLU of the signal (rectifier-shaped)"

@@ -155,6 +155,7 @@ def load(config, s: Settings, model) -> Data:
 
 def _cache_key(model, s: Settings, data: Data, units) -> str:
     what = {
+        "recipe": featvis.RECIPE,
         "weights": atlas.weights_fingerprint(model),
         "layer": s.layer,
         "params": dataclasses.asdict(s.params),

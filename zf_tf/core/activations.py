@@ -19,6 +19,12 @@ projection (`way_down`):
 Under guided backpropagation a 'rectify' activation passes its true gradient where the
 signal coming down is positive (for ReLU: signal x (input > 0) x (signal > 0), Springenberg
 et al. 2015); a 'gradient' one its true gradient. The plain gradient changes nothing.
+
+The 'redirected' rule (feature visualization, as Lucid's `redirected_relu_grad`): a
+'rectify' activation passes its true gradient, except for an image through which none of
+it passes (a unit dead on that image): there the signal goes down as if the unit were the
+identity, but for the parts that would push an input already below zero further down. So
+an optimization that starts where a unit is silent still finds a way up.
 """
 
 from __future__ import annotations
@@ -110,6 +116,12 @@ def apply(forward, x, name: str, rule: str):
         def backward(upstream, variables=None):
             if rule == "deconvnet":  # the signal rectified, whatever the input was
                 down = tf.nn.relu(upstream)
+            elif rule == "redirected":  # the true gradient, unless it is zero for an image
+                down = tape.gradient(y, t, output_gradients=upstream)
+                axes = list(range(1, len(down.shape)))
+                alive = tf.reduce_any(tf.not_equal(down, 0), axis=axes, keepdims=True)
+                pushed = tf.where((t < 0) & (upstream > 0), tf.zeros_like(upstream), upstream)
+                down = tf.where(alive, down, pushed)
             else:  # guided: the true gradient of what comes down positive
                 down = tape.gradient(y, t, output_gradients=tf.nn.relu(upstream))
             return (down, [tf.zeros_like(v) for v in variables]) if variables else down

@@ -755,7 +755,8 @@ def _identity_backward(layer, x):
 # Backward rule name -> whether contrast normalization back-propagates as the identity (the
 # deconvnet does not invert it, so its rule skips it; guided backprop and the plain gradient
 # differentiate through it). What each rule does at each activation: `activations`.
-_RULES = {"deconvnet": True, "guided": False, "gradient": False}
+# rule -> whether contrast normalization passes down as the identity
+_RULES = {"deconvnet": True, "guided": False, "gradient": False, "redirected": False}
 BACKWARD_RULES = tuple(_RULES)
 
 

@@ -10,7 +10,9 @@ The image of one unit:
 At each step the image is moved by a random affine map (jitter, scale, rotation, borders
 filled with gray) before the model sees it, and Adam follows the gradient of the unit's
 objective (the mean of its map: 'channel'; its value at one position: 'neuron'; minimized
-for the negative image).
+for the negative image). ReLUs pass that gradient down even where a unit is dead on the
+image (`activations`, the 'redirected' rule, as Lucid does), so that units silent on the
+gray start are optimized too.
 
 Batched: image b optimizes unit b (the loss sums each image's own unit), so a layer's units
 take a few calls. Each unit's random start and random transforms come from its own seed
@@ -24,7 +26,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from zf_tf.core import graph
+from zf_tf.core import deconv, graph
 
 OBJECTIVES = ("channel", "neuron")
 # Lucid's colour decorrelation for ImageNet: the square root (SVD: U sqrt(S)) of ImageNet's
@@ -33,6 +35,8 @@ IMAGENET_COLOR_SQRT = np.array(
     [[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]], np.float32
 )
 FILL = 0.5  # the gray that fills what a transform uncovers
+# Names this recipe in the mode's cache keys: change it when the images it makes change.
+RECIPE = "fft-1/f, decorrelated, affine robustness, redirected ReLU, Adam; 2026-12-06"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +159,9 @@ class Optimizer:
     def __init__(self, model, layer: str, to_input, params: Params, color=None):
         self.params = params
         self.size = graph.static_shape(model)[0]
-        self.tap = graph.tap(model, [layer], name=f"featvis_{layer}")
+        # ReLUs pass the gradient down even where a unit is dead on an image (activations:
+        # 'redirected'), so that a unit silent on the random start is still optimized.
+        self.tap = deconv.rule_tap(model, layer, "redirected")
         shape = tuple(self.tap.outputs[0].shape[1:])
         self.spatial = len(shape) == 3
         self.num_units = int(shape[-1])
