@@ -42,8 +42,8 @@ run --mode=invariance && cp "$WORKDIR/invariance/invariance.png" \
 run --mode=occlusion && cp "$WORKDIR/occlusion/occlusion.png" "$OUT/"
 run --mode=sanity && cp "$WORKDIR/sanity/sanity.md" "$WORKDIR/sanity/sanity.png" "$OUT/"
 run --mode=atlas
-for layer in conv2 conv3 conv4 conv5; do  # each unit's optimized image (8 seeded units)
-    run --mode=featvis "--layer=$layer" --num_features=8
+for layer in conv2 conv3 conv4 conv5; do  # each unit's optimized image
+    run --mode=featvis "--layer=$layer" --num_features=9  # the units of the deconv figures
     cp "$WORKDIR/featvis/$layer/channel.png" "$OUT/featvis_${layer}.png"
 done
 # Screenshots of the atlas (needs chromium and chromedriver; skipped without them).

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import run_analysis, tiny, workdir_with_model
+from tests.tiny_models import named_convnet
 from zf_tf.core import featvis, graph
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
@@ -23,51 +24,42 @@ TO_INPUT = lambda x: x * 2.0 - 1.0  # noqa: E731 - RGB [0, 1] -> [-1, 1]
 
 @pytest.fixture(scope="module")
 def small():
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((32, 32, 3)),
-            L.Conv2D(8, 5, activation="relu", name="c1"),
-            L.MaxPooling2D(2, name="p1"),
-            L.Conv2D(16, 3, activation="relu", name="c2"),
-            L.GlobalAveragePooling2D(name="gap"),
-            L.Dense(10, name="logits"),
-        ]
-    )
+    return named_convnet(size=32)  # conv 'a' (6 units) -> pool -> conv 'b' (8 units) -> ...
 
 
 def test_batched_equals_one_unit_at_a_time_and_seeds_decide(small):
     """Each image depends on its own unit and seed only: a batch of three gives the images
     of three single runs (to 1e-5: the batched convolutions may add in another order)."""
     params = featvis.Params(steps=24)
-    opt = featvis.Optimizer(small, "c2", TO_INPUT, params)
+    opt = featvis.Optimizer(small, "b", TO_INPUT, params)
     batch = opt.run([0, 3, 5])
     for i, unit in enumerate([0, 3, 5]):
         alone = opt.run([unit])
         np.testing.assert_allclose(alone["image"][0], batch["image"][i], atol=1e-5)
         np.testing.assert_allclose(alone["value"][0], batch["value"][i], rtol=1e-4)
-    again = featvis.Optimizer(small, "c2", TO_INPUT, params).run([3])
+    again = featvis.Optimizer(small, "b", TO_INPUT, params).run([3])
     np.testing.assert_array_equal(again["image"], opt.run([3])["image"])
-    other = featvis.Optimizer(small, "c2", TO_INPUT, featvis.Params(steps=24, seed=1)).run([3])
+    other = featvis.Optimizer(small, "b", TO_INPUT, featvis.Params(steps=24, seed=1)).run([3])
     assert np.abs(other["image"] - again["image"]).max() > 0.05
 
 
 def test_images_stay_in_range_and_beat_their_start(small):
-    """Every unit gets beyond its start, also two made dead on it (a bias of -0.2: zero on
+    """Every unit gets beyond its start, also two made dead on it (a bias of -0.05: zero on
     the gray start, reached through the redirected ReLU gradient)."""
     model = keras.models.clone_model(small)
     model.set_weights(small.get_weights())
-    kernel, bias = model.get_layer("c2").get_weights()
-    bias[:2] = -0.2
-    model.get_layer("c2").set_weights([kernel, bias])
-    out = featvis.Optimizer(model, "c2", TO_INPUT, featvis.Params(steps=48)).run(range(16))
-    assert out["image"].shape == (16, 32, 32, 3) and out["image"].dtype == np.float32
+    kernel, bias = model.get_layer("b").get_weights()
+    bias[:2] = -0.05
+    model.get_layer("b").set_weights([kernel, bias])
+    out = featvis.Optimizer(model, "b", TO_INPUT, featvis.Params(steps=48)).run(range(8))
+    assert out["image"].shape == (8, 32, 32, 3) and out["image"].dtype == np.float32
     assert out["image"].min() >= 0 and out["image"].max() <= 1
     # every unit, also those dead on the start (the redirected ReLU gradient reaches them)
     assert (out["start"][:2] == 0).all() and (out["value"] > 2 * out["start"]).all()
     assert (out["value"] > 0).all()
-    negative = featvis.Optimizer(model, "c2", TO_INPUT, featvis.Params(steps=48, negative=True))
-    assert (negative.run(range(16))["value"] <= out["start"] + 1e-6).all()
+    negative = featvis.Optimizer(model, "b", TO_INPUT, featvis.Params(steps=48, negative=True))
+    least = negative.run(range(8))["value"]  # a ReLU map's mean is least at 0
+    assert (least <= 0.1 * out["value"]).all() and (least == 0).sum() >= 4
 
 
 def test_a_grating_filter_gets_its_own_orientation_and_frequency():

@@ -390,15 +390,3 @@ def _classes(model, classes, n: int) -> np.ndarray:
     if len(classes) != n or classes.min(initial=0) < 0 or classes.max(initial=0) >= num:
         raise UsageError(f"classes must be {n} class ids in 0..{num - 1}; got {classes.tolist()}")
     return classes
-
-
-__all__ = [
-    "METHODS",
-    "atlas",
-    "attribution",
-    "featvis",
-    "occlusion",
-    "projections",
-    "sanity",
-    "top_k",
-]
