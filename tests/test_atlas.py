@@ -8,6 +8,7 @@ import re
 import shutil
 import sys
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -293,6 +294,45 @@ def test_a_missing_browser_fails_the_browser_test_under_ci(monkeypatch):
         browser.require()
 
 
+@pytest.fixture(scope="module")
+def featvis_site(tiny_data_dir, tmp_path_factory):
+    """(config, workdir) with an atlas of conv1 (k=2) holding each unit's feature
+    visualization (8 steps)."""
+    config = tiny(load_config(), tiny_data_dir, width=WIDTH, batch_size=16)
+    config.analysis.atlas.featvis = True
+    config.analysis.featvis.steps = 8
+    config.analysis.featvis.color_images = 16
+    keras.utils.set_random_seed(1)
+    model = model_lib.build_model(config.model)
+    workdir = workdir_with_model(config, model, tmp_path_factory.mktemp("fv") / "w")
+    run_analysis("atlas", config, workdir, layers="conv1", top_k=2)
+    return config, workdir
+
+
+def test_the_atlas_shows_each_units_feature_visualization(featvis_site):
+    """Unit pages show the unit's optimized image (and the objective reached), layer pages
+    a switch between projections and feature visualizations; the images are
+    --mode=featvis' for every unit (the same cache: the mode then computes nothing)."""
+    config, workdir = featvis_site
+    folder = os.path.join(atlas_site.pages_folder(os.path.join(workdir, "atlas")), "conv1")
+    images = os.listdir(os.path.join(folder, "img"))
+    # 64 px images: JPEG (canvases above atlas_site.EXACT), at their own size
+    assert sorted(f for f in images if "_f." in f) == [f"{u:04d}_f.jpg" for u in range(12)]
+    unit = open(os.path.join(folder, "unit_0003.html"), encoding="utf-8").read()
+    assert '<img src="img/0003_f.jpg" alt="unit 3 feature visualization">' in unit
+    assert "optimized image: the unit's map mean" in unit
+    layer = open(os.path.join(folder, "index.html"), encoding="utf-8").read()
+    assert 'id="show-f"' in layer and layer.count('class="f"') == 12
+    cache = os.path.join(workdir, "featvis", "cache")
+    stamps = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)}
+    mode = run_analysis("featvis", config, workdir, layer="conv1", num_features=0).result
+    assert {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)} == stamps
+    with Image.open(os.path.join(folder, "img", "0003_f.jpg")) as im:
+        shown = np.asarray(im).astype(np.float32)
+    assert shown.shape == (64, 64, 3)
+    assert np.abs(shown - mode["image"][3]).mean() < 6  # JPEG quality 90
+
+
 def test_pages_in_headless_chromium(site, tmp_path):
     browser.require()
     from selenium.webdriver.common.by import By
@@ -319,5 +359,31 @@ def test_pages_in_headless_chromium(site, tmp_path):
         driver.save_screenshot(str(shot))
         with Image.open(shot) as im:
             assert im.size[0] > 0 and np.asarray(im).std() > 0
+    finally:
+        driver.quit()
+
+
+def test_the_feature_visualization_switch_in_headless_chromium(featvis_site):
+    """On a layer page the projections show until the switch is clicked, then the
+    feature visualizations (every image decoded); the unit page shows its own."""
+    browser.require()
+    from selenium.webdriver.common.by import By
+
+    _, workdir = featvis_site
+    folder = atlas_site.pages_folder(os.path.join(workdir, "atlas"))
+    driver = browser.start()
+    try:
+        driver.get("file://" + os.path.join(folder, "conv1", "index.html"))
+        assert browser.console_errors(driver) == [] and browser.broken_images(driver) == []
+        shown = lambda kind: [  # noqa: E731
+            i.is_displayed() for i in driver.find_elements(By.CSS_SELECTOR, f"a.unit img.{kind}")
+        ]
+        assert shown("p") == [True] * 12 and shown("f") == [False] * 12
+        driver.find_element(By.CSS_SELECTOR, "label[for=show-f]").click()
+        assert shown("p") == [False] * 12 and shown("f") == [True] * 12
+        driver.find_element(By.CSS_SELECTOR, "a.unit").click()
+        assert browser.broken_images(driver) == []
+        picture = driver.find_element(By.CSS_SELECTOR, ".featvis img")
+        assert picture.is_displayed() and picture.get_attribute("naturalWidth") == "64"
     finally:
         driver.quit()

@@ -27,13 +27,12 @@ import json
 import os
 import sys
 import time
-import zipfile
 
 import numpy as np
 import tqdm
 
 from zf_tf import outputs
-from zf_tf.analyses import atlas_site, base
+from zf_tf.analyses import atlas_site, base, featvis
 from zf_tf.core import deconv, graph, topk
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
@@ -43,7 +42,7 @@ UNITS_PER_CHUNK = 16  # units projected and cached together (the resume granular
 MAX_POOL_IMAGES = 1024  # distinct winner images held in memory at once (224 px: 0.6 GB)
 PROJECT_BATCH = 64  # deconvnet requests per call
 # config.analysis.atlas (configs without that section get these).
-DEFAULTS = {"pixel_density": 2, "jpeg_quality": 90}
+DEFAULTS = {"pixel_density": 2, "jpeg_quality": 90, "featvis": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +62,9 @@ class Settings:
     command: str = ""  # how the atlas was made (index page)
     pixel_density: int = 2  # stored image px per displayed px (larger canvases are shrunk)
     jpeg_quality: int = 90  # of canvases over atlas_site.EXACT px (smaller ones are PNGs)
+    # each unit's feature visualization too (config.analysis.atlas.featvis): --mode=featvis'
+    # settings for every unit (its cache shared), or None
+    featvis: object = None
 
 
 def parse_layers(text: str) -> tuple:
@@ -97,6 +99,9 @@ def settings(config, request: base.Request) -> Settings:
         raise UsageError(
             f"config.analysis.atlas.jpeg_quality={quality!r}: give an integer from 1 to 95"
         )
+    fv = None
+    if look["featvis"]:  # every unit of each layer, as --mode=featvis --num_features=0
+        fv = featvis.settings(config, base.Request(workdir=request.workdir, num_features=0))
     return Settings(
         layers=parse_layers(request.layers),
         split=split,
@@ -113,6 +118,7 @@ def settings(config, request: base.Request) -> Settings:
         else "",
         pixel_density=density,
         jpeg_quality=quality,
+        featvis=fv,
     )
 
 
@@ -157,6 +163,7 @@ class Data:
     # center crops: of the whole split, or of one input pipeline's share
     dataset: object
     class_names: list
+    featvis: object = None  # featvis.Data (the colour decorrelation) when s.featvis
 
 
 def load(config, s: Settings, model) -> Data:
@@ -165,22 +172,13 @@ def load(config, s: Settings, model) -> Data:
             config, s.split, context, mode="center", indexed=True
         ),
         class_names=base.class_names(config),
+        featvis=featvis.load(config, s.featvis, model) if s.featvis else None,
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # The cache
 # ---------------------------------------------------------------------------------------------
-
-
-def weights_fingerprint(model) -> str:
-    """A digest of the model's weights (names, shapes, values): changes when they do."""
-    digest = hashlib.sha1()
-    for w in model.weights:
-        value = np.ascontiguousarray(np.asarray(w))
-        digest.update(f"{w.path}:{value.shape}:{value.dtype}".encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
 
 
 def cache_key(fingerprint: str, s: Settings, layer: str) -> str:
@@ -200,25 +198,6 @@ def layer_dir(s: Settings, layer: str) -> str:
     return os.path.join(s.cache_dir, atlas_site.slug(layer))
 
 
-def read_cache(path: str, key: str, names=None) -> dict | None:
-    """The arrays (all, or those `names`) of a cache file made with `key`; None if absent,
-    stale or damaged. An npz member is decompressed only when read: `names=()` checks the
-    key alone."""
-    try:
-        with np.load(path) as f:
-            if str(f["key"]) != key:
-                return None
-            wanted = [n for n in f.files if n != "key"] if names is None else names
-            return {name: f[name] for name in wanted}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
-
-
-def write_cache(path: str, key: str, **arrays):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    outputs.save_npz(path, compressed=True, key=np.array(key), **arrays)
-
-
 # ---------------------------------------------------------------------------------------------
 # Computing: scan, then projections
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +207,7 @@ def scan(model, data: Data, s: Settings, keys: dict, strategy=None, chief=True) 
     """{layer: TopK}: cached scans, and one pass over the split for the layers without one."""
     found, missing = {}, []
     for layer in s.layers:
-        cached = read_cache(os.path.join(layer_dir(s, layer), "scan.npz"), keys[layer])
+        cached = base.read_cache(os.path.join(layer_dir(s, layer), "scan.npz"), keys[layer])
         if cached is None:
             missing.append(layer)
         else:
@@ -250,7 +229,7 @@ def scan(model, data: Data, s: Settings, keys: dict, strategy=None, chief=True) 
             )
         for layer, best in scanned.items():
             if chief:
-                write_cache(
+                base.write_cache(
                     os.path.join(layer_dir(s, layer), "scan.npz"),
                     keys[layer],
                     **dataclasses.asdict(best),
@@ -345,7 +324,7 @@ def projections(model, data: Data, s: Settings, scans: dict, keys: dict) -> dict
         layer: [
             u
             for u in _chunks(best.activation.shape[1])
-            if read_cache(_chunk_path(s, layer, u), keys[layer], names=()) is None
+            if base.read_cache(_chunk_path(s, layer, u), keys[layer], names=()) is None
         ]
         for layer, best in scans.items()
     }
@@ -363,18 +342,18 @@ def projections(model, data: Data, s: Settings, scans: dict, keys: dict) -> dict
                 pool, labels = topk.gather_examples(data.dataset(), wanted)
                 for units in group:
                     cells = project_units(model, dn, best, units, layer, pool, labels, s)
-                    write_cache(_chunk_path(s, layer, units), keys[layer], **cells)
+                    base.write_cache(_chunk_path(s, layer, units), keys[layer], **cells)
                     bar.update(len(units))
     out = {}
     for layer, best in scans.items():
         chunks = _chunks(best.activation.shape[1])
         paths = [_chunk_path(s, layer, u) for u in chunks]
-        small = [read_cache(p, keys[layer], names=("label", "box")) for p in paths]
+        small = [base.read_cache(p, keys[layer], names=("label", "box")) for p in paths]
         out[layer] = {
             "label": np.concatenate([c["label"] for c in small]),
             "box": np.concatenate([c["box"] for c in small]),
             "chunks": [
-                (u, functools.partial(read_cache, p, keys[layer], ("projection", "patch")))
+                (u, functools.partial(base.read_cache, p, keys[layer], ("projection", "patch")))
                 for u, p in zip(chunks, paths)
             ],
         }
@@ -394,7 +373,7 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
     from zf_tf.training import workdirs
 
     chief = strategy is None or workdirs.is_chief(strategy)
-    fingerprint = weights_fingerprint(model)
+    fingerprint = base.weights_fingerprint(model)
     keys = {layer: cache_key(fingerprint, s, layer) for layer in s.layers}
     start = time.perf_counter()
     scans = scan(model, data, s, keys, strategy, chief)
@@ -416,6 +395,13 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
             "way_down": deconv.way_down(model, layer),
         }
     timings = {"scan": scanned - start, "projections": time.perf_counter() - scanned}
+    if s.featvis is not None:
+        started = time.perf_counter()
+        for layer, info in layers.items():
+            units = tuple(range(info["map_shape"][2]))
+            fs = dataclasses.replace(s.featvis, layer=layer, units=units)
+            info["featvis"] = featvis.compute(model, data.featvis, fs)
+        timings["featvis"] = time.perf_counter() - started
     return {"chief": True, "layers": layers, "timings": timings, "class_names": data.class_names}
 
 

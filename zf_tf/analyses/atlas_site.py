@@ -66,6 +66,10 @@ img { background: #888; } img[src$=".png"] { image-rendering: pixelated; }
 .cells img { width: %(cell)dpx; height: %(cell)dpx; display: block; }
 .bar { background: #4a7fb5; height: 12px; display: inline-block; vertical-align: middle; }
 .meta td:first-child { color: #555; }
+.unit img.f, #show-f:checked ~ .grid .unit img.p { display: none; }
+#show-f:checked ~ .grid .unit img.f { display: block; }
+.featvis img { width: %(cell)dpx; height: %(cell)dpx; display: block; }
+.featvis small { display: block; color: #555; }
 """
 
 
@@ -85,6 +89,11 @@ def _page(title: str, body: str, css: str) -> str:
 def _ext(side: int) -> str:
     """The file type of a layer's images: exact PNG for small canvases, else JPEG."""
     return "png" if side <= EXACT else "jpg"
+
+
+def _featvis_file(u: int, info: dict) -> str:
+    """A unit's feature visualization (the model's input size: PNG if small, else JPEG)."""
+    return f"{u:04d}_f.{_ext(info['featvis']['image'].shape[1])}"
 
 
 def _thumbnail(u: int, side: int, s) -> str:
@@ -144,11 +153,22 @@ def _layer_page(layer: str, info: dict, s, names: list, prev_next) -> str:
         dominant = _dominant(info["label"][u], names)
         note = f"{html.escape(dominant[0])} {dominant[1]}/{k}" if dominant else ""
         top = best.activation[0, u]
+        picture = ""
+        if "featvis" in info:
+            picture = f'<img class="f" src="img/{_featvis_file(u, info)}" alt="unit {u} optimized">'
         cells.append(
             f'<a class="unit" href="unit_{u:04d}.html" title="unit {u}: strongest {top:.3g}'
-            f'{"; " + note if note else ""}"><img src="img/{_thumbnail(u, info["side"], s)}"'
-            f' alt="unit {u}">'
+            f'{"; " + note if note else ""}"><img class="p" '
+            f'src="img/{_thumbnail(u, info["side"], s)}" alt="unit {u}">{picture}'
             f"{u}<small>{note or f'{top:.3g}'}</small></a>"
+        )
+    switch = ""
+    if "featvis" in info:
+        switch = (
+            'Show: <input type="radio" name="show" id="show-p" checked>'
+            '<label for="show-p">strongest projection</label> '
+            '<input type="radio" name="show" id="show-f">'
+            '<label for="show-f">feature visualization</label>\n'
         )
     body = (
         f"<nav>{' '.join(links)}</nav>\n<h1>{html.escape(layer)}: {num_units} units</h1>\n"
@@ -156,7 +176,10 @@ def _layer_page(layer: str, info: dict, s, names: list, prev_next) -> str:
         f"<b>{html.escape(s.split)}</b>, projected to pixel space by the deconvnet and cropped "
         f"to its {info['receptive_field']} px receptive field (maps {h}&times;{w}). Under each: "
         f"the commonest class of its top {k} images. Click a unit for its top {k}.</p>\n"
-        f'<div class="grid">\n' + "\n".join(cells) + "\n</div>"
+        + switch
+        + '<div class="grid">\n'
+        + "\n".join(cells)
+        + "\n</div>"
     )
     return _page(f"{layer} · atlas", body, "../style.css")
 
@@ -202,7 +225,7 @@ def _unit_page(layer: str, u: int, info: dict, s, names: list) -> str:
         f"<b>{html.escape(s.split)}</b>: deconvnet projections (left) beside the input patches "
         f"under their {info['receptive_field']} px receptive fields (right), strongest first.</p>\n"
         f'<div class="pair"><div class="cells projections">{grid("p")}</div>'
-        f'<div class="cells patches">{grid("x")}</div></div>\n'
+        f'<div class="cells patches">{grid("x")}</div>{_featvis_cell(u, info)}</div>\n'
         "<h2>Activations</h2>\n<table><tr><th>rank</th><th>activation</th><th>image</th>"
         "<th>class</th><th>map (y, x)</th><th>input box [y, x]</th></tr>\n"
         + "\n".join(rows)
@@ -210,6 +233,19 @@ def _unit_page(layer: str, u: int, info: dict, s, names: list) -> str:
         "(center crops, in dataset order).</p>\n" + histogram
     )
     return _page(f"{layer} unit {u} · atlas", body, "../style.css")
+
+
+def _featvis_cell(u: int, info: dict) -> str:
+    """A unit page's feature visualization and the objective it reached ('' without)."""
+    if "featvis" not in info:
+        return ""
+    fv = info["featvis"]
+    i = int(np.flatnonzero(fv["units"] == u)[0])
+    return (
+        f'<div class="featvis"><img src="img/{_featvis_file(u, info)}" '
+        f'alt="unit {u} feature visualization"><small>optimized image: the unit\'s map mean '
+        f"{fv['value'][i]:.4g} (random start {fv['start'][i]:.3g})</small></div>"
+    )
 
 
 def _index_page(result: dict, s, names: list, pages: str) -> str:
@@ -347,6 +383,10 @@ def write(atlas_dir: str, result: dict, s) -> dict:
                         if side > THUMB * s.pixel_density:
                             path = os.path.join(img, _thumbnail(u, side, s))
                             _save(path, cells["projection"][i, 0], THUMB, s)
+                        if "featvis" in info:
+                            fv = info["featvis"]
+                            image = fv["image"][int(np.flatnonzero(fv["units"] == u)[0])]
+                            _save(os.path.join(img, _featvis_file(u, info)), image, CELL, s)
                         with open(
                             os.path.join(folder, f"unit_{u:04d}.html"), "w", encoding="utf-8"
                         ) as f:

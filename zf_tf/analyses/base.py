@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
+import zipfile
 from typing import Any, Callable
 
 import numpy as np
@@ -275,3 +277,37 @@ def run(analysis: Analysis, config, request: Request, strategy=None) -> Result:
         print(f"Wrote {', '.join(written)}")
     kept = {name: path for name, path in paths.items() if path in written}
     return Result(result=result, paths=kept, report=report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches of analyses that resume (atlas, featvis): npz files keyed by what made them
+# ---------------------------------------------------------------------------------------------
+
+
+def weights_fingerprint(model) -> str:
+    """A digest of the model's weights (names, shapes, values): changes when they do."""
+    digest = hashlib.sha1()
+    for w in model.weights:
+        value = np.ascontiguousarray(np.asarray(w))
+        digest.update(f"{w.path}:{value.shape}:{value.dtype}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def read_cache(path: str, key: str, names=None) -> dict | None:
+    """The arrays (all, or those `names`) of a cache file made with `key`; None if absent,
+    stale or damaged. An npz member is decompressed only when read: `names=()` checks the
+    key alone."""
+    try:
+        with np.load(path) as f:
+            if str(f["key"]) != key:
+                return None
+            wanted = [n for n in f.files if n != "key"] if names is None else names
+            return {name: f[name] for name in wanted}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def write_cache(path: str, key: str, **arrays):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    outputs.save_npz(path, compressed=True, key=np.array(key), **arrays)

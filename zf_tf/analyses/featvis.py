@@ -31,7 +31,7 @@ import numpy as np
 import tqdm
 
 from zf_tf import outputs
-from zf_tf.analyses import atlas, base, deconv
+from zf_tf.analyses import base, deconv
 from zf_tf.core import featvis, graph
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
@@ -156,7 +156,7 @@ def load(config, s: Settings, model) -> Data:
 def _cache_key(model, s: Settings, data: Data, units) -> str:
     what = {
         "recipe": featvis.RECIPE,
-        "weights": atlas.weights_fingerprint(model),
+        "weights": base.weights_fingerprint(model),
         "layer": s.layer,
         "params": dataclasses.asdict(s.params),
         "color": np.round(data.color, 6).tolist(),
@@ -184,7 +184,7 @@ def compute(model, data: Data, s: Settings) -> dict:
         for batch in batches:
             key = _cache_key(model, s, data, batch)
             path = os.path.join(s.cache_dir, f"{s.layer}_{s.stem}_{batch[0]:05d}.npz")
-            cached = atlas.read_cache(path, key)
+            cached = base.read_cache(path, key)
             if cached is None:
                 if optimizer is None:
                     optimizer = featvis.Optimizer(model, s.layer, to_input, s.params, data.color)
@@ -195,7 +195,7 @@ def compute(model, data: Data, s: Settings) -> dict:
                     "value": out["value"],
                     "start": out["start"],
                 }
-                atlas.write_cache(path, key, **cached)
+                base.write_cache(path, key, **cached)
             else:
                 bar.update(len(batch) * s.params.steps)
             parts.append(cached)

@@ -185,6 +185,9 @@ def get_config():
     config.analysis.atlas = ml_collections.ConfigDict()
     config.analysis.atlas.pixel_density = 2  # 2: sharp on high-density screens
     config.analysis.atlas.jpeg_quality = 90
+    # Each unit's feature visualization too (as --mode=featvis makes it, its settings from
+    # analysis.featvis, its cache shared): on unit pages, and a switch on layer pages.
+    config.analysis.atlas.featvis = False
 
     config.analysis.attribution = ml_collections.ConfigDict()
     config.analysis.attribution.num_images = 6  # shown in the figure
