@@ -309,6 +309,7 @@ def featvis_site(tiny_data_dir, tmp_path_factory):
     return config, workdir
 
 
+@pytest.mark.slow  # an atlas with 12 optimized images
 def test_the_atlas_shows_each_units_feature_visualization(featvis_site):
     """Unit pages show the unit's optimized image (and the objective reached), layer pages
     a switch between projections and feature visualizations; the images are
@@ -363,6 +364,7 @@ def test_pages_in_headless_chromium(site, tmp_path):
         driver.quit()
 
 
+@pytest.mark.slow  # an atlas with 12 optimized images
 def test_the_feature_visualization_switch_in_headless_chromium(featvis_site):
     """On a layer page the projections show until the switch is clicked, then the
     feature visualizations (every image decoded); the unit page shows its own."""
