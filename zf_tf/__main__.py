@@ -75,13 +75,19 @@ def _define_flags(flags, cli):
     flags.DEFINE_string(
         "layer",
         "",
-        "Layer to visualize (--mode=deconv): a conv, pool or ReLU layer; default: the "
-        "model's last conv layer (conv5 for ZFNet).",
+        "Layer to visualize (--mode=deconv, featvis): a conv, pool or ReLU layer; default: "
+        "the model's last conv layer (conv5 for ZFNet).",
     )
     flags.DEFINE_string("split", "", "Split to scan; default: the config's eval split.")
     flags.DEFINE_integer("top_k", 9, "Strongest activations kept per feature map.", lower_bound=1)
-    flags.DEFINE_string("features", "", "Comma-separated feature maps to show, e.g. 0,5,17.")
-    flags.DEFINE_integer("num_features", 16, "Seeded random feature maps to show (<= 0: all).")
+    flags.DEFINE_string(
+        "features",
+        "",
+        "Comma-separated feature maps (units) to show, e.g. 0,5,17 (deconv, featvis).",
+    )
+    flags.DEFINE_integer(
+        "num_features", 16, "Seeded random feature maps to show (<= 0: all; deconv, featvis)."
+    )
     flags.DEFINE_string("image", "", "Project the strongest maps of this one image file instead.")
     flags.DEFINE_bool("untrained", False, "Use a freshly initialized model (no checkpoint needed).")
     # the model to look inside (inspection modes)
