@@ -67,9 +67,7 @@ def channel_means(model, layer: str, inputs, units) -> np.ndarray:
 def run_zf_tf(model, pixels, layer, units, steps):
     to_input = lambda x: pixels.normalize(x * 255.0)  # noqa: E731
     optimizer = featvis.Optimizer(model, layer, to_input, featvis.Params(steps=steps))
-    optimizer.params = featvis.Params(steps=2)
-    optimizer.run(units)  # warm-up: traces the step for this batch
-    optimizer.params = featvis.Params(steps=steps)
+    optimizer.run(units, steps=2)  # warm-up: traces the step for this batch
     start = time.perf_counter()
     out = optimizer.run(units)
     seconds = time.perf_counter() - start

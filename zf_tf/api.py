@@ -100,9 +100,7 @@ def projections(model, images, layer: str, units=None, batch_size: int = 64) -> 
     images = _images(model, images)
     _layer(model, layer, deconv.valid_layers(model), "for a projection")
     num_maps = int(graph.find(model, layer).output.shape[-1])
-    units = list(range(num_maps)) if units is None else [int(u) for u in units]
-    if not units or min(units) < 0 or max(units) >= num_maps:
-        raise UsageError(f"units must be in 0..{num_maps - 1} (layer {layer!r}); got {units}")
+    units = _units(units, num_maps, layer)
     try:
         deconvnet = deconv.build_deconvnet(model, layer)
     except NotImplementedError as e:
@@ -282,10 +280,7 @@ def atlas(
         raise UsageError(f"labels must be {n} class ids; got shape {labels.shape}")
     if not 1 <= k <= n:
         raise UsageError(f"k={k}: give 1 to {n} (the number of images)")
-    try:
-        pixels = preprocess.Pixels(str(preprocessing), tuple(mean))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    pixels = _pixels(preprocessing, mean)
     digest = hashlib.sha1(np.ascontiguousarray(images).tobytes())
     digest.update(labels.tobytes())
     layers = () if layers is None else (layers,) if isinstance(layers, str) else tuple(layers)
@@ -364,13 +359,8 @@ def featvis(
     shape = graph.find(model, _layer(model, layer, valid, "for a picture")).output.shape
     if objective == "neuron" and len(shape) != 4:
         raise UsageError(f"layer {layer!r}: the neuron objective needs spatial maps")
-    units = list(range(int(shape[-1]))) if units is None else [int(u) for u in units]
-    if not units or min(units) < 0 or max(units) >= shape[-1]:
-        raise UsageError(f"units must be in 0..{shape[-1] - 1} (layer {layer!r}); got {units}")
-    try:
-        pixels = preprocess.Pixels(str(preprocessing), tuple(mean))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    units = _units(units, int(shape[-1]), layer)
+    pixels = _pixels(preprocessing, mean)
     color = None
     if color_images is not None:
         color = featvis_lib.color_sqrt(featvis_lib.color_covariance(color_images))
@@ -382,6 +372,22 @@ def featvis(
     parts = [optimizer.run(units[i : i + batch_size]) for i in range(0, len(units), batch_size)]
     out = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "value", "start")}
     return {**out, "units": np.asarray(units)}
+
+
+def _units(units, num_maps: int, layer: str) -> list[int]:
+    """The chosen units of a layer with `num_maps` maps (None: all), checked."""
+    units = list(range(num_maps)) if units is None else [int(u) for u in units]
+    if not units or min(units) < 0 or max(units) >= num_maps:
+        raise UsageError(f"units must be in 0..{num_maps - 1} (layer {layer!r}); got {units}")
+    return units
+
+
+def _pixels(preprocessing: str, mean) -> preprocess.Pixels:
+    """How the model's inputs were made from 0..255 RGB pixels, checked."""
+    try:
+        return preprocess.Pixels(str(preprocessing), tuple(mean))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _classes(model, classes, n: int) -> np.ndarray:

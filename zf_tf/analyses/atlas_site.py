@@ -239,12 +239,11 @@ def _featvis_cell(u: int, info: dict) -> str:
     """A unit page's feature visualization and the objective it reached ('' without)."""
     if "featvis" not in info:
         return ""
-    fv = info["featvis"]
-    i = int(np.flatnonzero(fv["units"] == u)[0])
+    fv = info["featvis"]  # of every unit, in order (atlas.compute)
     return (
         f'<div class="featvis"><img src="img/{_featvis_file(u, info)}" '
         f'alt="unit {u} feature visualization"><small>optimized image: the unit\'s map mean '
-        f"{fv['value'][i]:.4g} (random start {fv['start'][i]:.3g})</small></div>"
+        f"{fv['value'][u]:.4g} (random start {fv['start'][u]:.3g})</small></div>"
     )
 
 
@@ -384,8 +383,7 @@ def write(atlas_dir: str, result: dict, s) -> dict:
                             path = os.path.join(img, _thumbnail(u, side, s))
                             _save(path, cells["projection"][i, 0], THUMB, s)
                         if "featvis" in info:
-                            fv = info["featvis"]
-                            image = fv["image"][int(np.flatnonzero(fv["units"] == u)[0])]
+                            image = info["featvis"]["image"][u]  # every unit, in order
                             _save(os.path.join(img, _featvis_file(u, info)), image, CELL, s)
                         with open(
                             os.path.join(folder, f"unit_{u:04d}.html"), "w", encoding="utf-8"

@@ -31,7 +31,7 @@ import numpy as np
 import tqdm
 
 from zf_tf import outputs
-from zf_tf.analyses import base, deconv
+from zf_tf.analyses import atlas_site, base, deconv
 from zf_tf.core import featvis, graph
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
@@ -153,10 +153,10 @@ def load(config, s: Settings, model) -> Data:
     return Data(featvis.color_sqrt(covariance), covariance)
 
 
-def _cache_key(model, s: Settings, data: Data, units) -> str:
+def _cache_key(fingerprint: str, s: Settings, data: Data, units) -> str:
     what = {
         "recipe": featvis.RECIPE,
-        "weights": base.weights_fingerprint(model),
+        "weights": fingerprint,
         "layer": s.layer,
         "params": dataclasses.asdict(s.params),
         "color": np.round(data.color, 6).tolist(),
@@ -177,13 +177,15 @@ def compute(model, data: Data, s: Settings) -> dict:
     batches = [units[i : i + s.batch_size] for i in range(0, len(units), s.batch_size)]
     optimizer = None
     to_input = lambda x: s.pixels.normalize(x * 255.0)  # noqa: E731
+    fingerprint = base.weights_fingerprint(model)  # once: it reads every weight
     parts = []
     with tqdm.tqdm(
         total=len(units) * s.params.steps, desc=f"featvis {s.layer}", unit="step"
     ) as bar:
         for batch in batches:
-            key = _cache_key(model, s, data, batch)
-            path = os.path.join(s.cache_dir, f"{s.layer}_{s.stem}_{batch[0]:05d}.npz")
+            key = _cache_key(fingerprint, s, data, batch)
+            name = f"{atlas_site.slug(s.layer)}_{s.stem}_{batch[0]:05d}.npz"
+            path = os.path.join(s.cache_dir, name)
             cached = base.read_cache(path, key)
             if cached is None:
                 if optimizer is None:

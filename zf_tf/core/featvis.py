@@ -165,7 +165,6 @@ class Optimizer:
         self.tap = deconv.rule_tap(model, layer, "redirected")
         shape = tuple(self.tap.outputs[0].shape[1:])
         self.spatial = len(shape) == 3
-        self.num_units = int(shape[-1])
         if params.objective == "neuron" and self.spatial:
             y, x = params.position or (shape[0] // 2, shape[1] // 2)
             self.position = (int(y), int(x))
@@ -194,7 +193,10 @@ class Optimizer:
         return -value if self.params.negative else value
 
     def _step_fn(self, spectra, m, v, t, units, transform):
-        """One Adam step (beta 0.9, 0.999, epsilon 1e-8) of every image on its unit."""
+        """One Adam step (beta 0.9, 0.999, epsilon 1e-8) of every image on its unit. Adam's
+        state is the caller's variables (a fresh set per batch of units), so one traced
+        graph serves every batch of the same size; a Keras optimizer, an object per batch,
+        would be traced anew each time."""
         with tf.GradientTape() as tape:
             moved = tf.raw_ops.ImageProjectiveTransformV3(
                 images=self.images(spectra),
@@ -217,8 +219,9 @@ class Optimizer:
         for i in tf.range(tf.shape(transforms)[0]):
             self._step_fn(spectra, m, v, t, units, transforms[i])
 
-    def run(self, units, progress=None) -> dict:
-        """Optimizes one image per unit of `units` (in one batch).
+    def run(self, units, progress=None, steps: int | None = None) -> dict:
+        """Optimizes one image per unit of `units` (in one batch), for `steps` (default:
+        params.steps) steps.
 
         Returns:
           dict: 'image' float32 (U, S, S, 3) RGB in [0, 1]; 'value' (U,) the unit's
@@ -226,16 +229,17 @@ class Optimizer:
           (no transform); 'start' (U,) the same on the random start.
         """
         units = np.asarray(units, np.int32)
-        start_spectra = initial_spectra(units, self.size, self.params)
-        spectra = tf.Variable(start_spectra)
+        steps = self.params.steps if steps is None else steps
+        params = dataclasses.replace(self.params, steps=steps)
+        spectra = tf.Variable(initial_spectra(units, self.size, params))
         m, v = tf.Variable(tf.zeros_like(spectra)), tf.Variable(tf.zeros_like(spectra))
         t = tf.Variable(0.0)
-        steps = tf.constant(transforms(units, self.size, self.params))
+        moves = tf.constant(transforms(units, self.size, params))
         units_t = tf.constant(units)
         sign = -1.0 if self.params.negative else 1.0
         start = sign * self.objective(self.images(spectra), units_t).numpy()
-        for first in range(0, self.params.steps, STEPS_PER_CALL):
-            chunk = steps[first : first + STEPS_PER_CALL]
+        for first in range(0, steps, STEPS_PER_CALL):
+            chunk = moves[first : first + STEPS_PER_CALL]
             self._steps(spectra, m, v, t, units_t, chunk)
             if progress is not None:
                 progress(int(chunk.shape[0]))
