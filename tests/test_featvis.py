@@ -3,15 +3,20 @@ oriented grating filter gets an image whose spectrum peaks at its orientation an
 frequency), batched == one unit at a time, seeds, the colour decorrelation, the optimized
 image against every image of the split, the mode's outputs, cache and refusals."""
 
+import copy
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import run_analysis, tiny, workdir_with_model
+from tests.conftest import ROOT, run_analysis, tiny, workdir_with_model
 from tests.tiny_models import named_convnet
 from zf_tf.core import featvis, graph
 from zf_tf.core import model as model_lib
@@ -129,21 +134,22 @@ def workdir(tiny_config, tmp_path):
     return config, workdir_with_model(config, model_lib.build_model(config.model), tmp_path / "w")
 
 
-def test_optimized_images_beat_every_image_of_the_split(workdir):
-    """For 4 units each of conv3 and conv5: the objective on the optimized image exceeds
-    its value on every validation image (the center crops the scans use) and on the
-    random start."""
-    config, path = workdir
-    config.analysis.featvis.steps = 64
+@pytest.mark.slow
+def test_optimized_images_beat_every_image_of_the_split(trained_default, tmp_path):
+    """On the trained default model, for 4 units each of conv3 and conv5: the objective on
+    the optimized image exceeds its value on every validation image (the center crops the
+    scans use) and on the random start."""
+    config, original = trained_default
+    path = shutil.copytree(original, tmp_path / "w")
+    config = copy.deepcopy(config)
+    config.analysis.featvis.steps = 256
     config.analysis.featvis.color_images = 0
     model = keras.models.load_model(os.path.join(path, "checkpoints", "model.keras"))
     crops = examples.load_examples(config, "validation", 1000).images
     assert len(crops) == 50
     for layer in ("conv3", "conv5"):
         units = [0, 1, 2, 3]
-        result = run_analysis(
-            "featvis", config, path, layer=layer, features="0,1,2,3", overwrite=True
-        ).result
+        result = run_analysis("featvis", config, path, layer=layer, features="0,1,2,3").result
         maps = graph.tap(model, [layer])(crops).numpy()
         best_image = maps.mean(axis=(1, 2))[:, units].max(axis=0)
         assert (result["value"] > best_image).all(), (layer, result["value"], best_image)
@@ -170,6 +176,61 @@ def test_mode_writes_its_outputs_and_a_rerun_reads_the_cache(workdir):
     again = run_analysis("featvis", config, path, layer="conv2", num_features=5, overwrite=True)
     np.testing.assert_array_equal(again.result["image"], out.result["image"])
     assert stamps == [os.stat(os.path.join(path, "featvis", "cache", c)).st_mtime_ns for c in cache]
+
+
+def _distributed_run(workdir, tmp_path, strategy):
+    """--mode=featvis of 5 conv2 units in batches of 3 under `strategy` ('mirrored': 2 CPU
+    replicas in one process; 'multi_worker': 2 local worker processes) in a copy of
+    `workdir`; (that copy, [(returncode, stdout, stderr)] of each process)."""
+    from tests.test_train import run_workers
+
+    copy_ = shutil.copytree(workdir, tmp_path / strategy)
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "main.py"),
+        "--mode=featvis",
+        f"--strategy={strategy}",
+        f"--workdir={copy_}",
+        "--layer=conv2",
+        "--num_features=5",
+        "--config.analysis.featvis.steps=8",
+        "--config.analysis.featvis.batch_size=3",
+        "--config.analysis.featvis.color_images=0",
+    ]
+    if strategy == "multi_worker":
+        return copy_, run_workers(tmp_path, command, timeout=300)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    return copy_, [(proc.returncode, proc.stdout, proc.stderr)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["mirrored", "multi_worker"])
+def test_replicas_and_workers_share_the_units(workdir, tmp_path, strategy):
+    """Under --strategy=mirrored (2 CPU replicas) and multi_worker (2 processes) each batch's
+    units are split over the replicas (3 units on 2: one repeated, then dropped) and the
+    images gathered: the chief writes the same images and values as one device does, once
+    per batch in the cache; the other worker writes nothing."""
+    config, path = workdir
+    copy_, outs = _distributed_run(path, tmp_path, strategy)
+    for returncode, _, err in outs:
+        assert returncode == 0, err[-3000:]
+    assert "Strategy " + strategy + " with 2 replica(s)" in outs[0][1]
+    if strategy == "multi_worker":
+        assert "Optimized as a non-chief worker" in outs[1][1]
+    for _, _, err in outs:  # each process's progress bar counts the whole layer
+        assert re.search(r"featvis conv2 on 2 replicas: 100%\S* 40/40 ", err), err[-2000:]
+    config.analysis.featvis.steps = 8
+    config.analysis.featvis.batch_size = 3
+    config.analysis.featvis.color_images = 0
+    one = run_analysis("featvis", config, path, layer="conv2", num_features=5).result
+    saved = np.load(os.path.join(copy_, "featvis", "conv2", "channel.npz"))
+    assert saved["units"].tolist() == one["units"].tolist()
+    assert np.abs(saved["image"].astype(int) - one["image"]).max() <= 1  # uint8 rounding
+    np.testing.assert_allclose(saved["value"], one["value"], rtol=1e-4, atol=1e-6)
+    assert sorted(os.listdir(os.path.join(copy_, "featvis", "cache"))) == sorted(
+        os.listdir(os.path.join(path, "featvis", "cache"))
+    )
 
 
 @pytest.mark.parametrize(

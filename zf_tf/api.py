@@ -322,6 +322,7 @@ def featvis(
     mean=(0.0, 0.0, 0.0),
     color_images=None,
     batch_size: int = 32,
+    strategy=None,
 ) -> dict:
     """Each unit's own picture, as --mode=featvis makes it: an image optimized for `steps`
     Adam steps to maximize the unit's `objective` ('channel': the mean of its map;
@@ -337,6 +338,8 @@ def featvis(
         `atlas`): the optimized RGB image goes through it.
       color_images: RGB images in [0, 1] (N, H, W, 3) whose colour covariance decorrelates
         the colour (the model's training images); None: ImageNet's.
+      strategy: a tf.distribute strategy (the model made in its scope) whose replicas
+        share each batch's units; the images are the same as without it.
 
     Returns:
       dict: 'image' (U, S, S, 3) float32 RGB in [0, 1]; 'value' and 'start' (U,): the
@@ -369,7 +372,10 @@ def featvis(
     )
     to_input = lambda x: pixels.normalize(x * 255.0)  # noqa: E731
     optimizer = featvis_lib.Optimizer(model, layer, to_input, params, color)
-    parts = [optimizer.run(units[i : i + batch_size]) for i in range(0, len(units), batch_size)]
+    parts = [
+        optimizer.run(units[i : i + batch_size], strategy=strategy)
+        for i in range(0, len(units), batch_size)
+    ]
     out = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "value", "start")}
     return {**out, "units": np.asarray(units)}
 

@@ -36,6 +36,7 @@ from zf_tf.analyses import atlas_site, base, featvis
 from zf_tf.core import deconv, graph, topk
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
+from zf_tf.training import workdirs
 
 MODE = "atlas"
 UNITS_PER_CHUNK = 16  # units projected and cached together (the resume granularity)
@@ -370,16 +371,23 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
       each stage run here), chief (False on a non-chief worker: it helps scan, writes
       nothing).
     """
-    from zf_tf.training import workdirs
-
     chief = strategy is None or workdirs.is_chief(strategy)
     fingerprint = base.weights_fingerprint(model)
     keys = {layer: cache_key(fingerprint, s, layer) for layer in s.layers}
     start = time.perf_counter()
     scans = scan(model, data, s, keys, strategy, chief)
     scanned = time.perf_counter()
+    timings = {"scan": scanned - start}
+    visualized = {}
+    if s.featvis is not None:  # every worker helps: featvis splits the units over them
+        for layer in s.layers:
+            units = tuple(range(int(graph.find(model, layer).output.shape[-1])))
+            fs = dataclasses.replace(s.featvis, layer=layer, units=units)
+            visualized[layer] = featvis.compute(model, data.featvis, fs, strategy)
+        timings["featvis"] = time.perf_counter() - scanned
     if not chief:
-        return {"chief": False, "layers": {}, "timings": {"scan": scanned - start}}
+        return {"chief": False, "layers": {}, "timings": timings}
+    started = time.perf_counter()
     cells = projections(model, data, s, scans, keys)
     layers = {}
     for layer in s.layers:
@@ -394,14 +402,9 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
             "form": deconv.projection_form(model, layer)[0],
             "way_down": deconv.way_down(model, layer),
         }
-    timings = {"scan": scanned - start, "projections": time.perf_counter() - scanned}
-    if s.featvis is not None:
-        started = time.perf_counter()
-        for layer, info in layers.items():
-            units = tuple(range(info["map_shape"][2]))
-            fs = dataclasses.replace(s.featvis, layer=layer, units=units)
-            info["featvis"] = featvis.compute(model, data.featvis, fs)
-        timings["featvis"] = time.perf_counter() - started
+    timings["projections"] = time.perf_counter() - started
+    for layer, result in visualized.items():
+        layers[layer]["featvis"] = result
     return {"chief": True, "layers": layers, "timings": timings, "class_names": data.class_names}
 
 

@@ -12,6 +12,9 @@ training images (`config.analysis.featvis.color_images` center crops of the trai
 ImageNet's when `color_images=0`. Units: `--features` (a comma list), else
 `--num_features` seeded ones (<= 0: every unit), as in --mode=deconv.
 
+Under `--strategy=mirrored` or `multi_worker` each batch's units are split over the replicas
+of every worker (the images are the ones one device makes); the chief writes the files.
+
 Outputs in `WORKDIR/featvis/<layer>/`, named by the objective (`channel`, `neuron`, with
 `_negative`): `<stem>.png` (a grid, each image captioned with its unit and the objective
 it reached), `<stem>.npz` (uint8 images, units, values at the start and the end) and
@@ -28,6 +31,7 @@ import json
 import os
 
 import numpy as np
+import tensorflow as tf
 import tqdm
 
 from zf_tf import outputs
@@ -35,6 +39,7 @@ from zf_tf.analyses import atlas_site, base, deconv
 from zf_tf.core import featvis, graph
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
+from zf_tf.training import keras_fixes, workdirs
 
 MODE = "featvis"
 DEFAULTS = {
@@ -166,50 +171,79 @@ def _cache_key(fingerprint: str, s: Settings, data: Data, units) -> str:
     return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def compute(model, data: Data, s: Settings) -> dict:
+def compute(model, data: Data, s: Settings, strategy=None) -> dict:
     """Each unit's optimized image, a batch of `batch_size` units at a time (cached).
+
+    Under a strategy with several replicas (mirrored, multi_worker), each batch's units are
+    split over the replicas of every worker and the images gathered on each; the workers
+    compute every batch that one of them lacks, and the chief alone writes the cache.
 
     Returns:
       dict: units (U,), image uint8 (U, S, S, 3), value and start (U,): the objective on
-      the final image and on the random start, color (3, 3), covariance.
+      the final image and on the random start, color (3, 3), covariance, chief (False on a
+      non-chief worker: it renders nothing).
     """
+    chief = strategy is None or workdirs.is_chief(strategy)
+    if getattr(strategy, "num_replicas_in_sync", 1) == 1 and not _multi_worker(strategy):
+        strategy = None  # one replica: no need for the strategy's machinery
     units = list(s.units)
     batches = [units[i : i + s.batch_size] for i in range(0, len(units), s.batch_size)]
+    fingerprint = base.weights_fingerprint(model)  # once: it reads every weight
+    keys = [_cache_key(fingerprint, s, data, batch) for batch in batches]
+    names = [f"{atlas_site.slug(s.layer)}_{s.stem}_{b[0]:05d}.npz" for b in batches]
+    paths = [os.path.join(s.cache_dir, name) for name in names]
+    parts = [base.read_cache(path, key) for path, key in zip(paths, keys)]
+    if _multi_worker(strategy):  # a batch one worker lacks is computed by all of them
+        missing = _any_worker(strategy, [p is None for p in parts])
+        parts = [None if lacks else p for p, lacks in zip(parts, missing)]
     optimizer = None
     to_input = lambda x: s.pixels.normalize(x * 255.0)  # noqa: E731
-    fingerprint = base.weights_fingerprint(model)  # once: it reads every weight
-    parts = []
-    with tqdm.tqdm(
-        total=len(units) * s.params.steps, desc=f"featvis {s.layer}", unit="step"
-    ) as bar:
-        for batch in batches:
-            key = _cache_key(fingerprint, s, data, batch)
-            name = f"{atlas_site.slug(s.layer)}_{s.stem}_{batch[0]:05d}.npz"
-            path = os.path.join(s.cache_dir, name)
-            cached = base.read_cache(path, key)
-            if cached is None:
-                if optimizer is None:
-                    optimizer = featvis.Optimizer(model, s.layer, to_input, s.params, data.color)
-                size = len(batch)
-                out = optimizer.run(batch, progress=lambda n, size=size: bar.update(n * size))
-                cached = {
-                    "image": np.round(out["image"] * 255).astype(np.uint8),
-                    "value": out["value"],
-                    "start": out["start"],
-                }
-                base.write_cache(path, key, **cached)
-            else:
+    desc = f"featvis {s.layer}"
+    if strategy is not None:
+        desc += f" on {strategy.num_replicas_in_sync} replicas"
+    with tqdm.tqdm(total=len(units) * s.params.steps, desc=desc, unit="step") as bar:
+        for i, batch in enumerate(batches):
+            if parts[i] is not None:
                 bar.update(len(batch) * s.params.steps)
-            parts.append(cached)
+                continue
+            if optimizer is None:
+                optimizer = featvis.Optimizer(model, s.layer, to_input, s.params, data.color)
+            size = len(batch)
+            out = optimizer.run(
+                batch, progress=lambda n, size=size: bar.update(n * size), strategy=strategy
+            )
+            parts[i] = {
+                "image": np.round(out["image"] * 255).astype(np.uint8),
+                "value": out["value"],
+                "start": out["start"],
+            }
+            if chief:
+                base.write_cache(paths[i], keys[i], **parts[i])
     return {
         "units": np.asarray(units),
         **{k: np.concatenate([p[k] for p in parts]) for k in ("image", "value", "start")},
         "color": data.color,
         "covariance": data.covariance,
+        "chief": chief,
     }
 
 
+def _multi_worker(strategy) -> bool:
+    return strategy is not None and keras_fixes.is_multi_worker(strategy)
+
+
+def _any_worker(strategy, flags: list[bool]) -> list[bool]:
+    """Each flag or-ed over the workers of `strategy` (one all-reduce)."""
+    mine = tf.constant([float(f) for f in flags] or [0.0], tf.float32)
+    total = strategy.reduce(
+        tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(mine)), axis=None
+    )
+    return [bool(t > 0) for t in total.numpy()[: len(flags)]]
+
+
 def render(result: dict, s: Settings, paths: dict) -> base.Report:
+    if not result["chief"]:
+        return base.Report(lines=["Optimized as a non-chief worker: the chief writes the images"])
     plt = outputs.pyplot()
     units, images, values = result["units"], result["image"], result["value"]
     columns = int(np.ceil(np.sqrt(len(units))))
@@ -256,4 +290,5 @@ ANALYSIS = base.Analysis(
     compute=compute,
     render=render,
     resolve=resolve,
+    distributed=True,
 )

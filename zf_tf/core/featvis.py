@@ -175,6 +175,7 @@ class Optimizer:
         self.scale = tf.constant(_frequency_scale(self.size, params.decay_power))
         self.to_input = to_input
         self._steps = tf.function(self._steps_fn, reduce_retracing=True)
+        self._on = {}  # strategy -> its traced `_steps_fn` on every replica
 
     def images(self, spectra) -> tf.Tensor:
         return images_from_spectra(spectra, self.scale, self.color)
@@ -192,12 +193,14 @@ class Optimizer:
             value = maps[:, self.position[0], self.position[1]]
         return -value if self.params.negative else value
 
-    def _step_fn(self, spectra, m, v, t, units, transform):
+    def _step(self, state, units, transform):
         """One Adam step (beta 0.9, 0.999, epsilon 1e-8) of every image on its unit. Adam's
-        state is the caller's variables (a fresh set per batch of units), so one traced
-        graph serves every batch of the same size; a Keras optimizer, an object per batch,
-        would be traced anew each time."""
+        state travels with the spectra as tensors (spectra, m, v, t), so one traced graph
+        serves every batch of the same size, on one device or on each replica; a Keras
+        optimizer, an object per batch, would be traced anew each time."""
+        spectra, m, v, t = state
         with tf.GradientTape() as tape:
+            tape.watch(spectra)
             moved = tf.raw_ops.ImageProjectiveTransformV3(
                 images=self.images(spectra),
                 transforms=transform,
@@ -208,20 +211,32 @@ class Optimizer:
             )
             loss = -tf.reduce_sum(self.objective(moved, units))
         grad = tape.gradient(loss, spectra)
-        t.assign_add(1.0)
-        m.assign(0.9 * m + 0.1 * grad)
-        v.assign(0.999 * v + 0.001 * grad * grad)
+        t = t + 1.0
+        m = 0.9 * m + 0.1 * grad
+        v = 0.999 * v + 0.001 * grad * grad
         rate = self.params.learning_rate * tf.sqrt(1 - 0.999**t) / (1 - 0.9**t)
-        spectra.assign_sub(rate * m / (tf.sqrt(v) + 1e-8))
+        return spectra - rate * m / (tf.sqrt(v) + 1e-8), m, v, t
 
-    def _steps_fn(self, spectra, m, v, t, units, transforms):
-        """The steps of `transforms` (n, U, 8), in one graph (no Python between steps)."""
-        for i in tf.range(tf.shape(transforms)[0]):
-            self._step_fn(spectra, m, v, t, units, transforms[i])
+    def _steps_fn(self, state, units, transforms, first):
+        """The steps `first` .. first + STEPS_PER_CALL of `transforms` (steps, U, 8), in one
+        graph (no Python between steps)."""
+        chunk = transforms[first : first + STEPS_PER_CALL]
+        for i in tf.range(tf.shape(chunk)[0]):
+            state = self._step(state, units, chunk[i])
+        return state
 
-    def run(self, units, progress=None, steps: int | None = None) -> dict:
+    def run(self, units, progress=None, steps: int | None = None, strategy=None) -> dict:
         """Optimizes one image per unit of `units` (in one batch), for `steps` (default:
         params.steps) steps.
+
+        Args:
+          units: the units (channels of the layer), one image each.
+          progress: called with the number of steps after each graph call.
+          steps: overrides params.steps.
+          strategy: a tf.distribute strategy whose replicas (on every worker) share the
+            units, each optimizing its slice; every worker gets every image back. Each
+            unit's image is the one it gets alone (its own seeds). Under a multi-worker
+            strategy every worker must call this with the same units.
 
         Returns:
           dict: 'image' float32 (U, S, S, 3) RGB in [0, 1]; 'value' (U,) the unit's
@@ -230,19 +245,58 @@ class Optimizer:
         """
         units = np.asarray(units, np.int32)
         steps = self.params.steps if steps is None else steps
+        replicas = getattr(strategy, "num_replicas_in_sync", 1)
+        # Each replica takes an equal slice: the last unit is repeated to fill the batch
+        # (the same seeds, the same image; the copies are dropped).
+        padded = np.concatenate([units, np.repeat(units[-1:], -len(units) % replicas)])
         params = dataclasses.replace(self.params, steps=steps)
-        spectra = tf.Variable(initial_spectra(units, self.size, params))
-        m, v = tf.Variable(tf.zeros_like(spectra)), tf.Variable(tf.zeros_like(spectra))
-        t = tf.Variable(0.0)
-        moves = tf.constant(transforms(units, self.size, params))
-        units_t = tf.constant(units)
+        spectra = initial_spectra(padded, self.size, params)
+        state = (spectra, np.zeros_like(spectra), np.zeros_like(spectra), np.float32(0))
+        moves = transforms(padded, self.size, params)
         sign = -1.0 if self.params.negative else 1.0
-        start = sign * self.objective(self.images(spectra), units_t).numpy()
+        start = sign * self.objective(self.images(spectra[: len(units)]), units).numpy()
+        if strategy is None:
+            state, units_t, moves = tf.nest.map_structure(tf.constant, (state, padded, moves))
+            call = self._steps
+        else:
+            state, units_t, moves = _per_replica(strategy, (state, padded, moves), (0, 0, 1))
+            call = self._distributed(strategy)
         for first in range(0, steps, STEPS_PER_CALL):
-            chunk = moves[first : first + STEPS_PER_CALL]
-            self._steps(spectra, m, v, t, units_t, chunk)
+            state = call(state, units_t, moves, tf.constant(first))
             if progress is not None:
-                progress(int(chunk.shape[0]))
-        images = self.images(spectra)
-        final = sign * self.objective(images, units_t).numpy()
+                progress(min(STEPS_PER_CALL, steps - first))
+        spectra = state[0] if strategy is None else strategy.gather(state[0], axis=0)
+        images = self.images(spectra[: len(units)])
+        final = sign * self.objective(images, units).numpy()
         return {"image": images.numpy(), "value": final, "start": start}
+
+    def _distributed(self, strategy):
+        """`_steps_fn` on every replica of `strategy` (one traced function per strategy)."""
+        if strategy not in self._on:
+            self._on[strategy] = tf.function(
+                lambda *args: strategy.run(self._steps_fn, args=args), reduce_retracing=True
+            )
+        return self._on[strategy]
+
+
+def _per_replica(strategy, arrays, axes):
+    """Per-replica values of `strategy`: replica r (of all workers) gets the r-th equal
+    slice of each array along its axis in `axes` (a scalar: a copy)."""
+    replicas = strategy.num_replicas_in_sync
+
+    def part(context):
+        r = context.replica_id_in_sync_group
+
+        def cut(array, axis):
+            array = np.asarray(array)
+            if array.ndim == 0:
+                return tf.constant(array)
+            n = array.shape[axis] // replicas
+            return tf.constant(np.take(array, range(r * n, (r + 1) * n), axis=axis))
+
+        return tuple(
+            tf.nest.map_structure(lambda a, axis=axis: cut(a, axis), value)
+            for value, axis in zip(arrays, axes)
+        )
+
+    return strategy.experimental_distribute_values_from_function(part)
