@@ -13,7 +13,7 @@ interleaved over `--repeats` rounds, reporting the median and range of every fig
                   Jitter(4) and Rotate2D(1) done with numpy/scipy), the same units in one
                   call (a batch of seed inputs and CategoricalScore(units): as its API
                   allows), the same number of steps
-Each child optimizes `--units` units of the layer (the first ones) for `--steps` steps,
+Each child optimizes `--units` units of the layer (the first ones; all if it has fewer) for `--steps` steps,
 after a warm-up call (the same units, 2 steps: tracing) that is not timed, and reports seconds
 per unit and the channel objective (mean of the unit's map) that each method's final
 images reach, measured the same way (the model's own layers, no transform).
@@ -99,7 +99,7 @@ def run_tfkv(model, pixels, layer, units, steps):
 def child(args):
     model_name, layer, method = args.only.split("_", 2)
     model, pixels = build(model_name)
-    units = list(range(args.units))
+    units = list(range(min(args.units, int(graph.find(model, layer).output.shape[-1]))))
     run = run_zf_tf if method == "zf_tf" else run_tfkv
     seconds, values = run(model, pixels, layer, units, args.steps)
     print(

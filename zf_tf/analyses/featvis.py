@@ -15,10 +15,13 @@ ImageNet's when `color_images=0`. Units: `--features` (a comma list), else
 Under `--strategy=mirrored` or `multi_worker` each batch's units are split over the replicas
 of every worker (the images are the ones one device makes); the chief writes the files.
 
+With `config.analysis.featvis.diversity=k` (> 1) each unit gets a set of k images pushed
+apart (Lucid's diversity objective), shown as a row per unit.
+
 Outputs in `WORKDIR/featvis/<layer>/`, named by the objective (`channel`, `neuron`, with
-`_negative`): `<stem>.png` (a grid, each image captioned with its unit and the objective
-it reached), `<stem>.npz` (uint8 images, units, values at the start and the end) and
-`<stem>.json`. Batches of units are cached in `WORKDIR/featvis/cache/` as they finish, so a
+`_negative`, `_diverse<k>`): `<stem>.png` (a grid, each image captioned with its unit and
+the objective it reached), `<stem>.npz` (uint8 images (U, [k,] S, S, 3), units, values at
+the start and the end, the sets' similarity) and `<stem>.json`. Batches of units are cached in `WORKDIR/featvis/cache/` as they finish, so a
 killed run resumes where it stopped and a rerun with the same model and settings redoes
 nothing.
 """
@@ -47,7 +50,9 @@ DEFAULTS = {
     "learning_rate": 0.05,
     "objective": "channel",
     "negative": False,
-    "batch_size": 32,  # units optimized together (one image each)
+    "batch_size": 32,  # units optimized together (one image, or diverse set, each)
+    "diversity": 1,  # images per unit: > 1 a diverse set
+    "diversity_weight": 1.0,
     "color_images": 256,  # training images whose colour covariance decorrelates; 0: ImageNet's
 }
 
@@ -67,7 +72,12 @@ class Settings:
 
     @property
     def stem(self) -> str:
-        return self.params.objective + ("_negative" if self.params.negative else "")
+        k = self.params.diversity
+        return (
+            self.params.objective
+            + ("_negative" if self.params.negative else "")
+            + (f"_diverse{k}" if k > 1 else "")
+        )
 
 
 def _integer(value, name: str, least: int) -> int:
@@ -90,9 +100,11 @@ def settings(config, request: base.Request) -> Settings:
             f"config.analysis.featvis.objective={s['objective']!r}: choose one of "
             f"{', '.join(featvis.OBJECTIVES)}"
         )
-    rate = s["learning_rate"]
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
-        raise UsageError(f"config.analysis.featvis.learning_rate={rate!r}: give a number > 0")
+    diversity = _integer(s["diversity"], "diversity", 1)
+    rate, weight = s["learning_rate"], s["diversity_weight"]
+    for name, value in (("learning_rate", rate), ("diversity_weight", weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise UsageError(f"config.analysis.featvis.{name}={value!r}: give a number > 0")
     if not isinstance(s["negative"], bool):
         raise UsageError(f"config.analysis.featvis.negative={s['negative']!r}: give true or false")
     deconv.parse_features(request.features)
@@ -110,6 +122,8 @@ def settings(config, request: base.Request) -> Settings:
             objective=s["objective"],
             negative=s["negative"],
             seed=int(config.seed),
+            diversity=diversity,
+            diversity_weight=float(weight),
         ),
         batch_size=batch,
         pixels=preprocess.pixels(data),
@@ -179,8 +193,10 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
     compute every batch that one of them lacks, and the chief alone writes the cache.
 
     Returns:
-      dict: units (U,), image uint8 (U, S, S, 3), value and start (U,): the objective on
-      the final image and on the random start, color (3, 3), covariance, chief (False on a
+      dict: units (U,), image uint8 (U * k, S, S, 3) (k = per_unit = params.diversity
+      images per unit, a unit's together), value and start (U * k,): the objective on the
+      final image and on the random start, with k > 1 similarity (U,) (the diverse sets'
+      Gram similarity, `core.featvis`), color (3, 3), covariance, chief (False on a
       non-chief worker: it renders nothing).
     """
     chief = strategy is None or workdirs.is_chief(strategy)
@@ -214,14 +230,14 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
             )
             parts[i] = {
                 "image": np.round(out["image"] * 255).astype(np.uint8),
-                "value": out["value"],
-                "start": out["start"],
+                **{k: v for k, v in out.items() if k != "image"},  # value, start, similarity
             }
             if chief:
                 base.write_cache(paths[i], keys[i], **parts[i])
     return {
         "units": np.asarray(units),
-        **{k: np.concatenate([p[k] for p in parts]) for k in ("image", "value", "start")},
+        **{name: np.concatenate([p[name] for p in parts]) for name in parts[0]},
+        "per_unit": s.params.diversity,
         "color": data.color,
         "covariance": data.covariance,
         "chief": chief,
@@ -245,40 +261,54 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
     if not result["chief"]:
         return base.Report(lines=["Optimized as a non-chief worker: the chief writes the images"])
     plt = outputs.pyplot()
-    units, images, values = result["units"], result["image"], result["value"]
-    columns = int(np.ceil(np.sqrt(len(units))))
-    rows = int(np.ceil(len(units) / columns))
+    units, images, values, k = result["units"], result["image"], result["value"], result["per_unit"]
+    # one image per unit: a square grid; a diverse set per unit: a row each
+    columns = k if k > 1 else int(np.ceil(np.sqrt(len(units))))
+    rows = int(np.ceil(len(images) / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.75 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, u, image, v in zip(axes.ravel(), units, images, values):
+    for ax, u, image, v in zip(axes.ravel(), np.repeat(units, k), images, values):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(f"{u}: {v:.3g}", fontsize=7)
     kind = "minimized" if s.params.negative else "maximized"
     fig.suptitle(f"{s.layer}: {s.params.objective} objective {kind}, {s.params.steps} steps")
     picture = outputs.save_figure(fig, paths[f"{s.stem}.png"])
+    sets = (len(units), k) if k > 1 else (len(units),)  # a diverse set per unit: (U, k)
+    extra = {"similarity": result["similarity"]} if k > 1 else {}
     outputs.save_npz(
         paths[f"{s.stem}.npz"],
         units=units,
-        image=images,
-        value=values,
-        start=result["start"],
+        image=images.reshape(sets + images.shape[1:]),
+        value=values.reshape(sets),
+        start=result["start"].reshape(sets),
         color=result["color"],
+        **extra,
     )
+    rows = []
+    for i, u in enumerate(units):
+        row = {"unit": int(u)}
+        for name in ("value", "start"):
+            mine = result[name][i * k : (i + 1) * k].tolist()
+            row[name] = mine if k > 1 else mine[0]
+        if k > 1:
+            row["similarity"] = float(result["similarity"][i])
+        rows.append(row)
     summary = {
         "layer": s.layer,
         "params": dataclasses.asdict(s.params),
         "color": "ImageNet's" if result["covariance"] is None else f"{s.color_images} images",
-        "units": [
-            {"unit": int(u), "value": float(v), "start": float(b)}
-            for u, v, b in zip(units, values, result["start"])
-        ],
+        "units": rows,
     }
     outputs.save_text(paths[f"{s.stem}.json"], json.dumps(summary, indent=1))
     better = int(np.sum(values > result["start"]))
-    lines = [
-        f"Feature visualization of {len(units)} unit(s) of {s.layer}: {better} beyond their start"
-    ]
+    made = f"{len(images)} image(s) of {len(units)} unit(s)" if k > 1 else f"{len(units)} unit(s)"
+    lines = [f"Feature visualization of {made} of {s.layer}: {better} beyond their start"]
+    if k > 1:
+        lines.append(
+            f"Diverse sets of {k}: Gram similarity {np.mean(result['similarity']):.3g} on "
+            f"average (0: all different, {k - 1}: all alike)"
+        )
     return base.Report(images={f"{MODE}/{s.layer}": picture}, lines=lines, summary=summary)
 
 

@@ -230,6 +230,10 @@ def get_config():
     config.analysis.featvis.objective = "channel"  # or "neuron" (the centre of the map)
     config.analysis.featvis.negative = False  # True: the pattern that most inhibits the unit
     config.analysis.featvis.batch_size = 32  # units optimized together, one image each
+    # Images per unit: > 1 makes a diverse set (Lucid's diversity objective: the sets'
+    # Gram matrices of the layer's maps pushed apart), weighted against the objective.
+    config.analysis.featvis.diversity = 1
+    config.analysis.featvis.diversity_weight = 1.0
     # Training images whose colour covariance decorrelates the colour; 0: ImageNet's.
     config.analysis.featvis.color_images = 256
 

@@ -56,6 +56,11 @@ class Params:
       scales: the random scale range (min, max).
       degrees: the largest rotation either way.
       init_sd: the standard deviation of the random start spectrum.
+      diversity: images per unit (> 1: a diverse set, as Lucid's `objectives.diversity`:
+        each unit's images are pushed apart by the cosine similarity of their Gram
+        matrices of the layer's maps, weighted by `diversity_weight`). Image 0 of a set
+        starts where the unit's single image does.
+      diversity_weight: the weight of that penalty against the objective.
     """
 
     steps: int = 256
@@ -69,6 +74,8 @@ class Params:
     scales: tuple = (0.9, 1.1)
     degrees: float = 10.0
     init_sd: float = 0.01
+    diversity: int = 1
+    diversity_weight: float = 1.0
 
 
 def valid_layers(model) -> list[str]:
@@ -102,27 +109,37 @@ def _frequency_scale(size: int, decay_power: float) -> np.ndarray:
     return (size / np.maximum(freqs, 1.0 / size) ** decay_power).astype(np.float32)
 
 
-def initial_spectra(units, size: int, params: Params) -> np.ndarray:
-    """float32 (U, 2, 3, S, S//2+1): each unit's random start (real and imaginary parts),
-    drawn from its own seed (params.seed, unit)."""
+def _seed(params: Params, unit, copy: int, stream: int) -> tuple:
+    """The seed of one image's random start (stream 0) or transforms (stream 1): (seed,
+    unit[, stream]) for a unit's first image, (seed, unit, stream, 2, copy) for the other
+    images of a diverse set."""
+    head = (params.seed, int(unit)) + ((stream,) if stream else ())
+    return head if copy == 0 else (params.seed, int(unit), stream, 2, int(copy))
+
+
+def initial_spectra(units, size: int, params: Params, copies=None) -> np.ndarray:
+    """float32 (U, 2, 3, S, S//2+1): each image's random start (real and imaginary parts),
+    drawn from its own seed (params.seed, unit; and its copy in a diverse set)."""
     shape = (2, 3, size, size // 2 + 1)
+    copies = np.zeros(len(units), int) if copies is None else copies
     return np.stack(
         [
-            np.random.default_rng((params.seed, int(u))).normal(0, params.init_sd, shape)
-            for u in units
+            np.random.default_rng(_seed(params, u, c, 0)).normal(0, params.init_sd, shape)
+            for u, c in zip(units, copies)
         ]
     ).astype(np.float32)
 
 
-def transforms(units, size: int, params: Params) -> np.ndarray:
+def transforms(units, size: int, params: Params, copies=None) -> np.ndarray:
     """float32 (steps, U, 8): each step's random affine map of each unit's image, as
     `tf.raw_ops.ImageProjectiveTransformV3` reads it (output pixel -> input pixel): a
     rotation and scale about the centre and a translation, drawn from the unit's own seed."""
     out = np.zeros((params.steps, len(units), 8), np.float32)
     jitter = params.jitter * size / 224
     c = (size - 1) / 2
-    for j, u in enumerate(units):
-        rng = np.random.default_rng((params.seed, int(u), 1))
+    copies = np.zeros(len(units), int) if copies is None else copies
+    for j, (u, copy) in enumerate(zip(units, copies)):
+        rng = np.random.default_rng(_seed(params, u, copy, 1))
         angle = np.deg2rad(rng.uniform(-params.degrees, params.degrees, params.steps))
         scale = rng.uniform(*params.scales, params.steps)
         ty, tx = rng.uniform(-jitter, jitter, (2, params.steps))
@@ -182,6 +199,10 @@ class Optimizer:
 
     def objective(self, images, units) -> tf.Tensor:
         """(U,): each image's objective for its own unit (larger is better)."""
+        return self._evaluate(images, units)[0]
+
+    def _evaluate(self, images, units):
+        """(objective (B,), the layer's maps (B, ..., F)) of each image for its own unit."""
         acts = self.tap(self.to_input(images), training=False)
         acts = acts[0] if isinstance(acts, (list, tuple)) else acts
         maps = tf.gather(acts, units[:, None], axis=-1, batch_dims=1)[..., 0]
@@ -191,7 +212,20 @@ class Optimizer:
             value = tf.reduce_mean(maps, axis=[1, 2])
         else:
             value = maps[:, self.position[0], self.position[1]]
-        return -value if self.params.negative else value
+        return (-value if self.params.negative else value), acts
+
+    def similarity(self, acts) -> tf.Tensor:
+        """(G,): for each group of `params.diversity` consecutive images (a unit's diverse
+        set), the cosine similarity of the Gram matrices of their maps `acts` (B, ..., F),
+        summed over the ordered pairs of different images and divided by the set's size
+        (Lucid's `objectives.diversity`): 0 for orthogonal Grams, k - 1 for equal ones."""
+        k = self.params.diversity
+        flat = tf.reshape(acts, [tf.shape(acts)[0], -1, acts.shape[-1]])
+        grams = tf.matmul(flat, flat, transpose_a=True)  # (B, F, F)
+        grams = tf.nn.l2_normalize(grams, axis=[1, 2], epsilon=1e-10)
+        grams = tf.reshape(grams, [-1, k, acts.shape[-1] ** 2])  # (G, k, F * F)
+        cosines = tf.matmul(grams, grams, transpose_b=True)  # (G, k, k)
+        return (tf.reduce_sum(cosines, axis=[1, 2]) - tf.linalg.trace(cosines)) / k
 
     def _step(self, state, units, transform):
         """One Adam step (beta 0.9, 0.999, epsilon 1e-8) of every image on its unit. Adam's
@@ -209,7 +243,13 @@ class Optimizer:
                 interpolation="BILINEAR",
                 fill_mode="CONSTANT",
             )
-            loss = -tf.reduce_sum(self.objective(moved, units))
+            value, acts = self._evaluate(moved, units)
+            loss = -tf.reduce_sum(value)
+            if self.params.diversity > 1:  # in units of the set's own objective
+                k = self.params.diversity
+                scale = tf.stop_gradient(tf.reduce_mean(tf.reshape(tf.abs(value), [-1, k]), 1))
+                similarity = self.similarity(acts)
+                loss += self.params.diversity_weight * tf.reduce_sum(scale * similarity)
         grad = tape.gradient(loss, spectra)
         t = t + 1.0
         m = 0.9 * m + 0.1 * grad
@@ -226,49 +266,57 @@ class Optimizer:
         return state
 
     def run(self, units, progress=None, steps: int | None = None, strategy=None) -> dict:
-        """Optimizes one image per unit of `units` (in one batch), for `steps` (default:
-        params.steps) steps.
+        """Optimizes `params.diversity` images per unit of `units` (in one batch), for
+        `steps` (default: params.steps) steps.
 
         Args:
-          units: the units (channels of the layer), one image each.
+          units: the units (channels of the layer), one image (or diverse set) each.
           progress: called with the number of steps after each graph call.
           steps: overrides params.steps.
           strategy: a tf.distribute strategy whose replicas (on every worker) share the
             units, each optimizing its slice; every worker gets every image back. Each
-            unit's image is the one it gets alone (its own seeds). Under a multi-worker
+            unit's images are the ones it gets alone (its own seeds). Under a multi-worker
             strategy every worker must call this with the same units.
 
         Returns:
-          dict: 'image' float32 (U, S, S, 3) RGB in [0, 1]; 'value' (U,) the unit's
-          objective (map mean or neuron value, not negated) on its final image, as it is
-          (no transform); 'start' (U,) the same on the random start.
+          dict: 'image' float32 (U * k, S, S, 3) RGB in [0, 1], k = params.diversity, a
+          unit's k images together; 'value' (U * k,) the unit's objective (map mean or
+          neuron value, not negated) on each final image, as it is (no transform); 'start'
+          (U * k,) the same on the random starts; with k > 1, 'similarity' (U,) of each
+          set's final images (`similarity`).
         """
         units = np.asarray(units, np.int32)
+        k = self.params.diversity
         steps = self.params.steps if steps is None else steps
         replicas = getattr(strategy, "num_replicas_in_sync", 1)
-        # Each replica takes an equal slice: the last unit is repeated to fill the batch
-        # (the same seeds, the same image; the copies are dropped).
+        # Each replica takes an equal slice of whole sets: the last unit is repeated to fill
+        # the batch (the same seeds, the same images; the copies are dropped).
         padded = np.concatenate([units, np.repeat(units[-1:], -len(units) % replicas)])
+        rows, copies = np.repeat(padded, k), np.tile(np.arange(k), len(padded))
         params = dataclasses.replace(self.params, steps=steps)
-        spectra = initial_spectra(padded, self.size, params)
+        spectra = initial_spectra(rows, self.size, params, copies)
         state = (spectra, np.zeros_like(spectra), np.zeros_like(spectra), np.float32(0))
-        moves = transforms(padded, self.size, params)
+        moves = transforms(rows, self.size, params, copies)
         sign = -1.0 if self.params.negative else 1.0
-        start = sign * self.objective(self.images(spectra[: len(units)]), units).numpy()
+        n = len(units) * k
+        start = sign * self.objective(self.images(spectra[:n]), rows[:n]).numpy()
         if strategy is None:
-            state, units_t, moves = tf.nest.map_structure(tf.constant, (state, padded, moves))
+            state, rows_t, moves = tf.nest.map_structure(tf.constant, (state, rows, moves))
             call = self._steps
         else:
-            state, units_t, moves = _per_replica(strategy, (state, padded, moves), (0, 0, 1))
+            state, rows_t, moves = _per_replica(strategy, (state, rows, moves), (0, 0, 1))
             call = self._distributed(strategy)
         for first in range(0, steps, STEPS_PER_CALL):
-            state = call(state, units_t, moves, tf.constant(first))
+            state = call(state, rows_t, moves, tf.constant(first))
             if progress is not None:
                 progress(min(STEPS_PER_CALL, steps - first))
         spectra = state[0] if strategy is None else strategy.gather(state[0], axis=0)
-        images = self.images(spectra[: len(units)])
-        final = sign * self.objective(images, units).numpy()
-        return {"image": images.numpy(), "value": final, "start": start}
+        images = self.images(spectra[:n])
+        final, acts = self._evaluate(images, rows[:n])
+        out = {"image": images.numpy(), "value": sign * final.numpy(), "start": start}
+        if k > 1:
+            out["similarity"] = self.similarity(acts).numpy()
+        return out
 
     def _distributed(self, strategy):
         """`_steps_fn` on every replica of `strategy` (one traced function per strategy)."""
