@@ -1,6 +1,7 @@
 """--mode=atlas: the site's files, the cache (adding a layer scans only it; a killed run
 resumes), the refusals, and the pages in headless Chromium."""
 
+import copy
 import glob
 import json
 import os
@@ -297,11 +298,13 @@ def test_a_missing_browser_fails_the_browser_test_under_ci(monkeypatch):
 @pytest.fixture(scope="module")
 def featvis_site(tiny_data_dir, tmp_path_factory):
     """(config, workdir) with an atlas of conv1 (k=2) holding each unit's feature
-    visualization (8 steps)."""
+    visualizations (8 steps): maximized, negative, and a diverse pair."""
     config = tiny(load_config(), tiny_data_dir, width=WIDTH, batch_size=16)
     config.analysis.atlas.featvis = True
     config.analysis.featvis.steps = 8
     config.analysis.featvis.color_images = 16
+    config.analysis.featvis.negative = True
+    config.analysis.featvis.diversity = 2
     keras.utils.set_random_seed(1)
     model = model_lib.build_model(config.model)
     workdir = workdir_with_model(config, model, tmp_path_factory.mktemp("fv") / "w")
@@ -311,21 +314,30 @@ def featvis_site(tiny_data_dir, tmp_path_factory):
 
 @pytest.mark.slow  # an atlas with 12 optimized images
 def test_the_atlas_shows_each_units_feature_visualization(featvis_site):
-    """Unit pages show the unit's optimized image (and the objective reached), layer pages
-    a switch between projections and feature visualizations; the images are
+    """Unit pages show the unit's optimized image (and the objective reached), with
+    featvis.negative its most inhibiting pattern, with featvis.diversity=2 a diverse pair;
+    layer pages a switch between projections and feature visualizations; the images are
     --mode=featvis' for every unit (the same cache: the mode then computes nothing)."""
     config, workdir = featvis_site
     folder = os.path.join(atlas_site.pages_folder(os.path.join(workdir, "atlas")), "conv1")
     images = os.listdir(os.path.join(folder, "img"))
     # 64 px images: JPEG (canvases above atlas_site.EXACT), at their own size
-    assert sorted(f for f in images if "_f." in f) == [f"{u:04d}_f.jpg" for u in range(12)]
+    for suffix in ("f", "fn", "fd0", "fd1"):
+        names = sorted(f for f in images if f"_{suffix}." in f)
+        assert names == [f"{u:04d}_{suffix}.jpg" for u in range(12)], suffix
     unit = open(os.path.join(folder, "unit_0003.html"), encoding="utf-8").read()
-    assert '<img src="img/0003_f.jpg" alt="unit 3 feature visualization">' in unit
+    assert '<img src="img/0003_f.jpg" alt="unit 3 feature visualization (maximized)">' in unit
     assert "optimized image: the unit's map mean" in unit
+    assert '<img src="img/0003_fn.jpg"' in unit and "the pattern that most inhibits it" in unit
+    assert '<img src="img/0003_fd1.jpg"' in unit and "a diverse set of 2: map means" in unit
     layer = open(os.path.join(folder, "index.html"), encoding="utf-8").read()
     assert 'id="show-f"' in layer and layer.count('class="f"') == 12
     cache = os.path.join(workdir, "featvis", "cache")
     stamps = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)}
+    assert len(stamps) == 3  # one batch of 12 units per kind
+    config = copy.deepcopy(config)
+    config.analysis.featvis.negative = False
+    config.analysis.featvis.diversity = 1
     mode = run_analysis("featvis", config, workdir, layer="conv1", num_features=0).result
     assert {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)} == stamps
     with Image.open(os.path.join(folder, "img", "0003_f.jpg")) as im:
@@ -385,7 +397,9 @@ def test_the_feature_visualization_switch_in_headless_chromium(featvis_site):
         assert shown("p") == [False] * 12 and shown("f") == [True] * 12
         driver.find_element(By.CSS_SELECTOR, "a.unit").click()
         assert browser.broken_images(driver) == []
-        picture = driver.find_element(By.CSS_SELECTOR, ".featvis img")
-        assert picture.is_displayed() and picture.get_attribute("naturalWidth") == "64"
+        pictures = driver.find_elements(By.CSS_SELECTOR, ".featvis img")
+        assert len(pictures) == 4  # maximized, negative, a diverse pair
+        for picture in pictures:
+            assert picture.is_displayed() and picture.get_attribute("naturalWidth") == "64"
     finally:
         driver.quit()

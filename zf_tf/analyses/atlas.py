@@ -64,8 +64,22 @@ class Settings:
     pixel_density: int = 2  # stored image px per displayed px (larger canvases are shrunk)
     jpeg_quality: int = 90  # of canvases over atlas_site.EXACT px (smaller ones are PNGs)
     # each unit's feature visualization too (config.analysis.atlas.featvis): --mode=featvis'
-    # settings for every unit (its cache shared), or None
-    featvis: object = None
+    # settings for every unit (its cache shared), one per kind (`featvis_kinds`); () = none
+    featvis: tuple = ()
+
+
+def featvis_kinds(fv) -> tuple:
+    """The feature visualizations a unit page shows, as (kind, --mode=featvis settings):
+    always the maximized image; the negative one too when config.analysis.featvis.negative
+    is set, a diverse set when config.analysis.featvis.diversity > 1."""
+    p = fv.params
+    one = lambda **change: dataclasses.replace(fv, params=dataclasses.replace(p, **change))  # noqa: E731
+    kinds = [("maximized", one(negative=False, diversity=1))]
+    if p.negative:
+        kinds.append(("negative", one(negative=True, diversity=1)))
+    if p.diversity > 1:
+        kinds.append(("diverse", one(negative=False)))
+    return tuple(kinds)
 
 
 def parse_layers(text: str) -> tuple:
@@ -100,9 +114,11 @@ def settings(config, request: base.Request) -> Settings:
         raise UsageError(
             f"config.analysis.atlas.jpeg_quality={quality!r}: give an integer from 1 to 95"
         )
-    fv = None
+    fv = ()
     if look["featvis"]:  # every unit of each layer, as --mode=featvis --num_features=0
-        fv = featvis.settings(config, base.Request(workdir=request.workdir, num_features=0))
+        fv = featvis_kinds(
+            featvis.settings(config, base.Request(workdir=request.workdir, num_features=0))
+        )
     return Settings(
         layers=parse_layers(request.layers),
         split=split,
@@ -173,7 +189,7 @@ def load(config, s: Settings, model) -> Data:
             config, s.split, context, mode="center", indexed=True
         ),
         class_names=base.class_names(config),
-        featvis=featvis.load(config, s.featvis, model) if s.featvis else None,
+        featvis=featvis.load(config, s.featvis[0][1], model) if s.featvis else None,
     )
 
 
@@ -379,11 +395,15 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
     scanned = time.perf_counter()
     timings = {"scan": scanned - start}
     visualized = {}
-    if s.featvis is not None:  # every worker helps: featvis splits the units over them
+    if s.featvis:  # every worker helps: featvis splits the units over them
         for layer in s.layers:
             units = tuple(range(int(graph.find(model, layer).output.shape[-1])))
-            fs = dataclasses.replace(s.featvis, layer=layer, units=units)
-            visualized[layer] = featvis.compute(model, data.featvis, fs, strategy)
+            visualized[layer] = {
+                kind: featvis.compute(
+                    model, data.featvis, dataclasses.replace(fs, layer=layer, units=units), strategy
+                )
+                for kind, fs in s.featvis
+            }
         timings["featvis"] = time.perf_counter() - scanned
     if not chief:
         return {"chief": False, "layers": {}, "timings": timings}

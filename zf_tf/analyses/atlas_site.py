@@ -69,6 +69,8 @@ img { background: #888; } img[src$=".png"] { image-rendering: pixelated; }
 .unit img.f, #show-f:checked ~ .grid .unit img.p { display: none; }
 #show-f:checked ~ .grid .unit img.f { display: block; }
 .featvis img { width: %(cell)dpx; height: %(cell)dpx; display: block; }
+.featvis { width: min-content; }
+.featvis .set { display: flex; gap: 3px; }
 .featvis small { display: block; color: #555; }
 """
 
@@ -91,9 +93,15 @@ def _ext(side: int) -> str:
     return "png" if side <= EXACT else "jpg"
 
 
-def _featvis_file(u: int, info: dict) -> str:
-    """A unit's feature visualization (the model's input size: PNG if small, else JPEG)."""
-    return f"{u:04d}_f.{_ext(info['featvis']['image'].shape[1])}"
+def _featvis_files(u: int, info: dict, kind: str = "maximized") -> list[str]:
+    """A unit's feature visualizations of one kind (atlas.featvis_kinds: one image, or a
+    diverse set), at the model's input size: PNG if small, else JPEG."""
+    fv = info["featvis"][kind]
+    ext = _ext(fv["image"].shape[1])
+    suffix = {"maximized": "f", "negative": "fn", "diverse": "fd"}[kind]
+    if fv["per_unit"] == 1:
+        return [f"{u:04d}_{suffix}.{ext}"]
+    return [f"{u:04d}_{suffix}{j}.{ext}" for j in range(fv["per_unit"])]
 
 
 def _thumbnail(u: int, side: int, s) -> str:
@@ -155,7 +163,9 @@ def _layer_page(layer: str, info: dict, s, names: list, prev_next) -> str:
         top = best.activation[0, u]
         picture = ""
         if "featvis" in info:
-            picture = f'<img class="f" src="img/{_featvis_file(u, info)}" alt="unit {u} optimized">'
+            picture = (
+                f'<img class="f" src="img/{_featvis_files(u, info)[0]}" alt="unit {u} optimized">'
+            )
         cells.append(
             f'<a class="unit" href="unit_{u:04d}.html" title="unit {u}: strongest {top:.3g}'
             f'{"; " + note if note else ""}"><img class="p" '
@@ -236,15 +246,31 @@ def _unit_page(layer: str, u: int, info: dict, s, names: list) -> str:
 
 
 def _featvis_cell(u: int, info: dict) -> str:
-    """A unit page's feature visualization and the objective it reached ('' without)."""
+    """A unit page's feature visualizations, each kind captioned with the objective its
+    images reached ('' without)."""
     if "featvis" not in info:
         return ""
-    fv = info["featvis"]  # of every unit, in order (atlas.compute)
-    return (
-        f'<div class="featvis"><img src="img/{_featvis_file(u, info)}" '
-        f'alt="unit {u} feature visualization"><small>optimized image: the unit\'s map mean '
-        f"{fv['value'][u]:.4g} (random start {fv['start'][u]:.3g})</small></div>"
-    )
+    parts = []
+    for kind, fv in info["featvis"].items():  # of every unit, in order (atlas.compute)
+        k = fv["per_unit"]
+        mine = slice(u * k, (u + 1) * k)
+        reached = ", ".join(f"{v:.4g}" for v in fv["value"][mine])
+        start = max(fv["start"][mine])
+        what = {
+            "maximized": "optimized image: the unit's map mean",
+            "negative": "the pattern that most inhibits it: map mean"
+            + (" before the rectifier" if fv["before_rectifier"] else ""),
+            "diverse": f"a diverse set of {k}: map means",
+        }[kind]
+        images = "".join(
+            f'<img src="img/{name}" alt="unit {u} feature visualization ({kind})">'
+            for name in _featvis_files(u, info, kind)
+        )
+        parts.append(
+            f'<div class="featvis {kind}"><div class="set">{images}</div><small>{what} '
+            f"{reached} (random start {start:.3g})</small></div>"
+        )
+    return "".join(parts)
 
 
 def _index_page(result: dict, s, names: list, pages: str) -> str:
@@ -382,9 +408,10 @@ def write(atlas_dir: str, result: dict, s) -> dict:
                         if side > THUMB * s.pixel_density:
                             path = os.path.join(img, _thumbnail(u, side, s))
                             _save(path, cells["projection"][i, 0], THUMB, s)
-                        if "featvis" in info:
-                            image = info["featvis"]["image"][u]  # every unit, in order
-                            _save(os.path.join(img, _featvis_file(u, info)), image, CELL, s)
+                        for kind, fv in info.get("featvis", {}).items():  # every unit, in order
+                            k = fv["per_unit"]
+                            for j, name in enumerate(_featvis_files(u, info, kind)):
+                                _save(os.path.join(img, name), fv["image"][u * k + j], CELL, s)
                         with open(
                             os.path.join(folder, f"unit_{u:04d}.html"), "w", encoding="utf-8"
                         ) as f:

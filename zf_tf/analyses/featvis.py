@@ -21,9 +21,9 @@ apart (Lucid's diversity objective), shown as a row per unit.
 Outputs in `WORKDIR/featvis/<layer>/`, named by the objective (`channel`, `neuron`, with
 `_negative`, `_diverse<k>`): `<stem>.png` (a grid, each image captioned with its unit and
 the objective it reached), `<stem>.npz` (uint8 images (U, [k,] S, S, 3), units, values at
-the start and the end, the sets' similarity) and `<stem>.json`. Batches of units are cached in `WORKDIR/featvis/cache/` as they finish, so a
-killed run resumes where it stopped and a rerun with the same model and settings redoes
-nothing.
+the start and the end, the sets' similarity) and `<stem>.json`. Batches of units are
+cached in `WORKDIR/featvis/cache/` as they finish, so a killed run resumes where it stopped
+and a rerun with the same model and settings redoes nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import tqdm
 
 from zf_tf import outputs
 from zf_tf.analyses import atlas_site, base, deconv
+from zf_tf.core import deconv as deconv_lib
 from zf_tf.core import featvis, graph
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
@@ -196,8 +197,9 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
       dict: units (U,), image uint8 (U * k, S, S, 3) (k = per_unit = params.diversity
       images per unit, a unit's together), value and start (U * k,): the objective on the
       final image and on the random start, with k > 1 similarity (U,) (the diverse sets'
-      Gram similarity, `core.featvis`), color (3, 3), covariance, chief (False on a
-      non-chief worker: it renders nothing).
+      Gram similarity, `core.featvis`), color (3, 3), covariance, before_rectifier (a
+      negative image of a rectified layer: the values are its map's before the rectifier),
+      chief (False on a non-chief worker: it renders nothing).
     """
     chief = strategy is None or workdirs.is_chief(strategy)
     if getattr(strategy, "num_replicas_in_sync", 1) == 1 and not _multi_worker(strategy):
@@ -238,6 +240,7 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
         "units": np.asarray(units),
         **{name: np.concatenate([p[name] for p in parts]) for name in parts[0]},
         "per_unit": s.params.diversity,
+        "before_rectifier": s.params.negative and deconv_lib.rectified(model, s.layer),
         "color": data.color,
         "covariance": data.covariance,
         "chief": chief,
@@ -272,7 +275,8 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
         ax.imshow(image, interpolation="nearest")
         ax.set_title(f"{u}: {v:.3g}", fontsize=7)
     kind = "minimized" if s.params.negative else "maximized"
-    fig.suptitle(f"{s.layer}: {s.params.objective} objective {kind}, {s.params.steps} steps")
+    where = f"{s.layer} before its rectifier" if result["before_rectifier"] else s.layer
+    fig.suptitle(f"{where}: {s.params.objective} objective {kind}, {s.params.steps} steps")
     picture = outputs.save_figure(fig, paths[f"{s.stem}.png"])
     sets = (len(units), k) if k > 1 else (len(units),)  # a diverse set per unit: (U, k)
     extra = {"similarity": result["similarity"]} if k > 1 else {}
@@ -296,6 +300,7 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
         rows.append(row)
     summary = {
         "layer": s.layer,
+        "before_rectifier": bool(result["before_rectifier"]),  # the map it optimized
         "params": dataclasses.asdict(s.params),
         "color": "ImageNet's" if result["covariance"] is None else f"{s.color_images} images",
         "units": rows,

@@ -884,12 +884,17 @@ def way_down_line(records: list[dict], rule: str = "deconvnet") -> str:
 _RULE_TAPS = weakref.WeakKeyDictionary()
 
 
-def rule_tap(model: keras.Model, layer_name: str, rule: str = "deconvnet") -> keras.Model:
+def rule_tap(
+    model: keras.Model, layer_name: str, rule: str = "deconvnet", before_rectifier: bool = False
+) -> keras.Model:
     """A Model from the images to `layer_name`'s output whose gradient follows `rule`.
 
     Built on the model's own layers (shared weights; a "clone" whose ReLU-bearing layers
     are wrapped), through nested models and DAGs (residual `Add`, `Concatenate`, depthwise
     convs). Dropout and batch normalization run at inference. Cached per model.
+
+    With `before_rectifier`, a layer that ends in a rectifier (`rectified`) gives its value
+    before it: a conv's or dense layer's pre-activation, an activation layer's input.
 
     Raises:
       ValueError: unknown layer or rule.
@@ -897,10 +902,40 @@ def rule_tap(model: keras.Model, layer_name: str, rule: str = "deconvnet") -> ke
     if rule not in _RULES:
         raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(BACKWARD_RULES)}")
     per_model = _RULE_TAPS.setdefault(model, {})
-    key = (layer_name, rule)
+    before = before_rectifier and rectified(model, layer_name)
+    key = (layer_name, rule, before)
     if key not in per_model:
-        per_model[key] = graph.tap(model, [layer_name], _rule_call(rule), name=f"{rule}_tap")
+        call = _rule_call(rule)
+        if before:
+            target, ruled = graph.find(model, layer_name).layer, call
+
+            def call(layer, *args, **kwargs):
+                if layer is target:
+                    return _BeforeRectifier(layer, name=f"{layer.name}_before_rectifier")(args[0])
+                return ruled(layer, *args, **kwargs)
+
+        per_model[key] = graph.tap(model, [layer_name], call, name=f"{rule}_tap")
     return per_model[key]
+
+
+def rectified(model: keras.Model, layer_name: str) -> bool:
+    """Whether the layer's output is a rectifier's (a fused ReLU-like activation, or a ReLU
+    layer): its values stop at the rectifier's floor."""
+    found = activations.activation_of(graph.find(model, layer_name).layer)
+    return found is not None and activations.treatment(found[0]) == activations.RECTIFY
+
+
+class _BeforeRectifier(keras.layers.Layer):
+    """A layer's value before its rectifier: a conv's or dense layer's pre-activation (its
+    own weights), an activation layer's input."""
+
+    def __init__(self, layer, **kwargs):
+        super().__init__(**kwargs)
+        self.source = layer
+
+    def call(self, x):
+        _, fused = activations.activation_of(self.source)
+        return _pre_activation(self.source, x) if fused else tf.identity(x)
 
 
 def rule_forward(model: keras.Model, images, layer_name: str = "logits", rule: str = "deconvnet"):

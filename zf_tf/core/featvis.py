@@ -37,7 +37,10 @@ IMAGENET_COLOR_SQRT = np.array(
 FILL = 0.5  # the gray that fills what a transform uncovers
 STEPS_PER_CALL = 16  # optimizer steps per graph call (the progress bar moves between calls)
 # Names this recipe in the mode's cache keys: change it when the images it makes change.
-RECIPE = "fft-1/f, decorrelated, affine robustness, redirected ReLU, Adam; 2026-12-06"
+RECIPE = (
+    "fft-1/f, decorrelated, affine robustness, redirected ReLU, Adam, negative before the "
+    "rectifier; 2026-12-07"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Params:
       steps: Adam steps.
       learning_rate: Adam's.
       objective: 'channel' (the mean of the unit's map) or 'neuron' (its value at `position`).
+        For a negative image of a rectified layer (a ReLU's output), the map before the
+        rectifier (`deconv.rectified`).
       position: (y, x) in the layer's maps for 'neuron'; None = the centre.
       negative: minimize instead (the pattern that most inhibits the unit).
       seed: the same seed (and unit) gives the same image.
@@ -178,8 +183,11 @@ class Optimizer:
         self.params = params
         self.size = graph.static_shape(model)[0]
         # ReLUs pass the gradient down even where a unit is dead on an image (activations:
-        # 'redirected'), so that a unit silent on the random start is still optimized.
-        self.tap = deconv.rule_tap(model, layer, "redirected")
+        # 'redirected'), so that a unit silent on the random start is still optimized. A
+        # negative image minimizes a rectified layer's value before its rectifier: after it,
+        # any image that silences the unit is a minimum (0), and the optimization stops there.
+        self.before_rectifier = params.negative and deconv.rectified(model, layer)
+        self.tap = deconv.rule_tap(model, layer, "redirected", self.before_rectifier)
         shape = tuple(self.tap.outputs[0].shape[1:])
         self.spatial = len(shape) == 3
         if params.objective == "neuron" and self.spatial:
