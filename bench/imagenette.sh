@@ -46,6 +46,11 @@ for layer in conv2 conv3 conv4 conv5; do  # each unit's optimized image
     run --mode=featvis "--layer=$layer" --num_features=9  # the units of the deconv figures
     cp "$WORKDIR/featvis/$layer/channel.png" "$OUT/featvis_${layer}.png"
 done
+for kind in negative=true diversity=4; do  # what most inhibits conv5 units; diverse sets
+    run --mode=featvis --layer=conv5 --features=5,9,102 "--config.analysis.featvis.$kind"
+done
+cp "$WORKDIR/featvis/conv5/channel_negative.png" "$OUT/featvis_conv5_negative.png"
+cp "$WORKDIR/featvis/conv5/channel_diverse4.png" "$OUT/featvis_conv5_diverse4.png"
 # Screenshots of the atlas (needs chromium and chromedriver; skipped without them).
 if command -v chromedriver > /dev/null; then
     "$PY" -m tests.browser "$WORKDIR/atlas" "$OUT" conv4 14

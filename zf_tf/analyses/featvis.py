@@ -268,15 +268,19 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
     # one image per unit: a square grid; a diverse set per unit: a row each
     columns = k if k > 1 else int(np.ceil(np.sqrt(len(units))))
     rows = int(np.ceil(len(images) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.75 * rows), squeeze=False)
+    size = (max(1.6 * columns, 4.0), 1.75 * rows + 0.5)
+    fig, axes = plt.subplots(rows, columns, figsize=size, squeeze=False, layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for ax, u, image, v in zip(axes.ravel(), np.repeat(units, k), images, values):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(f"{u}: {v:.3g}", fontsize=7)
     kind = "minimized" if s.params.negative else "maximized"
-    where = f"{s.layer} before its rectifier" if result["before_rectifier"] else s.layer
-    fig.suptitle(f"{where}: {s.params.objective} objective {kind}, {s.params.steps} steps")
+    where = f"{s.layer} (before its rectifier)" if result["before_rectifier"] else s.layer
+    where += f", a diverse set of {k} per unit" if k > 1 else ""
+    fig.suptitle(
+        f"{where}\n{s.params.objective} objective {kind}, {s.params.steps} steps", fontsize=10
+    )
     picture = outputs.save_figure(fig, paths[f"{s.stem}.png"])
     sets = (len(units), k) if k > 1 else (len(units),)  # a diverse set per unit: (U, k)
     extra = {"similarity": result["similarity"]} if k > 1 else {}
@@ -306,7 +310,10 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
         "units": rows,
     }
     outputs.save_text(paths[f"{s.stem}.json"], json.dumps(summary, indent=1))
-    better = int(np.sum(values > result["start"]))
+    # beyond the start: above it, or below it for the negative objective
+    better = int(
+        np.sum((values < result["start"]) if s.params.negative else (values > result["start"]))
+    )
     made = f"{len(images)} image(s) of {len(units)} unit(s)" if k > 1 else f"{len(units)} unit(s)"
     lines = [f"Feature visualization of {made} of {s.layer}: {better} beyond their start"]
     if k > 1:
