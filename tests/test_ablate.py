@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import load_config
-from tests.test_cli import error_lines, main_py
+from tests.helpers import error_lines, main_py
 from zf_tf.configs import ablations
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import zf_tf
 from tests import oracles
-from tests.tiny_models import randomize_batch_norm
+from tests.tiny_models import pooled_bn_net
 from zf_tf.analyses import atlas_site, sources
 from zf_tf.core import deconv, graph
 
@@ -97,36 +97,9 @@ def test_vgg16_receptive_fields(vgg16):
 # ---------------------------------------------------------------------------------------------
 
 
-def bn_net(seed=0):
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential(
-        [
-            keras.Input((28, 28, 3)),
-            L.Rescaling(1 / 127.5, offset=-1, name="scale"),
-            L.Normalization(mean=[0.1, -0.2, 0.0], variance=[0.5, 2.0, 1.0], name="norm"),
-            L.Conv2D(8, 3, padding="same", use_bias=False, name="c1"),
-            L.BatchNormalization(name="bn1"),
-            L.ReLU(name="r1"),
-            L.MaxPooling2D(3, 2, padding="same", name="p1"),
-            L.ZeroPadding2D(1, name="pad"),
-            L.Conv2D(12, 3, strides=2, name="c2"),
-            L.BatchNormalization(name="bn2"),
-            L.Activation("relu", name="r2"),
-            L.AveragePooling2D(2, name="a2"),
-            L.Conv2D(16, 3, padding="same", activation="relu", name="c3"),
-            L.Dropout(0.5, name="drop"),
-            L.AveragePooling2D(3, 2, padding="same", name="a3"),
-            L.GlobalAveragePooling2D(name="gap"),
-            L.Dense(4, name="logits"),
-        ],
-        name="bn_net",
-    )
-    return randomize_batch_norm(model, seed, mean_std=0.2, var=(0.3, 3.0))
-
-
 @pytest.fixture(scope="module")
 def bnnet():
-    return bn_net()
+    return pooled_bn_net()
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from PIL import Image
 
 from tests import browser
 from tests.conftest import ROOT, load_config, run_analysis, tiny, workdir_with_model
+from tests.helpers import run_workers
 from zf_tf.analyses import atlas, atlas_site
 from zf_tf.core import deconv, topk
 from zf_tf.core import model as model_lib
@@ -255,7 +256,6 @@ def test_two_workers_make_the_atlas_one_device_makes(site, tmp_path):
     """--mode=atlas --strategy=multi_worker as 2 local processes: each reads and scans its
     share of the split, the chief writes the atlas, whose scan equals the single-device
     one."""
-    from tests.test_train import run_workers
 
     _, original, _ = site
     workdir = tmp_path / "w"

@@ -13,7 +13,7 @@ from PIL import Image
 from scipy.ndimage import zoom
 
 from tests.conftest import load_config, run_analysis, workdir_with_model
-from tests.test_train import events
+from tests.helpers import events
 from tests.tiny_models import named_convnet, saved_bn_net
 from zf_tf.analyses import attribution, base, sources
 from zf_tf.core import deconv, graph

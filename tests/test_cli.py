@@ -4,34 +4,13 @@ parsing, exit status, stderr) is the point."""
 
 import json
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import error_lines, main_py
 from zf_tf import cli
 from zf_tf.analyses.base import Request
 from zf_tf.core.errors import UsageError
-
-
-def main_py(*args, cwd=ROOT):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "main.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-
-
-def error_lines(proc):
-    """stderr lines that are not TF/absl logging (e.g. 'I1127 00:22:46.4 ...')."""
-    log = re.compile(r"^([IWEF]\d{4} |WARNING: All log)")
-    return [line for line in proc.stderr.splitlines() if line and not log.match(line)]
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_analysis, workdir_with_model
+from tests.helpers import error_lines, events, main_py
 from tests.images import encode, random_rgb, write
-from tests.test_cli import error_lines, main_py
-from tests.test_train import events
 from tests.tiny_models import named_convnet, saved_bn_net
 from zf_tf.analyses import base, correspondence, sources
 from zf_tf.core import model as model_lib

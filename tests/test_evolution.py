@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT, run_analysis
-from tests.test_train import events
+from tests.helpers import events
 from zf_tf.analyses import evolution
 from zf_tf.core import deconv
 from zf_tf.core.errors import UsageError

@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import ROOT, run_analysis, tiny, workdir_with_model
+from tests.helpers import run_workers
 from tests.tiny_models import named_convnet
 from zf_tf.core import deconv, featvis, graph
 from zf_tf.core import model as model_lib
@@ -238,7 +239,6 @@ def _distributed_run(workdir, tmp_path, strategy):
     """--mode=featvis of 5 conv2 units in batches of 3 under `strategy` ('mirrored': 2 CPU
     replicas in one process; 'multi_worker': 2 local worker processes) in a copy of
     `workdir`; (that copy, [(returncode, stdout, stderr)] of each process)."""
-    from tests.test_train import run_workers
 
     copy_ = shutil.copytree(workdir, tmp_path / strategy)
     command = [

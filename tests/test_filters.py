@@ -11,7 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tests.conftest import load_config, run_analysis, tiny, workdir_with_model
-from tests.test_train import events
+from tests.helpers import events
 from tests.tiny_models import named_convnet, saved_bn_net
 from zf_tf.analyses import filters, sources
 from zf_tf.core import deconv

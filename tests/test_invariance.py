@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tests.conftest import run_analysis, workdir_with_model
-from tests.test_train import events
+from tests.helpers import events
 from tests.tiny_models import named_convnet, saved_bn_net
 from zf_tf.analyses import base, invariance, sources
 from zf_tf.core import model as model_lib

@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import ROOT
+from tests.helpers import local_cluster
 from zf_tf.training import keras_fixes
 
 SCRIPT = os.path.join(ROOT, "tests", "keras_bugs.py")
@@ -85,7 +86,6 @@ def test_prebuild_fixes_uneven_replica_batches(mirrored_uneven):
 @pytest.fixture(scope="module")
 def multi_worker():
     """Each worker's results for no patch, prebuild alone, and both patches."""
-    from tests.test_train import local_cluster
 
     cluster = local_cluster()
     command = [sys.executable, SCRIPT, "multi_worker", "none", "prebuild", "prebuild,scalar_reduce"]

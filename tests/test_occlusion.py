@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import load_config, run_analysis, workdir_with_model
-from tests.test_train import events
+from tests.helpers import events
 from tests.tiny_models import named_convnet, saved_bn_net
 from zf_tf import cli
 from zf_tf.analyses import base, occlusion, sources

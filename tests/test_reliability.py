@@ -11,6 +11,7 @@ import types
 import pytest
 
 from tests.conftest import ROOT, load_config, run_analysis
+from tests.helpers import tiny_args
 from zf_tf import cli
 from zf_tf.analyses.base import Request
 from zf_tf.core import errors
@@ -376,7 +377,6 @@ def test_every_refusal_leaves_the_workdir_byte_identical(tiny_data_dir, tmp_path
     """Each refusal the command line has, in a fresh workdir and, with --overwrite, in one
     holding a run: one line, the workdir byte-identical (no config.json, no lock owner
     file), and the corrected command then trains."""
-    from tests.test_train import tiny_args
     from zf_tf.pipelines import prepared
 
     folder = tmp_path / "photos"  # an image folder with one class: refused for training

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_analysis
-from tests.test_any_model import bn_net
+from tests.tiny_models import pooled_bn_net
 from zf_tf.analyses import base, sources
 from zf_tf.core import deconv
 from zf_tf.core.errors import UsageError
@@ -115,7 +115,7 @@ def test_foreign_models_and_damaged_files_are_one_line(tiny_config, tmp_path, re
 
 
 def test_keras_file_round_trip(tiny_config, tmp_path):
-    model = bn_net()
+    model = pooled_bn_net()
     path = str(tmp_path / "bn_net.keras")
     model.save(path)
     source = sources.open_source(tiny_config, request(model=path))
@@ -140,7 +140,7 @@ def test_keras_file_round_trip(tiny_config, tmp_path):
 def test_deconv_mode_on_a_keras_file(tiny_config, tmp_path):
     """The Fig. 2 scan on a model that is not ZFNet: its own layer names, written under
     WORKDIR/deconv/<layer>/; a bad --layer names the valid ones and writes nothing."""
-    model = bn_net()
+    model = pooled_bn_net()
     path = str(tmp_path / "bn_net.keras")
     model.save(path)
     workdir = tmp_path / "out"

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import ROOT, load_config
+from tests.helpers import random_images, run_workers
 from zf_tf.core import model as model_lib
 from zf_tf.core import topk
 
@@ -76,11 +77,6 @@ def test_records_and_gather():
     np.testing.assert_array_equal(found[4], images[4])
 
 
-def random_images(n, size=64, seed=0):
-    rng = np.random.default_rng(seed)
-    return (rng.normal(size=(n, size, size, 3)) * 60).astype("float32")
-
-
 def assert_same(a: topk.TopK, b: topk.TopK):
     np.testing.assert_array_equal(a.image, b.image)
     np.testing.assert_array_equal(a.y, b.y)
@@ -131,7 +127,7 @@ from zf_tf.training import strategies
 strategy = strategies.make_strategy({strategy!r}, 2)
 import tensorflow as tf
 from tests.conftest import ROOT, load_config
-from tests.test_topk import random_images
+from tests.helpers import random_images
 from zf_tf.core import model as model_lib, topk
 with strategy.scope():
     model = model_lib.build_model(load_config().model)
@@ -175,7 +171,6 @@ def test_scan_split_over_two_mirrored_replicas_equals_one_device():
 
 @pytest.mark.slow
 def test_scan_split_over_two_workers_equals_one_device(tmp_path):
-    from tests.test_train import run_workers
 
     script = SPLIT_SCAN.format(root=ROOT, strategy="multi_worker")
     outs = run_workers(tmp_path, [sys.executable, "-c", script], timeout=300)

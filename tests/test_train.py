@@ -10,7 +10,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,22 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import ROOT, load_config, tiny
-from tests.test_cli import error_lines, main_py
+from tests.helpers import (
+    EPOCHS,
+    STEPS,
+    WIDTH,
+    error_lines,
+    events,
+    local_cluster,
+    main_py,
+    run_workers,
+    tiny_args,
+    worker_env,
+)
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
 from zf_tf.training import evaluate, export, resume, train, workdirs
-
-EPOCHS = 2
-STEPS = 4
-WIDTH = 0.25
 
 
 def tiny_train_config(data_dir, **fields):
@@ -41,23 +47,6 @@ def tiny_train_config(data_dir, **fields):
         **fields,
     }
     return tiny(load_config(), data_dir, width=WIDTH, batch_size=16, **fields)
-
-
-def tiny_args(data_dir, workdir, *extra):
-    """main.py's arguments for tiny_train_config."""
-    return [
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        "--config.data.tfds_config=tiny",
-        "--config.data.shuffle_buffer=64",
-        f"--config.model.width={WIDTH}",
-        "--config.train.batch_size=16",
-        "--config.train.eval_batch_size=16",
-        f"--config.train.epochs={EPOCHS}",
-        f"--config.train.steps_per_epoch={STEPS}",
-        "--config.analysis.evolution.probe_images=16",
-        *extra,
-    ]
 
 
 def epochs_in_history(workdir):
@@ -72,20 +61,6 @@ def trained(tiny_data_dir, tmp_path_factory):
     config = tiny_train_config(tiny_data_dir)
     history = train.train_and_evaluate(config, str(workdir), tf.distribute.get_strategy())
     return workdir, config, history
-
-
-def events(logdir):
-    """{tag: [(step, value)]} of all event files under logdir (images decoded)."""
-    out = {}
-    for root, _, files in os.walk(logdir):
-        for f in files:
-            for e in tf.compat.v1.train.summary_iterator(os.path.join(root, f)):
-                for v in e.summary.value:
-                    t = tf.make_ndarray(v.tensor) if v.HasField("tensor") else None
-                    if t is not None and t.dtype == object and t.shape == (3,):
-                        t = tf.io.decode_png(t[2]).numpy()  # [width, height, png]
-                    out.setdefault(v.tag, []).append((e.step, t))
-    return out
 
 
 def test_artifacts(trained):
@@ -474,53 +449,6 @@ def test_chaos_sigkills_and_signals_lose_no_epoch(trained, tiny_data_dir, tmp_pa
     ]
     # 50 validation images: a binomial standard error of about 7 points at 50 %.
     assert abs(errors[0] - errors[1]) <= 25, errors
-
-
-def local_cluster(workers: int = 2) -> dict:
-    """A TF_CONFIG cluster of `workers` distinct free loopback ports (the sockets are held
-    until all are chosen: closing each at once may hand the same port out twice)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(workers)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return {"worker": [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]}
-
-
-def worker_env(tmp_path, cluster, index):
-    """The environment of worker `index` of `cluster`, with its own TMPDIR."""
-    tmpdir = tmp_path / f"tmp{index}"
-    tmpdir.mkdir(exist_ok=True)
-    return dict(
-        os.environ,
-        TF_CPP_MIN_LOG_LEVEL="3",
-        TMPDIR=str(tmpdir),
-        TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-    )
-
-
-def run_workers(tmp_path, command, timeout=400):
-    """Runs `command` (or a list of one command per worker) as the 2 workers of a local
-    cluster; [(returncode, stdout, stderr)]."""
-    cluster = local_cluster()
-    commands = command if isinstance(command[0], list) else [command] * 2
-    procs = [
-        subprocess.Popen(
-            commands[i],
-            cwd=ROOT,
-            env=worker_env(tmp_path, cluster, i),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [(p.returncode, *out) for p, out in zip(procs, outs)]
 
 
 @pytest.mark.slow

@@ -9,9 +9,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import load_config, run_analysis, tiny, workdir_with_model
+from tests.helpers import error_lines, events, main_py
 from tests.images import encode, random_rgb, write
-from tests.test_cli import error_lines, main_py
-from tests.test_train import events
 from zf_tf import outputs
 from zf_tf.analyses import deconv as visualize
 from zf_tf.core import deconv

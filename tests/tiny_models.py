@@ -62,3 +62,32 @@ def saved_bn_net(path) -> str:
     file = str(path / "bn_net.keras")
     bn_net().save(file)
     return file
+
+
+def pooled_bn_net(seed: int = 0) -> keras.Model:
+    """Sequential Conv-BN-ReLU-pool on 28 px with average pooling, input scaling and
+    normalization layers, and batch-norm statistics set away from the identity."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 3)),
+            L.Rescaling(1 / 127.5, offset=-1, name="scale"),
+            L.Normalization(mean=[0.1, -0.2, 0.0], variance=[0.5, 2.0, 1.0], name="norm"),
+            L.Conv2D(8, 3, padding="same", use_bias=False, name="c1"),
+            L.BatchNormalization(name="bn1"),
+            L.ReLU(name="r1"),
+            L.MaxPooling2D(3, 2, padding="same", name="p1"),
+            L.ZeroPadding2D(1, name="pad"),
+            L.Conv2D(12, 3, strides=2, name="c2"),
+            L.BatchNormalization(name="bn2"),
+            L.Activation("relu", name="r2"),
+            L.AveragePooling2D(2, name="a2"),
+            L.Conv2D(16, 3, padding="same", activation="relu", name="c3"),
+            L.Dropout(0.5, name="drop"),
+            L.AveragePooling2D(3, 2, padding="same", name="a3"),
+            L.GlobalAveragePooling2D(name="gap"),
+            L.Dense(4, name="logits"),
+        ],
+        name="bn_net",
+    )
+    return randomize_batch_norm(model, seed, mean_std=0.2, var=(0.3, 3.0))
