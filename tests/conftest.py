@@ -84,9 +84,10 @@ def tiny_data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_default(tiny_data_dir, tmp_path_factory):
     """(config, workdir) of the default model (configs/default.py's ZFNet, 64 px, width
-    0.25) trained on the tiny embedded dataset: 8 epochs of 50 steps of 32, no dropout, no
-    optional callbacks (about 15 s on 2 cores; > 90% of its training images right). Shared:
-    no test trains it again; tests copy the workdir before writing into it."""
+    0.25) trained on the tiny embedded dataset: 8 epochs of 50 steps of 32, no dropout,
+    feature-evolution snapshots after epochs 1 and 8 (about 15 s on 2 cores; > 90% of its
+    training images right). Shared: no test trains it again; tests copy the workdir before
+    writing into it."""
     import keras
     import tensorflow as tf
 
@@ -100,7 +101,10 @@ def trained_default(tiny_data_dir, tmp_path_factory):
             "train.epochs": 8,
             "train.steps_per_epoch": 50,
             "train.lr_patience": 10,
-            "train.callbacks": (),
+            "train.callbacks": ("feature_evolution",),  # snapshots for --mode=evolution
+            "analysis.evolution.epochs": (1, 8),
+            "analysis.evolution.probe_images": 16,
+            "analysis.evolution.features_per_layer": 2,
             "model.dropout": 0.0,
         },
     )
