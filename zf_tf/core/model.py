@@ -18,9 +18,6 @@ import types
 import keras
 import tensorflow as tf
 
-# Paper sizes; scaled by `width` for the CPU variants.
-CONV_FILTERS = (96, 256, 384, 384, 256)
-FC_UNITS = (4096, 4096)
 CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 # Layers an ablation may remove (paper Table 3); `drop6`/`drop7` go with fc6/fc7.
 REMOVABLE = ("conv3", "conv4", "fc6", "fc7")

@@ -29,7 +29,6 @@ NUM_CROPS = 10
 # config.data.augment: the paper's one-of-10 crops, or random-resized crops ('scale').
 AUGMENTATIONS = ("ten_crop", "scale")
 CENTER_CROP = 4  # index of the unflipped center crop
-CROP_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 
 # config.data.preprocessing choices; the last three as keras.applications.imagenet_utils.
 PREPROCESSING = ("zfnet", "caffe", "tf", "torch", "raw")
