@@ -24,7 +24,7 @@ def run():
 
     from absl import app, flags
 
-    from zf_tf import cli
+    from zf_tf import cli  # after the handlers and the muted TensorFlow import above
 
     _define_flags(flags, cli)
 

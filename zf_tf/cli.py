@@ -20,11 +20,14 @@ import sys
 
 from absl import flags, logging
 
+from zf_tf import analyses
 from zf_tf.analyses import base as analyses_base
 from zf_tf.core import interrupts
+from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError, file_system_fault
-from zf_tf.pipelines import DataError
-from zf_tf.training import workdirs
+from zf_tf.experiments import ablate, transfer
+from zf_tf.pipelines import DataError, inputs, prepared, preprocess, service
+from zf_tf.training import callbacks, evaluate, export, train, workdirs
 from zf_tf.training.strategies import (  # noqa: F401 - main.py
     CLUSTER_TIMEOUT,
     STRATEGIES,
@@ -230,9 +233,6 @@ def validate_config(config):
     Raises:
       UsageError: naming the field and its valid choices.
     """
-    from zf_tf.core import model as model_lib
-    from zf_tf.pipelines import inputs, prepared, preprocess
-    from zf_tf.training import callbacks
 
     def choose(key, value, choices):
         if value not in choices:
@@ -335,8 +335,6 @@ def check_training(config, strategy, strategy_name: str):
       UsageError: naming the field and the values that work.
       DataError: an image folder laid out for no classifier (`inputs.check_folder_layout`).
     """
-    from zf_tf.core import model as model_lib
-    from zf_tf.pipelines import inputs
 
     replicas = strategy.num_replicas_in_sync
     value = int(config.train.batch_size)  # evaluation batches may split unevenly
@@ -364,8 +362,6 @@ def check_training(config, strategy, strategy_name: str):
 
 def _summary(config, request, strategy):
     """Prints the model's layers and one batch of the training pipeline."""
-    from zf_tf.core import model as model_lib
-    from zf_tf.pipelines import inputs
 
     with strategy.scope():
         model = model_lib.build_model(config.model)
@@ -380,20 +376,17 @@ def _summary(config, request, strategy):
 
 
 def _train(config, request, strategy):
-    from zf_tf.training import train
 
     train.train_and_evaluate(config, request.workdir, strategy, request.overwrite)
 
 
 def _eval(config, request, strategy):
-    from zf_tf.training import evaluate, workdirs
 
     evaluate.evaluate(config, request.workdir, workdirs.load_model(request.workdir))
     print(f"Wrote {os.path.join(request.workdir, 'eval.json')}, eval.md")
 
 
 def _export(config, request, strategy):
-    from zf_tf.training import export, workdirs
 
     path = export.export(workdirs.load_model(request.workdir), config, request.workdir)
     print(f"Wrote {path} (SavedModel: saved_model_cli show --dir {path} --all)")
@@ -402,7 +395,6 @@ def _export(config, request, strategy):
 def _ablate(config, request, strategy):
     """Paper Table 3: trains every variant of config.ablate in WORKDIR/ablate/<variant>/
     (the command line's config is the base; the workdir's own run is not read or touched)."""
-    from zf_tf.experiments import ablate
 
     ablate.run(config, request.workdir, strategy, request.overwrite)
 
@@ -410,7 +402,6 @@ def _ablate(config, request, strategy):
 def _transfer(config, request, strategy):
     """Tables 4-6, Fig. 9: the workdir's model is the source, --config's `transfer` the
     target."""
-    from zf_tf.experiments import transfer
 
     transfer.run_mode(config, request.workdir, request.overwrite)
 
@@ -418,7 +409,6 @@ def _transfer(config, request, strategy):
 def _prepare(config, request, strategy):
     """Writes the source's splits once as shards of S x S squares (zf_tf/pipelines/prepared.py)
     in config.data.prepared_dir; the workdir is not read or touched."""
-    from zf_tf.pipelines import prepared
 
     out = config.data.prepared_dir
     if not out:
@@ -449,7 +439,6 @@ def _analysis(name: str):
     model, train from its config.json; `analysis` from the command line)."""
 
     def run_analysis(config, request, strategy):
-        from zf_tf import analyses
 
         analyses_base.run(analyses.get(name), config, request, strategy)
 
@@ -461,7 +450,6 @@ def _analysis(name: str):
 
 
 def _analysis_modes() -> dict:
-    from zf_tf import analyses
 
     return {name: _analysis(name) for name in analyses.REGISTRY}
 
@@ -508,20 +496,14 @@ def check(mode: str, config, request: analyses_base.Request, strategy, strategy_
     if mode in TRAINING_MODES:
         check_training(config, strategy, strategy_name)
     if mode in ("train", "ablate"):
-        from zf_tf.training import train
-
         train.steps_per_epoch(config)  # a split smaller than one batch
     if mode == "train":
         workdirs.check_run(config, request.workdir, request.overwrite)
     address = config.data.get("service_address", "")
     if mode == "train" and address:  # the training pipeline runs on the tf.data service
-        from zf_tf.pipelines import service
-
         timeout = float(config.data.get("service_timeout", service.DEFAULT_TIMEOUT))
         service.wait_for(address, "tf.data service dispatcher", timeout)
     if mode not in NO_DATA_MODES:
-        from zf_tf.pipelines import inputs
-
         inputs.check_source(config.data, (config.data.train_split, config.data.eval_split))
 
 

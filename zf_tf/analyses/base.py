@@ -40,8 +40,10 @@ import numpy as np
 
 from zf_tf import outputs
 from zf_tf.analyses import sources
+from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
-from zf_tf.pipelines import inputs
+from zf_tf.pipelines import examples, inputs
+from zf_tf.training import workdirs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +127,6 @@ def load_examples(config, split: str, num: int, labels=()):
     Raises:
       UsageError: the split has no images (of one of the classes).
     """
-    from zf_tf.pipelines import examples
 
     if not labels:
         found = examples.load_examples(config, split, num)
@@ -221,8 +222,6 @@ class Analysis:
 
 def load_model(config, request: Request):
     """The workdir's trained model, or a freshly initialized one with `request.untrained`."""
-    from zf_tf.core import model as model_lib
-    from zf_tf.training import workdirs
 
     if request.untrained:
         return model_lib.build_model(config.model)

@@ -47,6 +47,7 @@ from zf_tf import outputs
 from zf_tf.analyses import attribution, base
 from zf_tf.core import deconv, graph
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import inputs, preprocess
 from zf_tf.training import workdirs
 
 MODE = "sanity"
@@ -277,7 +278,6 @@ class Settings:
 
 def settings(config, request: base.Request) -> Settings:
     """Raises UsageError: unknown methods, fewer than 2 images or classes."""
-    from zf_tf.pipelines import inputs, preprocess
 
     s = outputs.analysis_settings(config, MODE, DEFAULTS)
     methods = tuple(str(m) for m in s["methods"])

@@ -26,7 +26,10 @@ import keras
 import ml_collections
 
 from zf_tf.core import graph
+from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import inputs
+from zf_tf.training import workdirs
 
 # --model name -> (keras.applications builder, its preprocessing, its native input size).
 APPLICATIONS = {
@@ -69,7 +72,6 @@ class Source:
         """Whether `split`'s labels are classes of the model: its own data (not a model
         brought along) and not a flat folder of unlabeled images. Where they do not,
         attribution and occlusion explain the predicted class."""
-        from zf_tf.pipelines import inputs
 
         return self.own_labels and inputs.is_labeled(self.config.data, split)
 
@@ -145,7 +147,6 @@ def _build_application(name: str, weights: str, size: int, overridden: set):
         else:
             what = "RANDOM weights (no --weights given: nothing is downloaded)"
         return model, f"model: keras.applications.{builder_name} {top}, {what}"
-    from zf_tf.training import workdirs
 
     if weights.endswith(".keras"):  # a whole model's file: its archive is checked
         held, damaged = None, workdirs.damage(weights) is not None
@@ -187,8 +188,6 @@ def _layers_in_weights_file(path: str) -> int | None:
 
 
 def _load_file(path: str):
-    from zf_tf.core import model as model_lib  # also registers ZFNet's custom layers
-    from zf_tf.training import workdirs
 
     why = workdirs.damage(path) if path.endswith(".keras") else None
     if why is not None:
@@ -212,7 +211,6 @@ def _load_file(path: str):
 
 def _adapt(config, size: int, preprocessing: str | None, overridden: set):
     """A copy of `config` whose data section fits a model with `size` px inputs."""
-    from zf_tf.training import workdirs
 
     adapted = ml_collections.ConfigDict(workdirs.config_json(config))
     data = adapted.data

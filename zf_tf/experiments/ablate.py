@@ -31,8 +31,13 @@ import json
 import os
 import time
 
+from zf_tf import outputs
 from zf_tf.configs.ablations import VARIANTS, set_variant
+from zf_tf.core import memory
+from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import inputs
+from zf_tf.training import evaluate, train, workdirs
 
 MODE = "ablate"
 RESULT_FILE = "ablate.json"  # in a variant's workdir once it is finished and scored
@@ -83,7 +88,6 @@ def variant_config(base, variant: str):
 
 def budget(base) -> dict:
     """What every variant shares (stored in table.json so tables never mix budgets)."""
-    from zf_tf.training import train, workdirs
 
     config = variant_config(base, "baseline")
     identity = workdirs.config_json(config)
@@ -117,7 +121,6 @@ def check_reuse(base, out_dir: str, variants: list[str], overwrite: bool) -> dic
     Raises:
       UsageError: naming the workdir and the differing config keys.
     """
-    from zf_tf.training import workdirs
 
     table = os.path.join(out_dir, "table.json")
     if os.path.exists(table) and not overwrite:
@@ -153,8 +156,6 @@ def parameter_count(config) -> int:
     """Trainable + non-trainable parameters of the model `config.model` builds."""
     import keras
 
-    from zf_tf.core import model as model_lib
-
     count = model_lib.build_model(config.model).count_params()
     keras.utils.clear_session()
     return int(count)
@@ -167,9 +168,6 @@ def train_error(model, config, num_images: int = 0) -> dict[str, float]:
       num_images: score only the first this many images of the split (0 = all).
     """
     import numpy as np
-
-    from zf_tf.pipelines import inputs
-    from zf_tf.training import evaluate
 
     ds = inputs.build_inputs(config, config.data.train_split, None, "center")
     if num_images:
@@ -202,10 +200,6 @@ def train_variant(base, variant: str, vdir: str, strategy, retrain: bool) -> dic
       The variant's table row as a dict.
     """
     import keras
-
-    from zf_tf import outputs
-    from zf_tf.core import memory
-    from zf_tf.training import train, workdirs
 
     config = variant_config(base, variant)
     resumed = os.path.isdir(os.path.join(vdir, "backup")) and not retrain
@@ -246,7 +240,6 @@ def train_variant(base, variant: str, vdir: str, strategy, retrain: bool) -> dic
 
 def table_markdown(rows: list[dict], info: dict) -> str:
     """The Table 3-style markdown table (errors in %) with a budget line."""
-    from zf_tf import outputs
 
     body = [
         [
@@ -277,8 +270,6 @@ def render(rows: list[dict], path: str, budget_line: str = "same budget"):
     """Horizontal bars of train and validation top-1 error per variant; returns the PNG
     as a uint8 array."""
     import numpy as np
-
-    from zf_tf import outputs
 
     plt = outputs.pyplot()
     names = [r["variant"] for r in rows][::-1]
@@ -320,9 +311,6 @@ def run(base, workdir: str, strategy, overwrite: bool = False) -> list[dict]:
       UsageError: unknown variant, a bad model field, or an existing ablation of another
         budget/config without `overwrite`.
     """
-
-    from zf_tf import outputs
-    from zf_tf.training import workdirs
 
     variants = requested_variants(base.ablate.variants)
     out_dir = os.path.join(workdir, MODE)

@@ -8,6 +8,7 @@ import os
 import sys
 
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import service
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 CLUSTER_TIMEOUT = 60.0  # seconds a multi_worker run waits for its peers by default
@@ -146,8 +147,6 @@ def _multi_worker(timeout: float):
     import subprocess
 
     import tensorflow as tf
-
-    from zf_tf.pipelines import service
 
     peers = _peers()
     if not peers:

@@ -28,6 +28,7 @@ import keras
 import ml_collections
 
 from zf_tf import outputs
+from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import folder as folder_lib
 from zf_tf.pipelines import preprocess
@@ -308,7 +309,6 @@ def load_model(workdir: str, compile: bool = False, float32: bool = True) -> ker
     path = checkpoint_path(workdir)
     if not os.path.exists(path):
         raise UsageError(f"no trained model in {workdir} ({path} missing): run --mode=train first")
-    from zf_tf.core import model as model_lib  # also registers the custom layers
 
     try:
         model = keras.models.load_model(path, compile=compile)
