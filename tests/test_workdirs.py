@@ -130,3 +130,25 @@ def strategy_of(task_type=None, task_id=0, cluster=None):
 )
 def test_is_chief(task_type, task_id, cluster, chief):
     assert workdirs.is_chief(strategy_of(task_type, task_id, cluster)) is chief
+
+
+def test_upgrade_fills_in_every_field_added_later(tmp_path):
+    """An old config.json, and a config file written before the fields existed, get every
+    field of ADDED_FIELDS at the value that means what it did before (one function); the
+    logging fields of a workdir's config come from the command line's config."""
+    config = load_config()
+    workdirs.prepare_for_training(config, str(tmp_path), overwrite=False)
+    old = json.loads((tmp_path / "config.json").read_text())
+    for section, key in workdirs.ADDED_FIELDS:
+        old[section].pop(key, None)
+        del config[section][key]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    upgraded = workdirs.upgrade(config)
+    for (section, key), value in workdirs.ADDED_FIELDS.items():
+        assert upgraded[section][key] == value, (section, key)
+    command_line = load_config()
+    command_line.train.cluster_timeout = 5.0
+    loaded = workdirs.load_config(str(tmp_path), command_line)
+    assert loaded.train.cluster_timeout == 5.0 and loaded.train.lr_drop_epochs == []
+    assert workdirs.load_config(str(tmp_path)).data.service_address == ""
+    assert workdirs.run_differences(str(tmp_path), load_config()) == []

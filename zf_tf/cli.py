@@ -223,6 +223,7 @@ def resolved_config(spec: str, args: list[str]):
         raise UsageError(f"unexpected arguments: {' '.join(other)}")
     config = load_config(spec)
     apply_overrides(config, overrides)
+    workdirs.upgrade(config)  # a config file written before some fields existed
     config.lock()
     return config
 
@@ -239,16 +240,16 @@ def validate_config(config):
             raise UsageError(f"{key}={value!r} is not valid: choose one of {', '.join(choices)}")
 
     choose("config.data.source", config.data.source, inputs.SOURCES)
-    kind = config.data.get("preprocessing", preprocess.DEFAULT_PREPROCESSING)
+    kind = config.data.preprocessing
     choose("config.data.preprocessing", kind, preprocess.PREPROCESSING)
-    choose("config.data.augment", config.data.get("augment", "ten_crop"), preprocess.AUGMENTATIONS)
-    choose("config.model.arch", config.model.get("arch", "zfnet"), model_lib.ARCHS)
+    choose("config.data.augment", config.data.augment, preprocess.AUGMENTATIONS)
+    choose("config.model.arch", config.model.arch, model_lib.ARCHS)
     choose("config.model.layer1", config.model.layer1, tuple(model_lib.LAYER1))
     choose("config.model.kernel_init", config.model.kernel_init, model_lib.KERNEL_INITS)
-    for name in config.model.get("remove", ()):
+    for name in config.model.remove:
         choose("config.model.remove entry", name, model_lib.REMOVABLE)
-    choose("config.train.precision", config.train.get("precision", "float32"), model_lib.PRECISIONS)
-    drops = tuple(config.train.get("lr_drop_epochs", ()))
+    choose("config.train.precision", config.train.precision, model_lib.PRECISIONS)
+    drops = tuple(config.train.lr_drop_epochs)
     if drops and (
         any(not isinstance(d, int) for d in drops)
         or list(drops) != sorted(set(drops))
@@ -261,7 +262,7 @@ def validate_config(config):
     if "prepare" in config:
         encoding = config.prepare.get("encoding", "jpeg")
         choose("config.prepare.encoding", encoding, prepared.ENCODINGS)
-    if config.data.source == "prepared" and not config.data.get("prepared_dir"):
+    if config.data.source == "prepared" and not config.data.prepared_dir:
         raise UsageError(
             "config.data.source='prepared' needs config.data.prepared_dir=DIR (a folder "
             "written by --mode=prepare)"
@@ -282,7 +283,7 @@ def validate_config(config):
             f"config.data.crop_size ({config.data.crop_size}) must not exceed "
             f"config.data.resize_size ({config.data.resize_size})"
         )
-    callbacks.check_names(config.train.get("callbacks", ()))
+    callbacks.check_names(config.train.callbacks)
 
 
 # (dotted key, what it must be, test); checked before anything is written.
@@ -499,9 +500,9 @@ def check(mode: str, config, request: analyses_base.Request, strategy, strategy_
         train.steps_per_epoch(config)  # a split smaller than one batch
     if mode == "train":
         workdirs.check_run(config, request.workdir, request.overwrite)
-    address = config.data.get("service_address", "")
+    address = config.data.service_address
     if mode == "train" and address:  # the training pipeline runs on the tf.data service
-        timeout = float(config.data.get("service_timeout", service.DEFAULT_TIMEOUT))
+        timeout = float(config.data.service_timeout)
         service.wait_for(address, "tf.data service dispatcher", timeout)
     if mode not in NO_DATA_MODES:
         inputs.check_source(config.data, (config.data.train_split, config.data.eval_split))
@@ -528,7 +529,7 @@ def run(mode: str, config, request: analyses_base.Request, strategy_name: str = 
     strategy = make_strategy(
         strategy_name,
         config.train.cpu_replicas,
-        config.train.get("cluster_timeout", CLUSTER_TIMEOUT),
+        config.train.cluster_timeout,
     )
     print(f"Strategy {strategy_name} with {strategy.num_replicas_in_sync} replica(s)")
     config = mode_config(mode, config, request)

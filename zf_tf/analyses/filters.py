@@ -412,7 +412,7 @@ def settings(config, request) -> Settings:
 
 def _row_label(model_config) -> str:
     """config.model.layer1 ('zfnet' or 'alexnet') for ZFNet, else the architecture's name."""
-    arch = str(model_config.get("arch", "") or "zfnet")
+    arch = str(model_config.arch)
     return str(model_config.layer1) if arch == "zfnet" else arch
 
 

@@ -438,6 +438,6 @@ def check_names(names):
 
 def from_config(config, out: str) -> list[keras.callbacks.Callback]:
     """The optional callbacks that `config.train.callbacks` names, writing under `out`."""
-    names = tuple(config.train.get("callbacks", tuple(OPTIONAL)))
+    names = tuple(config.train.callbacks)
     check_names(names)
     return [OPTIONAL[name](config, out) for name in names]

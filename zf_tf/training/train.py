@@ -45,18 +45,18 @@ def compile_model(model: keras.Model, config) -> keras.Model:
     optimizer = keras.optimizers.SGD(
         learning_rate=config.train.learning_rate,
         momentum=config.train.momentum,
-        weight_decay=config.train.get("weight_decay", 0.0) or None,
+        weight_decay=config.train.weight_decay or None,
     )
     if model_lib.precision_of(model) == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
         optimizer=optimizer,
-        loss=loss(config.train.get("label_smoothing", 0.0)),
+        loss=loss(config.train.label_smoothing),
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="top1"),
             keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5"),
         ],
-        jit_compile=bool(config.train.get("jit_compile", False)),
+        jit_compile=bool(config.train.jit_compile),
     )
     return model
 
@@ -80,7 +80,7 @@ def loss(label_smoothing: float = 0.0) -> keras.losses.Loss:
 
 def precision(config) -> str:
     """The run's dtype policy, `config.train.precision` ('float32' in configs without it)."""
-    return config.train.get("precision", "float32")
+    return config.train.precision
 
 
 def distributed_inputs(strategy, config, split: str, mode: str, normalize: bool = True):
@@ -146,7 +146,7 @@ def learning_rate_schedule(config) -> keras.callbacks.Callback:
 def warmup(config, steps: int) -> list[keras.callbacks.Callback]:
     """The linear learning-rate warmup over `config.train.warmup_epochs` epochs of `steps`
     steps (none when 0)."""
-    epochs = config.train.get("warmup_epochs", 0)
+    epochs = config.train.warmup_epochs
     if not epochs:
         return []
     return [callbacks.LinearWarmup(config.train.learning_rate, max(1, round(epochs * steps)))]

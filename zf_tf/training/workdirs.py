@@ -17,6 +17,7 @@ Layout:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -31,7 +32,8 @@ from zf_tf import outputs
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import folder as folder_lib
-from zf_tf.pipelines import preprocess
+from zf_tf.pipelines import preprocess, service
+from zf_tf.training import strategies
 
 CONFIG_FILE = "config.json"
 # Config sections that do not change what training produces: analysis modes take them
@@ -45,7 +47,8 @@ LOGGING_FIELDS = (
     ("data", "service_timeout"),
     ("train", "cluster_timeout"),
 )
-# Fields added after some workdirs were trained, and what a config.json without them means.
+# Fields added after some workdirs were trained (or some config files written), and what a
+# config without them means: `upgrade` fills them in, so the code reads every field directly.
 ADDED_FIELDS = {
     ("data", "preprocessing"): preprocess.DEFAULT_PREPROCESSING,
     ("model", "arch"): "zfnet",
@@ -60,6 +63,12 @@ ADDED_FIELDS = {
     ("train", "warmup_epochs"): 0.0,
     ("model", "conv1_init_stddev"): 0.0,
     ("train", "lr_drop_epochs"): (),
+    ("model", "remove"): (),
+    ("data", "classes"): (),
+    ("train", "callbacks"): ("image_summaries", "feature_evolution"),  # callbacks.OPTIONAL
+    ("data", "service_address"): "",
+    ("data", "service_timeout"): service.DEFAULT_TIMEOUT,
+    ("train", "cluster_timeout"): strategies.CLUSTER_TIMEOUT,
 }
 TRAINING_STATE = (
     "backup",
@@ -160,14 +169,23 @@ def config_json(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def upgrade(config):
+    """`config` (a config.json's dict, or a ConfigDict from a config file) with every field
+    of ADDED_FIELDS that it lacks, at the value that means what it meant before the field
+    existed; in place, returned. The one place where old configs are made current."""
+    for (section, key), value in ADDED_FIELDS.items():
+        if section in config and key not in config[section]:
+            config[section][key] = value
+    return config
+
+
 def _run_identity(config: dict) -> dict:
+    """The fields of a config (upgraded) that decide the trained weights."""
+    config = json.loads(json.dumps(upgrade(copy.deepcopy(config))))  # tuples as lists
     out = {k: v for k, v in config.items() if k not in COMMAND_LINE_SECTIONS}
     for section, key in LOGGING_FIELDS:
         if isinstance(out.get(section), dict) and key in out[section]:
             out[section] = {k: v for k, v in out[section].items() if k != key}
-    for (section, key), value in ADDED_FIELDS.items():
-        if isinstance(out.get(section), dict) and key not in out[section]:
-            out[section] = {**out[section], key: value}
     return out
 
 
@@ -257,20 +275,25 @@ def prepare_for_training(config, workdir: str, overwrite: bool):
 
 
 def load_config(workdir: str, fallback=None):
-    """The config a workdir was trained with, or `fallback` if it has none.
+    """The config a workdir was trained with (upgraded), or `fallback` if it has none.
 
-    The COMMAND_LINE_SECTIONS (analysis settings) always come from `fallback`, the
-    command line's config, so they can be changed without retraining.
+    The COMMAND_LINE_SECTIONS (analysis settings) and the LOGGING_FIELDS always come from
+    `fallback`, the command line's config, so they can be changed without retraining (their
+    defaults without one).
     """
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return fallback
     config = _run_identity(_read_json(path))
     if fallback is not None:
+        given = config_json(fallback)
         for section in COMMAND_LINE_SECTIONS:
-            if section in fallback:
-                config[section] = config_json(fallback)[section]
-    return ml_collections.ConfigDict(config)
+            if section in given:
+                config[section] = given[section]
+        for section, key in LOGGING_FIELDS:
+            if key in given.get(section, {}):
+                config[section][key] = given[section][key]
+    return ml_collections.ConfigDict(upgrade(config))
 
 
 def damage(path: str) -> str | None:

@@ -44,13 +44,13 @@ class ScratchTrainer:
         loss = (
             keras.losses.BinaryCrossentropy(from_logits=True)
             if target.multi_label
-            else train_lib.loss(train.get("label_smoothing", 0.0))
+            else train_lib.loss(train.label_smoothing)
         )
         self.model.compile(
             optimizer=keras.optimizers.SGD(
                 learning_rate=train.learning_rate,
                 momentum=train.momentum,
-                weight_decay=train.get("weight_decay", 0.0) or None,
+                weight_decay=train.weight_decay or None,
             ),
             loss=loss,
         )
@@ -59,8 +59,8 @@ class ScratchTrainer:
         data = target.data
         S, s, pixels = data.resize_size, data.crop_size, preprocess.pixels(data)
         source_data = source_config.data
-        if source_data.get("augment", "ten_crop") == "scale":
-            area = float(source_data.get("min_crop_area", 0.25))
+        if source_data.augment == "scale":
+            area = float(source_data.min_crop_area)
 
             def crop(encoded, k):
                 square = preprocess.center_square_uint8(encoded, S)
@@ -133,7 +133,7 @@ class ScratchTrainer:
         labels = labels.astype(np.float32) if self.target.multi_label else labels
         self._run = (images, labels, test_images, seed)
         steps = max(1, round(int(self.settings.epochs) * len(labels) / self.batch))
-        warm = self.train_settings.get("warmup_epochs", 0.0) * len(labels) / self.batch
+        warm = self.train_settings.warmup_epochs * len(labels) / self.batch
         warmup = (
             [callbacks.LinearWarmup(self.train_settings.learning_rate, max(1, round(warm)))]
             if warm
