@@ -108,19 +108,7 @@ def prepare(
     Raises:
       DataError: a bad argument, or `out_dir` holds a split prepared another way.
     """
-    if data.source == "prepared":
-        raise DataError(
-            "--mode=prepare reads the original images: set config.data.source to "
-            f"{', '.join(s for s in inputs.SOURCES if s != 'prepared')}"
-        )
-    if encoding not in ENCODINGS:
-        raise DataError(
-            f"config.prepare.encoding={encoding!r}: choose one of {', '.join(ENCODINGS)}"
-        )
-    if not 1 <= int(jpeg_quality) <= 100:
-        raise DataError(f"config.prepare.jpeg_quality={jpeg_quality} must be in 1..100")
-    if int(shard_size) < 1:
-        raise DataError(f"config.prepare.shard_size={shard_size} must be >= 1")
+    _check_arguments(data, jpeg_quality, shard_size, encoding)
     source = ml_collections.ConfigDict(data.to_dict())
     source.classes = ()  # every class, original labels
     for split in splits:  # every split exists before anything is written
@@ -157,33 +145,59 @@ def prepare(
         "splits": meta.get("splits", {}),
     }
     for split in splits:
-        kept = None
-        if split in meta["splits"]:
-            info = meta["splits"][split]
-            bad = dict(prepared.damaged_shards(out_dir, info))
-            if not bad:
-                print(f"{split}: already prepared in {out_dir} ({info['examples']})")
-                continue
-            if any(e[4] is None for e in info.get("files", [[None] * 5])):
-                raise DataError(
-                    f"{out_dir}: {split} was prepared before shard sizes were recorded and "
-                    f"{len(bad)} shard(s) are missing: prepare it again with --overwrite"
-                )
-            then, now = sum(e[1] + e[2] for e in info["files"]), inputs.num_examples(source, split)
-            if then != now:
-                raise DataError(
-                    f"{out_dir}: {split} was prepared from {then} images but its source has "
-                    f"{now} now, so its damaged shards cannot be rewritten alone: prepare it "
-                    "again with --overwrite"
-                )
-            print(f"{split}: rewriting {len(bad)} damaged shard(s): {', '.join(bad)}")
-            kept = [e for e in info["files"] if e[0] not in bad]
+        info = meta["splits"].get(split)
+        bad = dict(prepared.damaged_shards(out_dir, info)) if info else {}
+        if info and not bad:
+            print(f"{split}: already prepared in {out_dir} ({info['examples']})")
+            continue
+        kept = _intact_shards(source, split, out_dir, info, bad) if info else None
         meta["splits"][split] = _prepare_split(
             source, split, out_dir, common, progress and tqdm.tqdm, kept
         )
         write_json(meta_path, meta)
         os.remove(os.path.join(out_dir, f"{_slug(split)}.progress.json"))
     return meta
+
+
+def _check_arguments(data, jpeg_quality, shard_size, encoding) -> None:
+    """Raises DataError, naming the field, unless `prepare` can write these shards."""
+    if data.source == "prepared":
+        raise DataError(
+            "--mode=prepare reads the original images: set config.data.source to "
+            f"{', '.join(s for s in inputs.SOURCES if s != 'prepared')}"
+        )
+    if encoding not in ENCODINGS:
+        raise DataError(
+            f"config.prepare.encoding={encoding!r}: choose one of {', '.join(ENCODINGS)}"
+        )
+    if not 1 <= int(jpeg_quality) <= 100:
+        raise DataError(f"config.prepare.jpeg_quality={jpeg_quality} must be in 1..100")
+    if int(shard_size) < 1:
+        raise DataError(f"config.prepare.shard_size={shard_size} must be >= 1")
+
+
+def _intact_shards(source, split: str, out_dir: str, info: dict, bad: dict) -> list:
+    """The entries (`files`) of the intact shards of a finished split (its prepared.json
+    entry `info`) whose shards `bad` are damaged: those are rewritten, the others kept.
+
+    Raises:
+      DataError: the damaged shards cannot be rewritten alone (sizes not recorded, or the
+        source has another number of images now).
+    """
+    if any(e[4] is None for e in info.get("files", [[None] * 5])):
+        raise DataError(
+            f"{out_dir}: {split} was prepared before shard sizes were recorded and "
+            f"{len(bad)} shard(s) are missing: prepare it again with --overwrite"
+        )
+    then, now = sum(e[1] + e[2] for e in info["files"]), inputs.num_examples(source, split)
+    if then != now:
+        raise DataError(
+            f"{out_dir}: {split} was prepared from {then} images but its source has "
+            f"{now} now, so its damaged shards cannot be rewritten alone: prepare it "
+            "again with --overwrite"
+        )
+    print(f"{split}: rewriting {len(bad)} damaged shard(s): {', '.join(bad)}")
+    return [e for e in info["files"] if e[0] not in bad]
 
 
 def _prepare_split(source, split: str, out_dir: str, recipe: dict, bar, kept=None) -> dict:
