@@ -2,9 +2,10 @@
 
 Each source is one subclass in its own module: 'tfds' (tfds_source.py), 'embedded'
 (embedded.py), 'folder' (folder.py) and 'prepared' (prepared.py); `inputs.REGISTRY` maps
-the names to them. Adding a source is one new module and one line there. Sources read
-`config.data` (passed to every method) and keep no state of their own; what they read is
-encoded image bytes, so decoding can be limited to the crop. Labels are the source's
+the names to them. Adding a source is one new module and one line there. A source is one
+object for every config: each method is passed `config.data` (what a source remembers,
+such as a folder's index, it keeps per folder or dataset). Records are encoded image
+bytes, so decoding can be limited to the crop. Labels are the source's
 original ids until `data.classes` (`selected_classes`) keeps some of them and relabels
 them 0..k-1 in the listed order; a source applies it wherever it returns labels or counts.
 """
