@@ -125,7 +125,7 @@ def config_for(workspace, source, batch, prepared_dir="prepared"):
 
 def setup(workspace, images, index_files):
     """Photos as a class tree, their prepared shards, and the index tree (parent only)."""
-    from zf_tf.pipelines import prepared
+    from zf_tf.pipelines import prepare
 
     source = images or (SAMPLES if os.path.isdir(SAMPLES) else None)
     if source is None:
@@ -137,7 +137,7 @@ def setup(workspace, images, index_files):
     for folder, encoding in ENCODINGS.items():
         config = config_for(workspace, "folder", 64, folder)
         with contextlib.redirect_stdout(sys.stderr):
-            prepared.prepare(
+            prepare.prepare(
                 config.data, config.data.prepared_dir, ["train"], progress=False, encoding=encoding
             )
     if index_files:
@@ -158,6 +158,7 @@ def timed_pass(iterator, count_fn, images):
 def measure_pipeline(name, workspace, batch, passes, epochs):
     import tensorflow as tf
 
+    from zf_tf.pipelines import folder as folder_lib
     from zf_tf.pipelines import inputs, prepared, service
 
     folder = name.replace("bare_decode_", "")  # prepared, prepared_raw, or another name
@@ -173,7 +174,7 @@ def measure_pipeline(name, workspace, batch, passes, epochs):
             config.data.service_address, procs = service.spawn(2)
         ds, count = inputs.build_inputs(config, "train", normalize=False), per_batch
     elif name == "bare_decode_original":
-        paths = inputs._folder_split(config.data.folder, "train")[0]
+        paths = folder_lib.split_files(config.data.folder, "train")[0]
         ds = tf.data.Dataset.from_tensor_slices(paths).map(
             lambda p: tf.io.decode_jpeg(tf.io.read_file(p), channels=3),
             num_parallel_calls=tf.data.AUTOTUNE,

@@ -61,13 +61,13 @@ def test_a_folder_is_indexed_once_per_process(tmp_path, monkeypatch):
     listings = []
     real = folder.index_folder
     monkeypatch.setattr(folder, "index_folder", lambda r: listings.append(r) or real(r))
-    inputs.forget_folders()
+    folder.forget()
     config = folder_config(root)
     assert inputs.num_examples(config.data, "train") == 18
     assert inputs.num_examples(config.data, "validation") == 2
     next(iter(inputs.build_inputs(config, "train", mode="train")))
     assert listings == [root]
-    inputs.forget_folders()
+    folder.forget()
     assert inputs.num_examples(config.data, "validation") == 2
     assert listings == [root, root]
 
@@ -93,7 +93,7 @@ def folder_config(root, **train):
 def test_pipeline_over_messy_folder(messy):
     root, expected = messy
     config = folder_config(root)
-    inputs.forget_folders()
+    folder.forget()
     # All of a folder without split subfolders: train + validation partition the files.
     n_train = inputs.num_examples(config.data, "train")
     n_val = inputs.num_examples(config.data, "validation")
@@ -114,7 +114,7 @@ def test_indexed_batches_of_each_input_pipeline(messy):
 
     root, _ = messy
     config = folder_config(root)
-    inputs.forget_folders()
+    folder.forget()
     whole = [
         (image, int(y))
         for images, labels in inputs.build_inputs(config, "validation", mode="center")
@@ -138,7 +138,7 @@ def test_split_subfolders_are_used(tmp_path):
         for i in range(n):
             write(f"{tmp_path}/{split}/a/{i}.png", encode(random_rgb(40, 40, i), "PNG"))
     config = folder_config(str(tmp_path))
-    inputs.forget_folders()
+    folder.forget()
     assert inputs.num_examples(config.data, "train") == 3
     assert inputs.num_examples(config.data, "validation") == 2
 

@@ -16,7 +16,8 @@ from tests.conftest import SHARED_DATA, load_config
 from zf_tf import cli
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
-from zf_tf.pipelines import inputs, prepared, preprocess
+from zf_tf.pipelines import folder as folder_lib
+from zf_tf.pipelines import inputs, prepare, preprocess
 from zf_tf.training import callbacks, train
 
 IMAGENETTE = os.path.join(SHARED_DATA, "imagenette")
@@ -303,10 +304,10 @@ def test_imagenette_subset_trains_from_prepared_shards(tmp_path):
     folder, shards, workdir = tmp_path / "photos", tmp_path / "prep", tmp_path / "w"
     gray = _subset(str(folder))
     assert gray >= 1
-    inputs.forget_folders()
+    folder_lib.forget()
     config = load_config("imagenette")
     config.data.folder = str(folder)
-    meta = prepared.prepare(config.data, str(shards), ["train", "val"], encoding="raw")
+    meta = prepare.prepare(config.data, str(shards), ["train", "val"], encoding="raw")
     assert meta["splits"]["train"]["examples"] == 50 + gray
     assert meta["splits"]["val"]["examples"] == 20
     config.data.source, config.data.prepared_dir = "prepared", str(shards)

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from tests.conftest import load_config
 from tests.images import encode, undecodable_jpeg, write
-from zf_tf.pipelines import DataError, folder, inputs, prepared, preprocess
+from zf_tf.pipelines import DataError, folder, inputs, prepare, prepared, preprocess
 
 S, s = 48, 40
 # Bound of the JPEG re-encoding error (quality 90, 4:4:4) on these test photos, in gray
@@ -50,7 +50,7 @@ def photos(tmp_path):
         for i, (h, w) in enumerate(sizes):
             fmt = "PNG" if i == 3 else "JPEG"
             write(f"{root}/c{c}/{i}.{fmt.lower()}", encode(photo(h, w, 10 * c + i), fmt))
-    inputs.forget_folders()
+    folder.forget()
     return root
 
 
@@ -74,7 +74,7 @@ def prepared_config(config, out):
 def test_prepare_writes_shards_that_train_and_eval_read(photos, tmp_path):
     config = source_config(photos)
     out = str(tmp_path / "prep")
-    meta = prepared.prepare(config.data, out, ["train", "validation"], shard_size=5)
+    meta = prepare.prepare(config.data, out, ["train", "validation"], shard_size=5)
     # 20 images; every 10th file of the folder is held out: 18 train, 2 validation.
     assert meta["splits"]["train"]["examples"] == 18
     assert meta["splits"]["train"]["class_counts"] == {"0": 9, "1": 9}
@@ -108,7 +108,7 @@ def test_prepared_crops_equal_the_originals_up_to_jpeg_error(photos, tmp_path):
     of the original (resized to S, center S x S, sub-crop) within MEAN_ERROR_BOUND."""
     config = source_config(photos)
     out = str(tmp_path / "prep")
-    prepared.prepare(config.data, out, ["train"])
+    prepare.prepare(config.data, out, ["train"])
     pconfig = prepared_config(config, out)
     pixels = preprocess.Pixels("raw", (0.0, 0.0, 0.0))
     originals = list(inputs.encoded_records(config.data, "train"))
@@ -139,7 +139,7 @@ def test_raw_squares_are_the_exact_pixels(photos, tmp_path):
     encodings existed means JPEG."""
     config = source_config(photos)
     out = str(tmp_path / "raw")
-    meta = prepared.prepare(config.data, out, ["train"], shard_size=5, encoding="raw")
+    meta = prepare.prepare(config.data, out, ["train"], shard_size=5, encoding="raw")
     assert meta["encoding"] == "raw" and meta["jpeg_quality"] is None  # no JPEG to refuse
     assert meta["splits"]["train"]["examples"] == 18
     pconfig = prepared_config(config, out)
@@ -166,32 +166,32 @@ def test_raw_squares_are_the_exact_pixels(photos, tmp_path):
     # 7x the bytes of quality-90 JPEG at S = 256; here at S = 48 about the pixel count.
     assert os.path.getsize(f"{out}/train-00000-of-00004.tfrecord") > 5 * S * S * 3
 
-    kept = prepared.prepare(
+    kept = prepare.prepare(
         config.data, out, ["train"], shard_size=5, encoding="raw", jpeg_quality=50
     )
     assert kept["splits"] == meta["splits"]  # the JPEG quality does not matter to raw squares
     with pytest.raises(DataError, match="another encoding, jpeg_quality: use another"):
-        prepared.prepare(config.data, out, ["train"], shard_size=5)
+        prepare.prepare(config.data, out, ["train"], shard_size=5)
     with pytest.raises(DataError, match="encoding='png': choose one of jpeg, raw"):
-        prepared.prepare(config.data, out, ["train"], encoding="png")
+        prepare.prepare(config.data, out, ["train"], encoding="png")
     jpeg_out = str(tmp_path / "jpeg")
-    prepared.prepare(config.data, jpeg_out, ["validation"])
+    prepare.prepare(config.data, jpeg_out, ["validation"])
     path = f"{jpeg_out}/{prepared.METADATA}"
     with open(path) as f:
         old = json.load(f)
     del old["encoding"]  # as written before encodings existed
     with open(path, "w") as f:
         json.dump(old, f)
-    again = prepared.prepare(config.data, jpeg_out, ["validation"])  # kept: not refused
+    again = prepare.prepare(config.data, jpeg_out, ["validation"])  # kept: not refused
     assert again["encoding"] == "jpeg" and again["splits"] == old["splits"]
 
 
 def test_undecodable_images_are_skipped_and_counted(photos, tmp_path, monkeypatch):
     write(f"{photos}/c0/bad.jpg", undecodable_jpeg())
     monkeypatch.setattr(folder, "_decodes", lambda paths: [True] * len(paths))  # index passes it
-    inputs.forget_folders()
+    folder.forget()
     config = source_config(photos)
-    meta = prepared.prepare(config.data, str(tmp_path / "prep"), ["train"], shard_size=4)
+    meta = prepare.prepare(config.data, str(tmp_path / "prep"), ["train"], shard_size=4)
     train = meta["splits"]["train"]
     assert (
         train["skipped"] == 1 and train["examples"] == inputs.num_examples(config.data, "train") - 1
@@ -204,9 +204,9 @@ def test_prepare_resumes_after_a_kill(photos, tmp_path, monkeypatch):
     uninterrupted run."""
     config = source_config(photos)
     clean = str(tmp_path / "clean")
-    prepared.prepare(config.data, clean, ["train"], shard_size=4)
+    prepare.prepare(config.data, clean, ["train"], shard_size=4)
     out = str(tmp_path / "prep")
-    real, written = prepared._example, []
+    real, written = prepare._example, []
 
     def dying(image, label):
         if len(written) == 10:  # 2 shards of 4 done, 2 images into the third (of 5)
@@ -214,9 +214,9 @@ def test_prepare_resumes_after_a_kill(photos, tmp_path, monkeypatch):
         written.append(label)
         return real(image, label)
 
-    monkeypatch.setattr(prepared, "_example", dying)
+    monkeypatch.setattr(prepare, "_example", dying)
     with pytest.raises(KeyboardInterrupt):
-        prepared.prepare(config.data, out, ["train"], shard_size=4)
+        prepare.prepare(config.data, out, ["train"], shard_size=4)
     done = sorted(glob.glob(f"{out}/train-*.tfrecord"))
     assert [os.path.basename(p) for p in done] == [
         "train-00000-of-00005.tfrecord",
@@ -224,14 +224,14 @@ def test_prepare_resumes_after_a_kill(photos, tmp_path, monkeypatch):
     ]
     assert not glob.glob(f"{out}/*.tmp") and not os.path.exists(f"{out}/{prepared.METADATA}")
     stamps = {p: os.stat(p).st_mtime_ns for p in done}
-    monkeypatch.setattr(prepared, "_example", real)
+    monkeypatch.setattr(prepare, "_example", real)
     encoded = []
     monkeypatch.setattr(
-        prepared,
+        prepare,
         "encoded_square",
-        lambda e, *a, f=prepared.encoded_square: encoded.append(1) or f(e, *a),
+        lambda e, *a, f=prepare.encoded_square: encoded.append(1) or f(e, *a),
     )
-    meta = prepared.prepare(config.data, out, ["train"], shard_size=4)
+    meta = prepare.prepare(config.data, out, ["train"], shard_size=4)
     assert {p: os.stat(p).st_mtime_ns for p in done} == stamps  # kept, not rewritten
     assert meta["splits"]["train"]["examples"] == 18 and not glob.glob(f"{out}/*.tmp")
     assert not glob.glob(f"{out}/*.progress.json")
@@ -239,7 +239,7 @@ def test_prepare_resumes_after_a_kill(photos, tmp_path, monkeypatch):
         with open(f"{out}/{name}", "rb") as a, open(f"{clean}/{name}", "rb") as b:
             assert a.read() == b.read(), name
     # A finished split is not prepared again.
-    assert prepared.prepare(config.data, out, ["train"], shard_size=4)["splits"] == meta["splits"]
+    assert prepare.prepare(config.data, out, ["train"], shard_size=4)["splits"] == meta["splits"]
 
 
 def test_damaged_shards_are_named_before_a_run_and_repaired_alone(photos, tmp_path, capfd):
@@ -250,7 +250,7 @@ def test_damaged_shards_are_named_before_a_run_and_repaired_alone(photos, tmp_pa
 
     config = source_config(photos)
     out = str(tmp_path / "prep")
-    prepared.prepare(config.data, out, ["train", "validation"], shard_size=4)
+    prepare.prepare(config.data, out, ["train", "validation"], shard_size=4)
     pconfig = prepared_config(config, out)
     prepared.verify(pconfig.data, ["train", "validation"])  # intact: no error
     names = sorted(os.listdir(out))
@@ -307,10 +307,10 @@ def test_damaged_shards_are_named_before_a_run_and_repaired_alone(photos, tmp_pa
 def test_another_recipe_is_refused_unless_overwrite(photos, tmp_path):
     config = source_config(photos)
     out = str(tmp_path / "prep")
-    prepared.prepare(config.data, out, ["validation"])
+    prepare.prepare(config.data, out, ["validation"])
     with pytest.raises(DataError, match="another jpeg_quality: use another"):
-        prepared.prepare(config.data, out, ["validation"], jpeg_quality=70)
-    meta = prepared.prepare(config.data, out, ["validation"], jpeg_quality=70, overwrite=True)
+        prepare.prepare(config.data, out, ["validation"], jpeg_quality=70)
+    meta = prepare.prepare(config.data, out, ["validation"], jpeg_quality=70, overwrite=True)
     assert meta["jpeg_quality"] == 70
     with open(f"{out}/{prepared.METADATA}") as f:
         assert json.load(f)["jpeg_quality"] == 70
@@ -329,7 +329,7 @@ def test_prepare_from_a_tfds_source(tiny_config, tmp_path):
     """The embedded tfds dataset (PNG bytes) prepares like a folder: every image, labels kept."""
     config = tiny_config
     out = str(tmp_path / "prep")
-    meta = prepared.prepare(config.data, out, ["validation"], shard_size=16)
+    meta = prepare.prepare(config.data, out, ["validation"], shard_size=16)
     n = inputs.num_examples(config.data, "validation")
     assert meta["splits"]["validation"]["examples"] == n
     original = [int(y) for _, y in inputs.encoded_records(config.data, "validation")]

@@ -171,8 +171,11 @@ def test_pixels_from_config_and_from_an_older_config():
     assert preprocess.pixels(data) == preprocess.Pixels("zfnet", tuple(data.mean))
     data.preprocessing = "torch"
     assert preprocess.pixels(data).kind == "torch"
-    # A workdir's config.json written before the field existed.
-    assert preprocess.pixels({"mean": [1, 2, 3]}) == preprocess.Pixels("zfnet", (1.0, 2.0, 3.0))
+    # A workdir's config.json written before the field existed, made current on loading.
+    from zf_tf.training import workdirs
+
+    old = workdirs.upgrade({"data": {"mean": [1, 2, 3]}})["data"]
+    assert preprocess.pixels(old) == preprocess.Pixels("zfnet", (1.0, 2.0, 3.0))
     with pytest.raises(ValueError, match="choose one of zfnet, caffe, tf, torch, raw"):
         preprocess.Pixels("imagenet", MEAN)
 

@@ -126,7 +126,7 @@ def test_an_undecodable_image_crashes_no_reader(tmp_path, monkeypatch, capsys):
     from tests.images import encode, random_rgb, undecodable_jpeg, write
     from zf_tf.experiments.transfer import images as transfer_images
     from zf_tf.experiments.transfer.target import Target
-    from zf_tf.pipelines import examples, folder, inputs
+    from zf_tf.pipelines import examples, folder
     from zf_tf.training import train
 
     root = tmp_path / "photos"
@@ -138,7 +138,7 @@ def test_an_undecodable_image_crashes_no_reader(tmp_path, monkeypatch, capsys):
     write(f"{root}/c0/0.png", undecodable_jpeg())
     write(f"{root}/c0/9.png", undecodable_jpeg(seed=3))
     monkeypatch.setattr(folder, "_decodes", lambda paths: [True] * len(paths))
-    inputs.forget_folders()
+    folder.forget()
     config = cli.resolved_config(
         cli.DEFAULT_CONFIG,
         [
@@ -377,13 +377,13 @@ def test_every_refusal_leaves_the_workdir_byte_identical(tiny_data_dir, tmp_path
     """Each refusal the command line has, in a fresh workdir and, with --overwrite, in one
     holding a run: one line, the workdir byte-identical (no config.json, no lock owner
     file), and the corrected command then trains."""
-    from zf_tf.pipelines import prepared
+    from zf_tf.pipelines import prepare, prepared
 
     folder = tmp_path / "photos"  # an image folder with one class: refused for training
     (folder / "only").mkdir(parents=True)
     damaged = tmp_path / "prep"  # a prepared folder whose shard went missing
     config = cli.resolved_config(cli.DEFAULT_CONFIG, tiny_args(tiny_data_dir, "x")[1:])
-    prepared.prepare(config.data, str(damaged), ["train", "validation"], progress=False)
+    prepare.prepare(config.data, str(damaged), ["train", "validation"], progress=False)
     os.remove(
         damaged / json.load(open(damaged / prepared.METADATA))["splits"]["train"]["shards"][0]
     )

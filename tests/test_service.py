@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import ROOT, load_config
 from tests.images import encode, write
-from zf_tf.pipelines import inputs
+from zf_tf.pipelines import folder, inputs
 from zf_tf.pipelines import service as service_lib
 
 N = 24  # training images, 12 per class
@@ -50,7 +50,7 @@ def test_training_through_two_workers_sees_each_example_once_per_epoch(service, 
     config.train.batch_size = config.train.eval_batch_size = BATCH
     config.train.epochs, config.train.steps_per_epoch = 2, N // BATCH
     config.train.callbacks = ()
-    inputs.forget_folders()
+    folder.forget()
 
     before = [_cpu_seconds(w.pid) for w in workers]
     epochs = 3

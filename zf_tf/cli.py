@@ -26,7 +26,7 @@ from zf_tf.core import interrupts
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError, file_system_fault
 from zf_tf.experiments import ablate, transfer
-from zf_tf.pipelines import DataError, inputs, prepared, preprocess, service
+from zf_tf.pipelines import DataError, inputs, prepare, preprocess, service, sources
 from zf_tf.training import callbacks, evaluate, export, train, workdirs
 from zf_tf.training.strategies import (  # noqa: F401 - main.py
     CLUSTER_TIMEOUT,
@@ -261,7 +261,7 @@ def validate_config(config):
         )
     if "prepare" in config:
         encoding = config.prepare.get("encoding", "jpeg")
-        choose("config.prepare.encoding", encoding, prepared.ENCODINGS)
+        choose("config.prepare.encoding", encoding, prepare.ENCODINGS)
     if config.data.source == "prepared" and not config.data.prepared_dir:
         raise UsageError(
             "config.data.source='prepared' needs config.data.prepared_dir=DIR (a folder "
@@ -269,7 +269,7 @@ def validate_config(config):
         )
     if config.data.source == "folder" and not config.data.folder:
         raise UsageError("config.data.source='folder' needs config.data.folder=/path/to/images")
-    classes = inputs.selected_classes(config.data)
+    classes = sources.selected_classes(config.data)
     if classes and (len(set(classes)) != len(classes) or min(classes) < 0):
         raise UsageError(f"config.data.classes={classes} must be distinct label ids >= 0")
     if classes and len(classes) != config.data.num_classes:
@@ -334,7 +334,7 @@ def check_training(config, strategy, strategy_name: str):
 
     Raises:
       UsageError: naming the field and the values that work.
-      DataError: an image folder laid out for no classifier (`inputs.check_folder_layout`).
+      DataError: an image folder laid out for no classifier (`inputs.check_layout`).
     """
 
     replicas = strategy.num_replicas_in_sync
@@ -344,8 +344,7 @@ def check_training(config, strategy, strategy_name: str):
             f"config.train.batch_size={value} does not split over the {replicas} replicas of "
             f"--strategy={strategy_name}: use a multiple of {replicas}"
         )
-    if config.data.source == "folder":
-        inputs.check_folder_layout(config.data)
+    inputs.check_layout(config.data)
     size = int(config.model.input_size)
     smallest = model_lib.smallest_input_size(config.model)
     if size < smallest:
@@ -408,7 +407,7 @@ def _transfer(config, request, strategy):
 
 
 def _prepare(config, request, strategy):
-    """Writes the source's splits once as shards of S x S squares (zf_tf/pipelines/prepared.py)
+    """Writes the source's splits once as shards of S x S squares (zf_tf/pipelines/prepare.py)
     in config.data.prepared_dir; the workdir is not read or touched."""
 
     out = config.data.prepared_dir
@@ -420,7 +419,7 @@ def _prepare(config, request, strategy):
     )
     workdirs.check_writable(out)
     with workdirs.lock(out):
-        prepared.prepare(
+        prepare.prepare(
             data,
             out,
             splits,

@@ -13,8 +13,12 @@ from a seed. Example ``i`` of a split is rendered from ``np.random.default_rng([
 split_seed, i])`` so it is identical whatever the generation order, process or config (the
 ``tiny`` config is a prefix of ``default``).
 
+The pipelines read it as the source 'embedded' (``EmbeddedSource``: a tfds source whose
+split examples also carry their boxes and masks, for the analyses).
+
 Public API:
-    CLASS_NAMES, IMAGE_SIZE, render_example, example_rng, builder, load, ZfShapes.
+    CLASS_NAMES, IMAGE_SIZE, render_example, example_rng, builder, load, ZfShapes,
+    EmbeddedSource.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
+
+from zf_tf.pipelines import sources, tfds_source
 
 CLASS_NAMES: list[str] = [
     "circle",
@@ -601,3 +607,19 @@ def load(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False)
         )
     return ds_builder.as_dataset(split=split, decoders=decoders, shuffle_files=shuffle_files)
+
+
+class EmbeddedSource(tfds_source.TfdsSource):
+    """Source 'embedded': ``zf_shapes`` (``data.tfds_config``: default or tiny), generated
+    on first use; its examples' boxes and masks come with ``annotated``."""
+
+    def _builder(self, data):
+        return builder(sources.data_dir(data), data.tfds_config)
+
+    def class_names(self, data):
+        return list(CLASS_NAMES)
+
+    def annotated(self, data, split):
+        ds = load(split, sources.data_dir(data), data.tfds_config)
+        ds = ds.map(lambda ex: (ex["image"], ex["label"], ex["bbox"], ex["mask"]))
+        return sources.select_classes(ds, sources.selected_classes(data))

@@ -87,7 +87,8 @@ def load_examples(config, split: str, num: int, label: int | None = None) -> Exa
       label: keep only this class (a model label: with `data.classes`, 0..k-1).
 
     Returns:
-      Examples, with boxes and masks for the embedded dataset; `indices` count the
+      Examples, with boxes and masks where the source has them (the embedded dataset:
+      `Source.annotated`); `indices` count the
       examples of the selected classes.
 
     Raises:
@@ -96,27 +97,14 @@ def load_examples(config, split: str, num: int, label: int | None = None) -> Exa
     data = config.data
     inputs.check_split(data, split)
     S, s, pixels = data.resize_size, data.crop_size, preprocess.pixels(data)
-    annotated = data.source == "embedded"
-    if annotated:
-        from zf_tf.pipelines import embedded
-
-        ds = embedded.load(split, inputs._data_dir(data), data.tfds_config)
-        ds = ds.map(lambda ex: (ex["image"], ex["label"], ex["bbox"], ex["mask"]))
-        classes = inputs.selected_classes(data)
-        if classes:  # the model's labels: only these classes, relabelled 0..k-1
-            wanted = tf.constant(classes, tf.int64)
-            ds = ds.filter(lambda im, y, b, m: tf.reduce_any(tf.equal(wanted, y)))
-            ds = ds.map(
-                lambda im, y, b, m: (im, tf.argmax(tf.cast(tf.equal(wanted, y), tf.int32)), b, m)
-            )
-        ds = ds.enumerate()
-    else:
-        # Positions are counted before decoding, so an image that fails to decode (dropped)
-        # leaves a gap in `indices` instead of shifting every later example's index.
-        ds = inputs.encoded_records(data, split).enumerate()
+    annotated = inputs.source(data).annotated(data, split)
+    # Positions are counted before decoding, so an image that fails to decode (dropped)
+    # leaves a gap in `indices` instead of shifting every later example's index.
+    records = inputs.encoded_records(data, split) if annotated is None else annotated
+    ds = records.enumerate()
     if label is not None:
         ds = ds.filter(lambda i, ex: tf.equal(tf.cast(ex[1], tf.int64), label))
-    if not annotated:
+    if annotated is None:
         ds = ds.map(
             lambda i, ex: (
                 i,
@@ -129,7 +117,7 @@ def load_examples(config, split: str, num: int, label: int | None = None) -> Exa
         images.append(preprocess.ten_crops_of_image(image, S, s, pixels)[preprocess.CENTER_CROP])
         labels.append(y)
         indices.append(i)
-        if annotated:
+        if annotated is not None:
             boxes.append(box_to_crop(bbox, h, w, S, s))
             masks.append(_mask_to_crop(mask, S, s))
     n = len(labels)
@@ -146,6 +134,6 @@ def load_examples(config, split: str, num: int, label: int | None = None) -> Exa
         else np.zeros((0, s, s, 3), np.float32),
         labels=np.asarray(labels, np.int64),
         indices=np.asarray(indices, np.int64),
-        boxes=np.stack(boxes) if annotated and n else None,
-        masks=np.stack(masks) if annotated and n else None,
+        boxes=np.stack(boxes) if boxes else None,
+        masks=np.stack(masks) if masks else None,
     )

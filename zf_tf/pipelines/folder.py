@@ -16,6 +16,11 @@ index is kept per folder (`indexed`), so the pipelines, `num_examples` and the a
 run list the tree once.
 Files with other extensions are ignored and counted by extension in the same line. The
 pipelines still drop a file that fails to decode later (changed since it was indexed).
+
+The pipelines read a folder as the source 'folder' (`FolderSource`, `config.data.folder`):
+a split is root/<split>/<class>/ where the folder has split subfolders, else a seeded
+1 in 10 of root/<class>/ is held out as 'validation' (`split_files`); `check_layout` checks
+the tree before training.
 """
 
 from __future__ import annotations
@@ -30,14 +35,18 @@ import json
 import os
 import sys
 
+import tensorflow as tf
 from absl import logging
 
-from zf_tf.pipelines import write_json
+from zf_tf.pipelines import DataError, sources, write_json
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 # Image formats tf.io.decode_image cannot read: skipped and counted, never dropped silently.
 UNSUPPORTED = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".ico", ".psd", ".svg")
 UNLABELED = -1  # the label of every image of a flat folder
+# Fraction of a folder's images held out as the 'validation' split when the folder has
+# no split subfolders (root/train/<class>, root/validation/<class>).
+VALIDATION_FRACTION = 0.1
 _TAIL = 1024  # bytes at the end of a file searched for the end marker
 
 _MAGIC = {
@@ -105,7 +114,6 @@ def cache_dir() -> str:
 def _decodes(paths: list[str]) -> list[bool]:
     """Whether TensorFlow decodes each file (JPEG at 1/8 scale, the rest in full), in
     parallel with tf.data."""
-    import tensorflow as tf
 
     def probe(i, path):
         data = tf.io.read_file(path)
@@ -202,6 +210,14 @@ def _extension(name: str) -> str:
     return os.path.splitext(name)[1].lower() or "(none)"
 
 
+def _class_dirs(root: str) -> list[str]:
+    return sorted(
+        d
+        for d in os.listdir(root)
+        if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
+    )
+
+
 def index_folder(root: str, max_workers: int = 16) -> FolderIndex:
     """Lists and checks the images of a class-subfolder tree (or of a flat folder).
 
@@ -218,11 +234,7 @@ def index_folder(root: str, max_workers: int = 16) -> FolderIndex:
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder not found: {root}")
-    class_names = sorted(
-        d
-        for d in os.listdir(root)
-        if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
-    )
+    class_names = _class_dirs(root)
     listed = []  # (path, label) of every file
     for label, name in enumerate(class_names):
         for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
@@ -278,3 +290,125 @@ def indexed(root: str) -> FolderIndex:
     """`index_folder(root)`, once per process per folder: every pipeline build, split count
     and analysis of a run shares it. `indexed.cache_clear()` forgets (a folder changed)."""
     return index_folder(root)
+
+
+def _indexed_root(root: str, split: str) -> str:
+    """The folder a split's index is of: root/<split>/ if present, else root."""
+    split_root = os.path.join(root, split)
+    return split_root if os.path.isdir(split_root) else root
+
+
+@functools.lru_cache(maxsize=8)
+def split_files(root: str, split: str) -> tuple[list[str], list[int]]:
+    """(paths, labels) of a folder split: root/<split>/<class> if present, else a
+    deterministic every-Nth hold-out of root/<class> as 'validation'; a flat folder of
+    unlabeled images is every split (labels UNLABELED)."""
+    indexed_root = _indexed_root(root, split)
+    index = indexed(indexed_root)
+    if indexed_root != root or not index.labeled:  # a split folder, or a flat folder:
+        return index.paths, index.labels  # every image of it
+    every = int(round(1 / VALIDATION_FRACTION))
+    held_out = [i % every == every - 1 for i in range(len(index.paths))]
+    keep = [h == (split != "train") for h in held_out]
+    return (
+        [p for p, k in zip(index.paths, keep) if k],
+        [y for y, k in zip(index.labels, keep) if k],
+    )
+
+
+def forget() -> None:
+    """Drops the in-process folder indexes (after files were added, removed or changed)."""
+    split_files.cache_clear()
+    indexed.cache_clear()
+
+
+def check_layout(data) -> None:
+    """Checks an image folder for training before anything is written: class subfolders
+    (root/<class>/ or root/<split>/<class>/ for the train and eval splits), each holding
+    images, at least 2 of them, as many as `data.num_classes` (or `data.classes` keeps).
+
+    Raises:
+      DataError: one line naming the folder and what to change.
+    """
+    root = data.folder
+    if not os.path.isdir(root):
+        raise DataError(f"config.data.folder={root}: no such folder")
+    splits = [data.train_split, data.eval_split]
+    present = [s for s in splits if os.path.isdir(os.path.join(root, s))]
+    if present and len(present) != len(splits):
+        missing = next(s for s in splits if s not in present)
+        raise DataError(
+            f"{root} has {present[0]}/ but no {missing}/: add {os.path.join(root, missing)}/"
+            f"<class>/ images, or put the classes directly in {root}/<class>/ (then a seeded "
+            f"1 in {int(round(1 / VALIDATION_FRACTION))} of each is held out)"
+        )
+    roots = [os.path.join(root, s) for s in present] or [root]
+    counts = []
+    for r in roots:
+        classes = _class_dirs(r)
+        if not classes:
+            raise DataError(f"{r} has no class subfolders: training needs {r}/<class>/ images")
+        for c in classes:
+            path = os.path.join(r, c)
+            if not any(f.lower().endswith(EXTENSIONS) for _, _, fs in os.walk(path) for f in fs):
+                raise DataError(f"class folder {path} holds no images ({', '.join(EXTENSIONS)})")
+        counts.append(len(classes))
+    if len(set(counts)) > 1:
+        raise DataError(
+            f"{roots[0]} has {counts[0]} class folders but {roots[1]} has {counts[1]}: "
+            "the splits must have the same classes"
+        )
+    if counts[0] < 2:
+        raise DataError(f"{roots[0]} has 1 class folder: a classifier needs at least 2")
+    selected = sources.selected_classes(data)
+    wanted = len(selected) or int(data.num_classes)
+    if not selected and counts[0] != wanted:
+        raise DataError(
+            f"{roots[0]} has {counts[0]} class folders but config.data.num_classes={wanted}: "
+            f"set --config.data.num_classes={counts[0]}"
+        )
+
+
+class FolderSource(sources.Source):
+    """Source 'folder': the images under `data.folder` (module doc), read as files."""
+
+    def records(self, data, split, shuffle_files=False, seed=0):
+        paths, labels = split_files(data.folder, split)
+        classes = sources.selected_classes(data)
+        if classes:  # selected before any file is read
+            keep = [i for i, y in enumerate(labels) if y in classes]
+            paths = [paths[i] for i in keep]
+            labels = [classes.index(labels[i]) for i in keep]
+        ds = tf.data.Dataset.from_tensor_slices(
+            (tf.constant(paths, tf.string), tf.constant(labels, tf.int64))
+        )
+        return ds.map(lambda p, y: (tf.io.read_file(p), y), num_parallel_calls=tf.data.AUTOTUNE)
+
+    def num_examples(self, data, split):
+        """Readable files of the split (of the selected classes)."""
+        labels = split_files(data.folder, split)[1]
+        classes = sources.selected_classes(data)
+        return sum(y in classes for y in labels) if classes else len(labels)
+
+    def class_names(self, data):
+        root = data.folder
+        if os.path.isdir(os.path.join(root, data.train_split)):
+            root = os.path.join(root, data.train_split)
+        return _class_dirs(root)
+
+    def splits(self, data):
+        return ["train", "validation"]
+
+    def labeled(self, data, split):
+        labels = split_files(data.folder, split)[1]
+        return not labels or labels[0] != UNLABELED
+
+    def num_unreadable(self, data, split):
+        return indexed(_indexed_root(data.folder, split)).num_skipped
+
+    def check(self, data, splits):
+        for split in dict.fromkeys(splits):
+            self.check_split(data, split)
+
+    def check_layout(self, data):
+        check_layout(data)

@@ -117,7 +117,7 @@ def pixels(data) -> Pixels:
     Raises:
       ValueError: an unknown preprocessing.
     """
-    return Pixels(str(data.get("preprocessing", DEFAULT_PREPROCESSING)), tuple(data["mean"]))
+    return Pixels(str(data["preprocessing"]), tuple(data["mean"]))
 
 
 def crop_offsets(resize_size: int, crop_size: int) -> list[tuple[int, int]]:

@@ -27,6 +27,7 @@ import argparse
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -129,7 +130,6 @@ def spawn(num_workers: int = 2, cwd: str | None = None):
       ("localhost:PORT" of the dispatcher, [the processes: dispatcher first]); end them
       with `stop`.
     """
-    import subprocess
 
     def start(*args):
         return subprocess.Popen(
@@ -160,8 +160,6 @@ def spawn(num_workers: int = 2, cwd: str | None = None):
 
 def stop(procs) -> None:
     """Ends the processes of `spawn` (SIGTERM, then SIGKILL after 30 s)."""
-    import subprocess
-
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     for proc in procs:

@@ -19,7 +19,7 @@ from zf_tf import outputs
 from zf_tf.core.errors import UsageError
 from zf_tf.experiments.transfer import images
 from zf_tf.experiments.transfer.target import MODE, Target
-from zf_tf.pipelines import inputs
+from zf_tf.pipelines import folder, sources
 from zf_tf.training import workdirs
 
 # Bump when what a cache file holds changes, so old files are never misread.
@@ -97,10 +97,10 @@ def cache_key(checkpoint: str, layer: str, data, split: str) -> str:
         "layer": layer,
         "split": split,
         "data": {k: workdirs.config_json(data).get(k) for k in _DATA_IDENTITY},
-        "data_dir": inputs._data_dir(data),
+        "data_dir": sources.data_dir(data),
     }
     if data.source == "folder":
-        listing = [inputs._folder_split(data.folder, part) for part in split.split("+")]
+        listing = [folder.split_files(data.folder, part) for part in split.split("+")]
         identity["files"] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from zf_tf.experiments.transfer.target import Target
+from zf_tf.experiments.transfer.target import Target, tfds_builder
 from zf_tf.pipelines import inputs, preprocess
 
 
@@ -31,7 +31,7 @@ def records(target: Target, split: str) -> tf.data.Dataset:
     if target.multi_label:
         import tensorflow_datasets as tfds
 
-        ds = inputs._tfds_builder(data).as_dataset(
+        ds = tfds_builder(data).as_dataset(
             split=split, decoders={data.image_key: tfds.decode.SkipDecoding()}
         )
 

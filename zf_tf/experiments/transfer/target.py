@@ -12,7 +12,7 @@ import ml_collections
 from absl import logging
 
 from zf_tf.core.errors import UsageError
-from zf_tf.pipelines import inputs
+from zf_tf.pipelines import inputs, sources, tfds_source
 from zf_tf.training import workdirs
 
 MODE = "transfer"  # the mode's name, and its folder in a workdir
@@ -90,7 +90,16 @@ def _all_class_names(data) -> list[str]:
         return sorted(
             d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d[0] != "."
         )
-    return list(label_feature(inputs._tfds_builder(data).info.features, data.label_key).names)
+    return list(label_feature(tfds_builder(data).info.features, data.label_key).names)
+
+
+def tfds_builder(data):
+    """The prepared tfds builder of a target read through tfds (sources 'tfds' and
+    'embedded'); of any other target, that of the tfds dataset `data.name`."""
+    source = inputs.source(data)
+    if not isinstance(source, tfds_source.TfdsSource):
+        source = inputs.REGISTRY["tfds"]
+    return source.builder(data)
 
 
 def check_config(config):
@@ -155,7 +164,7 @@ def resolve_target(config) -> Target:
     fields["cache"] = False
     data = ml_collections.ConfigDict(fields)
     names = _all_class_names(data)
-    classes = inputs.selected_classes(data)
+    classes = sources.selected_classes(data)
     bad = [c for c in classes if not 0 <= c < len(names)]
     if bad or len(set(classes)) != len(classes):
         raise UsageError(
@@ -174,8 +183,8 @@ def source_overlap_warning(config, target: Target):
         same = same and src.get("folder") == target.data.folder
     if not same:
         return
-    src_classes = set(inputs.selected_classes(src)) or set(range(int(src.num_classes)))
-    tgt_classes = set(inputs.selected_classes(target.data)) or set(range(target.num_classes))
+    src_classes = set(sources.selected_classes(src)) or set(range(int(src.num_classes)))
+    tgt_classes = set(sources.selected_classes(target.data)) or set(range(target.num_classes))
     if src_classes & tgt_classes:
         logging.warning(
             "The source run was trained on target classes %s of the same dataset: this "
