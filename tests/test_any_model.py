@@ -16,7 +16,7 @@ import zf_tf
 from tests import oracles
 from tests.tiny_models import randomize_batch_norm
 from zf_tf.analyses import atlas_site, sources
-from zf_tf.core import deconv, graph
+from zf_tf.core import deconv, graph, rules
 
 L = keras.layers
 
@@ -197,7 +197,7 @@ def test_nested_model(vgg16):
     a = check_layer(outer, "block2_conv1", images, windowed=(True,))
     b = check_layer(vgg16, "block2_conv1", images, oracle=False, windowed=(True,))
     np.testing.assert_array_equal(a["projection"], b["projection"])
-    logits = deconv.rule_forward(outer, tf.constant(images), "head", "gradient")
+    logits = rules.rule_forward(outer, tf.constant(images), "head", "gradient")
     np.testing.assert_allclose(logits.numpy(), outer(images).numpy(), rtol=1e-5)
 
 
@@ -234,7 +234,7 @@ def test_vgg16_at_224_with_its_classifier():
     images = np.random.default_rng(6).uniform(-100, 100, (1, 224, 224, 3)).astype(np.float32)
     for name in ("block5_conv3", "block3_conv3"):
         check_layer(model, name, images, windowed=(True,))
-    logits = deconv.rule_forward(model, tf.constant(images), "predictions", "deconvnet")
+    logits = rules.rule_forward(model, tf.constant(images), "predictions", "deconvnet")
     np.testing.assert_allclose(logits.numpy(), model(images).numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -277,7 +277,7 @@ def test_mobilenet_v2_depthwise_relu6_rule_form():
     for rule in ("deconvnet", "gradient"):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            maps = deconv.rule_forward(model, x, name, rule)
+            maps = rules.rule_forward(model, x, name, rule)
             score = tf.reduce_sum(
                 tf.reduce_max(maps, axis=(1, 2)) * tf.one_hot(feature, maps.shape[-1])
             )

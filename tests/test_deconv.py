@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import load_config
-from zf_tf.core import deconv, graph
+from zf_tf.core import deconv, deconv_layers, graph, windowed
 from zf_tf.core import model as model_lib
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -94,7 +94,7 @@ def test_switch_max_pool_matches_keras(padding, shape):
     pool = keras.layers.MaxPooling2D(3, 2, padding=padding)
     for kind in ("ties", "normal"):
         x = pool_inputs(kind, shape, rng)
-        pooled, switches = deconv.SwitchMaxPool(pool)(x)
+        pooled, switches = deconv_layers.SwitchMaxPool(pool)(x)
         np.testing.assert_array_equal(pooled.numpy(), pool(x).numpy())
         assert switches.dtype == tf.int64
         # Switches point at an element holding the max, in the same channel.
@@ -112,19 +112,19 @@ def test_unpool_is_max_pool_gradient(padding, kind):
     shape = (3, 11, 12, 4)
     x = tf.constant(pool_inputs(kind, shape, rng))
     pool = keras.layers.MaxPooling2D(3, 2, padding=padding)
-    pooled, switches = deconv.SwitchMaxPool(pool)(x)
+    pooled, switches = deconv_layers.SwitchMaxPool(pool)(x)
     values = tf.constant(rng.normal(size=pooled.shape).astype(np.float32))
     with tf.GradientTape() as tape:
         tape.watch(x)
         out = pool(x)
     expected = tape.gradient(out, x, output_gradients=values).numpy()
-    unpooled = deconv.Unpool()(values, switches, output_shape=shape[1:]).numpy()
+    unpooled = deconv_layers.Unpool()(values, switches, output_shape=shape[1:]).numpy()
     np.testing.assert_allclose(unpooled, expected, rtol=0, atol=1e-6)
     # Overlapping windows really did choose the same inputs (the sums are exercised).
     per_image = [np.unique(s).size for s in switches.numpy().reshape(shape[0], -1)]
     assert min(per_image) < np.prod(pooled.shape[1:])
     # int32 switches give the same.
-    same = deconv.Unpool()(values, tf.cast(switches, tf.int32), output_shape=shape[1:])
+    same = deconv_layers.Unpool()(values, tf.cast(switches, tf.int32), output_shape=shape[1:])
     np.testing.assert_array_equal(same.numpy(), unpooled)
 
 
@@ -134,7 +134,7 @@ def test_transposed_filter_is_conv_gradient(padding, strides):
     conv = keras.layers.Conv2D(5, 3, strides=strides, padding=padding, activation="relu")
     x = tf.constant(rng.normal(size=(2, 9, 9, 4)).astype(np.float32))
     out_shape = conv(x).shape
-    layer = deconv.TransposedFilter(conv)
+    layer = deconv_layers.TransposedFilter(conv)
     assert layer.conv is conv
     g = tf.constant(rng.normal(size=out_shape).astype(np.float32))
     with tf.GradientTape() as tape:
@@ -151,7 +151,7 @@ def test_matmul_transposed_conv(kernel, stride):
     k = tf.constant(rng.normal(size=(kernel, kernel, 2, 6)).astype(np.float32))
     out = ((4 - 1) * stride + kernel, (5 - 1) * stride + kernel)
     expected = tf.nn.conv2d_transpose(x, k, [3, *out, 2], stride, "VALID").numpy()
-    actual = deconv._transposed_conv_matmul(x, k, (stride, stride)).numpy()
+    actual = windowed._transposed_conv_matmul(x, k, (stride, stride)).numpy()
     assert actual.shape == expected.shape
     assert_close(actual, expected, rtol=1e-5)
 

@@ -33,7 +33,7 @@ import tqdm
 
 from zf_tf import outputs
 from zf_tf.analyses import atlas_site, base, featvis
-from zf_tf.core import deconv, graph, topk
+from zf_tf.core import deconv, graph, rules, topk
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
 from zf_tf.training import workdirs
@@ -420,7 +420,7 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
             "receptive_field": field,
             "side": min(field, s.crop_size),  # the canvas of its images
             "form": deconv.projection_form(model, layer)[0],
-            "way_down": deconv.way_down(model, layer),
+            "way_down": rules.way_down(model, layer),
         }
     timings["projections"] = time.perf_counter() - started
     for layer, result in visualized.items():
@@ -435,7 +435,7 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
     summary = atlas_site.write(os.path.dirname(paths["index.html"]), result, s)
     below = {r["layer"]: r for records in summary["way_down"].values() for r in records}
     lines = [
-        deconv.way_down_line(list(below.values())),
+        rules.way_down_line(list(below.values())),
         f"Atlas: {summary['units']} units of {len(s.layers)} layer(s), "
         f"{summary['files']} files, {summary['bytes'] / 1e6:.1f} MB; largest page "
         f"{summary['largest_page']} ({summary['largest_page_bytes'] / 1e6:.2f} MB with its images)",

@@ -19,7 +19,7 @@ import tqdm
 
 from zf_tf import outputs
 from zf_tf.analyses import base
-from zf_tf.core import deconv, graph, topk
+from zf_tf.core import deconv, graph, rules, topk
 from zf_tf.core.errors import UsageError, op_message
 from zf_tf.pipelines import inputs, preprocess
 
@@ -279,7 +279,7 @@ def resolve(s: Settings, model, source) -> Settings:
         raise UsageError(f"--layer={layer}: {e}") from None
     if form == "rule":
         print(f"{layer}: projections in the backward-rule form ({why})")
-    print(deconv.way_down_line(deconv.way_down(model, layer)))
+    print(rules.way_down_line(rules.way_down(model, layer)))
     if s.features and not s.image:
         num_maps = int(graph.find(model, layer).output.shape[-1])
         select_features(num_maps, s.features, s.num_features, s.seed)
@@ -313,7 +313,7 @@ def compute(model, data: Data, s: Settings) -> dict:
     """`strongest_maps` of the image, or `top_k` over the split (with a progress bar);
     adds 'num_images' (scan) or 'image' (the model input)."""
     record = {"form": deconv.projection_form(model, s.layer)[0]}
-    record["way_down"] = deconv.way_down(model, s.layer)
+    record["way_down"] = rules.way_down(model, s.layer)
     if data.image is not None:
         found = strongest_maps(model, data.image, s.layer, s.num_features)
         return {"image": data.image, **found, **record}

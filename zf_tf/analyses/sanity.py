@@ -411,7 +411,7 @@ def unit_projections(model, layer: str, images, requests: dict) -> np.ndarray:
     """(U, s, s) max over channels of |deconvnet projection| of each request, by `model`.
 
     Both forms of the deconvnet run the model's own layers (the explicit one its filters,
-    the rule form `deconv.rule_tap`), so one built on the randomized copy projects with
+    the rule form `rules.rule_tap`), so one built on the randomized copy projects with
     whatever weights the copy holds now: built once per model and layer.
     """
     dn = _DECONVNETS.get(model)
