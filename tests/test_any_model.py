@@ -86,10 +86,10 @@ def test_vgg16_all_13_conv_layers(vgg16):
 
 
 def test_vgg16_receptive_fields(vgg16):
-    assert deconv.receptive_field_size(vgg16, "block1_conv1") == 3
-    assert deconv.receptive_field_size(vgg16, "block2_conv1") == 10  # 3 + 2 + 1 (pool) + 4
-    assert deconv.receptive_field(vgg16, "block1_conv2", 0, 0) == (0, 0, 3, 3)
-    assert deconv.receptive_field(vgg16, "block1_pool", 3, 4) == (4, 6, 10, 12)
+    assert graph.receptive_field_size(vgg16, "block1_conv1") == 3
+    assert graph.receptive_field_size(vgg16, "block2_conv1") == 10  # 3 + 2 + 1 (pool) + 4
+    assert graph.receptive_field(vgg16, "block1_conv2", 0, 0) == (0, 0, 3, 3)
+    assert graph.receptive_field(vgg16, "block1_pool", 3, 4) == (4, 6, 10, 12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +318,7 @@ def test_every_application_against_an_independent_rule_gradient(name, tmp_path):
     assert scale > 0
     np.testing.assert_allclose(out["projection"], want, rtol=1e-3, atol=1e-4 * scale)
     for m in range(2):
-        y0, x0, y1, x1 = deconv.receptive_field(model, layer, out["y"][m], out["x"][m])
+        y0, x0, y1, x1 = graph.receptive_field(model, layer, out["y"][m], out["x"][m])
         outside = np.ones((size, size), bool)
         outside[y0:y1, x0:x1] = False
         assert not np.abs(out["projection"][m][outside]).any()

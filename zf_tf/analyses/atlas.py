@@ -300,7 +300,7 @@ def _groups(best: topk.TopK, chunks: list[range]) -> list[list[range]]:
 def project_units(model, dn, best: topk.TopK, units: range, layer: str, pool, labels, s) -> dict:
     """Projections and input patches of the winners of `units` on the layer's receptive
     field canvas (uint8 (n, k, side, side, 3); empty slots gray), and their labels."""
-    side = min(int(deconv.receptive_field_size(model, layer)), s.crop_size)
+    side = min(int(graph.receptive_field_size(model, layer)), s.crop_size)
     k, n = best.k, len(units)
     proj = np.full((n, k, side, side, 3), 128, np.uint8)
     patch = np.full((n, k, side, side, 3), 128, np.uint8)
@@ -325,7 +325,7 @@ def project_units(model, dn, best: topk.TopK, units: range, layer: str, pool, la
     to_uint8 = lambda a: np.clip(np.round(a * 255), 0, 255).astype(np.uint8)
     for m, (i, r) in enumerate(rows):
         u, image = units[i], int(best.image[r, units[i]])
-        b = tuple(int(v) for v in deconv.receptive_field(model, layer, best.y[r, u], best.x[r, u]))
+        b = tuple(int(v) for v in graph.receptive_field(model, layer, best.y[r, u], best.x[r, u]))
         box[i, r] = b
         proj[i, r] = to_uint8(outputs.field_cell(result["projection"][m], b, side))
         patch[i, r] = to_uint8(outputs.field_patch(shown[where[image]], b, side))
@@ -412,7 +412,7 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
     layers = {}
     for layer in s.layers:
         shape = tuple(int(d) for d in graph.find(model, layer).output.shape[1:])
-        field = int(deconv.receptive_field_size(model, layer))
+        field = int(graph.receptive_field_size(model, layer))
         layers[layer] = {
             "scan": scans[layer],
             **cells[layer],

@@ -122,14 +122,14 @@ def top_k(
         batch_size=batch_size,
     )
     for r in rows:
-        r["box"] = [int(b) for b in deconv.receptive_field(model, layer, r["y"], r["x"])]
+        r["box"] = [int(b) for b in graph.receptive_field(model, layer, r["y"], r["x"])]
     return {
         "features": chosen,
         "winners": rows,
         "projection": result["projection"],
         "pool": pool,
         "slot": slot,
-        "receptive_field": int(deconv.receptive_field_size(model, layer)),
+        "receptive_field": int(graph.receptive_field_size(model, layer)),
     }
 
 

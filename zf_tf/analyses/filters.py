@@ -196,11 +196,11 @@ def layer2_projections(
         best.x[0, chosen],
     )
     crop = int(model.inputs[0].shape[1])
-    side = min(deconv.receptive_field_size(model, layer), crop)
+    side = min(graph.receptive_field_size(model, layer), crop)
     cells, winners = [], []
     for n, f in enumerate(chosen):
         y, x = int(result["y"][n]), int(result["x"][n])
-        box = deconv.receptive_field(model, layer, y, x)
+        box = graph.receptive_field(model, layer, y, x)
         cells.append(outputs.field_cell(result["projection"][n], box, side))
         winners.append(
             {

@@ -39,8 +39,6 @@ computes it directly. `rules.rule_forward` generalizes it to any layer (dense la
 included) and other backward rules (guided backpropagation, the plain gradient), for the
 attribution methods.
 
-`receptive_field` / `receptive_field_size` give the input patch a unit can see (`graph`).
-
 Requests are (image, feature map, y, x); a negative y or x means "at the maximum of that
 feature map on that image" (the first maximum in row-major order, as numpy's argmax).
 """
@@ -63,8 +61,6 @@ __all__ = [
     "projection_form",
     "valid_layers",
     "gradient_projection",
-    "receptive_field",
-    "receptive_field_size",
 ]
 
 
@@ -522,8 +518,3 @@ def gradient_projection(
     if not parts:
         return np.zeros((0, *images.shape[1:]), np.float32)
     return np.concatenate(parts)
-
-
-# Receptive fields (any model; see `graph`).
-receptive_field = graph.receptive_field
-receptive_field_size = graph.receptive_field_size
