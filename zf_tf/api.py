@@ -46,7 +46,7 @@ import os
 import numpy as np
 
 from zf_tf.analyses import atlas as atlas_lib
-from zf_tf.analyses import atlas_site, sources
+from zf_tf.analyses import atlas_site, base, sources
 from zf_tf.analyses import attribution as attribution_lib
 from zf_tf.analyses import sanity as sanity_lib
 from zf_tf.configs import default
@@ -75,9 +75,7 @@ def _images(model, images) -> np.ndarray:
 
 
 def _layer(model, layer: str, valid: list[str], what: str) -> str:
-    if layer not in valid:
-        raise UsageError(f"layer {layer!r} is not valid {what}: choose one of {', '.join(valid)}")
-    return layer
+    return base.check_layer(layer, valid, "layer ", problem=f"is not valid {what}")
 
 
 def projections(model, images, layer: str, units=None, batch_size: int = 64) -> dict:

@@ -153,14 +153,21 @@ def resolve(s: Settings, model, source) -> Settings:
     names = {op.name for op in graph.ops_of(model)}
     for layer in layers:
         if layer not in names:
-            raise UsageError(
-                f"--layers: {layer!r} is not a layer of the model: choose from {', '.join(valid)}"
+            raise base.layer_error(
+                layer,
+                valid,
+                "--layers: ",
+                problem="is not a layer of the model",
+                choose="choose from",
             )
-        if layer not in valid:
-            raise UsageError(
-                f"--layers: {layer!r} has no deconvnet inverse (not a conv, pool or activation "
-                f"layer with image-shaped maps): choose from {', '.join(valid)}"
-            )
+        base.check_layer(
+            layer,
+            valid,
+            "--layers: ",
+            problem="has no deconvnet inverse (not a conv, pool or activation layer with "
+            "image-shaped maps)",
+            choose="choose from",
+        )
         try:
             deconv.projection_form(model, layer)
         except NotImplementedError as e:

@@ -752,10 +752,9 @@ def cam_layer(model, methods, layer: str) -> str:
     """
     convs = graph.conv_layers(model)
     cam = layer or (convs[-1] if convs else "")
-    if set(methods) & set(CAM_METHODS) and cam not in convs:
-        raise UsageError(
-            f"config.analysis.attribution.cam_layer={cam!r} is not valid: "
-            + (f"choose one of {', '.join(convs)}" if convs else "the model has no conv layer")
+    if set(methods) & set(CAM_METHODS):
+        base.check_layer(
+            cam, convs, "config.analysis.attribution.cam_layer=", none="the model has no conv layer"
         )
     return cam
 

@@ -270,9 +270,7 @@ def resolve(s: Settings, model, source) -> Settings:
         features out of range.
     """
     valid = deconv.valid_layers(model)
-    layer = s.layer or graph.conv_layers(model)[-1]
-    if layer not in valid:
-        raise UsageError(f"--layer={layer!r} is not valid: choose one of {', '.join(valid)}")
+    layer = base.check_layer(s.layer or graph.conv_layers(model)[-1], valid)
     try:
         form, why = deconv.projection_form(model, layer)
     except NotImplementedError as e:

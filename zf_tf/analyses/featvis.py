@@ -141,9 +141,7 @@ def resolve(s: Settings, model, source) -> Settings:
         features out of range.
     """
     valid = featvis.valid_layers(model)
-    layer = s.layer or graph.conv_layers(model)[-1]
-    if layer not in valid:
-        raise UsageError(f"--layer={layer!r} is not valid: choose one of {', '.join(valid)}")
+    layer = base.check_layer(s.layer or graph.conv_layers(model)[-1], valid)
     shape = graph.find(model, layer).output.shape
     if s.params.objective == "neuron" and len(shape) != 4:
         raise UsageError(

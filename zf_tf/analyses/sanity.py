@@ -333,12 +333,12 @@ def resolve(s: Settings, model, source) -> Settings:
     convs = graph.conv_layers(model)
     layer = s.projection_layer or (convs[-1] if convs else "")
     if s.projection_units:
-        valid = deconv.valid_layers(model)
-        if layer not in valid:
-            raise UsageError(
-                f"config.analysis.sanity.projection_layer={layer!r} is not valid: choose one "
-                f"of {', '.join(valid)} (or projection_units=0)"
-            )
+        base.check_layer(
+            layer,
+            deconv.valid_layers(model),
+            "config.analysis.sanity.projection_layer=",
+            after=" (or projection_units=0)",
+        )
         maps = graph.find(model, layer).output.shape[-1]
         if s.projection_units > maps:
             raise UsageError(
