@@ -41,6 +41,11 @@ attribution methods.
 
 Requests are (image, feature map, y, x); a negative y or x means "at the maximum of that
 feature map on that image" (the first maximum in row-major order, as numpy's argmax).
+
+This module holds the entry points (`build_deconvnet`, `project`, `projection_form`,
+`valid_layers`, `gradient_projection`), the selection of the requested units and the chain's
+forward pass with switches; the explicit form's layers are in `deconv_layers`, its windowed
+way down in `windowed`, the rule form in `rules`, receptive fields in `graph`.
 """
 
 from __future__ import annotations
