@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from zf_tf import cli  # noqa: E402
-from zf_tf.core import deconv, graph  # noqa: E402
+from zf_tf.core import deconv, deconv_layers, graph  # noqa: E402
 from zf_tf.core import model as model_lib  # noqa: E402
 
 TARGETS = {"batched_vs_loop": 4.0, "batched_vs_gradient": 1.5}
@@ -129,7 +129,7 @@ def conv_flops(model, layer_name):
 
 
 def windowed_flops(model, layer_name, dense_fraction=0.5):
-    """2 * MACs of the transposed convs the windowed way down computes (see zf_tf.core.deconv)."""
+    """2 * MACs of the transposed convs the windowed way down computes (see zf_tf.core.windowed)."""
     chain = deconv._chain(model, layer_name)
     size = tuple(model.inputs[0].shape[1:3])
     levels = []  # (layer, output size, geometry)
@@ -161,7 +161,7 @@ def build_loop(model, layer_name):
         i: keras.Input(tuple(steps[i][3].shape[1:]), dtype=steps[i][3].dtype, name=f"sw{i}")
         for i in switch_steps
     }
-    down = deconv._dense_backward(steps, top_in, lambda i, _: switch_in[i])
+    down = deconv_layers.dense_backward(steps, top_in, lambda i, _: switch_in[i])
     backward = keras.Model([top_in] + [switch_in[i] for i in switch_steps], down)
     forward_fn = tf.function(lambda x: forward(x, training=False))
     backward_fn = tf.function(lambda xs: backward(xs, training=False))

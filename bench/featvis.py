@@ -15,9 +15,8 @@ interleaved over `--repeats` rounds, reporting the median and range of every fig
                   allows), the same number of steps
 Each child optimizes `--units` units of the layer (the first ones; all if it has fewer) for
 `--steps` steps, after a warm-up call (the same units, 2 steps: tracing) that is not timed,
-and reports seconds
-per unit and the channel objective (mean of the unit's map) that each method's final
-images reach, measured the same way (the model's own layers, no transform).
+and reports seconds per unit and the channel objective (mean of the unit's map) that each
+method's final images reach, measured the same way (the model's own layers, no transform).
 
 Targets (README, issue "Feature visualization"): zf_tf >= 5x tf-keras-vis' units per
 second, and its activation >= 0.9 of tf-keras-vis' (the median over units of the ratio).

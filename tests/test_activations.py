@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from zf_tf.core import activations, deconv
+from zf_tf.core import activations, rules
 
 L = keras.layers
 RECTIFIERS = ["relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu", "hard_silu"]
@@ -63,7 +63,7 @@ def test_each_activations_rule_against_a_hand_computation(activation, rule):
         images = tf.constant(x)
         with tf.GradientTape() as tape:
             tape.watch(images)
-            logits = deconv.rule_forward(model, images, "logits", rule)
+            logits = rules.rule_forward(model, images, "logits", rule)
             score = logits[:, unit]
         got = tape.gradient(score, images).numpy()
         np.testing.assert_allclose(
@@ -95,7 +95,7 @@ def test_the_redirected_rule_passes_a_dead_units_gradient(separate):
     images = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(images)
-        loss = -deconv.rule_forward(model, images, "logits", "redirected")[:, unit]
+        loss = -rules.rule_forward(model, images, "logits", "redirected")[:, unit]
     got = tape.gradient(loss, images).numpy()
     up = np.broadcast_to(-w2[:, unit], z.shape)  # d loss / d ReLU output
     true = up * (z > 0)
@@ -143,7 +143,7 @@ def test_activation_layers_with_parameters(make, rule):
     images = tf.constant(np.random.default_rng(1).normal(0, 1, (3, 2, 2, 3)), tf.float32)
     with tf.GradientTape() as tape:
         tape.watch(images)
-        score = deconv.rule_forward(model, images, "logits", rule)[:, 2]
+        score = rules.rule_forward(model, images, "logits", rule)[:, 2]
     got = tape.gradient(score, images).numpy()
     w1, b1 = (np.asarray(v, np.float64) for v in model.get_layer("pre").get_weights())
     w2 = np.asarray(model.get_layer("logits").get_weights()[0], np.float64)
@@ -167,7 +167,7 @@ def test_way_down_records_each_activation_below_a_layer():
     x = L.Conv2D(4, 3, name="c2")(x)
     x = L.Activation("gelu", name="g2")(x)
     model = keras.Model(inp, L.Conv2D(2, 1, activation="tanh", name="head")(x))
-    assert deconv.way_down(model, "g2") == [
+    assert rules.way_down(model, "g2") == [
         {"layer": "c1", "activation": "silu", "rule": "ReLU of the signal (rectifier-shaped)"},
         {
             "layer": "excite",
@@ -176,8 +176,8 @@ def test_way_down_records_each_activation_below_a_layer():
         },
         {"layer": "g2", "activation": "gelu", "rule": "ReLU of the signal (rectifier-shaped)"},
     ]
-    assert [r["layer"] for r in deconv.way_down(model, "c1")] == ["c1"]
-    assert deconv.way_down_line(deconv.way_down(model, "g2")) == (
+    assert [r["layer"] for r in rules.way_down(model, "c1")] == ["c1"]
+    assert rules.way_down_line(rules.way_down(model, "g2")) == (
         "Way down (deconvnet rule): silu on 1 layer: ReLU of the signal (rectifier-shaped); "
         "sigmoid on 1 layer: its true gradient (a gate, not rectified); gelu on 1 layer: ReLU "
         "of the signal (rectifier-shaped)"

@@ -16,7 +16,7 @@ import zf_tf
 from tests import oracles
 from tests.tiny_models import pooled_bn_net
 from zf_tf.analyses import atlas_site, sources
-from zf_tf.core import deconv, graph
+from zf_tf.core import deconv, graph, rules
 
 L = keras.layers
 
@@ -86,10 +86,10 @@ def test_vgg16_all_13_conv_layers(vgg16):
 
 
 def test_vgg16_receptive_fields(vgg16):
-    assert deconv.receptive_field_size(vgg16, "block1_conv1") == 3
-    assert deconv.receptive_field_size(vgg16, "block2_conv1") == 10  # 3 + 2 + 1 (pool) + 4
-    assert deconv.receptive_field(vgg16, "block1_conv2", 0, 0) == (0, 0, 3, 3)
-    assert deconv.receptive_field(vgg16, "block1_pool", 3, 4) == (4, 6, 10, 12)
+    assert graph.receptive_field_size(vgg16, "block1_conv1") == 3
+    assert graph.receptive_field_size(vgg16, "block2_conv1") == 10  # 3 + 2 + 1 (pool) + 4
+    assert graph.receptive_field(vgg16, "block1_conv2", 0, 0) == (0, 0, 3, 3)
+    assert graph.receptive_field(vgg16, "block1_pool", 3, 4) == (4, 6, 10, 12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_nested_model(vgg16):
     a = check_layer(outer, "block2_conv1", images, windowed=(True,))
     b = check_layer(vgg16, "block2_conv1", images, oracle=False, windowed=(True,))
     np.testing.assert_array_equal(a["projection"], b["projection"])
-    logits = deconv.rule_forward(outer, tf.constant(images), "head", "gradient")
+    logits = rules.rule_forward(outer, tf.constant(images), "head", "gradient")
     np.testing.assert_allclose(logits.numpy(), outer(images).numpy(), rtol=1e-5)
 
 
@@ -207,7 +207,7 @@ def test_vgg16_at_224_with_its_classifier():
     images = np.random.default_rng(6).uniform(-100, 100, (1, 224, 224, 3)).astype(np.float32)
     for name in ("block5_conv3", "block3_conv3"):
         check_layer(model, name, images, windowed=(True,))
-    logits = deconv.rule_forward(model, tf.constant(images), "predictions", "deconvnet")
+    logits = rules.rule_forward(model, tf.constant(images), "predictions", "deconvnet")
     np.testing.assert_allclose(logits.numpy(), model(images).numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -250,7 +250,7 @@ def test_mobilenet_v2_depthwise_relu6_rule_form():
     for rule in ("deconvnet", "gradient"):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            maps = deconv.rule_forward(model, x, name, rule)
+            maps = rules.rule_forward(model, x, name, rule)
             score = tf.reduce_sum(
                 tf.reduce_max(maps, axis=(1, 2)) * tf.one_hot(feature, maps.shape[-1])
             )
@@ -291,7 +291,7 @@ def test_every_application_against_an_independent_rule_gradient(name, tmp_path):
     assert scale > 0
     np.testing.assert_allclose(out["projection"], want, rtol=1e-3, atol=1e-4 * scale)
     for m in range(2):
-        y0, x0, y1, x1 = deconv.receptive_field(model, layer, out["y"][m], out["x"][m])
+        y0, x0, y1, x1 = graph.receptive_field(model, layer, out["y"][m], out["x"][m])
         outside = np.ones((size, size), bool)
         outside[y0:y1, x0:x1] = False
         assert not np.abs(out["projection"][m][outside]).any()

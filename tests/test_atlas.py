@@ -18,7 +18,7 @@ from tests import browser
 from tests.conftest import ROOT, load_config, run_analysis, tiny, workdir_with_model
 from tests.helpers import run_workers
 from zf_tf.analyses import atlas, atlas_site
-from zf_tf.core import deconv, topk
+from zf_tf.core import deconv, graph, topk
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 
@@ -61,7 +61,7 @@ def test_site_files_and_winners(site):
         assert pages == [f"unit_{u:04d}.html" for u in range(units)]
         images = os.listdir(os.path.join(folder, "img"))
         assert len(images) == 2 * 4 * units  # k projections and k patches per unit
-        side = min(deconv.receptive_field_size(model, layer), 64)
+        side = min(graph.receptive_field_size(model, layer), 64)
         with Image.open(os.path.join(folder, "img", "0000_p0.png")) as im:
             assert im.size == (side, side)
     cache = os.path.join(atlas, "cache")

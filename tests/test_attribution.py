@@ -16,7 +16,7 @@ from tests.conftest import load_config, run_analysis, workdir_with_model
 from tests.helpers import events
 from tests.tiny_models import named_convnet, saved_bn_net
 from zf_tf.analyses import attribution, base, sources
-from zf_tf.core import deconv, graph
+from zf_tf.core import deconv, graph, rules
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import DataError
@@ -88,7 +88,7 @@ def test_saliency_is_max_abs_of_the_logit_gradient(model, images):
     # The plain-gradient rule runs the same network (same forward values, same gradient).
     assert_close(attribution.rule_gradients(model, images, [1, 4], "gradient"), grads)
     x = tf.constant(images)
-    assert_close(deconv.rule_forward(model, x, "logits", "gradient").numpy(), model(x).numpy())
+    assert_close(rules.rule_forward(model, x, "logits", "gradient").numpy(), model(x).numpy())
     # SmoothGrad with the same seed is reproducible; with noise it differs from saliency.
     a = attribution.saliency_maps(model, images, [1, 4], 3, 0.2, seed=5)
     b = attribution.saliency_maps(model, images, [1, 4], 3, 0.2, seed=5)
@@ -102,7 +102,7 @@ def test_deconvnet_rule_matches_the_deconvnet_oracle(model, images, layer, unit)
     xt = tf.constant(images[:1])
     with tf.GradientTape() as tape:
         tape.watch(xt)
-        fmap = deconv.rule_forward(model, xt, layer, "deconvnet")
+        fmap = rules.rule_forward(model, xt, layer, "deconvnet")
         act = fmap[0, y, x, feature]
     grad = tape.gradient(act, xt).numpy()
     oracle = deconv.gradient_projection(
@@ -141,7 +141,7 @@ def test_guided_and_deconvnet_rules_by_hand():
     assert_close(attribution.rule_gradients(model, x, classes, "deconvnet"), deconvnet)
     assert_close(attribution.rule_gradients(model, x, classes, "gradient"), plain)
     with pytest.raises(ValueError, match="valid rules: deconvnet, guided, gradient"):
-        deconv.rule_forward(model, tf.constant(x), "logits", "lrp")
+        rules.rule_forward(model, tf.constant(x), "logits", "lrp")
 
 
 def test_gradcam_by_hand(model, images):

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import load_config
-from zf_tf.core import deconv, graph
+from zf_tf.core import deconv, deconv_layers, graph, windowed
 from zf_tf.core import model as model_lib
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -94,7 +94,7 @@ def test_switch_max_pool_matches_keras(padding, shape):
     pool = keras.layers.MaxPooling2D(3, 2, padding=padding)
     for kind in ("ties", "normal"):
         x = pool_inputs(kind, shape, rng)
-        pooled, switches = deconv.SwitchMaxPool(pool)(x)
+        pooled, switches = deconv_layers.SwitchMaxPool(pool)(x)
         np.testing.assert_array_equal(pooled.numpy(), pool(x).numpy())
         assert switches.dtype == tf.int64
         # Switches point at an element holding the max, in the same channel.
@@ -112,19 +112,19 @@ def test_unpool_is_max_pool_gradient(padding, kind):
     shape = (3, 11, 12, 4)
     x = tf.constant(pool_inputs(kind, shape, rng))
     pool = keras.layers.MaxPooling2D(3, 2, padding=padding)
-    pooled, switches = deconv.SwitchMaxPool(pool)(x)
+    pooled, switches = deconv_layers.SwitchMaxPool(pool)(x)
     values = tf.constant(rng.normal(size=pooled.shape).astype(np.float32))
     with tf.GradientTape() as tape:
         tape.watch(x)
         out = pool(x)
     expected = tape.gradient(out, x, output_gradients=values).numpy()
-    unpooled = deconv.Unpool()(values, switches, output_shape=shape[1:]).numpy()
+    unpooled = deconv_layers.Unpool()(values, switches, output_shape=shape[1:]).numpy()
     np.testing.assert_allclose(unpooled, expected, rtol=0, atol=1e-6)
     # Overlapping windows really did choose the same inputs (the sums are exercised).
     per_image = [np.unique(s).size for s in switches.numpy().reshape(shape[0], -1)]
     assert min(per_image) < np.prod(pooled.shape[1:])
     # int32 switches give the same.
-    same = deconv.Unpool()(values, tf.cast(switches, tf.int32), output_shape=shape[1:])
+    same = deconv_layers.Unpool()(values, tf.cast(switches, tf.int32), output_shape=shape[1:])
     np.testing.assert_array_equal(same.numpy(), unpooled)
 
 
@@ -134,7 +134,7 @@ def test_transposed_filter_is_conv_gradient(padding, strides):
     conv = keras.layers.Conv2D(5, 3, strides=strides, padding=padding, activation="relu")
     x = tf.constant(rng.normal(size=(2, 9, 9, 4)).astype(np.float32))
     out_shape = conv(x).shape
-    layer = deconv.TransposedFilter(conv)
+    layer = deconv_layers.TransposedFilter(conv)
     assert layer.conv is conv
     g = tf.constant(rng.normal(size=out_shape).astype(np.float32))
     with tf.GradientTape() as tape:
@@ -151,7 +151,7 @@ def test_matmul_transposed_conv(kernel, stride):
     k = tf.constant(rng.normal(size=(kernel, kernel, 2, 6)).astype(np.float32))
     out = ((4 - 1) * stride + kernel, (5 - 1) * stride + kernel)
     expected = tf.nn.conv2d_transpose(x, k, [3, *out, 2], stride, "VALID").numpy()
-    actual = deconv._transposed_conv_matmul(x, k, (stride, stride)).numpy()
+    actual = windowed._transposed_conv_matmul(x, k, (stride, stride)).numpy()
     assert actual.shape == expected.shape
     assert_close(actual, expected, rtol=1e-5)
 
@@ -172,7 +172,7 @@ def test_projection_matches_gradient(small_model, images, deconvnets, name, wind
     for m in range(len(index)):
         assert np.abs(out["projection"][m]).max() > 0
         assert_close(out["projection"][m], expected[m])
-        y0, x0, y1, x1 = deconv.receptive_field(small_model, name, out["y"][m], out["x"][m])
+        y0, x0, y1, x1 = graph.receptive_field(small_model, name, out["y"][m], out["x"][m])
         outside = np.ones((64, 64), bool)
         outside[y0:y1, x0:x1] = False
         assert not np.any(out["projection"][m][outside])
@@ -206,7 +206,7 @@ def check_paper_scale(paper_model, name, windowed=True):
         assert out["activation"][m] > 0
         assert np.abs(out["projection"][m]).max() > 0
         assert_close(out["projection"][m], expected[m])
-        y0, x0, y1, x1 = deconv.receptive_field(paper_model, name, out["y"][m], out["x"][m])
+        y0, x0, y1, x1 = graph.receptive_field(paper_model, name, out["y"][m], out["x"][m])
         inside = np.zeros((224, 224), bool)
         inside[y0:y1, x0:x1] = True
         assert not np.any(out["projection"][m][~inside])
@@ -304,7 +304,7 @@ def test_unknown_layer(small_model, bad):
             call()
     if bad == "conv6":  # receptive fields exist for every layer of the model
         with pytest.raises(ValueError, match="unknown layer 'conv6'"):
-            deconv.receptive_field_size(small_model, bad)
+            graph.receptive_field_size(small_model, bad)
 
 
 def test_bad_requests(images, deconvnets):
@@ -325,12 +325,12 @@ def test_bad_requests(images, deconvnets):
 
 
 def test_receptive_field_known_cases(paper_model):
-    rf = deconv.receptive_field
+    rf = graph.receptive_field
     # conv1: 7x7 stride 2 after 1 pixel of zero padding.
     assert rf(paper_model, "conv1", 0, 0) == (0, 0, 6, 6)  # rows [-1, 6) clipped
     assert rf(paper_model, "conv1", 5, 5) == (9, 9, 16, 16)
     assert rf(paper_model, "conv1", 109, 3) == (217, 5, 224, 12)  # rows [217, 224)
-    sizes = {name: deconv.receptive_field_size(paper_model, name) for name in LAYERS}
+    sizes = {name: graph.receptive_field_size(paper_model, name) for name in LAYERS}
     assert sizes == {"conv1": 7, "conv2": 27, "conv3": 75, "conv4": 107, "conv5": 139}
     # conv2 unit (0, 0): pool1 rows [0, 4]; conv1 rows [0, 10] ('same' pool1 pads 0 before,
     # 1 after); padded input rows [0, 26]; input rows [-1, 26) -> [0, 26).
@@ -380,7 +380,7 @@ def test_receptive_field_matches_gradient_support(small_model, name):
     h, w = small_model.get_layer(name).output.shape[1:3]
     for y, x in [(0, 0), (h // 2, w // 2), (h - 1, w - 1), (0, w - 1)]:
         support = linear_unit_gradient(small_model, name, y, x, rng) > 0
-        y0, x0, y1, x1 = deconv.receptive_field(small_model, name, y, x)
+        y0, x0, y1, x1 = graph.receptive_field(small_model, name, y, x)
         expected = np.zeros_like(support)
         expected[y0:y1, x0:x1] = True
         np.testing.assert_array_equal(support, expected, err_msg=f"{name} ({y}, {x})")
@@ -390,7 +390,7 @@ def test_receptive_field_matches_gradient_support_paper(paper_model):
     rng = np.random.default_rng(10)
     for y, x in [(0, 0), (6, 6), (12, 3)]:
         support = linear_unit_gradient(paper_model, "conv5", y, x, rng) > 0
-        y0, x0, y1, x1 = deconv.receptive_field(paper_model, "conv5", y, x)
+        y0, x0, y1, x1 = graph.receptive_field(paper_model, "conv5", y, x)
         assert support[y0:y1, x0:x1].all() and support.sum() == (y1 - y0) * (x1 - x0)
 
 
@@ -436,7 +436,7 @@ def test_receptive_fields_follow_dense_paths_back_into_the_maps():
 
     local = (15, 15, 18, 18)  # c1's 3x3 window around (16, 16)
     for layer, field in (("c1", local), ("scale", (0, 0, 32, 32)), ("c2", (0, 0, 32, 32))):
-        assert deconv.receptive_field(model, layer, 16, 16) == field, layer
+        assert graph.receptive_field(model, layer, 16, 16) == field, layer
         g = gradient(layer, 16, 16)
 
         def outside(box, g=g):
@@ -447,4 +447,4 @@ def test_receptive_fields_follow_dense_paths_back_into_the_maps():
 
         assert outside(field) == 0, layer  # nothing outside the claimed field
         assert (outside(local) > 0) == (layer != "c1"), layer  # the gate reaches everywhere
-    assert deconv.receptive_field_size(model, "c2") >= 32  # unclipped: padding included
+    assert graph.receptive_field_size(model, "c2") >= 32  # unclipped: padding included

@@ -14,7 +14,7 @@ from PIL import Image
 from tests.conftest import ROOT, run_analysis
 from tests.helpers import events
 from zf_tf.analyses import evolution
-from zf_tf.core import deconv
+from zf_tf.core import deconv, graph
 from zf_tf.core.errors import UsageError
 from zf_tf.core.model import CONV_LAYERS
 from zf_tf.pipelines import examples
@@ -144,9 +144,9 @@ def test_callback_snapshots_under_mirrored_strategy(trained):
             np.testing.assert_allclose(snap[f"{layer}_activation"][j], m.max(), rtol=1e-5)
             i, y, x = (snap[f"{layer}_{k}"][j] for k in ("image", "y", "x"))
             np.testing.assert_allclose(m[i, y, x], m.max(), rtol=1e-5)
-            box = deconv.receptive_field(model, layer, int(y), int(x))
+            box = graph.receptive_field(model, layer, int(y), int(x))
             assert tuple(snap[f"{layer}_box"][j]) == box
-        assert int(snap[f"{layer}_field"]) == deconv.receptive_field_size(model, layer)
+        assert int(snap[f"{layer}_field"]) == graph.receptive_field_size(model, layer)
         if layer == "conv5":  # the projection is the deconvnet's (one layer: test time)
             expected = deconv.project(
                 deconv.build_deconvnet(model, layer),

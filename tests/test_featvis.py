@@ -19,7 +19,7 @@ import tensorflow as tf
 from tests.conftest import ROOT, run_analysis, tiny, workdir_with_model
 from tests.helpers import run_workers
 from tests.tiny_models import named_convnet
-from zf_tf.core import deconv, featvis, graph
+from zf_tf.core import featvis, graph, rules
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import examples, preprocess
@@ -111,14 +111,14 @@ def test_images_stay_in_range_and_beat_their_start(small):
 def test_before_the_rectifier_is_the_layers_pre_activation(small):
     """The negative objective's map: a fused-ReLU conv's own convolution plus bias, before
     the ReLU (negative values kept); a layer without a rectifier is left as it is."""
-    tap = deconv.rule_tap(small, "b", "redirected", before_rectifier=True)
+    tap = rules.rule_tap(small, "b", "redirected", before_rectifier=True)
     x = tf.random.uniform((2, 32, 32, 3), seed=1)
     below = graph.tap(small, ["p"])(x)
     b = small.get_layer("b")
     expected = tf.nn.conv2d(below, b.kernel, 1, "SAME") + b.bias
     np.testing.assert_allclose(tap(x), expected, atol=1e-5)
     assert (expected.numpy() < 0).mean() > 0.2
-    assert deconv.rectified(small, "b") and not deconv.rectified(small, "p")
+    assert rules.rectified(small, "b") and not rules.rectified(small, "p")
     assert not featvis.Optimizer(
         small, "p", TO_INPUT, featvis.Params(negative=True)
     ).before_rectifier

@@ -14,7 +14,7 @@ from tests.conftest import load_config, run_analysis, tiny, workdir_with_model
 from tests.helpers import events
 from tests.tiny_models import named_convnet, saved_bn_net
 from zf_tf.analyses import filters, sources
-from zf_tf.core import deconv
+from zf_tf.core import graph
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import DataError
@@ -78,7 +78,7 @@ def _check_model(rec, model, split, features):
         f = w["feature"]
         np.testing.assert_allclose(w["activation"], conv2[..., f].max(), rtol=1e-5)
         np.testing.assert_allclose(conv2[w["image"], w["y"], w["x"], f], w["activation"], 1e-5)
-        assert tuple(w["box"]) == deconv.receptive_field(model, "conv2", w["y"], w["x"])
+        assert tuple(w["box"]) == graph.receptive_field(model, "conv2", w["y"], w["x"])
 
 
 @pytest.mark.slow

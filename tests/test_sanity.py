@@ -258,7 +258,7 @@ def test_compare_with_another_workdirs_model(tiny_config, tmp_path, small):
 
 
 def test_rule_form_projections_are_built_once_and_follow_the_weights(monkeypatch):
-    """The rule-form deconvnet runs the model's own layers (`deconv.rule_tap`), so one
+    """The rule-form deconvnet runs the model's own layers (`rules.rule_tap`), so one
     built on the randomized copy projects with whatever weights it holds now: the cascade
     builds it once, not at every step."""
     from tests.oracles import tiny_residual_net

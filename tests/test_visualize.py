@@ -13,7 +13,7 @@ from tests.helpers import error_lines, events, main_py
 from tests.images import encode, random_rgb, write
 from zf_tf import outputs
 from zf_tf.analyses import deconv as visualize
-from zf_tf.core import deconv
+from zf_tf.core import graph
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import DataError, inputs, preprocess
@@ -39,7 +39,7 @@ def test_top_k_panels_index_and_tensorboard(config, tmp_path):
     expected = sorted(np.random.default_rng(config.seed).choice(32, 3, replace=False).tolist())
     assert index["features"] == expected
     assert index["num_images"] == 50 and index["k"] == 9 and index["split"] == "validation"
-    assert index["receptive_field"] == deconv.receptive_field_size(model, "conv2")
+    assert index["receptive_field"] == graph.receptive_field_size(model, "conv2")
     paper = "ReLU of the signal (the paper's rule)"
     assert index["form"] == "explicit" and index["way_down"] == [
         {"layer": layer, "activation": "relu", "rule": paper} for layer in ("conv1", "conv2")
@@ -59,7 +59,7 @@ def test_top_k_panels_index_and_tensorboard(config, tmp_path):
         for w in rows:
             np.testing.assert_allclose(per_image[w["image"]], w["activation"], rtol=1e-5)
             np.testing.assert_allclose(maps[w["image"], w["y"], w["x"], f], w["activation"], 1e-5)
-            assert tuple(w["box"]) == deconv.receptive_field(model, "conv2", w["y"], w["x"])
+            assert tuple(w["box"]) == graph.receptive_field(model, "conv2", w["y"], w["x"])
     with Image.open(png) as image:
         shape = (image.size[1], image.size[0], 3)
     tb = events(tmp_path / "w" / "logs" / "deconv")

@@ -46,11 +46,11 @@ import os
 import numpy as np
 
 from zf_tf.analyses import atlas as atlas_lib
-from zf_tf.analyses import atlas_site, sources
+from zf_tf.analyses import atlas_site, base, sources
 from zf_tf.analyses import attribution as attribution_lib
 from zf_tf.analyses import sanity as sanity_lib
 from zf_tf.configs import default
-from zf_tf.core import deconv, graph, topk
+from zf_tf.core import deconv, graph, rules, topk
 from zf_tf.core import featvis as featvis_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import examples as examples_lib
@@ -75,9 +75,7 @@ def _images(model, images) -> np.ndarray:
 
 
 def _layer(model, layer: str, valid: list[str], what: str) -> str:
-    if layer not in valid:
-        raise UsageError(f"layer {layer!r} is not valid {what}: choose one of {', '.join(valid)}")
-    return layer
+    return base.check_layer(layer, valid, "layer ", problem=f"is not valid {what}")
 
 
 def projections(model, images, layer: str, units=None, batch_size: int = 64) -> dict:
@@ -95,7 +93,7 @@ def projections(model, images, layer: str, units=None, batch_size: int = 64) -> 
       dict: 'projection' (N, U, H, W, 3) float32; 'activation', 'y', 'x' (N, U) where each
       unit is strongest; 'units' (U,); 'form' ('explicit' deconvnet Model, or the 'rule'
       form through DAGs); 'way_down' (what the rule did at each activation below, as
-      `deconv.way_down`).
+      `rules.way_down`).
     """
     images = _images(model, images)
     _layer(model, layer, deconv.valid_layers(model), "for a projection")
@@ -118,7 +116,7 @@ def projections(model, images, layer: str, units=None, batch_size: int = 64) -> 
         **{key: out[key].reshape(n, u) for key in ("activation", "y", "x")},
         "units": np.asarray(units),
         "form": deconv.projection_form(model, layer)[0],
-        "way_down": deconv.way_down(model, layer),
+        "way_down": rules.way_down(model, layer),
     }
 
 

@@ -33,7 +33,7 @@ import tqdm
 
 from zf_tf import outputs
 from zf_tf.analyses import atlas_site, base, featvis
-from zf_tf.core import deconv, graph, topk
+from zf_tf.core import deconv, graph, rules, topk
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
 from zf_tf.training import workdirs
@@ -153,14 +153,21 @@ def resolve(s: Settings, model, source) -> Settings:
     names = {op.name for op in graph.ops_of(model)}
     for layer in layers:
         if layer not in names:
-            raise UsageError(
-                f"--layers: {layer!r} is not a layer of the model: choose from {', '.join(valid)}"
+            raise base.layer_error(
+                layer,
+                valid,
+                "--layers: ",
+                problem="is not a layer of the model",
+                choose="choose from",
             )
-        if layer not in valid:
-            raise UsageError(
-                f"--layers: {layer!r} has no deconvnet inverse (not a conv, pool or activation "
-                f"layer with image-shaped maps): choose from {', '.join(valid)}"
-            )
+        base.check_layer(
+            layer,
+            valid,
+            "--layers: ",
+            problem="has no deconvnet inverse (not a conv, pool or activation layer with "
+            "image-shaped maps)",
+            choose="choose from",
+        )
         try:
             deconv.projection_form(model, layer)
         except NotImplementedError as e:
@@ -300,7 +307,7 @@ def _groups(best: topk.TopK, chunks: list[range]) -> list[list[range]]:
 def project_units(model, dn, best: topk.TopK, units: range, layer: str, pool, labels, s) -> dict:
     """Projections and input patches of the winners of `units` on the layer's receptive
     field canvas (uint8 (n, k, side, side, 3); empty slots gray), and their labels."""
-    side = min(int(deconv.receptive_field_size(model, layer)), s.crop_size)
+    side = min(int(graph.receptive_field_size(model, layer)), s.crop_size)
     k, n = best.k, len(units)
     proj = np.full((n, k, side, side, 3), 128, np.uint8)
     patch = np.full((n, k, side, side, 3), 128, np.uint8)
@@ -325,7 +332,7 @@ def project_units(model, dn, best: topk.TopK, units: range, layer: str, pool, la
     to_uint8 = lambda a: np.clip(np.round(a * 255), 0, 255).astype(np.uint8)
     for m, (i, r) in enumerate(rows):
         u, image = units[i], int(best.image[r, units[i]])
-        b = tuple(int(v) for v in deconv.receptive_field(model, layer, best.y[r, u], best.x[r, u]))
+        b = tuple(int(v) for v in graph.receptive_field(model, layer, best.y[r, u], best.x[r, u]))
         box[i, r] = b
         proj[i, r] = to_uint8(outputs.field_cell(result["projection"][m], b, side))
         patch[i, r] = to_uint8(outputs.field_patch(shown[where[image]], b, side))
@@ -412,7 +419,7 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
     layers = {}
     for layer in s.layers:
         shape = tuple(int(d) for d in graph.find(model, layer).output.shape[1:])
-        field = int(deconv.receptive_field_size(model, layer))
+        field = int(graph.receptive_field_size(model, layer))
         layers[layer] = {
             "scan": scans[layer],
             **cells[layer],
@@ -420,7 +427,7 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
             "receptive_field": field,
             "side": min(field, s.crop_size),  # the canvas of its images
             "form": deconv.projection_form(model, layer)[0],
-            "way_down": deconv.way_down(model, layer),
+            "way_down": rules.way_down(model, layer),
         }
     timings["projections"] = time.perf_counter() - started
     for layer, result in visualized.items():
@@ -435,7 +442,7 @@ def render(result: dict, s: Settings, paths: dict) -> base.Report:
     summary = atlas_site.write(os.path.dirname(paths["index.html"]), result, s)
     below = {r["layer"]: r for records in summary["way_down"].values() for r in records}
     lines = [
-        deconv.way_down_line(list(below.values())),
+        rules.way_down_line(list(below.values())),
         f"Atlas: {summary['units']} units of {len(s.layers)} layer(s), "
         f"{summary['files']} files, {summary['bytes'] / 1e6:.1f} MB; largest page "
         f"{summary['largest_page']} ({summary['largest_page_bytes'] / 1e6:.2f} MB with its images)",

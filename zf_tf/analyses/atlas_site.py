@@ -39,7 +39,7 @@ import numpy as np
 import tqdm
 from PIL import Image
 
-from zf_tf.core import deconv
+from zf_tf.core import rules
 
 PAGES = "layers"  # the page folders' name: layers-<n>
 CELL = 96  # displayed side (CSS px) of a projection or patch on a unit page
@@ -354,7 +354,7 @@ def _index_page(result: dict, s, names: list, pages: str) -> str:
 def _way_down(records: list[dict]) -> str:
     """'relu x 5: ReLU of the signal (...)': each activation below a layer, how many times,
     what the rule does there."""
-    counts = deconv.way_down_counts(records)
+    counts = rules.way_down_counts(records)
     return "; ".join(f"{a} \u00d7 {n}: {what}" for a, n, what in counts) or "none"
 
 

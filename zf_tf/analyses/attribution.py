@@ -8,7 +8,7 @@ model: a model brought along with --model, or unlabeled images), one (s, s) map 
 
   deconvnet        d logit_c / d image where every ReLU back-propagates ReLU(upstream) and
                    contrast normalization back-propagates as the identity (the deconvnet's
-                   way down, `deconv.rule_forward`), run through the dense layers too
+                   way down, `rules.rule_forward`), run through the dense layers too
   guided_backprop  d logit_c / d image where every ReLU back-propagates
                    upstream * (forward input > 0) * (upstream > 0) (Springenberg et al.)
   saliency         |d logit_c / d image| (Simonyan et al.; tf-keras-vis Saliency)
@@ -55,7 +55,7 @@ import tqdm
 
 from zf_tf import outputs
 from zf_tf.analyses import base, occlusion
-from zf_tf.core import deconv, graph
+from zf_tf.core import graph, rules
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import examples as examples_lib
 from zf_tf.pipelines import inputs, preprocess
@@ -112,10 +112,10 @@ def rule_gradients(model: keras.Model, inputs, classes, rule: str) -> np.ndarray
     """d logits[n, classes[n]] / d inputs[n] through the model under a ReLU backward rule.
 
     Args:
-      model: the classifier (logits output), or any model `deconv.rule_forward` can run.
+      model: the classifier (logits output), or any model `rules.rule_forward` can run.
       inputs: (N, ...) float array of model inputs.
       classes: (N,) the class whose logit each input explains.
-      rule: 'deconvnet', 'guided' or 'gradient' (`deconv.BACKWARD_RULES`).
+      rule: 'deconvnet', 'guided' or 'gradient' (`rules.BACKWARD_RULES`).
 
     Returns:
       float32 array of the shape of `inputs`.
@@ -138,7 +138,7 @@ def rule_gradients(model: keras.Model, inputs, classes, rule: str) -> np.ndarray
         def fn(x, c):
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                logits = deconv.rule_forward(net(), x, top, rule)
+                logits = rules.rule_forward(net(), x, top, rule)
                 score = tf.gather(logits, c, axis=1, batch_dims=1)
             return tf.cast(tape.gradient(score, x), tf.float32)
 
@@ -752,10 +752,9 @@ def cam_layer(model, methods, layer: str) -> str:
     """
     convs = graph.conv_layers(model)
     cam = layer or (convs[-1] if convs else "")
-    if set(methods) & set(CAM_METHODS) and cam not in convs:
-        raise UsageError(
-            f"config.analysis.attribution.cam_layer={cam!r} is not valid: "
-            + (f"choose one of {', '.join(convs)}" if convs else "the model has no conv layer")
+    if set(methods) & set(CAM_METHODS):
+        base.check_layer(
+            cam, convs, "config.analysis.attribution.cam_layer=", none="the model has no conv layer"
         )
     return cam
 

@@ -187,6 +187,47 @@ def class_ids(config, key: str, classes) -> tuple[int, ...]:
     return tuple(out)
 
 
+def check_layer(
+    layer: str,
+    valid,
+    what: str = "--layer=",
+    *,
+    problem: str = "is not valid",
+    choose: str = "choose one of",
+    none: str = "",
+    after: str = "",
+) -> str:
+    """`layer` if it is one of the layer names `valid`, else UsageError (`layer_error`), e.g.
+    "--layer='fc6' is not valid: choose one of conv1, pool1, conv2". Every analysis checks
+    its layers with it.
+
+    Raises:
+      UsageError: `layer` is not in `valid`.
+    """
+    if layer not in valid:
+        raise layer_error(
+            layer, valid, what, problem=problem, choose=choose, none=none, after=after
+        )
+    return layer
+
+
+def layer_error(
+    layer: str,
+    valid,
+    what: str = "--layer=",
+    *,
+    problem: str = "is not valid",
+    choose: str = "choose one of",
+    none: str = "",
+    after: str = "",
+) -> UsageError:
+    """The one-line error for a layer that is not valid:
+    '<what><layer!r> <problem>: <choose> a, b, c<after>' (a, b, c: `valid`). `none`, where
+    given, replaces '<choose> ...' when `valid` is empty."""
+    choices = f"{choose} {', '.join(valid)}" if valid or not none else none
+    return UsageError(f"{what}{layer!r} {problem}: {choices}{after}")
+
+
 def default_load(config, settings, model):
     """`load` for analyses that need nothing besides the model."""
     return None

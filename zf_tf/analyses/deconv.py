@@ -19,7 +19,7 @@ import tqdm
 
 from zf_tf import outputs
 from zf_tf.analyses import base
-from zf_tf.core import deconv, graph, topk
+from zf_tf.core import deconv, graph, rules, topk
 from zf_tf.core.errors import UsageError, op_message
 from zf_tf.pipelines import inputs, preprocess
 
@@ -122,14 +122,14 @@ def top_k(
         batch_size=batch_size,
     )
     for r in rows:
-        r["box"] = [int(b) for b in deconv.receptive_field(model, layer, r["y"], r["x"])]
+        r["box"] = [int(b) for b in graph.receptive_field(model, layer, r["y"], r["x"])]
     return {
         "features": chosen,
         "winners": rows,
         "projection": result["projection"],
         "pool": pool,
         "slot": slot,
-        "receptive_field": int(deconv.receptive_field_size(model, layer)),
+        "receptive_field": int(graph.receptive_field_size(model, layer)),
     }
 
 
@@ -270,16 +270,14 @@ def resolve(s: Settings, model, source) -> Settings:
         features out of range.
     """
     valid = deconv.valid_layers(model)
-    layer = s.layer or graph.conv_layers(model)[-1]
-    if layer not in valid:
-        raise UsageError(f"--layer={layer!r} is not valid: choose one of {', '.join(valid)}")
+    layer = base.check_layer(s.layer or graph.conv_layers(model)[-1], valid)
     try:
         form, why = deconv.projection_form(model, layer)
     except NotImplementedError as e:
         raise UsageError(f"--layer={layer}: {e}") from None
     if form == "rule":
         print(f"{layer}: projections in the backward-rule form ({why})")
-    print(deconv.way_down_line(deconv.way_down(model, layer)))
+    print(rules.way_down_line(rules.way_down(model, layer)))
     if s.features and not s.image:
         num_maps = int(graph.find(model, layer).output.shape[-1])
         select_features(num_maps, s.features, s.num_features, s.seed)
@@ -313,7 +311,7 @@ def compute(model, data: Data, s: Settings) -> dict:
     """`strongest_maps` of the image, or `top_k` over the split (with a progress bar);
     adds 'num_images' (scan) or 'image' (the model input)."""
     record = {"form": deconv.projection_form(model, s.layer)[0]}
-    record["way_down"] = deconv.way_down(model, s.layer)
+    record["way_down"] = rules.way_down(model, s.layer)
     if data.image is not None:
         found = strongest_maps(model, data.image, s.layer, s.num_features)
         return {"image": data.image, **found, **record}

@@ -39,8 +39,7 @@ import tqdm
 
 from zf_tf import outputs
 from zf_tf.analyses import atlas_site, base, deconv
-from zf_tf.core import deconv as deconv_lib
-from zf_tf.core import featvis, graph
+from zf_tf.core import featvis, graph, rules
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
 from zf_tf.training import keras_fixes, workdirs
@@ -142,9 +141,7 @@ def resolve(s: Settings, model, source) -> Settings:
         features out of range.
     """
     valid = featvis.valid_layers(model)
-    layer = s.layer or graph.conv_layers(model)[-1]
-    if layer not in valid:
-        raise UsageError(f"--layer={layer!r} is not valid: choose one of {', '.join(valid)}")
+    layer = base.check_layer(s.layer or graph.conv_layers(model)[-1], valid)
     shape = graph.find(model, layer).output.shape
     if s.params.objective == "neuron" and len(shape) != 4:
         raise UsageError(
@@ -240,7 +237,7 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
         "units": np.asarray(units),
         **{name: np.concatenate([p[name] for p in parts]) for name in parts[0]},
         "per_unit": s.params.diversity,
-        "before_rectifier": s.params.negative and deconv_lib.rectified(model, s.layer),
+        "before_rectifier": s.params.negative and rules.rectified(model, s.layer),
         "color": data.color,
         "covariance": data.covariance,
         "chief": chief,

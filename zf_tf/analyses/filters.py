@@ -65,16 +65,14 @@ def model_layers(model, layers=("", "")) -> tuple[str, str]:
     l1 = layers[0] or (convs[0] if convs else "")
     l2 = layers[1] or second_conv(model)
     rgb = [n for n in convs if _rgb_conv(graph.find(model, n).layer)]
-    if l1 not in rgb:
-        raise UsageError(
-            f"config.analysis.filters.layers: layer 1 {l1!r} is not a conv layer on the RGB "
-            f"image (a Conv2D with 3 input channels): choose one of {', '.join(rgb) or 'none'}"
-        )
-    if l2 not in convs:
-        raise UsageError(
-            f"config.analysis.filters.layers: layer 2 {l2!r} is not valid: choose one of "
-            + ", ".join(convs)
-        )
+    base.check_layer(
+        l1,
+        rgb,
+        "config.analysis.filters.layers: layer 1 ",
+        problem="is not a conv layer on the RGB image (a Conv2D with 3 input channels)",
+        none="choose one of none",
+    )
+    base.check_layer(l2, convs, "config.analysis.filters.layers: layer 2 ")
     return l1, l2
 
 
@@ -196,11 +194,11 @@ def layer2_projections(
         best.x[0, chosen],
     )
     crop = int(model.inputs[0].shape[1])
-    side = min(deconv.receptive_field_size(model, layer), crop)
+    side = min(graph.receptive_field_size(model, layer), crop)
     cells, winners = [], []
     for n, f in enumerate(chosen):
         y, x = int(result["y"][n]), int(result["x"][n])
-        box = deconv.receptive_field(model, layer, y, x)
+        box = graph.receptive_field(model, layer, y, x)
         cells.append(outputs.field_cell(result["projection"][n], box, side))
         winners.append(
             {

@@ -774,12 +774,7 @@ def resolve(s: Settings, model, source) -> Settings:
         layer = s.layer or graph.last_conv(model)
     except ValueError as e:
         raise UsageError(f"--mode=occlusion: {e}") from None
-    convs = graph.conv_layers(model)
-    if layer not in convs:
-        raise UsageError(
-            f"config.analysis.occlusion.layer={layer!r} is not valid: "
-            f"choose one of {', '.join(convs)}"
-        )
+    base.check_layer(layer, graph.conv_layers(model), "config.analysis.occlusion.layer=")
     try:
         deconv.projection_form(model, layer)  # (c): a fused activation the rules cannot reach
     except NotImplementedError as e:

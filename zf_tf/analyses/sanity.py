@@ -333,12 +333,12 @@ def resolve(s: Settings, model, source) -> Settings:
     convs = graph.conv_layers(model)
     layer = s.projection_layer or (convs[-1] if convs else "")
     if s.projection_units:
-        valid = deconv.valid_layers(model)
-        if layer not in valid:
-            raise UsageError(
-                f"config.analysis.sanity.projection_layer={layer!r} is not valid: choose one "
-                f"of {', '.join(valid)} (or projection_units=0)"
-            )
+        base.check_layer(
+            layer,
+            deconv.valid_layers(model),
+            "config.analysis.sanity.projection_layer=",
+            after=" (or projection_units=0)",
+        )
         maps = graph.find(model, layer).output.shape[-1]
         if s.projection_units > maps:
             raise UsageError(
@@ -411,7 +411,7 @@ def unit_projections(model, layer: str, images, requests: dict) -> np.ndarray:
     """(U, s, s) max over channels of |deconvnet projection| of each request, by `model`.
 
     Both forms of the deconvnet run the model's own layers (the explicit one its filters,
-    the rule form `deconv.rule_tap`), so one built on the randomized copy projects with
+    the rule form `rules.rule_tap`), so one built on the randomized copy projects with
     whatever weights the copy holds now: built once per model and layer.
     """
     dn = _DECONVNETS.get(model)

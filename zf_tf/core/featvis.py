@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from zf_tf.core import deconv, graph
+from zf_tf.core import graph, rules
 
 OBJECTIVES = ("channel", "neuron")
 # Lucid's colour decorrelation for ImageNet: the square root (SVD: U sqrt(S)) of ImageNet's
@@ -52,7 +52,7 @@ class Params:
       learning_rate: Adam's.
       objective: 'channel' (the mean of the unit's map) or 'neuron' (its value at `position`).
         For a negative image of a rectified layer (a ReLU's output), the map before the
-        rectifier (`deconv.rectified`).
+        rectifier (`rules.rectified`).
       position: (y, x) in the layer's maps for 'neuron'; None = the centre.
       negative: minimize instead (the pattern that most inhibits the unit).
       seed: the same seed (and unit) gives the same image.
@@ -186,8 +186,8 @@ class Optimizer:
         # 'redirected'), so that a unit silent on the random start is still optimized. A
         # negative image minimizes a rectified layer's value before its rectifier: after it,
         # any image that silences the unit is a minimum (0), and the optimization stops there.
-        self.before_rectifier = params.negative and deconv.rectified(model, layer)
-        self.tap = deconv.rule_tap(model, layer, "redirected", self.before_rectifier)
+        self.before_rectifier = params.negative and rules.rectified(model, layer)
+        self.tap = rules.rule_tap(model, layer, "redirected", self.before_rectifier)
         shape = tuple(self.tap.outputs[0].shape[1:])
         self.spatial = len(shape) == 3
         if params.objective == "neuron" and self.spatial:

@@ -30,7 +30,7 @@ import tensorflow as tf
 from absl import logging
 
 from zf_tf import outputs
-from zf_tf.core import deconv
+from zf_tf.core import deconv, graph
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.core.model import CONV_LAYERS
@@ -207,7 +207,7 @@ class Snapshotter:
                 batch_size=self.batch_size,
             )
             boxes = [
-                deconv.receptive_field(self.model, layer, int(y), int(x))
+                graph.receptive_field(self.model, layer, int(y), int(x))
                 for y, x in zip(best["y"], best["x"])
             ]
             snap.update(
@@ -219,7 +219,7 @@ class Snapshotter:
                     f"{layer}_x": result["x"],
                     f"{layer}_projection": result["projection"],
                     f"{layer}_box": np.asarray(boxes, np.int32).reshape(-1, 4),
-                    f"{layer}_field": np.int32(deconv.receptive_field_size(self.model, layer)),
+                    f"{layer}_field": np.int32(graph.receptive_field_size(self.model, layer)),
                 }
             )
         return snap
