@@ -187,27 +187,16 @@ def class_ids(config, key: str, classes) -> tuple[int, ...]:
     return tuple(out)
 
 
-def check_layer(
-    layer: str,
-    valid,
-    what: str = "--layer=",
-    *,
-    problem: str = "is not valid",
-    choose: str = "choose one of",
-    none: str = "",
-    after: str = "",
-) -> str:
-    """`layer` if it is one of the layer names `valid`, else UsageError (`layer_error`), e.g.
-    "--layer='fc6' is not valid: choose one of conv1, pool1, conv2". Every analysis checks
-    its layers with it.
+def check_layer(layer: str, valid, what: str = "--layer=", **wording) -> str:
+    """`layer` if it is one of the layer names `valid`, else UsageError (`layer_error`, with
+    its `wording` keywords), e.g. "--layer='fc6' is not valid: choose one of conv1, pool1,
+    conv2". Every analysis checks its layers with it.
 
     Raises:
       UsageError: `layer` is not in `valid`.
     """
     if layer not in valid:
-        raise layer_error(
-            layer, valid, what, problem=problem, choose=choose, none=none, after=after
-        )
+        raise layer_error(layer, valid, what, **wording)
     return layer
 
 

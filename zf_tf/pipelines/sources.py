@@ -26,8 +26,7 @@ def data_dir(data) -> str | None:
 
 
 def selected_classes(data) -> tuple[int, ...]:
-    """`data.classes` as a tuple of original label ids; () = every class (also for
-    configs written before the option existed)."""
+    """`data.classes` as a tuple of original label ids; () = every class."""
     return tuple(int(c) for c in data.classes)
 
 
