@@ -72,28 +72,10 @@ def run_analysis(name, config, workdir, **request):
     return base.run(analyses.get(name), config, base.Request(workdir=str(workdir), **request))
 
 
-# The longest tests (measured, 20-90 s each on 2 cores), started before all others.
-LONGEST = (
-    "test_chaos_sigkills_and_signals_lose_no_epoch",
-    "test_multi_worker",
-    "test_ablate_mode_end_to_end_and_reuse",
-    "test_mirrored_run_with_uneven_validation_batch",
-    "test_two_workers_make_the_atlas_one_device_makes",
-    "test_wheel_installs_and_runs_from_another_directory",
-)
-
-
 def pytest_collection_modifyitems(config, items):
-    """The longest tests first, then the other slow ones: pytest-xdist hands tests out in
-    this order, so the long ones start early and the short ones fill the gaps at the end
-    (the suite's wall time on 2 cores is then close to its CPU time over 2)."""
-
-    def rank(item):
-        if item.originalname in LONGEST:
-            return LONGEST.index(item.originalname)
-        return len(LONGEST) + (item.get_closest_marker("slow") is None)
-
-    items.sort(key=rank)
+    """The slow tests first: pytest-xdist hands tests out in this order, so the long ones
+    start early and the short ones fill the gaps at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

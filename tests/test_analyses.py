@@ -20,7 +20,7 @@ from zf_tf.pipelines import DataError
 # Each analysis made small: config.analysis.<name> fields, and the request's fields.
 SMALL = {
     "deconv": ({}, {"layer": "conv2", "num_features": 2, "top_k": 2}),
-    "occlusion": ({"num_images": 1, "stride": 0.25}, {}),
+    "occlusion": ({"num_images": 1, "size": 0.5, "stride": 0.5}, {}),
     "invariance": (
         {"num_images": 1, "translations": (0.0, 0.1), "scales": (1.0, 1.2), "rotations": (0, 90)},
         {},
@@ -33,7 +33,7 @@ SMALL = {
         {},
     ),
     "atlas": ({}, {"layers": "conv1", "top_k": 2}),
-    "sanity": ({"num_images": 2, "methods": ("saliency",), "steps": 2}, {}),
+    "sanity": ({"num_images": 2, "methods": ("saliency",), "steps": 2, "projection_units": 1}, {}),
     "featvis": ({"steps": 2, "color_images": 0}, {"layer": "conv1", "num_features": 2}),
 }
 # evolution reads the training's snapshots, featvis (color_images=0) no images at all
