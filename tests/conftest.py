@@ -64,12 +64,20 @@ def workdir_with_model(config, model, path) -> str:
 
 
 def run_analysis(name, config, workdir, **request):
-    """Runs analysis mode `name` in-process as the command line does (analyses.base.run)
-    with a Request of `request`'s fields; returns the Result."""
+    """Runs analysis mode `name` in-process as the command line does (analyses.base.run):
+    `request`'s Request fields (overwrite, model, weights) make the Request, the others are
+    alias flags (layer=, top_k=, features=, ...) that set their config fields as on the
+    command line (`helpers.with_aliases`); returns the Result."""
+    import dataclasses
+
+    from tests.helpers import with_aliases
     from zf_tf import analyses
     from zf_tf.analyses import base
 
-    return base.run(analyses.get(name), config, base.Request(workdir=str(workdir), **request))
+    fields = {f.name for f in dataclasses.fields(base.Request)}
+    config = with_aliases(config, name, **{k: v for k, v in request.items() if k not in fields})
+    given = {k: v for k, v in request.items() if k in fields}
+    return base.run(analyses.get(name), config, base.Request(workdir=str(workdir), **given))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,6 +3,7 @@ subprocess and its error lines, TensorBoard events, the tiny training command li
 local multi-worker cluster, random images."""
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -14,11 +15,20 @@ import numpy as np
 import tensorflow as tf
 
 from tests.conftest import ROOT
+from zf_tf import cli
 
 # The tiny training runs of main.py (tiny_args): epochs, steps per epoch, model width.
 EPOCHS = 2
 STEPS = 4
 WIDTH = 0.25
+
+
+def with_aliases(config, mode, **aliases):
+    """A copy of `config` with the alias flags `aliases` (layer=, top_k=, features=, ...)
+    set as the command line sets them for `mode` (`cli.alias_overrides`)."""
+    config = copy.deepcopy(config)
+    cli.apply_overrides(config, cli.alias_overrides(config, mode, aliases))
+    return config
 
 
 def main_py(*args, cwd=ROOT):

@@ -17,24 +17,23 @@ from zf_tf.analyses import base
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import DataError
 
-# Each analysis made small: config.analysis.<name> fields, and the request's fields.
+# Each analysis made small: its config.analysis.<name> fields.
 SMALL = {
-    "deconv": ({}, {"layer": "conv2", "num_features": 2, "top_k": 2}),
-    "occlusion": ({"num_images": 1, "size": 0.5, "stride": 0.5}, {}),
-    "invariance": (
-        {"num_images": 1, "translations": (0.0, 0.1), "scales": (1.0, 1.2), "rotations": (0, 90)},
-        {},
-    ),
-    "correspondence": ({"num_images": 2, "random_draws": 1}, {}),
-    "evolution": ({}, {}),
-    "filters": ({"layer2_features": 2}, {}),
-    "attribution": (
-        {"num_images": 1, "pointing_images": 2, "methods": ("saliency", "gradcam")},
-        {},
-    ),
-    "atlas": ({}, {"layers": "conv1", "top_k": 2}),
-    "sanity": ({"num_images": 2, "methods": ("saliency",), "steps": 2, "projection_units": 1}, {}),
-    "featvis": ({"steps": 2, "color_images": 0}, {"layer": "conv1", "num_features": 2}),
+    "deconv": {"layer": "conv2", "num_features": 2, "top_k": 2},
+    "occlusion": {"num_images": 1, "size": 0.5, "stride": 0.5},
+    "invariance": {
+        "num_images": 1,
+        "translations": (0.0, 0.1),
+        "scales": (1.0, 1.2),
+        "rotations": (0, 90),
+    },
+    "correspondence": {"num_images": 2, "random_draws": 1},
+    "evolution": {},
+    "filters": {"layer2_features": 2},
+    "attribution": {"num_images": 1, "pointing_images": 2, "methods": ("saliency", "gradcam")},
+    "atlas": {"layers": ("conv1",), "top_k": 2},
+    "sanity": {"num_images": 2, "methods": ("saliency",), "steps": 2, "projection_units": 1},
+    "featvis": {"steps": 2, "color_images": 0, "layer": "conv1", "num_features": 2},
 }
 # evolution reads the training's snapshots, featvis (color_images=0) no images at all
 READS_A_SPLIT = set(SMALL) - {"evolution", "featvis"}
@@ -58,14 +57,13 @@ def test_an_analysis_computes_renders_and_refuses_without_writing(name, trained_
     config, original = trained_default
     config = copy.deepcopy(config)
     workdir = str(shutil.copytree(original, tmp_path / "w"))
-    fields, request = SMALL[name]
-    for key, value in fields.items():
+    for key, value in SMALL[name].items():
         config.analysis[name][key] = value
     analysis = analyses.get(name)
-    out = run_analysis(name, config, workdir, **request)
+    out = run_analysis(name, config, workdir)
     assert out.paths, "wrote nothing"
     settings = analysis.resolve(
-        analysis.settings(config, base.Request(workdir=workdir, **request)),
+        analysis.settings(config, base.Request(workdir=workdir)),
         base.load_model(config, base.Request(workdir=workdir)),
         None,
     )
@@ -81,8 +79,8 @@ def test_an_analysis_computes_renders_and_refuses_without_writing(name, trained_
                 assert f.files
     before = _tree(workdir)
     with pytest.raises(UsageError, match="--overwrite"):
-        run_analysis(name, config, workdir, **request)
+        run_analysis(name, config, workdir)
     if name in READS_A_SPLIT:
         with pytest.raises((UsageError, DataError), match="nope"):
-            run_analysis(name, config, workdir, **request, split="nope", overwrite=True)
+            run_analysis(name, config, workdir, split="nope", overwrite=True)
     assert _tree(workdir) == before

@@ -16,7 +16,7 @@ from PIL import Image
 
 from tests import browser
 from tests.conftest import ROOT, load_config, run_analysis, tiny, workdir_with_model
-from tests.helpers import run_workers
+from tests.helpers import run_workers, with_aliases
 from zf_tf.analyses import atlas, atlas_site
 from zf_tf.core import deconv, graph, topk
 from zf_tf.core import model as model_lib
@@ -245,7 +245,8 @@ def test_the_model_is_loaded_in_the_strategys_scope(site, tmp_path, monkeypatch)
 
     monkeypatch.setattr(topk, "scan_layers", scan_layers)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
-    request = base.Request(workdir=str(workdir), layers="conv1", top_k=2)
+    config = with_aliases(config, "atlas", layers="conv1", top_k=2)
+    request = base.Request(workdir=str(workdir))
     with pytest.raises(KeyboardInterrupt):
         base.run(analyses.get("atlas"), config, request, strategy)
     assert all(isinstance(w.value, tf.distribute.DistributedValues) for w in seen[0].weights)

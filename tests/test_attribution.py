@@ -13,7 +13,7 @@ from PIL import Image
 from scipy.ndimage import zoom
 
 from tests.conftest import load_config, run_analysis, workdir_with_model
-from tests.helpers import events
+from tests.helpers import events, with_aliases
 from tests.tiny_models import named_convnet, saved_bn_net
 from zf_tf.analyses import attribution, base, sources
 from zf_tf.core import deconv, graph, rules
@@ -233,9 +233,10 @@ def test_settings_refuse_bad_configs_before_anything_loads(tiny_config):
     s = attribution.settings(tiny_config, request)
     assert s.methods == attribution.METHODS and s.annotated and s.split == "validation"
     assert (s.num_images, s.total_images) == (6, 200)
-    assert attribution.settings(tiny_config, base.Request("/x", num_images=300)).total_images == 300
+    more = with_aliases(tiny_config, "attribution", num_images=300)
+    assert attribution.settings(more, request).total_images == 300
     with pytest.raises(DataError, match="valid splits"):
-        attribution.settings(tiny_config, base.Request("/nowhere", split="nope"))
+        attribution.settings(with_aliases(tiny_config, "attribution", split="nope"), request)
     for field, value, message in [
         ("methods", ("saliency", "lime"), "'lime' is not a method: choose from deconvnet, "),
         ("methods", (), "'empty' is not a method"),

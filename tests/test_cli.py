@@ -104,11 +104,9 @@ def test_unknown_mode_and_data_source(tmp_path):
 
 
 def test_main_turns_library_errors_into_one_line(capsys, tmp_path, tiny_data_dir):
-    class Flags:
+    class Flags:  # absl's flags; the aliases (layer) default to None: not given
         config, mode, strategy = cli.DEFAULT_CONFIG, "train", "default"
-        workdir, split, num_images, overwrite, layer = str(tmp_path), "", 0, False, "conv5"
-        top_k, features, num_features, image, untrained = 9, "", 16, "", False
-        parts, compare, model, weights, layers = "", "", "", "", ""
+        workdir, overwrite, model, weights, layer = str(tmp_path), False, "", "", None
 
     with pytest.raises(SystemExit) as e:
         cli.main(Flags, ["--config.model.layer1=vgg"])

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_analysis, workdir_with_model
-from tests.helpers import error_lines, events, main_py
+from tests.helpers import error_lines, events, main_py, with_aliases
 from tests.images import encode, random_rgb, write
 from tests.tiny_models import named_convnet, saved_bn_net
 from zf_tf.analyses import base, correspondence, sources
@@ -179,11 +179,18 @@ def test_settings_refuse_bad_requests_before_anything_loads(tiny_config, tmp_pat
     with pytest.raises(UsageError, match="cannot read --parts file"):
         correspondence.load_parts(str(tmp_path / "nope.json"))
     with pytest.raises(UsageError, match="cannot read --parts file"):
-        correspondence.settings(tiny_config, request(parts=str(tmp_path / "nope.json")))
+        correspondence.settings(
+            with_aliases(tiny_config, "correspondence", parts=str(tmp_path / "nope.json")),
+            request(),
+        )
     with pytest.raises(UsageError, match="--num_images=1: correspondence compares pairs"):
-        correspondence.settings(tiny_config, request(num_images=1))
+        correspondence.settings(
+            with_aliases(tiny_config, "correspondence", num_images=1), request()
+        )
     with pytest.raises(DataError, match="valid splits"):
-        correspondence.settings(tiny_config, request(split="nope"))
+        correspondence.settings(
+            with_aliases(tiny_config, "correspondence", split="nope"), request()
+        )
     tiny_config.analysis.correspondence.label = 10
     with pytest.raises(UsageError, match="label=10 is not a class: choose 0..9"):
         correspondence.settings(tiny_config, request())

@@ -184,9 +184,7 @@ def test_file_system_faults_are_one_line(tmp_path, capsys, monkeypatch):
 
     class Flags:
         config, mode, strategy = cli.DEFAULT_CONFIG, "eval", "default"
-        split, num_images, overwrite, layer = "", 0, False, ""
-        top_k, features, num_features, image, untrained = 9, "", 16, "", False
-        parts, compare, model, weights, layers = "", "", "", "", ""
+        overwrite, model, weights = False, "", ""
 
     a_file = tmp_path / "notes.txt"
     a_file.write_text("x")
@@ -421,9 +419,7 @@ def test_every_refusal_leaves_the_workdir_byte_identical(tiny_data_dir, tmp_path
     ]
 
     class Flags:
-        config, strategy, overwrite = cli.DEFAULT_CONFIG, "default", False
-        split, num_images, layer, top_k, features, num_features = "", 0, "", 9, "", 16
-        image, untrained, parts, compare, model, weights, layers = "", False, "", "", "", "", ""
+        config, strategy, overwrite, model, weights = cli.DEFAULT_CONFIG, "default", False, "", ""
 
     def refused(mode, workdir, extra, says, overwrite=False):
         Flags.mode, Flags.workdir, Flags.overwrite = mode, str(workdir), overwrite

@@ -71,25 +71,6 @@ def _define_flags(flags, cli):
     flags.DEFINE_string("workdir", "workdir", "Where checkpoints, logs and figures go.")
     flags.DEFINE_enum("strategy", "default", cli.STRATEGIES, "tf.distribute strategy.")
     flags.DEFINE_bool("overwrite", False, "Allow replacing existing outputs in the workdir.")
-    # deconv
-    flags.DEFINE_string(
-        "layer",
-        "",
-        "Layer to visualize (--mode=deconv, featvis): a conv, pool or ReLU layer; default: "
-        "the model's last conv layer (conv5 for ZFNet).",
-    )
-    flags.DEFINE_string("split", "", "Split to scan; default: the config's eval split.")
-    flags.DEFINE_integer("top_k", 9, "Strongest activations kept per feature map.", lower_bound=1)
-    flags.DEFINE_string(
-        "features",
-        "",
-        "Comma-separated feature maps (units) to show, e.g. 0,5,17 (deconv, featvis).",
-    )
-    flags.DEFINE_integer(
-        "num_features", 16, "Seeded random feature maps to show (<= 0: all; deconv, featvis)."
-    )
-    flags.DEFINE_string("image", "", "Project the strongest maps of this one image file instead.")
-    flags.DEFINE_bool("untrained", False, "Use a freshly initialized model (no checkpoint needed).")
     # the model to look inside (inspection modes)
     flags.DEFINE_string(
         "model",
@@ -103,23 +84,9 @@ def _define_flags(flags, cli):
         "Local weights file for a keras.applications --model (nothing is "
         "downloaded: without it the model has random weights).",
     )
-    # analyses
-    flags.DEFINE_integer(
-        "num_images", 0, "Images to analyse; 0: the config's analysis default.", lower_bound=0
-    )
-    flags.DEFINE_string("parts", "", "--mode=correspondence: JSON {image: {part: [y0,x0,y1,x1]}}.")
-    flags.DEFINE_string(
-        "layers",
-        "",
-        "--mode=atlas: comma-separated layers to scan, e.g. conv3,conv5; default: every conv "
-        "layer.",
-    )
-    flags.DEFINE_string(
-        "compare",
-        "",
-        "--mode=filters: workdir of the AlexNet-style layer-1 model; --mode=sanity: a workdir "
-        "whose model's maps are compared too (e.g. one trained on random labels).",
-    )
+    # Aliases: each only sets a config field (cli.ALIASES); None = not given.
+    for name, (kind, _) in cli.ALIASES.items():
+        getattr(flags, f"DEFINE_{kind}")(name, None, cli.alias_help(name))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from absl import flags, logging
 
 from zf_tf import analyses
 from zf_tf.analyses import base as analyses_base
+from zf_tf.configs import default as default_config
 from zf_tf.core import interrupts
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError, file_system_fault
@@ -36,6 +37,22 @@ from zf_tf.training.strategies import (  # noqa: F401 - main.py
 
 DEFAULT_CONFIG = "configs/default.py"
 OVERRIDE_PREFIX = "--config."
+# Short flags that only set a config field (`alias_overrides`): --NAME=V sets
+# config.analysis.<mode>.NAME where the mode's section has NAME, else config.analysis.NAME.
+# {flag: (absl kind, what it is)}; the help lists the modes that have it (`alias_help`).
+ALIASES = {
+    "layer": ("string", "Layer to look at; default: the model's last conv layer."),
+    "layers": ("string", "Comma-separated layers, e.g. conv3,conv5."),
+    "split": ("string", "Split to use; default: the data's eval split."),
+    "top_k": ("integer", "Strongest activations kept per feature map."),
+    "features": ("string", "Comma-separated feature maps (units) to show, e.g. 0,5,17."),
+    "num_features": ("integer", "Seeded random feature maps (units) to show; <= 0: all."),
+    "num_images": ("integer", "Images to analyse."),
+    "image": ("string", "Project the strongest maps of this one image file instead."),
+    "parts": ("string", "JSON file {image: {part: [y0, x0, y1, x1]}}."),
+    "compare": ("string", "Workdir of a second model shown beside this one."),
+    "untrained": ("bool", "Use a freshly initialized model (no checkpoint needed)."),
+}
 
 
 def quiet():
@@ -133,7 +150,10 @@ def _parse_value(key: str, text: str, current):
         if isinstance(current, (tuple, list)):
             value = literal(text)
             if isinstance(value, str):  # a,b,c without quotes or brackets
-                value = tuple(literal(v.strip()) for v in text.split(",") if v.strip())
+                items = [v.strip() for v in text.split(",")]
+                if text.strip() and not all(items):
+                    raise ValueError("it has an empty entry")
+                value = tuple(literal(v) for v in items if v)
             if not isinstance(value, (tuple, list)):
                 value = (value,)
             return type(current)(value)
@@ -208,12 +228,13 @@ def parse_flags(flag_values, argv):
         fail(str(e))
 
 
-def resolved_config(spec: str, args: list[str]):
-    """The config of `spec` with the overrides among `args` applied, then locked.
+def resolved_config(spec: str, args: list[str], mode: str = "", aliases=None):
+    """The config of `spec` with the overrides among `args` applied (after those of the
+    `aliases` {flag: value} of `mode`: an explicit --config.a.b wins), then locked.
 
     Raises:
-      UsageError: a bad config file or override, or an argument that is neither a known
-        flag nor an override.
+      UsageError: a bad config file or override, an alias the mode has no field for, or
+        an argument that is neither a known flag nor an override.
     """
     overrides, other = split_arguments(args)
     unknown_flags = [a for a in other if a.startswith("-")]
@@ -222,10 +243,64 @@ def resolved_config(spec: str, args: list[str]):
     if other:
         raise UsageError(f"unexpected arguments: {' '.join(other)}")
     config = load_config(spec)
-    apply_overrides(config, overrides)
     workdirs.upgrade(config)  # a config file written before some fields existed
+    apply_overrides(config, alias_overrides(config, mode, aliases or {}) + overrides)
     config.lock()
     return config
+
+
+def alias_key(config, mode: str, name: str) -> str:
+    """The dotted config key alias flag `--name` sets under `mode`: analysis.<mode>.<name>
+    where the mode's section has the field, else analysis.<name>.
+
+    Raises:
+      UsageError: neither exists, naming the modes that have the field.
+    """
+    analysis = config.analysis
+    section = analysis.get(mode)
+    if hasattr(section, "keys") and name in section:
+        return f"analysis.{mode}.{name}"
+    if name in analysis and not hasattr(analysis[name], "keys"):
+        return f"analysis.{name}"
+    having = alias_modes(config, name)
+    raise UsageError(
+        f"--{name} does not apply to --mode={mode}: it sets config.analysis.<mode>.{name}, "
+        f"which --mode={', '.join(having)} {'has' if len(having) == 1 else 'have'}"
+    )
+
+
+def alias_modes(config, name: str) -> list[str]:
+    """The analysis modes whose config section has field `name`."""
+    return [m for m, v in config.analysis.items() if hasattr(v, "keys") and name in v]
+
+
+def alias_overrides(config, mode: str, aliases: dict) -> list[tuple[str, str]]:
+    """(dotted key, text value) overrides of the alias flags given, {flag: value}."""
+    text = {True: "true", False: "false"}
+    return [
+        (
+            alias_key(config, mode, name),
+            text.get(value, str(value)) if isinstance(value, bool) else str(value),
+        )
+        for name, value in aliases.items()
+    ]
+
+
+def alias_help(name: str) -> str:
+    """Alias flag `name`'s help: what it is and the config field it sets (of which modes,
+    read from configs/default.py)."""
+    config = default_config.get_config()
+    what = ALIASES[name][1]
+    modes = alias_modes(config, name)
+    if modes:
+        return f"{what} Sets config.analysis.<mode>.{name} of --mode={', '.join(modes)}."
+    return f"{what} Sets config.analysis.{name}."
+
+
+def given_aliases(flag_values) -> dict:
+    """{flag: value} of the alias flags on the command line (theirs default to None)."""
+    values = {name: getattr(flag_values, name, None) for name in ALIASES}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def validate_config(config):
@@ -507,12 +582,17 @@ def check(mode: str, config, request: analyses_base.Request, strategy, strategy_
         inputs.check_source(config.data, (config.data.train_split, config.data.eval_split))
 
 
-def request_from_flags(flag_values, args: list[str] = ()) -> analyses_base.Request:
+def request_from_flags(flag_values, args: list[str] = (), config=None) -> analyses_base.Request:
     """The typed request of main.py's mode flags (one flag per `Request` field) and the
-    config keys that `args` override."""
+    config keys that `args` and the alias flags (keys of `config`) override."""
     fields = [f for f in dataclasses.fields(analyses_base.Request) if f.name != "overridden"]
     values = {f.name: getattr(flag_values, f.name) for f in fields}
-    overridden = tuple(key for key, _ in split_arguments(list(args))[0])
+    overrides = split_arguments(list(args))[0]
+    if config is not None:
+        overrides = (
+            alias_overrides(config, flag_values.mode, given_aliases(flag_values)) + overrides
+        )
+    overridden = tuple(dict.fromkeys(key for key, _ in overrides))
     return analyses_base.Request(**values, overridden=overridden)
 
 
@@ -545,8 +625,9 @@ def main(flag_values, args: list[str]):
     """main.py's body: resolves the config from `--config` and `args` (what absl left),
     runs the mode; usage errors become one line on stderr and exit status 1."""
     try:
-        config = resolved_config(flag_values.config, args)
-        request = request_from_flags(flag_values, args)
+        mode = flag_values.mode
+        config = resolved_config(flag_values.config, args, mode, given_aliases(flag_values))
+        request = request_from_flags(flag_values, args, config)
         run(flag_values.mode, config, request, flag_values.strategy)
     except (UsageError, DataError, FileNotFoundError) as e:
         fail(str(e))

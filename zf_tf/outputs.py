@@ -32,16 +32,6 @@ def pyplot():
     return plt
 
 
-def analysis_settings(config, mode: str, defaults: dict) -> dict:
-    """`config.analysis.<mode>` as a dict over the keys of `defaults`; `defaults` fill in
-    whatever a config lacks (configs built before the section existed)."""
-    section = config.get("analysis", {}).get(mode) if hasattr(config, "get") else None
-    out = dict(defaults)
-    if section is not None:
-        out.update({k: section[k] for k in defaults if k in section})
-    return out
-
-
 def display(images: np.ndarray, pixels) -> np.ndarray:
     """Model inputs back to [0, 1] RGB.
 

@@ -20,6 +20,7 @@ an existing one only with `--overwrite`; the cache never needs it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -43,7 +44,6 @@ UNITS_PER_CHUNK = 16  # units projected and cached together (the resume granular
 MAX_POOL_IMAGES = 1024  # distinct winner images held in memory at once (224 px: 0.6 GB)
 PROJECT_BATCH = 64  # deconvnet requests per call
 # config.analysis.atlas (configs without that section get these).
-DEFAULTS = {"pixel_density": 2, "jpeg_quality": 90, "featvis": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,29 +82,38 @@ def featvis_kinds(fv) -> tuple:
     return tuple(kinds)
 
 
-def parse_layers(text: str) -> tuple:
-    """`--layers` as a tuple of names ('' = ())."""
-    names = [n.strip() for n in text.split(",")]
-    if text.strip() and not all(names):
-        raise UsageError(f"--layers={text!r} has an empty entry: give comma-separated names")
+def parse_layers(layers) -> tuple:
+    """`config.analysis.atlas.layers` (names, or a comma list) as a tuple of distinct names
+    (() = every conv layer).
+
+    Raises:
+      UsageError: an empty name.
+    """
+    names = [str(n).strip() for n in (layers.split(",") if isinstance(layers, str) else layers)]
+    if not all(names) and (len(names) > 1 or isinstance(layers, tuple | list)):
+        raise UsageError(
+            f"config.analysis.atlas.layers={layers!r} (--layers) has an empty entry: give "
+            "comma-separated names"
+        )
     return tuple(dict.fromkeys(n for n in names if n))
 
 
 def settings(config, request: base.Request) -> Settings:
-    """Raises UsageError: bad --top_k or --layers, k larger than the split; DataError: an
-    unknown split. The layers are checked against the model by `resolve`."""
-    if request.top_k < 1:
-        raise UsageError(f"--top_k must be at least 1; got {request.top_k}")
+    """`config.analysis.atlas` checked. Raises UsageError: bad top_k or layers, k larger
+    than the split; DataError: an unknown split. The layers are checked against the model
+    by `resolve`."""
+    look = config.analysis.atlas
+    top_k = look.top_k
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise UsageError(f"--top_k must be at least 1; got {top_k}")
     data = config.data
-    split = request.split or data.eval_split
+    split = base.analysis_split(config)
     total = inputs.check_split(data, split)
-    if request.top_k > total:
+    if top_k > total:
         raise UsageError(
-            f"--top_k={request.top_k} exceeds the {total} images of split {split!r}: use at "
-            f"most {total}"
+            f"--top_k={top_k} exceeds the {total} images of split {split!r}: use at most {total}"
         )
-    look = outputs.analysis_settings(config, MODE, DEFAULTS)
-    density, quality = look["pixel_density"], look["jpeg_quality"]
+    density, quality = look.pixel_density, look.jpeg_quality
     if not isinstance(density, int) or not 1 <= density <= 4:
         raise UsageError(
             f"config.analysis.atlas.pixel_density={density!r}: give 1, 2, 3 or 4 (stored image "
@@ -115,14 +124,14 @@ def settings(config, request: base.Request) -> Settings:
             f"config.analysis.atlas.jpeg_quality={quality!r}: give an integer from 1 to 95"
         )
     fv = ()
-    if look["featvis"]:  # every unit of each layer, as --mode=featvis --num_features=0
-        fv = featvis_kinds(
-            featvis.settings(config, base.Request(workdir=request.workdir, num_features=0))
-        )
+    if look.featvis:  # every unit of each layer, as --mode=featvis --num_features=0
+        every = copy.deepcopy(config)
+        every.analysis.featvis.num_features, every.analysis.featvis.features = 0, ()
+        fv = featvis_kinds(featvis.settings(every, request))
     return Settings(
-        layers=parse_layers(request.layers),
+        layers=parse_layers(look.layers),
         split=split,
-        top_k=int(request.top_k),
+        top_k=int(top_k),
         num_images=int(total),
         pixels=preprocess.pixels(data),
         crop_size=int(data.crop_size),

@@ -726,13 +726,13 @@ def settings(config, request) -> Settings:
             occlusion.occluder_grid(config.data.crop_size, maps.occluder_size, maps.occluder_stride)
         except ValueError as e:
             raise UsageError(f"config.analysis.occlusion: {e}") from None
-    split = request.split or config.analysis.split
+    split = base.analysis_split(config)
     inputs.check_split(config.data, split)
     return Settings(
         methods=methods,
         target=str(att.target),
         split=split,
-        num_images=request.images(att.num_images),
+        num_images=base.num_images(config, MODE),
         pointing_images=int(att.pointing_images),
         annotated=config.data.source == "embedded",
         maps=maps,

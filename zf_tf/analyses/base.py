@@ -48,24 +48,12 @@ from zf_tf.training import workdirs
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """What the command line asks of an analysis: the typed form of its flags.
+    """What the command line asks of a mode beyond its config: where, and on which model.
+    Every analysis option is a field of `config.analysis` (configs/default.py).
 
     Attributes:
       workdir: the trained workdir; outputs go under it.
-      split: the split to use; '' = `config.analysis.split` (deconv, filters: the eval
-        split).
-      num_images: images to analyse; 0 = the analysis' config default.
       overwrite: replace existing outputs.
-      layer: deconv: the layer to visualize.
-      top_k: deconv: strongest activations kept per feature map.
-      features: deconv: comma-separated feature maps to show ('' = a seeded subset).
-      num_features: deconv: seeded feature maps to show (<= 0: all).
-      image: deconv: project the strongest maps of this image file instead of a scan.
-      untrained: use a freshly initialized model instead of the workdir's checkpoint.
-      parts: correspondence: JSON file {image: {part: [y0, x0, y1, x1]}}.
-      compare: filters: workdir of the AlexNet-style layer-1 model; sanity: a workdir whose
-        model's maps are compared too.
-      layers: atlas: comma-separated layers ('' = every conv layer).
       model: look inside this model instead of the workdir's: a .keras file or a
         keras.applications name (`sources`).
       weights: a local weights file for a keras.applications `model`.
@@ -74,25 +62,30 @@ class Request:
     """
 
     workdir: str
-    split: str = ""
-    num_images: int = 0
     overwrite: bool = False
-    layer: str = ""
-    top_k: int = 9
-    features: str = ""
-    num_features: int = 16
-    image: str = ""
-    untrained: bool = False
-    parts: str = ""
-    compare: str = ""
-    layers: str = ""
     model: str = ""
     weights: str = ""
     overridden: tuple = ()
 
-    def images(self, default: int) -> int:
-        """`num_images` if set (> 0), else `default`."""
-        return int(self.num_images) if self.num_images and self.num_images > 0 else int(default)
+
+def analysis_split(config) -> str:
+    """The split an analysis uses: `config.analysis.split`, '' = the data's eval split."""
+    return str(config.analysis.split or config.data.eval_split)
+
+
+def num_images(config, mode: str, least: int = 1) -> int:
+    """`config.analysis.<mode>.num_images`, checked.
+
+    Raises:
+      UsageError: fewer than `least`.
+    """
+    value = config.analysis[mode].num_images
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise UsageError(
+            f"config.analysis.{mode}.num_images={value!r} (--num_images): give an integer of "
+            f"at least {least}"
+        )
+    return value
 
 
 @dataclasses.dataclass
@@ -251,9 +244,10 @@ class Analysis:
 
 
 def load_model(config, request: Request):
-    """The workdir's trained model, or a freshly initialized one with `request.untrained`."""
+    """The workdir's trained model, or a freshly initialized one with
+    `config.analysis.untrained`."""
 
-    if request.untrained:
+    if config.analysis.untrained:
         return model_lib.build_model(config.model)
     return workdirs.load_model(request.workdir)
 

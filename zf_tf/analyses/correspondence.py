@@ -514,12 +514,12 @@ def settings(config, request) -> Settings:
     label that is not a class; DataError: an unknown split. The layers are checked against
     the model by `resolve`."""
     c = config.analysis.correspondence
-    num = request.num_images or c.num_images
-    if num < 2:
+    num = c.num_images or (0 if c.parts else 5)
+    if isinstance(num, bool) or not isinstance(num, int) or num < 0 or num == 1:
         raise UsageError(f"--num_images={num}: correspondence compares pairs, use at least 2")
-    split = request.split or config.analysis.split
-    if request.parts:
-        load_parts(request.parts)
+    split = base.analysis_split(config)
+    if c.parts:
+        load_parts(c.parts)
     elif _unlabeled(config, split):
         raise UsageError(
             f"--mode=correspondence compares images of one class (config.analysis."
@@ -540,9 +540,9 @@ def settings(config, request) -> Settings:
     else:
         inputs.check_split(config.data, split)
     return Settings(
-        parts=request.parts,
+        parts=str(c.parts),
         split=split,
-        num_images=int(request.num_images if request.parts else num),
+        num_images=int(num),
         label=int(c.label),
         layers=tuple(c.layers),
         random_draws=int(c.random_draws),

@@ -27,23 +27,31 @@ MODE = "deconv"
 PROJECT_BATCH = 64  # deconvnet requests per projection call
 
 
-def parse_features(features: str) -> list[int]:
-    """`--features` as a list of ints ('' -> []).
+def parse_features(features, key: str = "features") -> tuple[int, ...]:
+    """Feature maps as a tuple of ints: `features` is a sequence of ints, or a comma list
+    ('' and () -> ()).
 
     Raises:
-      UsageError: an entry is not an integer.
+      UsageError: an entry is not an integer >= 0 (naming `key`, e.g.
+        'config.analysis.deconv.features').
     """
+    items = features.split(",") if isinstance(features, str) else list(features)
     try:
-        return [int(f) for f in features.split(",") if f.strip()]
+        chosen = tuple(int(f) for f in items if str(f).strip())
+        if any(isinstance(f, (bool, float)) for f in items) or min(chosen, default=0) < 0:
+            raise ValueError
     except ValueError:
-        raise UsageError(f"--features must be comma-separated integers; got {features!r}") from None
+        raise UsageError(
+            f"{key}={features!r} (--features): give comma-separated integers >= 0, e.g. 0,5,17"
+        ) from None
+    return chosen
 
 
-def select_features(num_maps: int, features: str, num_features: int, seed: int) -> list[int]:
-    """Feature maps to show: an explicit comma list, else a seeded random subset
-    (`num_features` <= 0 means all)."""
+def select_features(num_maps: int, features, num_features: int, seed: int) -> list[int]:
+    """Feature maps to show: the explicit ones (`parse_features`), else a seeded random
+    subset (`num_features` <= 0 means all)."""
     if features:
-        chosen = parse_features(features)
+        chosen = list(parse_features(features))
         bad = [f for f in chosen if not 0 <= f < num_maps]
         if bad:
             raise UsageError(f"--features {bad} out of range: the layer has maps 0..{num_maps - 1}")
@@ -78,7 +86,7 @@ def top_k(
     dataset,
     layer: str,
     k: int,
-    features: str = "",
+    features=(),
     num_features: int = 16,
     seed: int = 0,
     progress=None,
@@ -215,7 +223,7 @@ class Settings:
     image: str  # '' = a top-k scan of `split`; else the file whose strongest maps to show
     split: str  # the scanned split ('' with `image`)
     top_k: int
-    features: str  # comma-separated maps ('' = a seeded subset of `num_features`)
+    features: tuple[int, ...]  # maps shown (() = a seeded subset of `num_features`)
     num_features: int  # seeded maps (scan) or strongest maps (image); <= 0: all
     seed: int
     pixels: preprocess.Pixels  # the model inputs' normalization (load and display images)
@@ -231,18 +239,20 @@ class Settings:
 
 
 def settings(config, request: base.Request) -> Settings:
-    """Raises UsageError: bad top_k, features or image file; DataError: unknown split. The
-    layer and the features are checked against the model by `resolve`."""
-    if request.top_k < 1:
-        raise UsageError(f"--top_k must be at least 1; got {request.top_k}")
+    """`config.analysis.deconv` checked. Raises UsageError: bad top_k, features or image
+    file; DataError: unknown split. The layer and the features are checked against the
+    model by `resolve`."""
+    c = config.analysis.deconv
+    if isinstance(c.top_k, bool) or not isinstance(c.top_k, int) or c.top_k < 1:
+        raise UsageError(f"--top_k must be at least 1; got {c.top_k}")
     data = config.data
     s = Settings(
-        layer=request.layer,
-        image=request.image,
-        split="" if request.image else (request.split or data.eval_split),
-        top_k=int(request.top_k),
-        features=request.features,
-        num_features=int(request.num_features),
+        layer=str(c.layer),
+        image=str(c.image),
+        split="" if c.image else base.analysis_split(config),
+        top_k=int(c.top_k),
+        features=parse_features(c.features, "config.analysis.deconv.features"),
+        num_features=int(c.num_features),
         seed=int(config.seed),
         pixels=preprocess.pixels(data),
         crop_size=int(data.crop_size),
@@ -257,7 +267,6 @@ def settings(config, request: base.Request) -> Settings:
                 f"--top_k={s.top_k} exceeds the {total} images of split {s.split!r}: "
                 f"use at most {total}"
             )
-        parse_features(s.features)
     return s
 
 

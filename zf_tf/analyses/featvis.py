@@ -45,22 +45,12 @@ from zf_tf.pipelines import inputs, preprocess
 from zf_tf.training import keras_fixes, workdirs
 
 MODE = "featvis"
-DEFAULTS = {
-    "steps": 256,
-    "learning_rate": 0.05,
-    "objective": "channel",
-    "negative": False,
-    "batch_size": 32,  # units optimized together (one image, or diverse set, each)
-    "diversity": 1,  # images per unit: > 1 a diverse set
-    "diversity_weight": 1.0,
-    "color_images": 256,  # training images whose colour covariance decorrelates; 0: ImageNet's
-}
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     layer: str
-    features: str
+    features: tuple[int, ...]
     num_features: int
     params: featvis.Params
     batch_size: int
@@ -91,36 +81,35 @@ def _integer(value, name: str, least: int) -> int:
 def settings(config, request: base.Request) -> Settings:
     """Raises UsageError: steps, batch size or image count out of range, an unknown
     objective, a bad learning rate or --features."""
-    s = outputs.analysis_settings(config, MODE, DEFAULTS)
-    steps = _integer(s["steps"], "steps", 1)
-    batch = _integer(s["batch_size"], "batch_size", 1)
-    color_images = _integer(s["color_images"], "color_images", 0)
-    if s["objective"] not in featvis.OBJECTIVES:
+    s = config.analysis.featvis
+    steps = _integer(s.steps, "steps", 1)
+    batch = _integer(s.batch_size, "batch_size", 1)
+    color_images = _integer(s.color_images, "color_images", 0)
+    if s.objective not in featvis.OBJECTIVES:
         raise UsageError(
-            f"config.analysis.featvis.objective={s['objective']!r}: choose one of "
+            f"config.analysis.featvis.objective={s.objective!r}: choose one of "
             f"{', '.join(featvis.OBJECTIVES)}"
         )
-    diversity = _integer(s["diversity"], "diversity", 1)
-    rate, weight = s["learning_rate"], s["diversity_weight"]
+    diversity = _integer(s.diversity, "diversity", 1)
+    rate, weight = s.learning_rate, s.diversity_weight
     for name, value in (("learning_rate", rate), ("diversity_weight", weight)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise UsageError(f"config.analysis.featvis.{name}={value!r}: give a number > 0")
-    if not isinstance(s["negative"], bool):
-        raise UsageError(f"config.analysis.featvis.negative={s['negative']!r}: give true or false")
-    deconv.parse_features(request.features)
+    if not isinstance(s.negative, bool):
+        raise UsageError(f"config.analysis.featvis.negative={s.negative!r}: give true or false")
     data = config.data
     split = data.train_split
     if color_images:
         inputs.check_split(data, split)
     return Settings(
-        layer=request.layer,
-        features=request.features,
-        num_features=int(request.num_features),
+        layer=str(s.layer),
+        features=deconv.parse_features(s.features, "config.analysis.featvis.features"),
+        num_features=int(s.num_features),
         params=featvis.Params(
             steps=steps,
             learning_rate=float(rate),
-            objective=s["objective"],
-            negative=s["negative"],
+            objective=s.objective,
+            negative=s.negative,
             seed=int(config.seed),
             diversity=diversity,
             diversity_weight=float(weight),

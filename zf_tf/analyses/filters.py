@@ -44,15 +44,9 @@ from zf_tf.training import workdirs
 MODE = "filters"
 OUTPUTS = ("filters.png", "filters.json")
 COMPARE_DEFAULT = os.path.join("ablate", "alexnet_layer1")  # where --mode=ablate trains it
+
+
 # For configs without an `analysis.filters` section (configs/zfnet_imagenet.py).
-DEFAULTS = {
-    "rms_threshold": 0.01,
-    "active_epsilon": 1e-6,
-    "layer2_features": 16,
-    "layers": ("", ""),
-}
-
-
 def model_layers(model, layers=("", "")) -> tuple[str, str]:
     """(layer 1, layer 2) of `layers`, '' = the model's first and second conv layers.
 
@@ -229,8 +223,8 @@ def analyse(
     dataset,
     total: int,
     features,
-    rms_threshold: float = DEFAULTS["rms_threshold"],
-    active_epsilon: float = DEFAULTS["active_epsilon"],
+    rms_threshold: float = 0.01,
+    active_epsilon: float = 1e-6,
     name: str = "",
     layers=("", ""),
 ):
@@ -384,11 +378,11 @@ class Settings:
 def settings(config, request) -> Settings:
     """Raises UsageError: no model in the comparison workdir, layers not a pair; DataError:
     unknown split. The layers are checked against the model by `resolve`."""
-    compare = compare_workdir(request.workdir, request.compare)
-    split = request.split or config.data.eval_split
+    s = config.analysis.filters
+    compare = compare_workdir(request.workdir, str(s.compare))
+    split = base.analysis_split(config)
     inputs.check_split(config.data, split)
-    s = outputs.analysis_settings(config, MODE, DEFAULTS)
-    layers = tuple(str(n) for n in s["layers"])
+    layers = tuple(str(n) for n in s.layers)
     if len(layers) != 2:
         raise UsageError(
             f"config.analysis.filters.layers={layers}: give 2 names (layer 1, layer 2; '' = "
@@ -398,10 +392,10 @@ def settings(config, request) -> Settings:
         workdir=request.workdir,
         compare=compare,
         split=split,
-        num_images=max(0, int(request.num_images or 0)),
-        rms_threshold=float(s["rms_threshold"]),
-        active_epsilon=float(s["active_epsilon"]),
-        layer2_features=int(s["layer2_features"]),
+        num_images=base.num_images(config, MODE, least=0),
+        rms_threshold=float(s.rms_threshold),
+        active_epsilon=float(s.active_epsilon),
+        layer2_features=int(s.layer2_features),
         seed=int(config.seed),
         layer1=_row_label(config.model),
         layers=layers,

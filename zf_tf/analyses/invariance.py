@@ -401,11 +401,11 @@ def settings(config, request) -> Settings:
     for kind, amounts in sweep.items():
         for amount in amounts:
             transform_matrix(kind, amount, config.data.crop_size)  # UsageError if bad
-    split = request.split or config.analysis.split
+    split = base.analysis_split(config)
     inputs.check_split(config.data, split)
     return Settings(
         split=split,
-        num_images=request.images(config.analysis.invariance.num_images),
+        num_images=base.num_images(config, MODE),
         translations=sweep["translation"],
         scales=sweep["scale"],
         rotations=sweep["rotation"],

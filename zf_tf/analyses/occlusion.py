@@ -745,18 +745,18 @@ def settings(config, request) -> Settings:
         occluder_grid(config.data.crop_size, cfg.size, cfg.stride)
     except ValueError as e:
         raise UsageError(f"config.analysis.occlusion: {e}") from None
-    split = request.split or config.analysis.split
+    split = base.analysis_split(config)
     inputs.check_split(config.data, split)
     return Settings(
         layer=str(cfg.layer),
         size=float(cfg.size),
         stride=float(cfg.stride),
         split=split,
-        num_images=request.images(cfg.num_images),
+        num_images=base.num_images(config, MODE),
         batch_size=int(config.analysis.batch_size),
         pixels=preprocess.pixels(config.data),
         class_names=tuple(base.class_names(config)),
-        classes=base.class_ids(config, "analysis.occlusion.classes", tuple(cfg.get("classes", ()))),
+        classes=base.class_ids(config, "analysis.occlusion.classes", tuple(cfg.classes)),
     )
 
 

@@ -60,14 +60,6 @@ TITLES = {
     "hog": "HOG corr.",
 }
 MIN_SIDE = 7  # maps smaller than this have no SSIM and no HOG similarity (NaN)
-# config.analysis.sanity (configs without that section get these).
-DEFAULTS = {
-    "num_images": 8,
-    "methods": attribution.METHODS,
-    "steps": 20,
-    "projection_layer": "",
-    "projection_units": 8,
-}
 PROJECTION = "projection"  # the deconvnet projections of chosen units' top activations
 BLUR_SIGMA_AT_224 = 5.0  # insertion starts from the image blurred so (Petsiuk et al. 2018)
 
@@ -279,26 +271,26 @@ class Settings:
 def settings(config, request: base.Request) -> Settings:
     """Raises UsageError: unknown methods, fewer than 2 images or classes."""
 
-    s = outputs.analysis_settings(config, MODE, DEFAULTS)
-    methods = tuple(str(m) for m in s["methods"])
+    s = config.analysis.sanity
+    methods = tuple(str(m) for m in s.methods)
     bad = [m for m in methods if m not in attribution.METHODS]
     if bad or not methods:
         raise UsageError(
             f"config.analysis.sanity.methods: {bad[0] if bad else 'empty'!r} is not a method: "
             f"choose from {', '.join(attribution.METHODS)}"
         )
-    steps = s["steps"]
+    steps = s.steps
     if not isinstance(steps, int) or steps < 2:
         raise UsageError(f"config.analysis.sanity.steps={steps!r}: give an integer of at least 2")
-    units = s["projection_units"]
+    units = s.projection_units
     if not isinstance(units, int) or units < 0:
         raise UsageError(f"config.analysis.sanity.projection_units={units!r}: give 0 or more")
-    num = request.images(s["num_images"])
-    if num < 2:
+    num = s.num_images
+    if isinstance(num, bool) or not isinstance(num, int) or num < 2:
         raise UsageError(f"--num_images={num}: the sanity checks need at least 2 images")
-    split = request.split or config.analysis.split
+    split = base.analysis_split(config)
     inputs.check_split(config.data, split)
-    compare = request.compare
+    compare = str(s.compare)
     if compare and not os.path.exists(workdirs.checkpoint_path(compare)):
         raise UsageError(
             f"--compare={compare}: no trained model there ({workdirs.checkpoint_path(compare)} "
@@ -315,7 +307,7 @@ def settings(config, request: base.Request) -> Settings:
         pixels=preprocess.pixels(config.data),
         num_classes=int(config.data.num_classes),
         steps=steps,
-        projection_layer=str(s["projection_layer"]),
+        projection_layer=str(s.projection_layer),
         projection_units=units,
         class_names=tuple(base.class_names(config)),
     )

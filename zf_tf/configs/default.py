@@ -125,15 +125,30 @@ def get_config():
     # do not change the weights.
     config.train.callbacks = ("image_summaries", "feature_evolution")
 
-    # Analyses (--mode=occlusion, invariance, correspondence, evolution, filters,
-    # attribution). Not part of a run's identity: analysis modes read data/model/train from
-    # the workdir's config.json and this section from --config (and its overrides).
+    # Analyses (every --mode of zf_tf.analyses.REGISTRY). Not part of a run's identity:
+    # analysis modes read data/model/train from the workdir's config.json and this section
+    # from --config (and its overrides). The short flags --split, --untrained, --layer,
+    # --layers, --top_k, --features, --num_features, --num_images, --image, --parts and
+    # --compare are aliases: --NAME=V sets analysis.<mode>.NAME where the mode's section has
+    # NAME, else analysis.NAME (zf_tf/cli.py ALIASES).
     config.analysis = ml_collections.ConfigDict()
-    config.analysis.split = "validation"  # images the analyses use
+    config.analysis.split = ""  # images the analyses use; '' = the data's eval split
+    # True: a freshly initialized model of config.model instead of the workdir's checkpoint.
+    config.analysis.untrained = False
     config.analysis.batch_size = 128  # forward-pass batch of occluded / transformed copies
     # Names the figures and the atlas show for the data's classes ({data's name: shown
     # name}, e.g. {"n03028079": "church"} for ImageNet folders); unnamed: the data's name.
     config.analysis.class_names = ml_collections.ConfigDict()
+
+    # --mode=deconv (paper Fig. 2): the top_k strongest activations of each shown map of
+    # `layer` over analysis.split, projected to pixel space beside their input patches.
+    config.analysis.deconv = ml_collections.ConfigDict()
+    config.analysis.deconv.layer = ""  # a conv, pool or ReLU layer; '' = the last conv layer
+    config.analysis.deconv.top_k = 9  # strongest activations kept per map
+    config.analysis.deconv.features = ()  # maps shown, e.g. (0, 5, 17); () = num_features maps
+    config.analysis.deconv.num_features = 16  # seeded random maps shown (<= 0: all)
+    # A photo file: project its own strongest maps (num_features of them) instead of a scan.
+    config.analysis.deconv.image = ""
 
     config.analysis.occlusion = ml_collections.ConfigDict()
     config.analysis.occlusion.num_images = 8
@@ -156,7 +171,11 @@ def get_config():
     config.analysis.invariance.layers = ("", "")
 
     config.analysis.correspondence = ml_collections.ConfigDict()
-    config.analysis.correspondence.num_images = 5
+    # Images compared; 0: 5 of class `label`, or every image of the `parts` file.
+    config.analysis.correspondence.num_images = 0
+    # A JSON file {image path: {part name: [y0, x0, y1, x1]}}: images and their parts, for
+    # data without object boxes ('' = the embedded dataset's boxes).
+    config.analysis.correspondence.parts = ""
     # Embedded dataset: class of the 5 images. Circles: shapes are drawn at random angles,
     # and only for a circle is each quarter of the object box the same part in every image.
     config.analysis.correspondence.label = 0
@@ -178,6 +197,10 @@ def get_config():
     # Layer 1 (its filters: a conv on the RGB image) and layer 2 (projected): '' = the model's
     # first and second conv layers (ZFNet: conv1, conv2).
     config.analysis.filters.layers = ("", "")
+    config.analysis.filters.num_images = 0  # images scanned for dead filters; 0 = the split
+    # Workdir of a second model shown beside this one (e.g. AlexNet's layer 1: train it with
+    # --config.model.layer1=alexnet); '' = this model alone.
+    config.analysis.filters.compare = ""
 
     # --mode=atlas: receptive-field canvases up to 48 px are exact PNGs; larger ones are JPEG,
     # shrunk to at most `pixel_density` x the size they are shown at (a unit page's 96 px
@@ -188,6 +211,8 @@ def get_config():
     # Each unit's feature visualization too (as --mode=featvis makes it, its settings from
     # analysis.featvis, its cache shared): on unit pages, and a switch on layer pages.
     config.analysis.atlas.featvis = False
+    config.analysis.atlas.layers = ()  # layers scanned, e.g. ("conv3", "conv5"); () = every conv
+    config.analysis.atlas.top_k = 9  # images kept per unit
 
     config.analysis.attribution = ml_collections.ConfigDict()
     config.analysis.attribution.num_images = 6  # shown in the figure
@@ -221,10 +246,16 @@ def get_config():
     # the most active `projection_units` maps of `projection_layer` ("" = the last conv).
     config.analysis.sanity.projection_layer = ""
     config.analysis.sanity.projection_units = 8
+    # Workdir of a second model whose maps are compared too (e.g. one trained on random
+    # labels: --config.data.random_labels_seed=0); '' = none.
+    config.analysis.sanity.compare = ""
 
     # --mode=featvis (Olah et al. 2017): each unit's optimized image, Lucid's recipe (1/f
     # Fourier basis, decorrelated colour, jitter/scale/rotation at each step, Adam).
     config.analysis.featvis = ml_collections.ConfigDict()
+    config.analysis.featvis.layer = ""  # '' = the model's last conv layer
+    config.analysis.featvis.features = ()  # units, e.g. (0, 5, 17); () = num_features units
+    config.analysis.featvis.num_features = 16  # seeded random units (<= 0: all)
     config.analysis.featvis.steps = 256
     config.analysis.featvis.learning_rate = 0.05
     config.analysis.featvis.objective = "channel"  # or "neuron" (the centre of the map)

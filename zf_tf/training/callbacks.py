@@ -85,9 +85,6 @@ class ImageSummaries(keras.callbacks.Callback):
 
 MODE = "evolution"
 SNAPSHOT_PATTERN = "epoch_{:03d}.npz"
-# For configs without an `analysis.evolution` section (configs/zfnet_imagenet.py): the
-# paper's epochs and the default config's probe sizes.
-DEFAULTS = {"epochs": (1, 2, 5, 10, 20, 30, 40, 64), "probe_images": 256, "features_per_layer": 4}
 # Per-snapshot array names; each is stored as "<layer>_<name>" (field: the receptive field's
 # side in input pixels, unclipped).
 FIELDS = ("features", "activation", "image", "y", "x", "projection", "box", "field")
@@ -238,10 +235,10 @@ class FeatureEvolution(keras.callbacks.Callback):
         super().__init__()
         self.workdir = workdir
         self.config = config
-        s = outputs.analysis_settings(config, MODE, DEFAULTS)
-        self.epochs = snapshot_epochs(s["epochs"], int(config.train.epochs))
-        self.probe_images = int(s["probe_images"])
-        self.per_layer = int(s["features_per_layer"])
+        s = config.analysis.evolution
+        self.epochs = snapshot_epochs(s.epochs, int(config.train.epochs))
+        self.probe_images = int(s.probe_images)
+        self.per_layer = int(s.features_per_layer)
         self.snapshotter = None
         self.inspected = None  # the model the snapshots project (float32)
         self.writer = None

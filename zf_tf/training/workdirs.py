@@ -29,6 +29,7 @@ import keras
 import ml_collections
 
 from zf_tf import outputs
+from zf_tf.configs import default as default_config
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import folder as folder_lib
@@ -172,11 +173,28 @@ def config_json(config) -> dict:
 def upgrade(config):
     """`config` (a config.json's dict, or a ConfigDict from a config file) with every field
     of ADDED_FIELDS that it lacks, at the value that means what it meant before the field
-    existed; in place, returned. The one place where old configs are made current."""
+    existed, and (a ConfigDict) every field of the COMMAND_LINE_SECTIONS that it lacks at
+    configs/default.py's value; in place, returned. The one place where old configs are
+    made current: the code reads every field directly."""
     for (section, key), value in ADDED_FIELDS.items():
         if section in config and key not in config[section]:
             config[section][key] = value
+    if isinstance(config, ml_collections.ConfigDict):
+        defaults = default_config.get_config()
+        with config.unlocked():
+            for section in COMMAND_LINE_SECTIONS:
+                _fill(config, section, defaults)
     return config
+
+
+def _fill(config, key, defaults):
+    """config[key] completed from defaults[key], recursively (a section a config lacks is
+    added whole)."""
+    if key not in config:
+        config[key] = copy.deepcopy(defaults[key])
+    elif hasattr(config[key], "keys") and hasattr(defaults[key], "keys"):
+        for inner in defaults[key].keys():
+            _fill(config[key], inner, defaults[key])
 
 
 def _run_identity(config: dict) -> dict:
