@@ -8,9 +8,14 @@ import os
 import pytest
 
 from tests.helpers import error_lines, main_py
-from zf_tf import cli
+from zf_tf import cli, configs
+from zf_tf.analyses import base as analyses_base
 from zf_tf.analyses.base import Request
+from zf_tf.configs import default
+from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import DataError, inputs, prepare
+from zf_tf.training import train
 
 
 @pytest.mark.parametrize(
@@ -95,12 +100,113 @@ def test_unknown_mode_and_data_source(tmp_path):
     with pytest.raises(UsageError, match="valid modes: train, eval"):
         cli.run("bogus", config, Request(workdir=str(tmp_path)))
     config = cli.resolved_config(cli.DEFAULT_CONFIG, ["--config.data.source=web"])
-    with pytest.raises(UsageError, match="choose one of embedded, tfds, folder"):
+    with pytest.raises(DataError, match="choose one of embedded, tfds, folder"):
         cli.run("summary", config, Request(workdir=str(tmp_path)))
     config = cli.resolved_config(cli.DEFAULT_CONFIG, ["--config.train.callbacks=('bogus',)"])
     with pytest.raises(UsageError, match="image_summaries, feature_evolution"):
         cli.run("summary", config, Request(workdir=str(tmp_path)))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "check, section, field, value, error, message",
+    [
+        (
+            inputs.check_config,
+            "data",
+            "source",
+            "web",
+            DataError,
+            "config.data.source='web' is not valid: choose one of embedded, tfds, folder, prepared",
+        ),
+        (
+            inputs.check_config,
+            "data",
+            "min_crop_area",
+            0.0,
+            DataError,
+            "config.data.min_crop_area=0.0 is not valid: it must be in (0, 1]",
+        ),
+        (
+            model_lib.check_config,
+            "model",
+            "layer1",
+            "vgg",
+            UsageError,
+            "config.model.layer1='vgg' is not valid: choose one of zfnet, alexnet",
+        ),
+        (
+            model_lib.check_config,
+            "model",
+            "dropout",
+            1.0,
+            UsageError,
+            "config.model.dropout=1.0 is not valid: it must be in [0, 1)",
+        ),
+        (
+            train.check_config,
+            "train",
+            "momentum",
+            2.0,
+            UsageError,
+            "config.train.momentum=2.0 is not valid: it must be in [0, 1)",
+        ),
+        (
+            train.check_config,
+            "train",
+            "callbacks",
+            ("bogus",),
+            UsageError,
+            "config.train.callbacks entry 'bogus' is not valid: choose from image_summaries, "
+            "feature_evolution",
+        ),
+        (
+            prepare.check_config,
+            "prepare",
+            "encoding",
+            "gif",
+            DataError,
+            "config.prepare.encoding='gif' is not valid: choose one of jpeg, raw",
+        ),
+        (
+            prepare.check_config,
+            "prepare",
+            "shard_size",
+            0,
+            DataError,
+            "config.prepare.shard_size=0 is not valid: it must be >= 1",
+        ),
+        (
+            analyses_base.check_config,
+            "analysis",
+            "batch_size",
+            0,
+            UsageError,
+            "config.analysis.batch_size=0 is not valid: it must be >= 1",
+        ),
+    ],
+)
+def test_each_module_checks_its_own_section(check, section, field, value, error, message):
+    """validate_config's parts: each owning module's check_config passes the default
+    section and refuses one bad field in one line."""
+    config = default.get_config()
+    check(config[section])
+    config[section][field] = value
+    with pytest.raises(error) as e:
+        check(config[section])
+    assert str(e.value) == message
+
+
+def test_sections_and_fields_a_config_lacks_are_skipped():
+    """Configs written before a section or field existed pass (workdirs' config.json)."""
+    prepare.check_config(None)
+    prepare.check_config({"jpeg_quality": 90})  # no encoding: 'jpeg'
+    analyses_base.check_config(None)
+    ranges = (("size", ">= 1", lambda v: v >= 1),)
+    assert configs.out_of_range({}, "s", ranges) is None
+    assert configs.out_of_range({"size": 0}, "s", ranges) == (
+        "config.s.size=0 is not valid: it must be >= 1"
+    )
 
 
 def test_main_turns_library_errors_into_one_line(capsys, tmp_path, tiny_data_dir):

@@ -16,8 +16,8 @@ from tests.conftest import SHARED_DATA, load_config
 from zf_tf import cli
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import DataError, inputs, prepare, preprocess
 from zf_tf.pipelines import folder as folder_lib
-from zf_tf.pipelines import inputs, prepare, preprocess
 from zf_tf.training import callbacks, train
 
 IMAGENETTE = os.path.join(SHARED_DATA, "imagenette")
@@ -221,7 +221,7 @@ def test_bad_recipe_values_are_refused(key, value, message):
     config = load_config("imagenette")
     section, field = key.split(".")
     config[section][field] = value
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(DataError if section == "data" else UsageError) as e:
         cli.validate_config(config)
     assert message in str(e.value)
 

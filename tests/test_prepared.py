@@ -361,15 +361,15 @@ def test_command_line_prepares_and_refuses_bad_input(photos, tmp_path, capsys):
     assert not os.path.exists(workdir)  # the workdir is not touched
     with pytest.raises(UsageError, match="needs --config.data.prepared_dir"):
         cli.run("prepare", cli.resolved_config(cli.DEFAULT_CONFIG, args), Request(workdir=workdir))
-    with pytest.raises(UsageError, match="encoding='gif' is not valid: choose one of jpeg, raw"):
+    with pytest.raises(DataError, match="encoding='gif' is not valid: choose one of jpeg, raw"):
         cli.validate_config(
             cli.resolved_config(cli.DEFAULT_CONFIG, args + ["--config.prepare.encoding=gif"])
         )
-    with pytest.raises(UsageError, match="prepare.jpeg_quality=0 is not valid"):
+    with pytest.raises(DataError, match="prepare.jpeg_quality=0 is not valid"):
         cli.validate_config(
             cli.resolved_config(cli.DEFAULT_CONFIG, args + ["--config.prepare.jpeg_quality=0"])
         )
-    with pytest.raises(UsageError, match="source='prepared' needs config.data.prepared_dir"):
+    with pytest.raises(DataError, match="source='prepared' needs config.data.prepared_dir"):
         cli.validate_config(
             cli.resolved_config(cli.DEFAULT_CONFIG, ["--config.data.source=prepared"])
         )

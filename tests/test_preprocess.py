@@ -182,12 +182,12 @@ def test_pixels_from_config_and_from_an_older_config():
 
 def test_validate_config_refuses_an_unknown_preprocessing():
     from zf_tf import cli
-    from zf_tf.core.errors import UsageError
+    from zf_tf.pipelines import DataError
 
     config = cli.resolved_config(cli.DEFAULT_CONFIG, ["--config.data.preprocessing=caffe"])
     cli.validate_config(config)
     config = cli.resolved_config(cli.DEFAULT_CONFIG, ["--config.data.preprocessing=vgg"])
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(DataError) as e:
         cli.validate_config(config)
     assert str(e.value) == (
         "config.data.preprocessing='vgg' is not valid: choose one of zfnet, caffe, tf, torch, raw"

@@ -17,6 +17,7 @@ from zf_tf.analyses.base import Request
 from zf_tf.core import errors
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
+from zf_tf.pipelines import DataError
 from zf_tf.training import resume, workdirs
 
 
@@ -40,7 +41,8 @@ from zf_tf.training import resume, workdirs
 def test_numbers_out_of_range_write_nothing(override, message, tmp_path):
     config = cli.resolved_config(cli.DEFAULT_CONFIG, [override])
     workdir = tmp_path / "w"
-    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace(")", r"\)")):
+    pattern = message.replace("[", r"\[").replace(")", r"\)")
+    with pytest.raises((UsageError, DataError), match=pattern):  # DataError: config.data
         cli.run("train", config, Request(workdir=str(workdir)))
     assert not workdir.exists()
 

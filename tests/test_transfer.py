@@ -19,7 +19,7 @@ from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.experiments import transfer
 from zf_tf.experiments.transfer import features, fits, images, metrics, report, sampling, target
-from zf_tf.pipelines import inputs
+from zf_tf.pipelines import DataError, inputs
 from zf_tf.training import workdirs
 
 # ------------------------------------------------------------------------------ tables
@@ -286,7 +286,7 @@ def test_class_subset_pipeline(tiny_config, tmp_path):
     assert inputs.num_examples(data, "validation") == len(kept) == 15
     cli.validate_config(tiny_config)
     data.num_classes = 4
-    with pytest.raises(UsageError, match="num_classes=3"):
+    with pytest.raises(DataError, match="num_classes=3"):
         cli.validate_config(tiny_config)
     # Folders: the same remapping, from the file list.
     for name in ("a", "b", "c"):

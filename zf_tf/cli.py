@@ -3,7 +3,8 @@
 `main.py` defines the absl flags and calls `parse_flags` and `main`. absl parses the flags
 it knows; what is left of the command line is the config's overrides (`--config.a.b=v`),
 which `apply_overrides` sets on the config loaded from `--config=FILE[:ARG]`
-(`load_config`). A library error (`UsageError`, `zf_tf.pipelines.DataError`, a missing file) or a
+(`load_config`); `validate_config` has each section checked by the module that owns it.
+A library error (`UsageError`, `zf_tf.pipelines.DataError`, a missing file) or a
 file-system fault (a read-only or full disk: `errors.file_system_fault`) becomes
 `error: <message>` on stderr and exit status 1; anything else is a bug and keeps its
 traceback.
@@ -27,8 +28,8 @@ from zf_tf.core import interrupts
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError, file_system_fault
 from zf_tf.experiments import ablate, transfer
-from zf_tf.pipelines import DataError, inputs, prepare, preprocess, service, sources
-from zf_tf.training import callbacks, evaluate, export, train, workdirs
+from zf_tf.pipelines import DataError, inputs, prepare, service
+from zf_tf.training import evaluate, export, train, workdirs
 from zf_tf.training.strategies import (  # noqa: F401 - main.py
     CLUSTER_TIMEOUT,
     STRATEGIES,
@@ -304,102 +305,20 @@ def given_aliases(flag_values) -> dict:
 
 
 def validate_config(config):
-    """Checks the enumerated and related fields of a config before anything runs.
+    """Checks every section of a config before anything runs, each by the module that owns
+    it: data (`inputs.check_config`), model (`model.check_config`), train
+    (`train.check_config`), prepare (`prepare.check_config`) and the analyses' shared
+    fields (`analyses.base.check_config`); the first bad field is reported.
 
     Raises:
-      UsageError: naming the field and its valid choices.
+      DataError: a bad config.data or config.prepare field, naming its valid values.
+      UsageError: a bad field of the other sections, naming its valid values.
     """
-
-    def choose(key, value, choices):
-        if value not in choices:
-            raise UsageError(f"{key}={value!r} is not valid: choose one of {', '.join(choices)}")
-
-    choose("config.data.source", config.data.source, inputs.SOURCES)
-    kind = config.data.preprocessing
-    choose("config.data.preprocessing", kind, preprocess.PREPROCESSING)
-    choose("config.data.augment", config.data.augment, preprocess.AUGMENTATIONS)
-    choose("config.model.arch", config.model.arch, model_lib.ARCHS)
-    choose("config.model.layer1", config.model.layer1, tuple(model_lib.LAYER1))
-    choose("config.model.kernel_init", config.model.kernel_init, model_lib.KERNEL_INITS)
-    for name in config.model.remove:
-        choose("config.model.remove entry", name, model_lib.REMOVABLE)
-    choose("config.train.precision", config.train.precision, model_lib.PRECISIONS)
-    drops = tuple(config.train.lr_drop_epochs)
-    if drops and (
-        any(not isinstance(d, int) for d in drops)
-        or list(drops) != sorted(set(drops))
-        or not 1 <= drops[0] <= drops[-1] < config.train.epochs
-    ):
-        raise UsageError(
-            f"config.train.lr_drop_epochs={drops} must be increasing epochs in "
-            f"1..{config.train.epochs - 1} (config.train.epochs={config.train.epochs})"
-        )
-    if "prepare" in config:
-        encoding = config.prepare.get("encoding", "jpeg")
-        choose("config.prepare.encoding", encoding, prepare.ENCODINGS)
-    if config.data.source == "prepared" and not config.data.prepared_dir:
-        raise UsageError(
-            "config.data.source='prepared' needs config.data.prepared_dir=DIR (a folder "
-            "written by --mode=prepare)"
-        )
-    if config.data.source == "folder" and not config.data.folder:
-        raise UsageError("config.data.source='folder' needs config.data.folder=/path/to/images")
-    classes = sources.selected_classes(config.data)
-    if classes and (len(set(classes)) != len(classes) or min(classes) < 0):
-        raise UsageError(f"config.data.classes={classes} must be distinct label ids >= 0")
-    if classes and len(classes) != config.data.num_classes:
-        raise UsageError(
-            f"config.data.classes keeps {len(classes)} classes but config.data.num_classes="
-            f"{config.data.num_classes}: set --config.data.num_classes={len(classes)}"
-        )
-    _check_ranges(config)
-    if config.data.crop_size > config.data.resize_size:
-        raise UsageError(
-            f"config.data.crop_size ({config.data.crop_size}) must not exceed "
-            f"config.data.resize_size ({config.data.resize_size})"
-        )
-    callbacks.check_names(config.train.callbacks)
-
-
-# (dotted key, what it must be, test); checked before anything is written.
-RANGES = (
-    ("train.batch_size", ">= 1", lambda v: v >= 1),
-    ("train.eval_batch_size", ">= 1", lambda v: v >= 1),
-    ("train.epochs", ">= 1", lambda v: v >= 1),
-    ("train.steps_per_epoch", ">= 0 (0 = one pass)", lambda v: v >= 0),
-    ("train.learning_rate", "> 0", lambda v: v > 0),
-    ("train.momentum", "in [0, 1)", lambda v: 0 <= v < 1),
-    ("train.lr_decay", "in (0, 1]", lambda v: 0 < v <= 1),
-    ("train.lr_patience", ">= 0", lambda v: v >= 0),
-    ("train.min_lr", ">= 0", lambda v: v >= 0),
-    ("train.cpu_replicas", ">= 1", lambda v: v >= 1),
-    ("train.cluster_timeout", "> 0", lambda v: v > 0),
-    ("data.service_timeout", "> 0", lambda v: v > 0),
-    ("train.weight_decay", ">= 0", lambda v: v >= 0),
-    ("train.label_smoothing", "in [0, 1)", lambda v: 0 <= v < 1),
-    ("train.warmup_epochs", ">= 0", lambda v: v >= 0),
-    ("data.min_crop_area", "in (0, 1]", lambda v: 0 < v <= 1),
-    ("model.dropout", "in [0, 1)", lambda v: 0 <= v < 1),
-    ("model.conv1_init_stddev", ">= 0", lambda v: v >= 0),
-    ("data.crop_size", ">= 1", lambda v: v >= 1),
-    ("data.resize_size", ">= 1", lambda v: v >= 1),
-    ("data.shuffle_buffer", ">= 1", lambda v: v >= 1),
-    ("data.num_classes", ">= 2", lambda v: v >= 2),
-    ("analysis.batch_size", ">= 1", lambda v: v >= 1),
-    ("prepare.jpeg_quality", "in 1..100", lambda v: 1 <= v <= 100),
-    ("prepare.shard_size", ">= 1", lambda v: v >= 1),
-)
-
-
-def _check_ranges(config):
-    """Raises UsageError for the first field of RANGES outside its range (fields a config
-    lacks are skipped)."""
-    for key, must, ok in RANGES:
-        node = config
-        for part in key.split("."):
-            node = node.get(part) if hasattr(node, "get") else None
-        if node is not None and not ok(node):
-            raise UsageError(f"config.{key}={node} is not valid: it must be {must}")
+    inputs.check_config(config.data)
+    model_lib.check_config(config.model)
+    train.check_config(config.train)
+    prepare.check_config(config.get("prepare"))
+    analyses_base.check_config(config.get("analysis"))
 
 
 def check_training(config, strategy, strategy_name: str):

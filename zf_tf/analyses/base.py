@@ -40,6 +40,7 @@ import numpy as np
 
 from zf_tf import outputs
 from zf_tf.analyses import sources
+from zf_tf.configs import out_of_range
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import examples, inputs
@@ -110,6 +111,19 @@ class Result:
     result: dict
     paths: dict[str, str]
     report: Report
+
+
+def check_config(analysis) -> None:
+    """Checks what the analyses share in `config.analysis` before anything runs
+    (`batch_size` >= 1; a config without it passes); each analysis checks its own
+    settings in `settings`.
+
+    Raises:
+      UsageError: one line naming the field and its range.
+    """
+    message = out_of_range(analysis, "analysis", (("batch_size", ">= 1", lambda v: v >= 1),))
+    if message:
+        raise UsageError(message)
 
 
 def load_examples(config, split: str, num: int, labels=()):

@@ -18,6 +18,9 @@ import types
 import keras
 import tensorflow as tf
 
+from zf_tf.configs import not_one_of, out_of_range
+from zf_tf.core.errors import UsageError
+
 CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 # Layers an ablation may remove (paper Table 3); `drop6`/`drop7` go with fc6/fc7.
 REMOVABLE = ("conv3", "conv4", "fc6", "fc7")
@@ -80,6 +83,33 @@ ARCHS = ("zfnet", "vgg")  # model.arch: the paper's net, or a small VGG-style BN
 # config.train.precision: Keras dtype policies. The mixed ones compute in 16 bits and keep
 # float32 variables; `build_model` keeps the logits (and so the loss) and LRN in float32.
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+# config.model fields with a range: (field, what it must be, test), checked by check_config.
+RANGES = (
+    ("dropout", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("conv1_init_stddev", ">= 0", lambda v: v >= 0),
+)
+
+
+def check_config(model_config) -> None:
+    """Checks `config.model` before anything runs: `arch`, `layer1`, `kernel_init` and each
+    `remove` entry among their choices, and the fields of RANGES.
+
+    Raises:
+      UsageError: one line naming the first bad field and its valid values.
+    """
+    m = model_config
+    for key, value, choices in (
+        ("config.model.arch", m.arch, ARCHS),
+        ("config.model.layer1", m.layer1, tuple(LAYER1)),
+        ("config.model.kernel_init", m.kernel_init, KERNEL_INITS),
+        *(("config.model.remove entry", name, REMOVABLE) for name in m.remove),
+    ):
+        message = not_one_of(key, value, choices)
+        if message:
+            raise UsageError(message)
+    message = out_of_range(m, "model", RANGES)
+    if message:
+        raise UsageError(message)
 
 
 def _policies(precision: str) -> tuple[keras.DTypePolicy, keras.DTypePolicy]:

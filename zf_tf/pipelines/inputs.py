@@ -30,7 +30,17 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from zf_tf.pipelines import embedded, folder, prepared, preprocess, service, sources, tfds_source
+from zf_tf.configs import not_one_of, out_of_range
+from zf_tf.pipelines import (
+    DataError,
+    embedded,
+    folder,
+    prepared,
+    preprocess,
+    service,
+    sources,
+    tfds_source,
+)
 
 # config.data.source -> the Source that reads it: a new source is its module and a line here.
 REGISTRY: dict[str, sources.Source] = {
@@ -41,6 +51,15 @@ REGISTRY: dict[str, sources.Source] = {
 }
 SOURCES = tuple(REGISTRY)
 MODES = ("train", "ten_crop", "center")
+# config.data fields with a range: (field, what it must be, test), checked by check_config.
+RANGES = (
+    ("service_timeout", "> 0", lambda v: v > 0),
+    ("min_crop_area", "in (0, 1]", lambda v: 0 < v <= 1),
+    ("crop_size", ">= 1", lambda v: v >= 1),
+    ("resize_size", ">= 1", lambda v: v >= 1),
+    ("shuffle_buffer", ">= 1", lambda v: v >= 1),
+    ("num_classes", ">= 2", lambda v: v >= 2),
+)
 
 
 def source(data) -> sources.Source:
@@ -125,6 +144,47 @@ def check_layout(data) -> None:
       DataError: one line naming the folder and what to change.
     """
     source(data).check_layout(data)
+
+
+def check_config(data) -> None:
+    """Checks `config.data` before anything runs: the source, preprocessing and augmentation
+    named, the folder a 'prepared' or 'folder' source needs, `classes` against
+    `num_classes`, the fields of RANGES, and a crop that fits the resized image.
+
+    Raises:
+      DataError: one line naming the first bad field and its valid values.
+    """
+    for key, value, choices in (
+        ("source", data.source, SOURCES),
+        ("preprocessing", data.preprocessing, preprocess.PREPROCESSING),
+        ("augment", data.augment, preprocess.AUGMENTATIONS),
+    ):
+        message = not_one_of(f"config.data.{key}", value, choices)
+        if message:
+            raise DataError(message)
+    if data.source == "prepared" and not data.prepared_dir:
+        raise DataError(
+            "config.data.source='prepared' needs config.data.prepared_dir=DIR (a folder "
+            "written by --mode=prepare)"
+        )
+    if data.source == "folder" and not data.folder:
+        raise DataError("config.data.source='folder' needs config.data.folder=/path/to/images")
+    classes = sources.selected_classes(data)
+    if classes and (len(set(classes)) != len(classes) or min(classes) < 0):
+        raise DataError(f"config.data.classes={classes} must be distinct label ids >= 0")
+    if classes and len(classes) != data.num_classes:
+        raise DataError(
+            f"config.data.classes keeps {len(classes)} classes but config.data.num_classes="
+            f"{data.num_classes}: set --config.data.num_classes={len(classes)}"
+        )
+    message = out_of_range(data, "data", RANGES)
+    if message:
+        raise DataError(message)
+    if data.crop_size > data.resize_size:
+        raise DataError(
+            f"config.data.crop_size ({data.crop_size}) must not exceed "
+            f"config.data.resize_size ({data.resize_size})"
+        )
 
 
 def random_label(encoded, seed: int, num_classes: int):

@@ -33,10 +33,33 @@ import tensorflow as tf
 import tqdm
 from absl import logging
 
+from zf_tf.configs import not_one_of, out_of_range
 from zf_tf.pipelines import DataError, inputs, prepared, preprocess, write_json
 
 FORMAT = 1
 ENCODINGS = ("jpeg", "raw")
+# config.prepare fields with a range: (field, what it must be, test), checked by check_config.
+RANGES = (
+    ("jpeg_quality", "in 1..100", lambda v: 1 <= v <= 100),
+    ("shard_size", ">= 1", lambda v: v >= 1),
+)
+
+
+def check_config(prepare_config) -> None:
+    """Checks `config.prepare` before anything runs: the encoding (a config without one
+    means 'jpeg') and the fields of RANGES; a config without the section passes.
+
+    Raises:
+      DataError: one line naming the first bad field and its valid values.
+    """
+    if prepare_config is None:
+        return
+    encoding = prepare_config.get("encoding", "jpeg")
+    message = not_one_of("config.prepare.encoding", encoding, ENCODINGS) or out_of_range(
+        prepare_config, "prepare", RANGES
+    )
+    if message:
+        raise DataError(message)
 
 
 def _slug(split: str) -> str:

@@ -23,10 +23,56 @@ import keras
 import numpy as np
 from absl import logging
 
+from zf_tf.configs import not_one_of, out_of_range
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
 from zf_tf.training import callbacks, evaluate, export, keras_fixes, resume, workdirs
+
+# config.train fields with a range: (field, what it must be, test), checked by check_config.
+RANGES = (
+    ("batch_size", ">= 1", lambda v: v >= 1),
+    ("eval_batch_size", ">= 1", lambda v: v >= 1),
+    ("epochs", ">= 1", lambda v: v >= 1),
+    ("steps_per_epoch", ">= 0 (0 = one pass)", lambda v: v >= 0),
+    ("learning_rate", "> 0", lambda v: v > 0),
+    ("momentum", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("lr_decay", "in (0, 1]", lambda v: 0 < v <= 1),
+    ("lr_patience", ">= 0", lambda v: v >= 0),
+    ("min_lr", ">= 0", lambda v: v >= 0),
+    ("cpu_replicas", ">= 1", lambda v: v >= 1),
+    ("cluster_timeout", "> 0", lambda v: v > 0),
+    ("weight_decay", ">= 0", lambda v: v >= 0),
+    ("label_smoothing", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("warmup_epochs", ">= 0", lambda v: v >= 0),
+)
+
+
+def check_config(train_config) -> None:
+    """Checks `config.train` before anything runs: the precision, `lr_drop_epochs` (increasing
+    epochs before the last), the fields of RANGES and the callbacks named.
+
+    Raises:
+      UsageError: one line naming the first bad field and its valid values.
+    """
+    t = train_config
+    message = not_one_of("config.train.precision", t.precision, model_lib.PRECISIONS)
+    if message:
+        raise UsageError(message)
+    drops = tuple(t.lr_drop_epochs)
+    if drops and (
+        any(not isinstance(d, int) for d in drops)
+        or list(drops) != sorted(set(drops))
+        or not 1 <= drops[0] <= drops[-1] < t.epochs
+    ):
+        raise UsageError(
+            f"config.train.lr_drop_epochs={drops} must be increasing epochs in "
+            f"1..{t.epochs - 1} (config.train.epochs={t.epochs})"
+        )
+    message = out_of_range(t, "train", RANGES)
+    if message:
+        raise UsageError(message)
+    callbacks.check_names(t.callbacks)
 
 
 def compile_model(model: keras.Model, config) -> keras.Model:
