@@ -15,7 +15,7 @@ from zf_tf.configs import default
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import DataError, inputs, prepare
-from zf_tf.training import train
+from zf_tf.training import train, workdirs
 
 
 @pytest.mark.parametrize(
@@ -197,11 +197,17 @@ def test_each_module_checks_its_own_section(check, section, field, value, error,
     assert str(e.value) == message
 
 
-def test_sections_and_fields_a_config_lacks_are_skipped():
-    """Configs written before a section or field existed pass (workdirs' config.json)."""
-    prepare.check_config(None)
-    prepare.check_config({"jpeg_quality": 90})  # no encoding: 'jpeg'
-    analyses_base.check_config(None)
+def test_sections_and_fields_a_config_file_lacks_are_filled_in_before_the_checks():
+    """A config file written before a section or field existed is completed by
+    `workdirs.upgrade` (at configs/default.py's values), then passes the checks."""
+    config = default.get_config()
+    del config["prepare"]
+    del config.analysis["featvis"]
+    del config.analysis.deconv["top_k"]
+    workdirs.upgrade(config)
+    cli.validate_config(config)
+    assert config.prepare.encoding == "jpeg" and config.analysis.featvis.steps == 256
+    assert config.analysis.deconv.top_k == 9
     ranges = (("size", ">= 1", lambda v: v >= 1),)
     assert configs.out_of_range({}, "s", ranges) is None
     assert configs.out_of_range({"size": 0}, "s", ranges) == (

@@ -317,8 +317,8 @@ def validate_config(config):
     inputs.check_config(config.data)
     model_lib.check_config(config.model)
     train.check_config(config.train)
-    prepare.check_config(config.get("prepare"))
-    analyses_base.check_config(config.get("analysis"))
+    prepare.check_config(config.prepare)
+    analyses_base.check_config(config.analysis)
 
 
 def check_training(config, strategy, strategy_name: str):
@@ -420,7 +420,7 @@ def _prepare(config, request, strategy):
             jpeg_quality=config.prepare.jpeg_quality,
             shard_size=config.prepare.shard_size,
             overwrite=request.overwrite,
-            encoding=config.prepare.get("encoding", "jpeg"),
+            encoding=config.prepare.encoding,
         )
     print(
         f"Wrote {out} ({', '.join(splits)}); train on it with --config.data.source=prepared "

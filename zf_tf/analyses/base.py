@@ -115,7 +115,7 @@ class Result:
 
 def check_config(analysis) -> None:
     """Checks what the analyses share in `config.analysis` before anything runs
-    (`batch_size` >= 1; a config without it passes); each analysis checks its own
+    (`batch_size` >= 1); each analysis checks its own
     settings in `settings`.
 
     Raises:

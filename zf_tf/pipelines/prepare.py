@@ -46,15 +46,12 @@ RANGES = (
 
 
 def check_config(prepare_config) -> None:
-    """Checks `config.prepare` before anything runs: the encoding (a config without one
-    means 'jpeg') and the fields of RANGES; a config without the section passes.
+    """Checks `config.prepare` before anything runs: the encoding and the fields of RANGES.
 
     Raises:
       DataError: one line naming the first bad field and its valid values.
     """
-    if prepare_config is None:
-        return
-    encoding = prepare_config.get("encoding", "jpeg")
+    encoding = prepare_config.encoding
     message = not_one_of("config.prepare.encoding", encoding, ENCODINGS) or out_of_range(
         prepare_config, "prepare", RANGES
     )

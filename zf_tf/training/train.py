@@ -182,7 +182,7 @@ def learning_rate_schedule(config) -> keras.callbacks.Callback:
     """The rate divided on validation-loss plateaus (the paper's annealing), or at fixed
     epochs (`config.train.lr_drop_epochs`)."""
     t = config.train
-    if t.get("lr_drop_epochs", ()):
+    if t.lr_drop_epochs:
         return callbacks.StepDrops(t.learning_rate, t.lr_decay, t.lr_drop_epochs)
     return keras.callbacks.ReduceLROnPlateau(
         monitor="val_loss", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.min_lr
