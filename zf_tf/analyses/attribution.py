@@ -734,7 +734,7 @@ def settings(config, request) -> Settings:
         split=split,
         num_images=base.num_images(config, MODE),
         pointing_images=int(att.pointing_images),
-        annotated=config.data.source == "embedded",
+        annotated=inputs.source(config.data).has_boxes,
         maps=maps,
         seed=int(config.seed),
         crop_size=int(config.data.crop_size),

@@ -527,7 +527,7 @@ def settings(config, request) -> Settings:
             "images and their parts with --parts=FILE.json ({image_path: {part_name: "
             "[y0, x0, y1, x1]}})"
         )
-    elif config.data.source != "embedded":
+    elif not inputs.source(config.data).has_boxes:
         raise UsageError(
             "--mode=correspondence on a dataset without object boxes needs "
             "--parts=FILE.json ({image_path: {part_name: [y0, x0, y1, x1]}})"
@@ -556,8 +556,6 @@ def settings(config, request) -> Settings:
 def _unlabeled(config, split: str) -> bool:
     """A readable flat folder of unlabeled images (anything else is refused or checked on
     its own terms)."""
-    if config.data.source != "folder":
-        return False
     try:
         return not inputs.is_labeled(config.data, split)
     except (OSError, ValueError):  # no such folder or split: "needs --parts" says enough

@@ -613,6 +613,8 @@ class EmbeddedSource(tfds_source.TfdsSource):
     """Source 'embedded': ``zf_shapes`` (``data.tfds_config``: default or tiny), generated
     on first use; its examples' boxes and masks come with ``annotated``."""
 
+    has_boxes = True
+
     def _builder(self, data):
         return builder(sources.data_dir(data), data.tfds_config)
 

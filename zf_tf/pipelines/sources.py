@@ -45,6 +45,9 @@ class Source(abc.ABC):
     """A data source. Every method takes the `config.data` ConfigDict; a split is a split
     name ('train', 'validation', 'test', or a tfds split expression)."""
 
+    # True where `annotated` gives object boxes and masks (the pointing game, Fig. 8's parts).
+    has_boxes = False
+
     @abc.abstractmethod
     def records(self, data, split: str, shuffle_files: bool = False, seed: int = 0):
         """(encoded image bytes, int64 label) pairs of a split, undecoded, as a
