@@ -20,8 +20,9 @@ minutes of training (the sum of history.csv's epoch_seconds, 17 of its epochs be
 test suite; 58 minutes for the whole command, eval and export included); the center crop
 first reached 80% at epoch 51, after 42 min. Seed 0: 82.8% too (80.7% center, top-5
 98.0%; center crop 80% from epoch 50; its times are not a measurement: it shared the
-machine). Seed 2: 82.6% (80.8% center, top-5 97.8%). Seed 0 with the plateau schedule reached 82.4% (80.4% center), dividing the rate
-after epochs 42 and 58: the step schedule below takes its epochs from that run.
+machine). Seed 2: 82.6% (80.8% center, top-5 97.8%). Seed 0 with the plateau schedule
+reached 82.4% (80.4% center), dividing the rate after epochs 42 and 58: the step schedule
+below takes its epochs from that run.
 The keras.io "Image classification from scratch" model on the same data, size and cores
 reaches 10.2% (one class for every photo) in 60 minutes: 6 epochs of a model 12x as costly
 per image, its batch-norm statistics not settled (bench/baseline.py; BUILD.md).
