@@ -119,6 +119,9 @@ def test_before_the_rectifier_is_the_layers_pre_activation(small):
     np.testing.assert_allclose(tap(x), expected, atol=1e-5)
     assert (expected.numpy() < 0).mean() > 0.2
     assert rules.rectified(small, "b") and not rules.rectified(small, "p")
+    assert featvis.before_rectifier(small, "b", negative=True)
+    assert not featvis.before_rectifier(small, "b", negative=False)
+    assert not featvis.before_rectifier(small, "p", negative=True)
     assert not featvis.Optimizer(
         small, "p", TO_INPUT, featvis.Params(negative=True)
     ).before_rectifier

@@ -39,7 +39,7 @@ import tqdm
 
 from zf_tf import outputs
 from zf_tf.analyses import atlas_site, base, deconv
-from zf_tf.core import featvis, graph, rules
+from zf_tf.core import featvis, graph
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
 from zf_tf.training import keras_fixes, workdirs
@@ -237,7 +237,7 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
         "units": np.asarray(units),
         **{name: np.concatenate([p[name] for p in parts]) for name in parts[0]},
         "per_unit": s.params.diversity,
-        "before_rectifier": s.params.negative and rules.rectified(model, s.layer),
+        "before_rectifier": featvis.before_rectifier(model, s.layer, s.params.negative),
         "color": data.color,
         "covariance": data.covariance,
         "chief": chief,
