@@ -263,6 +263,27 @@ def _distributed_run(workdir, tmp_path, strategy):
     return copy_, [(proc.returncode, proc.stdout, proc.stderr)]
 
 
+def test_a_batch_one_worker_lacks_is_computed_by_all():
+    """`_any_worker`: each batch's flag or-ed over the workers in one all-reduce
+    (`strategies.sum_over_replicas`); here a second worker faked in the reduce, and the real
+    reduce of the default strategy (one replica: the values themselves)."""
+    import types
+
+    from zf_tf.analyses import featvis as mode
+    from zf_tf.training import strategies
+
+    def worker_beside(*flags):
+        other = tf.constant(flags, tf.float64)
+        return types.SimpleNamespace(run=lambda fn: fn(), reduce=lambda op, v, axis: v + other)
+
+    assert mode._any_worker(worker_beside(0, 0, 1), [True, False, False]) == [True, False, True]
+    assert mode._any_worker(worker_beside(0, 0, 0), [False, True, False]) == [False, True, False]
+    assert mode._any_worker(worker_beside(0), []) == []
+    one = tf.distribute.get_strategy()
+    assert strategies.sum_over_replicas(one, [2, 3.5]).tolist() == [2.0, 3.5]
+    assert strategies.sum_over_replicas(one, []).tolist() == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["mirrored", "multi_worker"])
 def test_replicas_and_workers_share_the_units(workdir, tmp_path, strategy):

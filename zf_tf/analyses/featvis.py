@@ -34,7 +34,6 @@ import json
 import os
 
 import numpy as np
-import tensorflow as tf
 import tqdm
 
 from zf_tf import outputs
@@ -42,7 +41,7 @@ from zf_tf.analyses import atlas_site, base, deconv
 from zf_tf.core import featvis, graph
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
-from zf_tf.training import keras_fixes, workdirs
+from zf_tf.training import keras_fixes, strategies, workdirs
 
 MODE = "featvis"
 DEFAULTS = {
@@ -250,11 +249,7 @@ def _multi_worker(strategy) -> bool:
 
 def _any_worker(strategy, flags: list[bool]) -> list[bool]:
     """Each flag or-ed over the workers of `strategy` (one all-reduce)."""
-    mine = tf.constant([float(f) for f in flags] or [0.0], tf.float32)
-    total = strategy.reduce(
-        tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(mine)), axis=None
-    )
-    return [bool(t > 0) for t in total.numpy()[: len(flags)]]
+    return [bool(t > 0) for t in strategies.sum_over_replicas(strategy, flags)]
 
 
 def render(result: dict, s: Settings, paths: dict) -> base.Report:
