@@ -96,6 +96,24 @@ def tiny_data_dir(tmp_path_factory):
     return data_dir
 
 
+def made_once(tmp_path_factory, name: str, make):
+    """The folder `name`, filled by `make(folder)` once per session: under pytest-xdist the
+    workers share the session's temp folder, and the first to take the lock makes it for
+    all of them (again if a worker died half-way). Tests copy what they write into."""
+    import filelock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = shared / name, shared / f"{name}.done"
+    with filelock.FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def trained_default(tiny_data_dir, tmp_path_factory):
     """(config, workdir) of the default model (configs/default.py's ZFNet, 64 px, width
@@ -103,7 +121,6 @@ def trained_default(tiny_data_dir, tmp_path_factory):
     feature-evolution snapshots after epochs 1 and 8 (about 15 s on 2 cores; > 90% of its
     training images right). Shared: no test trains it again; tests copy the workdir before
     writing into it."""
-    import filelock
     import keras
     import tensorflow as tf
 
@@ -124,20 +141,45 @@ def trained_default(tiny_data_dir, tmp_path_factory):
             "model.dropout": 0.0,
         },
     )
-    # Trained once per session: under pytest-xdist the workers share the session's temp
-    # folder, and the first to take the lock trains for all of them.
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    workdir = shared / "trained_default"
-    with filelock.FileLock(str(shared / "trained_default.lock")):
-        if not (workdir / "trained").exists():
-            shutil.rmtree(workdir, ignore_errors=True)  # a worker that died half-way
-            # The data order depends on TF's global seed once any test has set one: set
-            # it, so that the model is the same whichever tests ran before.
-            keras.utils.set_random_seed(0)
-            train.train_and_evaluate(config, str(workdir), tf.distribute.get_strategy())
-            (workdir / "trained").touch()
-    return config, str(workdir)
+
+    def make(workdir):
+        # The data order depends on TF's global seed once any test has set one: set it, so
+        # that the model is the same whichever tests ran before.
+        keras.utils.set_random_seed(0)
+        train.train_and_evaluate(config, str(workdir), tf.distribute.get_strategy())
+
+    return config, str(made_once(tmp_path_factory, "trained_default", make))
+
+
+@pytest.fixture(scope="session")
+def trained_mirrored(tiny_data_dir, tmp_path_factory):
+    """(config, workdir, stdout) of `main.py --mode=train --strategy=mirrored` on 2 CPU
+    replicas with the tiny training command line (tests.helpers.tiny_args: 2 epochs of 4
+    steps of 16, width 0.25), validation batches of 15 (the last 15 split 8 + 7 over the
+    replicas) and feature-evolution snapshots of 2 maps per layer after epochs 1 and 2 (the
+    paper's epochs within the run). Shared (`made_once`): tests/test_train.py checks the
+    run, tests/test_evolution.py the callback's snapshots under the strategy."""
+    import json
+
+    from tests.helpers import main_py, tiny_args
+    from zf_tf import cli
+
+    extra = (
+        "--config.train.eval_batch_size=15",
+        "--config.analysis.evolution.features_per_layer=2",
+    )
+
+    def make(folder):
+        args = tiny_args(tiny_data_dir, folder / "w", *extra)
+        proc = main_py("--mode=train", "--strategy=mirrored", *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (folder / "stdout.txt").write_text(proc.stdout)
+        (folder / "args.json").write_text(json.dumps(args))  # this worker's data dir
+
+    folder = made_once(tmp_path_factory, "trained_mirrored", make)
+    args = json.loads((folder / "args.json").read_text())
+    config = cli.resolved_config(cli.DEFAULT_CONFIG, [a for a in args if a.startswith("--config.")])
+    return config, str(folder / "w"), (folder / "stdout.txt").read_text()
 
 
 @pytest.fixture

@@ -1,17 +1,15 @@
 """Feature evolution (paper Fig. 4): the training callback under MirroredStrategy, its
 snapshots against the deconvnet and a brute-force maximum, and --mode=evolution's grid."""
 
-import json
 import os
-import subprocess
-import sys
+import shutil
 
 import keras
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, run_analysis
+from tests.conftest import run_analysis
 from tests.helpers import events
 from zf_tf.analyses import evolution
 from zf_tf.core import deconv, graph
@@ -20,75 +18,10 @@ from zf_tf.core.model import CONV_LAYERS
 from zf_tf.pipelines import examples
 from zf_tf.training import callbacks, workdirs
 
-PROBE, PER_LAYER, WIDTH = 12, 2, 0.125
-
-# Trains 2 epochs x 1 step with 2 mirrored CPU replicas and the callback (evolution epochs
-# (1, 5): snapshots at 1 and 2), then saves the final model. A subprocess, since logical
-# devices must be configured before any TF op runs.
-SCRIPT = """
-import json, sys
-sys.path.insert(0, {root!r})
-from zf_tf.training import strategies
-strategy = strategies.make_strategy("mirrored", 2)
-from zf_tf.training import callbacks
-from zf_tf.training import keras_fixes
-from zf_tf.training import train
-from zf_tf.training import resume, workdirs
-from zf_tf.core import model as model_lib
-from zf_tf.configs import default
-config = default.get_config()
-config.update_from_flattened_dict({overrides!r})
-with strategy.scope():
-    model = train.compile_model(model_lib.build_model(config.model), config)
-ds = train.distributed_inputs(strategy, config, "train", "train")
-callback = callbacks.FeatureEvolution({workdir!r}, config)
-batch = keras_fixes.image_batch(config.data.crop_size)
-with keras_fixes.fit_workarounds(model, strategy, batch):
-    model.fit(ds, epochs=2, steps_per_epoch=1, callbacks=[callback], verbose=0)
-resume.save_model(model, workdirs.checkpoint_path({workdir!r}))
-print(json.dumps({{"replicas": strategy.num_replicas_in_sync, "seconds": callback.seconds}}))
-"""
-
-
-def overrides(data_dir):
-    return {
-        "data.data_dir": data_dir,
-        "data.tfds_config": "tiny",
-        "data.shuffle_buffer": 64,
-        "model.width": WIDTH,
-        "train.batch_size": 8,
-        "train.eval_batch_size": 8,
-        "train.epochs": 2,
-        "train.steps_per_epoch": 1,
-        "analysis.evolution.epochs": (1, 5),
-        "analysis.evolution.probe_images": PROBE,
-        "analysis.evolution.features_per_layer": PER_LAYER,
-    }
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_data_dir, tmp_path_factory):
-    """(workdir, config, stdout record) of a 2-epoch mirrored run with the callback."""
-    workdir = str(tmp_path_factory.mktemp("evo") / "w")
-    script = SCRIPT.format(
-        root=ROOT,
-        overrides=overrides(tiny_data_dir),
-        workdir=workdir,
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from tests.conftest import load_config
-
-    config = load_config()
-    config.update_from_flattened_dict(overrides(tiny_data_dir))
-    return workdir, config, json.loads(proc.stdout.splitlines()[-1])
+# The snapshots come from the session's shared 2-replica mirrored run of main.py
+# (conftest.trained_mirrored: 2 epochs, snapshots after epochs 1 and 2, 2 maps per layer),
+# which tests/test_train.py checks as a training run.
+PER_LAYER = 2
 
 
 def test_snapshot_epochs_clipped_to_the_run():
@@ -113,17 +46,18 @@ def test_strongest_matches_brute_force():
         assert best["activation"][n] == maps[..., f].max()
 
 
-@pytest.mark.slow  # the `trained` subprocess: ~25 s
-def test_callback_snapshots_under_mirrored_strategy(trained):
-    workdir, config, record = trained
-    assert record["replicas"] == 2
-    assert len(record["seconds"]) == 2  # epochs 1 and 2 (5 > the run's 2 epochs)
+@pytest.mark.slow  # the shared mirrored main.py run: ~30 s
+def test_callback_snapshots_under_mirrored_strategy(trained_mirrored):
+    config, workdir, stdout = trained_mirrored
+    assert "Strategy mirrored with 2 replica(s)" in stdout
+    assert config.analysis.evolution.features_per_layer == PER_LAYER
+    # epochs 1 and 2 of the paper's (1, 2, 5, ...): the run's 2 epochs
     assert sorted(os.listdir(os.path.join(workdir, "evolution"))) == [
         "epoch_001.npz",
         "epoch_002.npz",
     ]
     model = workdirs.load_model(workdir)
-    probe = examples.load_examples(config, "train", PROBE).images
+    probe = examples.load_examples(config, "train", config.analysis.evolution.probe_images).images
     taps = keras.Model(model.inputs[0], [model.get_layer(n).output for n in CONV_LAYERS])
     maps = dict(zip(CONV_LAYERS, (m.numpy() for m in taps(probe, training=False))))
     first = np.load(os.path.join(workdir, "evolution", "epoch_001.npz"))
@@ -173,9 +107,11 @@ def test_resize_nearest_floor_mapping():
     np.testing.assert_array_equal(evolution._resize_nearest(image, 3), image)
 
 
-@pytest.mark.slow  # the `trained` subprocess: ~25 s
-def test_mode_builds_the_grid(trained, capsys):
-    workdir, config, _ = trained
+@pytest.mark.slow  # the shared mirrored main.py run: ~30 s
+def test_mode_builds_the_grid(trained_mirrored, tmp_path, capsys):
+    config, original, _ = trained_mirrored
+    workdir = str(tmp_path / "w")
+    shutil.copytree(original, workdir)  # the run is shared: write into a copy
     run = run_analysis("evolution", config, workdir)
     cells, labels, epochs = (run.result[k] for k in ("cells", "labels", "epochs"))
     rows = len(CONV_LAYERS) * PER_LAYER

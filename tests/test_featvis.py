@@ -119,6 +119,9 @@ def test_before_the_rectifier_is_the_layers_pre_activation(small):
     np.testing.assert_allclose(tap(x), expected, atol=1e-5)
     assert (expected.numpy() < 0).mean() > 0.2
     assert rules.rectified(small, "b") and not rules.rectified(small, "p")
+    assert featvis.before_rectifier(small, "b", negative=True)
+    assert not featvis.before_rectifier(small, "b", negative=False)
+    assert not featvis.before_rectifier(small, "p", negative=True)
     assert not featvis.Optimizer(
         small, "p", TO_INPUT, featvis.Params(negative=True)
     ).before_rectifier
@@ -258,6 +261,27 @@ def _distributed_run(workdir, tmp_path, strategy):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     return copy_, [(proc.returncode, proc.stdout, proc.stderr)]
+
+
+def test_a_batch_one_worker_lacks_is_computed_by_all():
+    """`_any_worker`: each batch's flag or-ed over the workers in one all-reduce
+    (`strategies.sum_over_replicas`); here a second worker faked in the reduce, and the real
+    reduce of the default strategy (one replica: the values themselves)."""
+    import types
+
+    from zf_tf.analyses import featvis as mode
+    from zf_tf.training import strategies
+
+    def worker_beside(*flags):
+        other = tf.constant(flags, tf.float64)
+        return types.SimpleNamespace(run=lambda fn: fn(), reduce=lambda op, v, axis: v + other)
+
+    assert mode._any_worker(worker_beside(0, 0, 1), [True, False, False]) == [True, False, True]
+    assert mode._any_worker(worker_beside(0, 0, 0), [False, True, False]) == [False, True, False]
+    assert mode._any_worker(worker_beside(0), []) == []
+    one = tf.distribute.get_strategy()
+    assert strategies.sum_over_replicas(one, [2, 3.5]).tolist() == [2.0, 3.5]
+    assert strategies.sum_over_replicas(one, []).tolist() == []
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,6 @@ from tests.helpers import (
     error_lines,
     events,
     local_cluster,
-    main_py,
     run_workers,
     tiny_args,
     worker_env,
@@ -347,17 +347,15 @@ def test_training_learns(trained_default, tmp_path):
 
 
 @pytest.mark.slow
-def test_mirrored_run_with_uneven_validation_batch(tiny_data_dir, tmp_path):
-    """main.py with 2 mirrored CPU replicas; a validation batch of 15 is split 8 + 7 (the
-    case keras_fixes' prebuild works around)."""
-    workdir = tmp_path / "w"
-    proc = main_py(
-        "--mode=train",
-        "--strategy=mirrored",
-        *tiny_args(tiny_data_dir, workdir, "--config.train.eval_batch_size=15"),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Strategy mirrored with 2 replica(s)" in proc.stdout
+def test_mirrored_run_with_uneven_validation_batch(trained_mirrored):
+    """main.py with 2 mirrored CPU replicas (the session's shared run, which must exit 0:
+    conftest.trained_mirrored); a validation batch of 15 is split 8 + 7 (the case
+    keras_fixes' prebuild works around)."""
+    config, workdir, stdout = trained_mirrored
+    workdir = pathlib.Path(workdir)
+    assert config.train.eval_batch_size == 15 and config.train.epochs == EPOCHS
+    assert json.loads((workdir / "config.json").read_text())["train"]["eval_batch_size"] == 15
+    assert "Strategy mirrored with 2 replica(s)" in stdout
     assert epochs_in_history(workdir) == list(range(EPOCHS))
     for path in ("checkpoints/model.keras", "eval.json", "export/saved_model.pb"):
         assert (workdir / path).exists(), path

@@ -69,17 +69,24 @@ class Settings:
 
 
 def featvis_kinds(fv) -> tuple:
-    """The feature visualizations a unit page shows, as (kind, --mode=featvis settings):
-    always the maximized image; the negative one too when config.analysis.featvis.negative
-    is set, a diverse set when config.analysis.featvis.diversity > 1."""
+    """The feature visualizations a unit page shows (`atlas_site.FEATVIS_KINDS`), as (kind,
+    --mode=featvis settings): always the maximized image; the negative one too when
+    config.analysis.featvis.negative is set, a diverse set when
+    config.analysis.featvis.diversity > 1."""
     p = fv.params
-    one = lambda **change: dataclasses.replace(fv, params=dataclasses.replace(p, **change))  # noqa: E731
-    kinds = [("maximized", one(negative=False, diversity=1))]
-    if p.negative:
-        kinds.append(("negative", one(negative=True, diversity=1)))
-    if p.diversity > 1:
-        kinds.append(("diverse", one(negative=False)))
-    return tuple(kinds)
+    return tuple(
+        (
+            kind.name,
+            dataclasses.replace(
+                fv,
+                params=dataclasses.replace(
+                    p, negative=kind.negative, diversity=p.diversity if kind.diverse else 1
+                ),
+            ),
+        )
+        for kind in atlas_site.FEATVIS_KINDS
+        if (p.negative or not kind.negative) and (p.diversity > 1 or not kind.diverse)
+    )
 
 
 def parse_layers(layers) -> tuple:

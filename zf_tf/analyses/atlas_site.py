@@ -28,6 +28,7 @@ pages go once the new index is in place.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
 import html
 import json
@@ -93,12 +94,32 @@ def _ext(side: int) -> str:
     return "png" if side <= EXACT else "jpg"
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatvisKind:
+    """A kind of feature visualization a unit page can show (`FEATVIS_KINDS`)."""
+
+    name: str
+    suffix: str  # its files: img/<u>_<suffix>.<ext>, a diverse set's image j <u>_<suffix><j>
+    caption: str  # before the objective its images reached; {k}: images per unit
+    negative: bool  # made with the objective minimized (--mode=featvis' negative)
+    diverse: bool  # a diverse set (config.analysis.featvis.diversity images), else one
+
+
+# In the order a unit page shows them; which of them an atlas makes: `atlas.featvis_kinds`.
+FEATVIS_KINDS = (
+    FeatvisKind("maximized", "f", "optimized image: the unit's map mean", False, False),
+    FeatvisKind("negative", "fn", "the pattern that most inhibits it: map mean", True, False),
+    FeatvisKind("diverse", "fd", "a diverse set of {k}: map means", False, True),
+)
+_FEATVIS = {kind.name: kind for kind in FEATVIS_KINDS}
+
+
 def _featvis_files(u: int, info: dict, kind: str = "maximized") -> list[str]:
-    """A unit's feature visualizations of one kind (atlas.featvis_kinds: one image, or a
+    """A unit's feature visualizations of one kind (`FEATVIS_KINDS`: one image, or a
     diverse set), at the model's input size: PNG if small, else JPEG."""
     fv = info["featvis"][kind]
     ext = _ext(fv["image"].shape[1])
-    suffix = {"maximized": "f", "negative": "fn", "diverse": "fd"}[kind]
+    suffix = _FEATVIS[kind].suffix
     if fv["per_unit"] == 1:
         return [f"{u:04d}_{suffix}.{ext}"]
     return [f"{u:04d}_{suffix}{j}.{ext}" for j in range(fv["per_unit"])]
@@ -256,12 +277,10 @@ def _featvis_cell(u: int, info: dict) -> str:
         mine = slice(u * k, (u + 1) * k)
         reached = ", ".join(f"{v:.4g}" for v in fv["value"][mine])
         start = max(fv["start"][mine])
-        what = {
-            "maximized": "optimized image: the unit's map mean",
-            "negative": "the pattern that most inhibits it: map mean"
-            + (" before the rectifier" if fv["before_rectifier"] else ""),
-            "diverse": f"a diverse set of {k}: map means",
-        }[kind]
+        # only a negative image of a rectified layer is measured before the rectifier
+        what = _FEATVIS[kind].caption.format(k=k) + (
+            " before the rectifier" if fv["before_rectifier"] else ""
+        )
         images = "".join(
             f'<img src="img/{name}" alt="unit {u} feature visualization ({kind})">'
             for name in _featvis_files(u, info, kind)

@@ -34,15 +34,14 @@ import json
 import os
 
 import numpy as np
-import tensorflow as tf
 import tqdm
 
 from zf_tf import outputs
 from zf_tf.analyses import atlas_site, base, deconv
-from zf_tf.core import featvis, graph, rules
+from zf_tf.core import featvis, graph
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
-from zf_tf.training import keras_fixes, workdirs
+from zf_tf.training import keras_fixes, strategies, workdirs
 
 MODE = "featvis"
 
@@ -226,7 +225,7 @@ def compute(model, data: Data, s: Settings, strategy=None) -> dict:
         "units": np.asarray(units),
         **{name: np.concatenate([p[name] for p in parts]) for name in parts[0]},
         "per_unit": s.params.diversity,
-        "before_rectifier": s.params.negative and rules.rectified(model, s.layer),
+        "before_rectifier": featvis.before_rectifier(model, s.layer, s.params.negative),
         "color": data.color,
         "covariance": data.covariance,
         "chief": chief,
@@ -239,11 +238,7 @@ def _multi_worker(strategy) -> bool:
 
 def _any_worker(strategy, flags: list[bool]) -> list[bool]:
     """Each flag or-ed over the workers of `strategy` (one all-reduce)."""
-    mine = tf.constant([float(f) for f in flags] or [0.0], tf.float32)
-    total = strategy.reduce(
-        tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(mine)), axis=None
-    )
-    return [bool(t > 0) for t in total.numpy()[: len(flags)]]
+    return [bool(t > 0) for t in strategies.sum_over_replicas(strategy, flags)]
 
 
 def render(result: dict, s: Settings, paths: dict) -> base.Report:

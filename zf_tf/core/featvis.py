@@ -52,7 +52,7 @@ class Params:
       learning_rate: Adam's.
       objective: 'channel' (the mean of the unit's map) or 'neuron' (its value at `position`).
         For a negative image of a rectified layer (a ReLU's output), the map before the
-        rectifier (`rules.rectified`).
+        rectifier (`before_rectifier`).
       position: (y, x) in the layer's maps for 'neuron'; None = the centre.
       negative: minimize instead (the pattern that most inhibits the unit).
       seed: the same seed (and unit) gives the same image.
@@ -168,6 +168,13 @@ def images_from_spectra(spectra, scale, color) -> tf.Tensor:
     return tf.sigmoid(tf.einsum("bhwc,dc->bhwd", decorrelated, color))
 
 
+def before_rectifier(model, layer: str, negative: bool) -> bool:
+    """Whether the objective reads `layer`'s map before its rectifier: for a negative image
+    of a rectified layer (`rules.rectified`). After the rectifier any image that silences
+    the unit is a minimum (0), and the optimization would stop there."""
+    return bool(negative) and rules.rectified(model, layer)
+
+
 class Optimizer:
     """Optimizes images for units of one layer of `model`, `batch` units per call.
 
@@ -184,9 +191,8 @@ class Optimizer:
         self.size = graph.static_shape(model)[0]
         # ReLUs pass the gradient down even where a unit is dead on an image (activations:
         # 'redirected'), so that a unit silent on the random start is still optimized. A
-        # negative image minimizes a rectified layer's value before its rectifier: after it,
-        # any image that silences the unit is a minimum (0), and the optimization stops there.
-        self.before_rectifier = params.negative and rules.rectified(model, layer)
+        # negative image minimizes a rectified layer's value before its rectifier.
+        self.before_rectifier = before_rectifier(model, layer, params.negative)
         self.tap = rules.rule_tap(model, layer, "redirected", self.before_rectifier)
         shape = tuple(self.tap.outputs[0].shape[1:])
         self.spatial = len(shape) == 3

@@ -28,12 +28,11 @@ import os
 import re
 
 import keras
-import tensorflow as tf
 from absl import logging
 
 from zf_tf import outputs
 from zf_tf.core.errors import UsageError
-from zf_tf.training import keras_fixes
+from zf_tf.training import keras_fixes, strategies
 from zf_tf.training.workdirs import checkpoint_path
 
 BACKUP_DIR = "backup"
@@ -195,10 +194,7 @@ def workers_agree(strategy, epochs_done: int, source: str):
     = (sum e)^2."""
     if not keras_fixes.is_multi_worker(strategy):
         return
-    mine = tf.constant([epochs_done, epochs_done**2], tf.float64)
-    total = strategy.reduce(
-        tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(mine)), axis=None
-    ).numpy()
+    total = strategies.sum_over_replicas(strategy, [epochs_done, epochs_done**2])
     if strategy.num_replicas_in_sync * total[1] != total[0] ** 2:
         raise UsageError(
             f"the workers would resume from different epochs (this one after {epochs_done}, "

@@ -92,6 +92,20 @@ def make_strategy(name: str, cpu_replicas: int = 2, cluster_timeout: float = CLU
     raise UsageError(f"unknown strategy {name!r}: valid strategies: {', '.join(STRATEGIES)}")
 
 
+def sum_over_replicas(strategy, values):
+    """float64 numpy (len(values),): each of `values` (numbers, the same count on every
+    replica) summed over the replicas of `strategy`, of every worker, in one all-reduce.
+    Every worker must call it at the same point (a collective)."""
+    import tensorflow as tf
+
+    values = [float(v) for v in values]
+    mine = tf.constant(values or [0.0], tf.float64)  # never an empty all-reduce
+    total = strategy.reduce(
+        tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(mine)), axis=None
+    )
+    return total.numpy()[: len(values)]
+
+
 def _peers() -> list[tuple[str, int, str]]:
     """(job, index, address) of every other task of TF_CONFIG."""
     spec = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
