@@ -40,9 +40,10 @@ lint: setup
 
 # One pytest process per core (pytest-xdist; at most 4): on 2 cores the suite takes 8 minutes
 # instead of 14. `.venv/bin/python -m pytest tests/test_x.py` runs one file in one process.
-# One test handed out at a time: xdist's default first hands each worker a block of
-# consecutive tests, and the slow tests (sorted first, tests/conftest.py) all went to one.
-PYTEST := $(PY) -m pytest -q --numprocesses=auto --maxprocesses=4 --maxschedchunk=1
+# Tests handed out one at a time (--dist loadgroup: xdist's default first hands each worker
+# a block of consecutive tests, and the slow tests, sorted first, all went to one), the
+# tests of a costly module fixture together (tests/conftest.py SHARED_MODULE_FIXTURES).
+PYTEST := $(PY) -m pytest -q --numprocesses=auto --maxprocesses=4 --dist loadgroup
 
 test: setup lint
 	$(PYTEST)

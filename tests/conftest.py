@@ -80,10 +80,21 @@ def run_analysis(name, config, workdir, **request):
     return base.run(analyses.get(name), config, base.Request(workdir=str(workdir), **given))
 
 
+# Costly module-scope fixtures (a training run, an atlas, VGG16): the tests using one run in
+# one pytest-xdist worker (`make test`: --dist loadgroup), so it is made once, not per worker.
+SHARED_MODULE_FIXTURES = ("trained", "mixed_run", "site", "vgg16")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """The slow tests first: pytest-xdist hands tests out in this order, so the long ones
-    start early and the short ones fill the gaps at the end."""
+    start early and the short ones fill the gaps at the end; the tests of each costly
+    module fixture in one group (handed out first: xdist orders groups by size)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    for item in items:
+        for name in SHARED_MODULE_FIXTURES:
+            if name in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{name}"))
 
 
 @pytest.fixture(scope="session")
