@@ -277,11 +277,10 @@ def alias_modes(config, name: str) -> list[str]:
 
 def alias_overrides(config, mode: str, aliases: dict) -> list[tuple[str, str]]:
     """(dotted key, text value) overrides of the alias flags given, {flag: value}."""
-    text = {True: "true", False: "false"}
     return [
         (
             alias_key(config, mode, name),
-            text.get(value, str(value)) if isinstance(value, bool) else str(value),
+            str(value).lower() if isinstance(value, bool) else str(value),
         )
         for name, value in aliases.items()
     ]
