@@ -546,7 +546,7 @@ def main(flag_values, args: list[str]):
         mode = flag_values.mode
         config = resolved_config(flag_values.config, args, mode, given_aliases(flag_values))
         request = request_from_flags(flag_values, args, config)
-        run(flag_values.mode, config, request, flag_values.strategy)
+        run(mode, config, request, flag_values.strategy)
     except (UsageError, DataError, FileNotFoundError) as e:
         fail(str(e))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (core/interrupts.py): state is resumable

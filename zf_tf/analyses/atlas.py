@@ -43,7 +43,6 @@ MODE = "atlas"
 UNITS_PER_CHUNK = 16  # units projected and cached together (the resume granularity)
 MAX_POOL_IMAGES = 1024  # distinct winner images held in memory at once (224 px: 0.6 GB)
 PROJECT_BATCH = 64  # deconvnet requests per call
-# config.analysis.atlas (configs without that section get these).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +95,10 @@ def parse_layers(layers) -> tuple:
     Raises:
       UsageError: an empty name.
     """
-    names = [str(n).strip() for n in (layers.split(",") if isinstance(layers, str) else layers)]
-    if not all(names) and (len(names) > 1 or isinstance(layers, tuple | list)):
+    if isinstance(layers, str):  # a config file's "conv3,conv5"
+        layers = layers.split(",") if layers.strip() else ()
+    names = [str(n).strip() for n in layers]
+    if not all(names):
         raise UsageError(
             f"config.analysis.atlas.layers={layers!r} (--layers) has an empty entry: give "
             "comma-separated names"

@@ -732,7 +732,7 @@ def settings(config, request) -> Settings:
         methods=methods,
         target=str(att.target),
         split=split,
-        num_images=base.num_images(config, MODE),
+        num_images=base.integer(config, MODE),
         pointing_images=int(att.pointing_images),
         annotated=inputs.source(config.data).has_boxes,
         maps=maps,

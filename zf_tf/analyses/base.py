@@ -40,7 +40,7 @@ import numpy as np
 
 from zf_tf import outputs
 from zf_tf.analyses import sources
-from zf_tf.configs import out_of_range
+from zf_tf.configs import check_section
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import examples, inputs
@@ -74,17 +74,16 @@ def analysis_split(config) -> str:
     return str(config.analysis.split or config.data.eval_split)
 
 
-def num_images(config, mode: str, least: int = 1) -> int:
-    """`config.analysis.<mode>.num_images`, checked.
+def integer(config, mode: str, name: str = "num_images", least: int = 1) -> int:
+    """`config.analysis.<mode>.<name>`, checked to be an integer of at least `least`.
 
     Raises:
-      UsageError: fewer than `least`.
+      UsageError: naming the field.
     """
-    value = config.analysis[mode].num_images
+    value = config.analysis[mode][name]
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise UsageError(
-            f"config.analysis.{mode}.num_images={value!r} (--num_images): give an integer of "
-            f"at least {least}"
+            f"config.analysis.{mode}.{name}={value!r}: give an integer of at least {least}"
         )
     return value
 
@@ -115,15 +114,14 @@ class Result:
 
 def check_config(analysis) -> None:
     """Checks what the analyses share in `config.analysis` before anything runs
-    (`batch_size` >= 1); each analysis checks its own
-    settings in `settings`.
+    (`batch_size` >= 1); each analysis checks its own settings in `settings`.
 
     Raises:
       UsageError: one line naming the field and its range.
     """
-    message = out_of_range(analysis, "analysis", (("batch_size", ">= 1", lambda v: v >= 1),))
-    if message:
-        raise UsageError(message)
+    check_section(
+        analysis, "analysis", UsageError, ranges=(("batch_size", ">= 1", lambda v: v >= 1),)
+    )
 
 
 def load_examples(config, split: str, num: int, labels=()):

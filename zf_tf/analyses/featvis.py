@@ -69,27 +69,19 @@ class Settings:
         )
 
 
-def _integer(value, name: str, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise UsageError(
-            f"config.analysis.featvis.{name}={value!r}: give an integer of at least {least}"
-        )
-    return value
-
-
 def settings(config, request: base.Request) -> Settings:
     """Raises UsageError: steps, batch size or image count out of range, an unknown
     objective, a bad learning rate or --features."""
     s = config.analysis.featvis
-    steps = _integer(s.steps, "steps", 1)
-    batch = _integer(s.batch_size, "batch_size", 1)
-    color_images = _integer(s.color_images, "color_images", 0)
+    steps = base.integer(config, MODE, "steps")
+    batch = base.integer(config, MODE, "batch_size")
+    color_images = base.integer(config, MODE, "color_images", least=0)
     if s.objective not in featvis.OBJECTIVES:
         raise UsageError(
             f"config.analysis.featvis.objective={s.objective!r}: choose one of "
             f"{', '.join(featvis.OBJECTIVES)}"
         )
-    diversity = _integer(s.diversity, "diversity", 1)
+    diversity = base.integer(config, MODE, "diversity")
     rate, weight = s.learning_rate, s.diversity_weight
     for name, value in (("learning_rate", rate), ("diversity_weight", weight)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

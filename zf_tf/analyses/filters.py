@@ -46,7 +46,6 @@ OUTPUTS = ("filters.png", "filters.json")
 COMPARE_DEFAULT = os.path.join("ablate", "alexnet_layer1")  # where --mode=ablate trains it
 
 
-# For configs without an `analysis.filters` section (configs/zfnet_imagenet.py).
 def model_layers(model, layers=("", "")) -> tuple[str, str]:
     """(layer 1, layer 2) of `layers`, '' = the model's first and second conv layers.
 
@@ -392,7 +391,7 @@ def settings(config, request) -> Settings:
         workdir=request.workdir,
         compare=compare,
         split=split,
-        num_images=base.num_images(config, MODE, least=0),
+        num_images=base.integer(config, MODE, least=0),
         rms_threshold=float(s.rms_threshold),
         active_epsilon=float(s.active_epsilon),
         layer2_features=int(s.layer2_features),

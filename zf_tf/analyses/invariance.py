@@ -405,7 +405,7 @@ def settings(config, request) -> Settings:
     inputs.check_split(config.data, split)
     return Settings(
         split=split,
-        num_images=base.num_images(config, MODE),
+        num_images=base.integer(config, MODE),
         translations=sweep["translation"],
         scales=sweep["scale"],
         rotations=sweep["rotation"],

@@ -752,7 +752,7 @@ def settings(config, request) -> Settings:
         size=float(cfg.size),
         stride=float(cfg.stride),
         split=split,
-        num_images=base.num_images(config, MODE),
+        num_images=base.integer(config, MODE),
         batch_size=int(config.analysis.batch_size),
         pixels=preprocess.pixels(config.data),
         class_names=tuple(base.class_names(config)),

@@ -2,8 +2,9 @@
 `from zf_tf.configs import default`; `--config=configs/x.py` names them from any directory.
 Configs are data: they import no library code.
 
-The two helpers below word a bad setting the same way everywhere: each package checks the
-config section it owns (its `check_config`) and raises its own error type with their message.
+The helpers below word a bad setting the same way everywhere: each package checks the
+config section it owns (its `check_config`, through `check_section`) and raises its own
+error type with their message.
 """
 
 
@@ -31,3 +32,21 @@ def out_of_range(section, prefix: str, ranges) -> str | None:
         if value is not None and not ok(value):
             return f"config.{prefix}.{field}={value} is not valid: it must be {must}"
     return None
+
+
+def check_section(section, prefix: str, error, choices=(), ranges=()) -> None:
+    """Raises `error` (the calling package's error type) with the message of the first
+    field of `section` (config.<prefix>) not among its choices (`not_one_of`), else outside
+    its range (`out_of_range`).
+
+    Args:
+      choices: (field, valid values) pairs.
+      ranges: as `out_of_range`'s.
+    """
+    for field, valid in choices:
+        message = not_one_of(f"config.{prefix}.{field}", section[field], valid)
+        if message:
+            raise error(message)
+    message = out_of_range(section, prefix, ranges)
+    if message:
+        raise error(message)

@@ -18,7 +18,7 @@ import types
 import keras
 import tensorflow as tf
 
-from zf_tf.configs import not_one_of, out_of_range
+from zf_tf.configs import check_section, not_one_of
 from zf_tf.core.errors import UsageError
 
 CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -98,18 +98,13 @@ def check_config(model_config) -> None:
       UsageError: one line naming the first bad field and its valid values.
     """
     m = model_config
-    for key, value, choices in (
-        ("config.model.arch", m.arch, ARCHS),
-        ("config.model.layer1", m.layer1, tuple(LAYER1)),
-        ("config.model.kernel_init", m.kernel_init, KERNEL_INITS),
-        *(("config.model.remove entry", name, REMOVABLE) for name in m.remove),
-    ):
-        message = not_one_of(key, value, choices)
+    choices = (("arch", ARCHS), ("layer1", tuple(LAYER1)), ("kernel_init", KERNEL_INITS))
+    check_section(m, "model", UsageError, choices=choices)
+    for name in m.remove:
+        message = not_one_of("config.model.remove entry", name, REMOVABLE)
         if message:
             raise UsageError(message)
-    message = out_of_range(m, "model", RANGES)
-    if message:
-        raise UsageError(message)
+    check_section(m, "model", UsageError, ranges=RANGES)
 
 
 def _policies(precision: str) -> tuple[keras.DTypePolicy, keras.DTypePolicy]:

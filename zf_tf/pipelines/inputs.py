@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from zf_tf.configs import not_one_of, out_of_range
+from zf_tf.configs import check_section
 from zf_tf.pipelines import (
     DataError,
     embedded,
@@ -154,14 +154,12 @@ def check_config(data) -> None:
     Raises:
       DataError: one line naming the first bad field and its valid values.
     """
-    for key, value, choices in (
-        ("source", data.source, SOURCES),
-        ("preprocessing", data.preprocessing, preprocess.PREPROCESSING),
-        ("augment", data.augment, preprocess.AUGMENTATIONS),
-    ):
-        message = not_one_of(f"config.data.{key}", value, choices)
-        if message:
-            raise DataError(message)
+    choices = (
+        ("source", SOURCES),
+        ("preprocessing", preprocess.PREPROCESSING),
+        ("augment", preprocess.AUGMENTATIONS),
+    )
+    check_section(data, "data", DataError, choices=choices)
     if data.source == "prepared" and not data.prepared_dir:
         raise DataError(
             "config.data.source='prepared' needs config.data.prepared_dir=DIR (a folder "
@@ -177,9 +175,7 @@ def check_config(data) -> None:
             f"config.data.classes keeps {len(classes)} classes but config.data.num_classes="
             f"{data.num_classes}: set --config.data.num_classes={len(classes)}"
         )
-    message = out_of_range(data, "data", RANGES)
-    if message:
-        raise DataError(message)
+    check_section(data, "data", DataError, ranges=RANGES)
     if data.crop_size > data.resize_size:
         raise DataError(
             f"config.data.crop_size ({data.crop_size}) must not exceed "

@@ -33,7 +33,7 @@ import tensorflow as tf
 import tqdm
 from absl import logging
 
-from zf_tf.configs import not_one_of, out_of_range
+from zf_tf.configs import check_section
 from zf_tf.pipelines import DataError, inputs, prepared, preprocess, write_json
 
 FORMAT = 1
@@ -51,12 +51,7 @@ def check_config(prepare_config) -> None:
     Raises:
       DataError: one line naming the first bad field and its valid values.
     """
-    encoding = prepare_config.encoding
-    message = not_one_of("config.prepare.encoding", encoding, ENCODINGS) or out_of_range(
-        prepare_config, "prepare", RANGES
-    )
-    if message:
-        raise DataError(message)
+    check_section(prepare_config, "prepare", DataError, (("encoding", ENCODINGS),), RANGES)
 
 
 def _slug(split: str) -> str:

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from zf_tf.configs import not_one_of, out_of_range
+from zf_tf.configs import check_section
 from zf_tf.core import model as model_lib
 from zf_tf.core.errors import UsageError
 from zf_tf.pipelines import inputs, preprocess
@@ -56,9 +56,7 @@ def check_config(train_config) -> None:
       UsageError: one line naming the first bad field and its valid values.
     """
     t = train_config
-    message = not_one_of("config.train.precision", t.precision, model_lib.PRECISIONS)
-    if message:
-        raise UsageError(message)
+    check_section(t, "train", UsageError, choices=(("precision", model_lib.PRECISIONS),))
     drops = tuple(t.lr_drop_epochs)
     if drops and (
         any(not isinstance(d, int) for d in drops)
@@ -69,9 +67,7 @@ def check_config(train_config) -> None:
             f"config.train.lr_drop_epochs={drops} must be increasing epochs in "
             f"1..{t.epochs - 1} (config.train.epochs={t.epochs})"
         )
-    message = out_of_range(t, "train", RANGES)
-    if message:
-        raise UsageError(message)
+    check_section(t, "train", UsageError, ranges=RANGES)
     callbacks.check_names(t.callbacks)
 
 
